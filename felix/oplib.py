@@ -1,0 +1,116 @@
+"""The op layer's machinery: one op, several backends, one dispatch rule.
+
+Every Felix op is declared once (a `torch.library` custom op, so `torch.compile` can trace its
+callers) and implemented by named backends:
+
+* ``reference`` -- pure torch. The spec: runs anywhere, every other backend is tested against it.
+* ``triton``    -- the Triton kernels in ``felix.kernels``: on a GPU (CUDA or ROCm), or on CPU
+                   tensors under ``TRITON_INTERPRET=1`` (how the test suite runs them).
+* ``cpu``       -- the C++ extension ``felix._C`` (OpenMP), for CPU tensors.
+
+Automatic dispatch (``backend=None``): Triton for GPU tensors, C++ for CPU tensors, the reference
+otherwise (or when the preferred backend is missing). A caller may force any backend by name; a
+backend that cannot run the given tensors is refused with an error that says why.
+
+Backend implementations register with :func:`register_impl` and import their heavy modules
+lazily, so ``import felix`` never imports Triton or builds a kernel.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu")
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def register_impl(op: str, backend: str):
+    """Decorator: register `fn` as `backend`'s implementation of op `op`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def implementation(op: str, backend: str) -> Callable:
+    try:
+        return _IMPLS[op][backend]
+    except KeyError:
+        have = ", ".join(_IMPLS.get(op, {})) or "none"
+        raise ValueError(f"op {op!r} has no {backend!r} backend (it has: {have})") from None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed")
+    import triton
+
+    if torch.cuda.is_available():
+        kind = "ROCm" if torch.version.hip else "CUDA"
+        return BackendStatus(True, f"triton {triton.__version__} on {kind} device "
+                                   f"{torch.cuda.get_device_name()}")
+    if triton_interpreting():
+        return BackendStatus(True, f"triton {triton.__version__} interpreter on CPU tensors "
+                                   "(TRITON_INTERPRET=1; slow, for tests)")
+    return BackendStatus(False, f"triton {triton.__version__} is installed but there is no GPU "
+                                "(set TRITON_INTERPRET=1 to run kernels on CPU tensors, slowly)")
+
+
+def _cpu_status() -> BackendStatus:
+    from felix import _ext
+
+    ext, why = _ext.load()
+    if ext is None:
+        return BackendStatus(False, why)
+    return BackendStatus(True, f"felix._C (C++/OpenMP, {ext.max_threads()} threads)")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """What each backend can do on this machine, and why not where it cannot."""
+    return {
+        "reference": BackendStatus(True, f"pure torch {torch.__version__}, runs anywhere"),
+        "triton": _triton_status(),
+        "cpu": _cpu_status(),
+    }
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device) -> str:
+    """Pick the backend for `op` on tensors living on `device` (see the module docstring)."""
+    have = _IMPLS.get(op, {})
+    if requested is None:
+        if device.type == "cuda" and "triton" in have and _triton_status().available:
+            return "triton"
+        if device.type == "cpu" and "cpu" in have and _cpu_status().available:
+            return "cpu"
+        return "reference"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; backends: {', '.join(BACKENDS)}")
+    implementation(op, requested)  # raises if the op lacks it
+    status = backends()[requested]
+    if not status.available:
+        raise ValueError(f"backend {requested!r} is not available: {status.reason}")
+    if requested == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
+    if requested == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise ValueError("backend 'triton' needs GPU tensors; CPU tensors run only under the "
+                         "Triton interpreter (TRITON_INTERPRET=1)")
+    return requested

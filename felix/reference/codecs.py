@@ -1,0 +1,254 @@
+"""Pure-torch block codecs: the spec every other backend is tested against.
+
+Each quantizer reproduces ggml's C reference (`quantize_row_*_ref` in ggml-quants.c, and the fork's
+`quantize_row_rq4_ref`) operation for operation in float32, so its bytes equal ggml's:
+
+* every value is float32 and every operation is the same IEEE operation as in C (no fused
+  multiply-add, no division turned into a multiplication by a reciprocal: constants are float32
+  tensors, never Python scalars that a kernel may treat differently);
+* sums that ggml accumulates sequentially (IQ4_NL's scale search) are accumulated sequentially;
+* ties break as in C: first maximum of |x| (Q4_0, IQ4_NL), first nearest codebook entry (RQ4),
+  upper neighbour on an exact midpoint (IQ4_NL's best_index_int8), rounding half away from zero
+  (roundf / lroundf).
+
+All-zero blocks follow the C code: Q4_0 stores d = -0.0 (fp16 0x8000) and index 8, IQ4_NL d = 0 and
+index 8, RQ4 d = 0 and index 7 (the fork's Python tool writes index 0; both decode to 0), Q8_0 and
+TQ2_0 zeros.
+
+Functions take a float32 tensor whose last dimension is a multiple of the block size (callers
+validate) and work on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+from felix.formats import get_format
+
+F32 = torch.float32
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 constant shaped like `like`, so the op is a true tensor-tensor IEEE op."""
+    return torch.full_like(like, value, dtype=F32)
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf/lroundf: round half away from zero, exactly (no v+0.5 double rounding)."""
+    t = torch.trunc(v)
+    return t + torch.where((v - t).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+
+
+def _safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """`d ? 1.0f/d : 0.0f`."""
+    nz = d != 0
+    return torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """float32 [n] -> the little-endian bytes of fp16(d) (round to nearest even), [n, 2]."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
+
+
+def _fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 2] -> float32 [n]."""
+    return b.contiguous().view(torch.float16).view(-1).to(F32)
+
+
+def _first_absmax(xb: torch.Tensor):
+    """(amax, max) with max the signed value of the *first* element of largest |x| (+0 if none)."""
+    ax = xb.abs()
+    amax = ax.amax(dim=1)
+    pos = torch.arange(xb.shape[1], device=xb.device).expand_as(xb)
+    first = torch.where(ax == amax[:, None], pos, xb.shape[1]).amin(dim=1, keepdim=True)
+    first = first.clamp(max=xb.shape[1] - 1)
+    signed = xb.gather(1, first).squeeze(1)
+    # ggml starts from amax = max = 0 and only replaces on a strict `>`, so an all-zero block
+    # keeps max = +0 even if it holds -0.0.
+    return amax, torch.where(amax > 0, signed, torch.zeros_like(signed))
+
+
+def _pack_halves(idx: torch.Tensor) -> torch.Tensor:
+    """[nb, 32] indices -> [nb, 16] bytes, byte j = idx[j] | idx[j+16] << 4 (Q4_0, IQ4_NL)."""
+    return (idx[:, :16] | (idx[:, 16:] << 4)).to(torch.uint8)
+
+
+def _unpack_halves(qs: torch.Tensor) -> torch.Tensor:
+    qs = qs.to(torch.int64)
+    return torch.cat([qs & 0xF, qs >> 4], dim=1)
+
+
+def _pack_pairs(idx: torch.Tensor) -> torch.Tensor:
+    """[nb, 32] indices -> [nb, 16] bytes, byte j = idx[2j] | idx[2j+1] << 4 (RQ4)."""
+    return (idx[:, 0::2] | (idx[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_pairs(qs: torch.Tensor) -> torch.Tensor:
+    qs = qs.to(torch.int64)
+    return torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(qs.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q8_0
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    xb = x.reshape(-1, 32).to(F32)
+    amax = xb.abs().amax(dim=1)
+    d = amax / _const(127.0, amax)
+    inv = _safe_reciprocal(d)
+    q = _round_half_away(xb * inv[:, None]).to(torch.int8)
+    return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=1)
+
+
+def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _fp16_from_bytes(blocks[:, 0:2])
+    q = blocks[:, 2:34].contiguous().view(torch.int8).to(F32)
+    return q * d[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_0
+def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+    xb = x.reshape(-1, 32).to(F32)
+    _, mx = _first_absmax(xb)
+    d = mx / _const(-8.0, mx)
+    inv = _safe_reciprocal(d)
+    v = xb * inv[:, None] + _const(8.5, xb)
+    idx = torch.clamp(torch.trunc(v), max=15).to(torch.int64)  # (int8_t) cast truncates, MIN(15, .)
+    return torch.cat([_fp16_bytes(d), _pack_halves(idx)], dim=1)
+
+
+def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _fp16_from_bytes(blocks[:, 0:2])
+    q = _unpack_halves(blocks[:, 2:18]).to(F32) - 8.0
+    return q * d[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# IQ4_NL (ggml's quantize_row_iq4_nl_impl with super block = block = 32, ntry = 7, no imatrix)
+IQ4_NL_NTRY = 7
+GROUP_MAX_EPS = 1e-15
+
+
+def _best_index_int8(al: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8 for a sorted grid `vals` (float32 [16]), elementwise over `al`."""
+    n = vals.numel()
+    # The binary search ends on the unique ml with vals[ml] <= al < vals[ml+1].
+    ml = (al[..., None] >= vals[1:n - 1]).sum(dim=-1)
+    lo, hi = vals[ml], vals[ml + 1]
+    idx = torch.where((al - lo) < (hi - al), ml, ml + 1)
+    idx = torch.where(al <= vals[0], torch.zeros_like(idx), idx)
+    return torch.where(al >= vals[n - 1], torch.full_like(idx, n - 1), idx)
+
+
+def _iq4nl_sums(xb, w, inv, vals):
+    """Sequential float32 sums over the block, as the C loop: sumqx += w*q*x; sumq2 += w*q*q."""
+    sumqx = torch.zeros_like(inv)
+    sumq2 = torch.zeros_like(inv)
+    for j in range(xb.shape[1]):
+        q = vals[_best_index_int8(inv * xb[:, j], vals)]
+        wq = w[:, j] * q
+        sumqx = sumqx + wq * xb[:, j]
+        sumq2 = sumq2 + wq * q
+    return sumqx, sumq2
+
+
+def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
+    fmt = get_format("iq4_nl")
+    xb = x.reshape(-1, 32).to(F32)
+    vals = fmt.codebook_tensor(xb.device)
+    w = xb * xb
+    amax, mx = _first_absmax(xb)
+    live = amax >= _const(GROUP_MAX_EPS, amax)
+    mx_safe = torch.where(live, mx, torch.ones_like(mx))  # keep dead blocks finite; masked below
+
+    d = -mx_safe / vals[0].expand_as(mx_safe)
+    sumqx, sumq2 = _iq4nl_sums(xb, w, 1.0 / d, vals)
+    d = sumqx / sumq2
+    best = d * sumqx
+    for itry in range(-IQ4_NL_NTRY, IQ4_NL_NTRY + 1):
+        inv = _const(float(itry) + vals[0].item(), mx_safe) / mx_safe
+        sumqx, sumq2 = _iq4nl_sums(xb, w, inv, vals)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+
+    scale = torch.where(live, d, torch.zeros_like(d))
+    idx = _best_index_int8(_safe_reciprocal(scale)[:, None] * xb, vals)
+    return torch.cat([_fp16_bytes(scale), _pack_halves(idx)], dim=1)
+
+
+def dequantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    vals = get_format("iq4_nl").codebook_tensor(blocks.device)
+    d = _fp16_from_bytes(blocks[:, 0:2])
+    return d[:, None] * vals[_unpack_halves(blocks[:, 2:18])]
+
+
+# ---------------------------------------------------------------------------------------------
+# RQ4 (the fork's quantize_row_rq4_ref)
+RQ4_MIN_SCALE = 1e-10
+
+
+def quantize_rq4(x: torch.Tensor) -> torch.Tensor:
+    fmt = get_format("rq4")
+    xb = x.reshape(-1, 32).to(F32)
+    cb = fmt.codebook_tensor(xb.device)
+    amax = xb.abs().amax(dim=1)
+    d = amax / cb[-1].expand_as(amax)
+    big = d > _const(RQ4_MIN_SCALE, d)
+    inv = torch.where(big, 1.0 / torch.where(big, d, torch.ones_like(d)), torch.zeros_like(d))
+    v = xb * inv[:, None]
+    best = torch.full_like(v, 1e10)
+    idx = torch.zeros_like(v, dtype=torch.int64)
+    for c in range(cb.numel()):  # linear search, strict `<`: the first nearest entry wins
+        dist = (v - cb[c]).abs()
+        closer = dist < best
+        best = torch.where(closer, dist, best)
+        idx = torch.where(closer, torch.full_like(idx, c), idx)
+    return torch.cat([_fp16_bytes(d), _pack_pairs(idx)], dim=1)
+
+
+def dequantize_rq4(blocks: torch.Tensor) -> torch.Tensor:
+    cb = get_format("rq4").codebook_tensor(blocks.device)
+    d = _fp16_from_bytes(blocks[:, 0:2])
+    return cb[_unpack_pairs(blocks[:, 2:18])] * d[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# TQ2_0 (ternary; 256 weights per block, scale last)
+def quantize_tq2_0(x: torch.Tensor) -> torch.Tensor:
+    xb = x.reshape(-1, 256).to(F32)
+    nb = xb.shape[0]
+    amax = xb.abs().amax(dim=1)
+    inv = _safe_reciprocal(amax)
+    q = (_round_half_away(xb * inv[:, None]) + 1).to(torch.int64)  # -1, 0, 1 -> 0, 1, 2
+    q = q.view(nb, 2, 4, 32)  # element 128c + 32l + m  ->  [c, l, m]
+    shifts = (2 * torch.arange(4, device=xb.device)).view(1, 1, 4, 1)
+    qs = ((q & 3) << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
+    return torch.cat([qs, _fp16_bytes(amax)], dim=1)
+
+
+def dequantize_tq2_0(blocks: torch.Tensor) -> torch.Tensor:
+    nb = blocks.shape[0]
+    d = _fp16_from_bytes(blocks[:, 64:66])
+    qs = blocks[:, :64].to(torch.int64).view(nb, 2, 1, 32)
+    shifts = (2 * torch.arange(4, device=blocks.device)).view(1, 1, 4, 1)
+    q = ((qs >> shifts) & 3).to(F32) - 1.0  # [c, l, m] -> element 128c + 32l + m
+    return q.view(nb, 256) * d[:, None]
+
+
+QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "iq4_nl": quantize_iq4_nl,
+            "rq4": quantize_rq4, "tq2_0": quantize_tq2_0}
+DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "iq4_nl": dequantize_iq4_nl,
+              "rq4": dequantize_rq4, "tq2_0": dequantize_tq2_0}
+
+
+def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float tensor [..., K] -> uint8 [..., K // block * bytes_per_block] of ggml blocks."""
+    f = get_format(fmt)
+    blocks = QUANTIZE[f.name](x.contiguous())
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+def dequantize(blocks: torch.Tensor, fmt: str, shape, dtype=torch.float32) -> torch.Tensor:
+    f = get_format(fmt)
+    flat = blocks.contiguous().view(torch.uint8).reshape(-1, f.bytes_per_block)
+    return DEQUANTIZE[f.name](flat).reshape(shape).to(dtype)
