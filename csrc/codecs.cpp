@@ -65,6 +65,10 @@ static inline float load_fp16(const uint8_t* p) {
 // C's roundf / lroundf: half away from zero.
 static inline float round_half_away(float v) { return std::round(v); }
 
+// C's float -> int conversion as x86 performs it: +-inf/NaN (only from 1/d overflowing on blocks of
+// amax < ~1e-37) give INT_MIN, whose low bits are 0. C leaves this undefined; Felix fixes it to 0.
+static inline int c_float_to_int(float v) { return std::isfinite(v) ? static_cast<int>(v) : 0; }
+
 // ---------------------------------------------------------------------------------- Q8_0
 static void quantize_block_q8_0(const float* x, uint8_t* y) {
     float amax = 0.0f;
@@ -73,7 +77,7 @@ static void quantize_block_q8_0(const float* x, uint8_t* y) {
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_fp16(y, d);
     for (int j = 0; j < 32; ++j)
-        y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(round_half_away(x[j] * id)));
+        y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c_float_to_int(round_half_away(x[j] * id))));
 }
 
 static void dequantize_block_q8_0(const uint8_t* y, float* x) {
@@ -100,8 +104,8 @@ static void quantize_block_q4_0(const float* x, uint8_t* y) {
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_fp16(y, d);
     for (int j = 0; j < 16; ++j) {
-        const int lo = std::min(15, static_cast<int>(static_cast<int8_t>(x[j] * id + 8.5f)));
-        const int hi = std::min(15, static_cast<int>(static_cast<int8_t>(x[j + 16] * id + 8.5f)));
+        const int lo = std::min(15, c_float_to_int(x[j] * id + 8.5f));
+        const int hi = std::min(15, c_float_to_int(x[j + 16] * id + 8.5f));
         y[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
     }
 }
@@ -225,7 +229,7 @@ static void quantize_block_tq2_0(const float* x, uint8_t* y) {
         for (int m = 0; m < 32; ++m) {
             uint8_t q = 0;
             for (int l = 0; l < 4; ++l) {
-                const int xi = static_cast<int>(round_half_away(x[128 * c + 32 * l + m] * id)) + 1;
+                const int xi = c_float_to_int(round_half_away(x[128 * c + 32 * l + m] * id)) + 1;
                 q = static_cast<uint8_t>(q + ((xi & 3) << (2 * l)));
             }
             y[32 * c + m] = q;

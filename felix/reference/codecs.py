@@ -11,6 +11,11 @@ Each quantizer reproduces ggml's C reference (`quantize_row_*_ref` in ggml-quant
   upper neighbour on an exact midpoint (IQ4_NL's best_index_int8), rounding half away from zero
   (roundf / lroundf).
 
+Blocks so small (amax below ~1e-37) that ggml's reciprocal 1/d overflows to inf make ggml convert
++-inf/NaN to an integer, which C leaves undefined; on x86, where llama.cpp is built here, the result
+is INT_MIN, whose low bits are 0. Felix fixes that behaviour on every backend (`_c_float_to_int`):
+such values encode as integer 0. They all decode to 0 anyway (their fp16 scale is 0).
+
 All-zero blocks follow the C code: Q4_0 stores d = -0.0 (fp16 0x8000) and index 8, IQ4_NL d = 0 and
 index 8, RQ4 d = 0 and index 7 (the fork's Python tool writes index 0; both decode to 0), Q8_0 and
 TQ2_0 zeros.
@@ -36,6 +41,11 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
     """C's roundf/lroundf: round half away from zero, exactly (no v+0.5 double rounding)."""
     t = torch.trunc(v)
     return t + torch.where((v - t).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+
+
+def _c_float_to_int(v: torch.Tensor) -> torch.Tensor:
+    """C's float -> integer conversion as x86 does it: non-finite values become 0 (see module doc)."""
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v)).to(torch.int64)
 
 
 def _safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
@@ -94,7 +104,7 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     amax = xb.abs().amax(dim=1)
     d = amax / _const(127.0, amax)
     inv = _safe_reciprocal(d)
-    q = _round_half_away(xb * inv[:, None]).to(torch.int8)
+    q = _c_float_to_int(_round_half_away(xb * inv[:, None])).to(torch.int8)
     return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=1)
 
 
@@ -112,7 +122,7 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     d = mx / _const(-8.0, mx)
     inv = _safe_reciprocal(d)
     v = xb * inv[:, None] + _const(8.5, xb)
-    idx = torch.clamp(torch.trunc(v), max=15).to(torch.int64)  # (int8_t) cast truncates, MIN(15, .)
+    idx = torch.clamp(_c_float_to_int(torch.trunc(v)), max=15)  # (int8_t) cast truncates, MIN(15, .)
     return torch.cat([_fp16_bytes(d), _pack_halves(idx)], dim=1)
 
 
@@ -219,7 +229,7 @@ def quantize_tq2_0(x: torch.Tensor) -> torch.Tensor:
     nb = xb.shape[0]
     amax = xb.abs().amax(dim=1)
     inv = _safe_reciprocal(amax)
-    q = (_round_half_away(xb * inv[:, None]) + 1).to(torch.int64)  # -1, 0, 1 -> 0, 1, 2
+    q = _c_float_to_int(_round_half_away(xb * inv[:, None])) + 1  # -1, 0, 1 -> 0, 1, 2
     q = q.view(nb, 2, 4, 32)  # element 128c + 32l + m  ->  [c, l, m]
     shifts = (2 * torch.arange(4, device=xb.device)).view(1, 1, 4, 1)
     qs = ((q & 3) << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
