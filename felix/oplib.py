@@ -93,21 +93,31 @@ def backends() -> dict[str, BackendStatus]:
     }
 
 
+@torch.compiler.assume_constant_result
+def backend_available(backend: str) -> bool:
+    """Cached availability (a constant to torch.compile, so dispatch never breaks a graph)."""
+    return _available(backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(backend: str) -> bool:
+    return backends()[backend].available
+
+
 def resolve_backend(op: str, requested: str | None, device: torch.device) -> str:
     """Pick the backend for `op` on tensors living on `device` (see the module docstring)."""
     have = _IMPLS.get(op, {})
     if requested is None:
-        if device.type == "cuda" and "triton" in have and _triton_status().available:
+        if device.type == "cuda" and "triton" in have and backend_available("triton"):
             return "triton"
-        if device.type == "cpu" and "cpu" in have and _cpu_status().available:
+        if device.type == "cpu" and "cpu" in have and backend_available("cpu"):
             return "cpu"
         return "reference"
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; backends: {', '.join(BACKENDS)}")
     implementation(op, requested)  # raises if the op lacks it
-    status = backends()[requested]
-    if not status.available:
-        raise ValueError(f"backend {requested!r} is not available: {status.reason}")
+    if not backend_available(requested):
+        raise ValueError(f"backend {requested!r} is not available: {backends()[requested].reason}")
     if requested == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
     if requested == "triton" and device.type == "cpu" and not triton_interpreting():
