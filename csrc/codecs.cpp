@@ -62,22 +62,37 @@ static inline float load_fp16(const uint8_t* p) {
     return fp16_to_fp32(static_cast<uint16_t>(p[0] | (p[1] << 8)));
 }
 
-// C's roundf / lroundf: half away from zero.
-static inline float round_half_away(float v) { return std::round(v); }
+// ggml converts +-inf/NaN to integers when 1/d overflows (blocks of amax < ~1e-37). C leaves that
+// undefined; x86 yields INT_MIN, whose low bits are 0, and Felix fixes that result on every backend.
+// The quantizers below detect the overflow once per block (std::isinf(id)) and write those zeros.
 
-// C's float -> int conversion as x86 performs it: +-inf/NaN (only from 1/d overflowing on blocks of
-// amax < ~1e-37) give INT_MIN, whose low bits are 0. C leaves this undefined; Felix fixes it to 0.
-static inline int c_float_to_int(float v) { return std::isfinite(v) ? static_cast<int>(v) : 0; }
+// ggml's MAX(amax, fabsf(v)) (inputs are validated finite; a plain compare, unlike std::fmax, vectorizes)
+static inline float abs_max(float amax, float v) {
+    const float a = std::fabs(v);
+    return a > amax ? a : amax;
+}
+
+// lroundf for values known finite and small (|v| < 2^31): branch-free, so block loops vectorize.
+static inline int lround_finite(float v) {
+    const int t = static_cast<int>(v);
+    const float frac = v - static_cast<float>(t);
+    return t + (frac >= 0.5f) - (frac <= -0.5f);
+}
 
 // ---------------------------------------------------------------------------------- Q8_0
 static void quantize_block_q8_0(const float* x, uint8_t* y) {
     float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int j = 0; j < 32; ++j) amax = abs_max(amax, x[j]);
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_fp16(y, d);
-    for (int j = 0; j < 32; ++j)
-        y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c_float_to_int(round_half_away(x[j] * id))));
+    if (std::isinf(id)) {  // 1/d overflowed: every x*id is +-inf or NaN, which x86 converts to 0
+        std::memset(y + 2, 0, 32);
+        return;
+    }
+    int8_t q[32];
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<int8_t>(lround_finite(x[j] * id));
+    std::memcpy(y + 2, q, 32);
 }
 
 static void dequantize_block_q8_0(const uint8_t* y, float* x) {
@@ -103,9 +118,10 @@ static void quantize_block_q4_0(const float* x, uint8_t* y) {
     const float d = max / -8.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_fp16(y, d);
+    const bool overflow = std::isinf(id);  // then every x*id + 8.5 is +-inf or NaN: x86 converts to 0
     for (int j = 0; j < 16; ++j) {
-        const int lo = std::min(15, c_float_to_int(x[j] * id + 8.5f));
-        const int hi = std::min(15, c_float_to_int(x[j + 16] * id + 8.5f));
+        const int lo = overflow ? 0 : std::min(15, static_cast<int>(x[j] * id + 8.5f));
+        const int hi = overflow ? 0 : std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
         y[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
     }
 }
@@ -124,23 +140,22 @@ static constexpr int kIq4nlTries = 7;
 static constexpr float kGroupMaxEps = 1e-15f;
 
 static inline int best_index(const float* val, float x) {  // ggml's best_index_int8 over 16 values
-    if (x <= val[0]) return 0;
-    if (x >= val[15]) return 15;
-    int ml = 0, mu = 15;
-    while (mu - ml > 1) {
-        const int mav = (ml + mu) / 2;
-        if (x < val[mav]) mu = mav; else ml = mav;
-    }
-    return x - val[mu - 1] < val[mu] - x ? mu - 1 : mu;
+    // ggml binary-searches for the ml with val[ml] <= x < val[ml+1]; on a sorted grid that ml is the
+    // number of val[1..14] <= x. Counting is branch-free, so the callers' loops vectorize.
+    int ml = 0;
+    for (int k = 1; k < 15; ++k) ml += val[k] <= x;
+    const int nearest = x - val[ml] < val[ml + 1] - x ? ml : ml + 1;
+    return x <= val[0] ? 0 : (x >= val[15] ? 15 : nearest);
 }
 
 static inline void iq4nl_sums(const float* x, const float* w, float id, const float* val,
                               float* sumqx, float* sumq2) {
+    float q[32];
+    for (int j = 0; j < 32; ++j) q[j] = val[best_index(val, id * x[j])];  // independent: vectorizes
     float sx = 0.0f, s2 = 0.0f;
-    for (int j = 0; j < 32; ++j) {
-        const float q = val[best_index(val, id * x[j])];
-        sx += w[j] * q * x[j];
-        s2 += w[j] * q * q;
+    for (int j = 0; j < 32; ++j) {  // sequential float32 sums, in ggml's order
+        sx += w[j] * q[j] * x[j];
+        s2 += w[j] * q[j] * q[j];
     }
     *sumqx = sx;
     *sumq2 = s2;
@@ -188,27 +203,26 @@ static void dequantize_block_iq4_nl(const uint8_t* y, float* x, const float* val
 // ----------------------------------------------------------------------------------- RQ4
 static constexpr float kRq4MinScale = 1e-10f;
 
-static inline int nearest_code(const float* cb, float v) {  // strict `<`: first nearest wins
-    int idx = 0;
-    float best = 1e10f;
-    for (int c = 0; c < 16; ++c) {
-        const float dist = std::fabs(v - cb[c]);
-        if (dist < best) { best = dist; idx = c; }
-    }
-    return idx;
-}
-
 static void quantize_block_rq4(const float* x, uint8_t* y, const float* cb) {
     float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int j = 0; j < 32; ++j) amax = abs_max(amax, x[j]);
     const float d = amax / cb[15];
     store_fp16(y, d);
     const float inv_d = d > kRq4MinScale ? 1.0f / d : 0.0f;
-    for (int j = 0; j < 16; ++j) {
-        const int i0 = nearest_code(cb, x[2 * j] * inv_d);
-        const int i1 = nearest_code(cb, x[2 * j + 1] * inv_d);
-        y[2 + j] = static_cast<uint8_t>(i0 | (i1 << 4));
+    // The fork scans all 16 entries keeping the first strict minimum of |v - cb[c]|. On a sorted
+    // codebook whose gaps (>= 0.0099) dwarf float32 rounding at |v| <= 0.25, the rounded distances
+    // fall strictly before the insertion point k and rise strictly after it, so the scan's answer is
+    // k-1 unless cb[k] is strictly closer: the same index, branch-free.
+    float v[32];
+    int k[32], idx[32];
+    for (int j = 0; j < 32; ++j) { v[j] = x[j] * inv_d; k[j] = 0; }
+    for (int c = 0; c < 16; ++c)
+        for (int j = 0; j < 32; ++j) k[j] += cb[c] < v[j];
+    for (int j = 0; j < 32; ++j) {
+        const int lo = k[j] > 0 ? k[j] - 1 : 0, hi = k[j] < 16 ? k[j] : 15;
+        idx[j] = std::fabs(v[j] - cb[hi]) < std::fabs(v[j] - cb[lo]) ? hi : lo;
     }
+    for (int j = 0; j < 16; ++j) y[2 + j] = static_cast<uint8_t>(idx[2 * j] | (idx[2 * j + 1] << 4));
 }
 
 static void dequantize_block_rq4(const uint8_t* y, float* x, const float* cb) {
@@ -223,16 +237,17 @@ static void dequantize_block_rq4(const uint8_t* y, float* x, const float* cb) {
 // 256 weights: byte 32c+m, bits 2l..2l+1 hold element 128c+32l+m as q in {0,1,2}; fp16 d last.
 static void quantize_block_tq2_0(const float* x, uint8_t* y) {
     float amax = 0.0f;
-    for (int j = 0; j < 256; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int j = 0; j < 256; ++j) amax = abs_max(amax, x[j]);
     const float id = amax != 0.0f ? 1.0f / amax : 0.0f;
+    const bool overflow = std::isinf(id);  // x*id is +-inf / NaN: x86 converts to 0, so q = 1
     for (int c = 0; c < 2; ++c)
         for (int m = 0; m < 32; ++m) {
-            uint8_t q = 0;
+            int q = 0;
             for (int l = 0; l < 4; ++l) {
-                const int xi = c_float_to_int(round_half_away(x[128 * c + 32 * l + m] * id)) + 1;
-                q = static_cast<uint8_t>(q + ((xi & 3) << (2 * l)));
+                const int xi = (overflow ? 0 : lround_finite(x[128 * c + 32 * l + m] * id)) + 1;
+                q += (xi & 3) << (2 * l);
             }
-            y[32 * c + m] = q;
+            y[32 * c + m] = static_cast<uint8_t>(q);
         }
     store_fp16(y + 64, amax);
 }

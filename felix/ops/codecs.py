@@ -32,7 +32,8 @@ def _check_quantize_input(x: torch.Tensor, f: QuantFormat) -> None:
                          f"block size {f.block_size} (shape {tuple(x.shape)})")
     if torch.compiler.is_compiling() or x.numel() == 0:
         return  # value checks need a host sync; eager callers get them, compiled graphs do not
-    amax = x.detach().abs().amax()
+    lo, hi = torch.aminmax(x.detach())  # one pass, no temporary; NaN propagates
+    amax = torch.maximum(-lo, hi)
     if not bool(torch.isfinite(amax)):
         bad = (~torch.isfinite(x.detach())).nonzero()
         kinds = "NaN" if bool(torch.isnan(x).any()) else "Inf"
@@ -140,6 +141,14 @@ def _codebook_array(f: QuantFormat):
 _EMPTY_CODEBOOK = torch.zeros(0, dtype=torch.float32)
 
 
+def _empty_cpu(shape, dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory numpy allocated: numpy asks Linux for transparent
+    huge pages on large buffers, which cuts first-touch page faults (most of a large dequantize's time)."""
+    import numpy as np
+
+    return torch.from_numpy(np.empty(tuple(shape), dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 @register_impl("quantize", "cpu")
 def _quantize_cpu(x, fmt):
     from felix import _ext
@@ -147,7 +156,7 @@ def _quantize_cpu(x, fmt):
     ext, _ = _ext.load()
     f = get_format(fmt)
     src = x.to(torch.float32).contiguous()
-    out = torch.empty((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), dtype=torch.uint8)
+    out = _empty_cpu((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), torch.uint8)
     ext.quantize(f.name, src.view(-1).numpy(), out.view(-1).numpy(), _codebook_array(f))
     return out
 
@@ -158,6 +167,6 @@ def _dequantize_cpu(blocks, fmt, shape, dtype):
 
     ext, _ = _ext.load()
     f = get_format(fmt)
-    out = torch.empty(shape, dtype=torch.float32)
+    out = _empty_cpu(shape, torch.float32)
     ext.dequantize(f.name, blocks.contiguous().view(-1).numpy(), out.view(-1).numpy(), _codebook_array(f))
     return out.to(dtype)

@@ -49,9 +49,25 @@ def quantize(x: np.ndarray, fmt: str, start_row: int = 0, n_rows: int | None = N
     if out is None:
         out = np.empty((rows, row_bytes), dtype=np.uint8)
     n_rows = rows - start_row if n_rows is None else n_rows
-    src = x.ctypes.data  # ggml_quantize_chunk offsets src by start * n_per_row itself
-    dst = out.ctypes.data
-    written = library().ggml_quantize_chunk(f.ggml_type, src, dst, start_row, n_rows, n_per_row, None)
+    # `start` is an element offset (a multiple of n_per_row); ggml offsets src and dst itself.
+    written = library().ggml_quantize_chunk(f.ggml_type, x.ctypes.data, out.ctypes.data, start_row * n_per_row,
+                                            n_rows, n_per_row, None)
     if written != n_rows * row_bytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {n_rows * row_bytes}")
+    return out
+
+
+def dequantize(blocks: np.ndarray, fmt: str, n_values: int, out: np.ndarray | None = None) -> np.ndarray:
+    """ggml's `dequantize_row_<fmt>` over a whole uint8 buffer; returns float32 [n_values]."""
+    f = get_format(fmt)
+    if f.name == "rq4":
+        raise ValueError("stock ggml has no RQ4 (type 42)")
+    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    if blocks.size != n_values // f.block_size * f.bytes_per_block:
+        raise ValueError(f"{blocks.size} bytes do not hold {n_values} {fmt} values")
+    out = np.empty(n_values, dtype=np.float32) if out is None else out
+    fn = getattr(library(), f"dequantize_row_{f.name}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(blocks.ctypes.data, out.ctypes.data, n_values)
     return out

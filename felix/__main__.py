@@ -1,0 +1,5 @@
+import sys
+
+from felix.cli import main
+
+sys.exit(main())

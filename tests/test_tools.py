@@ -1,0 +1,72 @@
+"""The CLI main job, the benchmark harness (its bookkeeping, and a smoke run of bench/), AOT parsing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from felix.cli import main
+from felix.testing.bench import BenchRecorder, Measurement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_quantize_demo_runs_every_format(capsys):
+    assert main(["quantize", "--rows", "8", "--cols", "512", "--repeats", "1", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    for fmt in ("rq4", "iq4_nl", "q4_0", "q8_0", "tq2_0"):
+        assert f"\n{fmt} " in out
+    assert "NO" not in out.split("same bytes", 1)[1].split("\n", 1)[1]
+
+
+def test_cli_quantize_backends_agree(capsys):
+    import felix
+
+    backends = [b for b in ("reference", "cpu") if felix.backends()[b].available]
+    args = ["quantize", "--rows", "4", "--cols", "256", "--repeats", "1"]
+    for b in backends:
+        args += ["--backend", b]
+    assert main(args) == 0, capsys.readouterr().out
+
+
+def test_cli_rejects_bad_columns(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--cols", "100"])
+    assert "multiple of 256" in capsys.readouterr().err
+
+
+def test_cli_backends(capsys):
+    assert main(["backends"]) == 0
+    assert "reference  yes" in capsys.readouterr().out
+
+
+def test_bench_recorder_ratios_and_atomic_report(tmp_path):
+    rec = BenchRecorder(torch.device("cpu"), copy_gbps=10.0)
+    rec.add(Measurement("quantize q8_0 8x32 cpu", "felix-cpu", True, 0.5, 2e9))
+    rec.add(Measurement("quantize q8_0 8x32 cpu", "ggml-c", False, 1.0, 2e9))
+    rows = {r["impl"]: r for r in rec.rows()}
+    assert rows["felix-cpu"]["speedup_vs"]["ggml-c"] == pytest.approx(2.0)
+    assert rows["felix-cpu"]["gbps"] == pytest.approx(4.0)
+    assert rows["felix-cpu"]["pct_copy_bandwidth"] == pytest.approx(40.0)
+    path = rec.write(str(tmp_path))
+    data = json.load(open(path))
+    assert len(data["measurements"]) == 2 and data["copy_gbps"] == 10.0
+    assert "| quantize q8_0 8x32 cpu | ggml-c | 1000.000 | 2.00 | 20.0 | 2.00x |" in open(path[:-5] + ".md").read()
+    assert os.path.getsize(path[:-5] + ".png") > 1000
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    # a second run of another case merges into the same device file
+    rec2 = BenchRecorder(torch.device("cpu"), copy_gbps=10.0)
+    rec2.add(Measurement("dequantize q8_0 8x32 cpu", "felix-cpu", True, 0.25, 2e9))
+    rec2.write(str(tmp_path))
+    assert len(json.load(open(path))["measurements"]) == 3
+
+
+def test_benchmarks_still_run():
+    """Every bench/ case runs once at smoke size (no timing, nothing written)."""
+    env = dict(os.environ, FELIX_BENCH_QUICK="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
