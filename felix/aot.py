@@ -23,6 +23,9 @@ TARGETS = {
     "sm_90": ("cuda", 90, 32),           # Hopper: H100 / H200
 }
 
+# Which launch-config entry (kernels/*.py LAUNCH_CONFIGS) each target compiles with.
+ARCH_KEYS = {"gfx1101": "gfx11", "sm_90": "sm90"}
+
 # Per-workgroup LDS on RDNA3 and the largest opt-in shared memory per block on H100.
 LDS_LIMIT_BYTES = {"gfx1101": 64 * 1024, "sm_90": 227 * 1024}
 

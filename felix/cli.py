@@ -93,8 +93,8 @@ def cmd_aot_report(args) -> int:
     reports = []
     for module in args.modules:
         mod = importlib.import_module(f"felix.kernels.{module}")
-        for spec in mod.aot_specs():
-            for target in args.target:
+        for target in args.target:
+            for spec in mod.aot_specs(aot.ARCH_KEYS[target]):
                 reports.append(aot.resource_report(spec, target))
     print(aot.format_reports(reports))
     spilled = [r for r in reports if r.spill_bytes]

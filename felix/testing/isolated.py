@@ -30,8 +30,16 @@ class IsolatedRunner:
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                                initializer=_apply_env, initargs=(self.env,))
+            # The worker must *start* with the environment: importing felix imports torch, which may
+            # import triton, whose standard library is decorated (interpreted or not) right then.
+            pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+            saved = {key: os.environ.get(key) for key in self.env}
+            _apply_env(self.env)
+            try:
+                pool.submit(os.getpid).result(timeout=self.timeout)
+            finally:
+                _apply_env(saved)
+            self._pool = pool
         return self._pool
 
     def __call__(self, fn, *args, **kwargs):

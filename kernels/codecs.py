@@ -1,0 +1,394 @@
+"""Triton block codecs: quantize float tensors to ggml blocks and decode them, byte-exact with
+felix/reference/codecs.py (itself byte-exact with ggml's C quantizers).
+
+One program handles a tile of BLOCKS ggml blocks (rows masked for the ragged tail). Layouts, as in
+felix/formats.py (the geometry and codebooks are read from there, never retyped):
+
+* q8_0   [fp16 d][32 x int8]                         x = d * q
+* q4_0   [fp16 d][16 bytes: q[j] | q[j+16] << 4]     x = d * (q - 8)
+* iq4_nl [fp16 d][16 bytes as q4_0]                  x = d * IQ4_NL_VALUES[q]
+* rq4    [fp16 d][16 bytes: q[2j] | q[2j+1] << 4]    x = d * RQ4_CODEBOOK[q]
+* tq2_0  [64 bytes: element 128c+32l+m in byte 32c+m, bits 2l..2l+1][fp16 d]   x = d * (q - 1)
+
+Exactness on real GPUs: quantize kernels are launched with ``enable_fp_fusion=False`` (a fused
+multiply-add would change ggml's rounding) and divide with ``tl.math.div_rn`` (IEEE division).
+The IQ4_NL scale search sums its 32 products sequentially, in ggml's order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from felix.formats import get_format
+from felix.oplib import triton_interpreting
+
+# Launch configurations per architecture, as data: weights per program (a tile of whole blocks) and
+# warps per program. 2048 weights over 128 lanes keeps every codec spill-free on gfx1101 (wave32).
+LAUNCH_CONFIGS = {
+    "interpreter": {"tile_weights": 256, "num_warps": 1},
+    "gfx11": {"tile_weights": 2048, "num_warps": 4},      # RDNA3 (RX 7800 XT): wave32
+    "sm90": {"tile_weights": 4096, "num_warps": 8},       # Hopper
+    "default": {"tile_weights": 2048, "num_warps": 4},
+}
+# IQ4_NL's scale search is compute-bound (15 x 32 sequential steps): a quarter of the tile, spill-free.
+TILE_DIVISOR = {"iq4_nl": 4}
+
+
+def arch_key(device: torch.device) -> str:
+    if triton_interpreting() or device.type == "cpu":
+        return "interpreter"
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
+    return "sm90" if props.major == 9 else "default"
+
+
+# ------------------------------------------------------------------------------- helpers
+@triton.jit
+def _store_fp16_le(ptr, d, mask):
+    """Store fp16(d) (round to nearest even) as two little-endian bytes at ptr, ptr + 1."""
+    bits = d.to(tl.float16).to(tl.uint16, bitcast=True)
+    tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _load_fp16_le(ptr, mask):
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _c_lround(v):
+    """C's lroundf (half away from zero), then the x86 integer conversion: +-inf/NaN -> 0."""
+    finite = tl.abs(v) < 2147483520.0
+    v = tl.where(finite, v, 0.0)
+    t = v.to(tl.int32)  # truncates toward zero
+    frac = v - t.to(tl.float32)
+    return t + (frac >= 0.5).to(tl.int32) - (frac <= -0.5).to(tl.int32)
+
+
+@triton.jit
+def _c_trunc(v):
+    """C's (int) cast of a float as x86 does it: truncation, +-inf/NaN -> 0."""
+    return tl.where(tl.abs(v) < 2147483520.0, v, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _safe_recip(d):
+    """`d ? 1.0f / d : 0.0f`."""
+    nz = d != 0.0
+    return tl.where(nz, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(nz, d, 1.0)), 0.0)
+
+
+@triton.jit
+def _best_index_int8(al, cb_ptr):
+    """ggml's best_index_int8 over the 16 sorted IQ4_NL values: the binary search lands on the
+    ml with val[ml] <= al < val[ml+1], i.e. the count of val[1..14] <= al."""
+    ml = tl.zeros(al.shape, tl.int32)
+    for k in tl.static_range(1, 15):
+        ml += (tl.load(cb_ptr + k) <= al).to(tl.int32)
+    lo = tl.load(cb_ptr + ml)
+    hi = tl.load(cb_ptr + ml + 1)
+    idx = tl.where(al - lo < hi - al, ml, ml + 1)
+    idx = tl.where(al <= tl.load(cb_ptr), 0, idx)
+    return tl.where(al >= tl.load(cb_ptr + 15), 15, idx)
+
+
+# --------------------------------------------------------------------------------- Q8_0
+@triton.jit
+def _quantize_q8_0(x_ptr, y_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    cols = tl.arange(0, 32)
+    x = tl.load(x_ptr + rows[:, None] * 32 + cols[None, :], mask=rmask[:, None], other=0.0)
+    d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCKS,), 127.0, tl.float32))
+    q = _c_lround(x * _safe_recip(d)[:, None])
+    yb = y_ptr + rows.to(tl.int64) * 34
+    _store_fp16_le(yb, d, rmask)
+    tl.store(yb[:, None] + 2 + cols[None, :], q.to(tl.int8).to(tl.uint8, bitcast=True), mask=rmask[:, None])
+
+
+@triton.jit
+def _dequantize_q8_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    cols = tl.arange(0, 32)
+    yb = y_ptr + rows.to(tl.int64) * 34
+    d = _load_fp16_le(yb, rmask)
+    q = tl.load(yb[:, None] + 2 + cols[None, :], mask=rmask[:, None], other=0).to(tl.int8, bitcast=True)
+    out = q.to(tl.float32) * d[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * 32 + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+# ------------------------------------------------------------------ halves layout (q4_0, iq4_nl)
+@triton.jit
+def _load_halves(x_ptr, rows, rmask):
+    """A block as its two halves [BLOCKS, 16]: elements 0..15 and 16..31 (byte j packs j and j+16)."""
+    c = tl.arange(0, 16)
+    base = x_ptr + rows.to(tl.int64)[:, None] * 32 + c[None, :]
+    return tl.load(base, mask=rmask[:, None], other=0.0), tl.load(base + 16, mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _first_absmax(lo, hi):
+    """(amax, signed value of the first element of largest |x|), +0 for an all-zero block (ggml)."""
+    c = tl.arange(0, 16)[None, :]
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+    first = tl.minimum(tl.min(tl.where(tl.abs(lo) == amax[:, None], c, 32), axis=1),
+                       tl.min(tl.where(tl.abs(hi) == amax[:, None], c + 16, 32), axis=1))
+    mx = tl.sum(tl.where(c == first[:, None], lo, 0.0), axis=1) + \
+        tl.sum(tl.where(c + 16 == first[:, None], hi, 0.0), axis=1)
+    return amax, tl.where(amax > 0.0, mx, 0.0)
+
+
+@triton.jit
+def _store_halves(y_ptr, rows, rmask, d, qlo, qhi, BYTES: tl.constexpr):
+    yb = y_ptr + rows.to(tl.int64) * BYTES
+    _store_fp16_le(yb, d, rmask)
+    c = tl.arange(0, 16)
+    tl.store(yb[:, None] + 2 + c[None, :], (qlo | (qhi << 4)).to(tl.uint8), mask=rmask[:, None])
+
+
+@triton.jit
+def _load_packed_halves(y_ptr, rows, rmask, BYTES: tl.constexpr):
+    yb = y_ptr + rows.to(tl.int64) * BYTES
+    c = tl.arange(0, 16)
+    b = tl.load(yb[:, None] + 2 + c[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+    return _load_fp16_le(yb, rmask), b & 0xF, b >> 4
+
+
+@triton.jit
+def _store_out_halves(out_ptr, rows, rmask, lo, hi):
+    c = tl.arange(0, 16)
+    base = out_ptr + rows.to(tl.int64)[:, None] * 32 + c[None, :]
+    tl.store(base, lo.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(base + 16, hi.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _quantize_q4_0(x_ptr, y_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    lo, hi = _load_halves(x_ptr, rows, rmask)
+    _, mx = _first_absmax(lo, hi)
+    d = tl.math.div_rn(mx, tl.full((BLOCKS,), -8.0, tl.float32))
+    inv = _safe_recip(d)[:, None]
+    qlo = tl.minimum(_c_trunc(lo * inv + 8.5), 15)
+    qhi = tl.minimum(_c_trunc(hi * inv + 8.5), 15)
+    _store_halves(y_ptr, rows, rmask, d, qlo, qhi, 18)
+
+
+@triton.jit
+def _dequantize_q4_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    d, qlo, qhi = _load_packed_halves(y_ptr, rows, rmask, 18)
+    _store_out_halves(out_ptr, rows, rmask, (qlo - 8).to(tl.float32) * d[:, None],
+                      (qhi - 8).to(tl.float32) * d[:, None])
+
+
+@triton.jit
+def _iq4nl_sums(x_ptr, rows, rmask, inv, cb_ptr):
+    """sumqx = sum (w*q)*x and sumq2 = sum (w*q)*q over the block, sequentially (ggml's order)."""
+    sumqx = tl.zeros(inv.shape, tl.float32)
+    sumq2 = tl.zeros(inv.shape, tl.float32)
+    base = x_ptr + rows.to(tl.int64) * 32
+    for j in range(32):
+        xj = tl.load(base + j, mask=rmask, other=0.0)
+        q = tl.load(cb_ptr + _best_index_int8(inv * xj, cb_ptr))
+        wq = (xj * xj) * q
+        sumqx = sumqx + wq * xj
+        sumq2 = sumq2 + wq * q
+    return sumqx, sumq2
+
+
+@triton.jit
+def _quantize_iq4_nl(x_ptr, y_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
+    """ggml's quantize_row_iq4_nl_impl (block 32, ntry 7, no imatrix)."""
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    lo, hi = _load_halves(x_ptr, rows, rmask)
+    amax, mx = _first_absmax(lo, hi)
+    live = amax >= 1e-15
+    mx = tl.where(live, mx, 1.0)  # dead blocks stay finite; their scale is forced to 0 below
+    v0 = tl.load(cb_ptr)
+    d = tl.math.div_rn(-mx, tl.zeros_like(mx) + v0)
+    sumqx, sumq2 = _iq4nl_sums(x_ptr, rows, rmask, _safe_recip(d), cb_ptr)
+    d = tl.math.div_rn(sumqx, sumq2)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        inv = tl.math.div_rn(tl.zeros_like(mx) + (itry + v0), mx)
+        sumqx, sumq2 = _iq4nl_sums(x_ptr, rows, rmask, inv, cb_ptr)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = tl.where(better, tl.math.div_rn(sumqx, tl.where(better, sumq2, 1.0)), d)
+        best = tl.where(better, d * sumqx, best)
+    scale = tl.where(live, d, 0.0)
+    inv = _safe_recip(scale)[:, None]
+    _store_halves(y_ptr, rows, rmask, scale, _best_index_int8(lo * inv, cb_ptr),
+                  _best_index_int8(hi * inv, cb_ptr), 18)
+
+
+@triton.jit
+def _dequantize_iq4_nl(y_ptr, out_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    d, qlo, qhi = _load_packed_halves(y_ptr, rows, rmask, 18)
+    _store_out_halves(out_ptr, rows, rmask, d[:, None] * tl.load(cb_ptr + qlo), d[:, None] * tl.load(cb_ptr + qhi))
+
+
+# ---------------------------------------------------------------------------------- RQ4
+@triton.jit
+def _quantize_rq4(x_ptr, y_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
+    """The fork's quantize_row_rq4_ref: absmax scale, first nearest of 16 codebook entries."""
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    c = tl.arange(0, 16)
+    base = x_ptr + rows.to(tl.int64)[:, None] * 32 + 2 * c[None, :]
+    ev = tl.load(base, mask=rmask[:, None], other=0.0)       # elements 2j   (low nibble of byte j)
+    od = tl.load(base + 1, mask=rmask[:, None], other=0.0)   # elements 2j+1 (high nibble)
+    amax = tl.maximum(tl.max(tl.abs(ev), axis=1), tl.max(tl.abs(od), axis=1))
+    d = tl.math.div_rn(amax, tl.zeros_like(amax) + tl.load(cb_ptr + 15))
+    big = d > 1e-10
+    inv = tl.where(big, tl.math.div_rn(tl.zeros_like(d) + 1.0, tl.where(big, d, 1.0)), 0.0)[:, None]
+    ve, vo = ev * inv, od * inv
+    best_e = tl.full(ve.shape, 1e10, tl.float32)
+    best_o = tl.full(vo.shape, 1e10, tl.float32)
+    ie = tl.zeros(ve.shape, tl.int32)
+    io = tl.zeros(vo.shape, tl.int32)
+    for k in tl.static_range(16):  # strict `<`: the first nearest entry wins
+        cbk = tl.load(cb_ptr + k)
+        de, do = tl.abs(ve - cbk), tl.abs(vo - cbk)
+        ie = tl.where(de < best_e, k, ie)
+        best_e = tl.minimum(de, best_e)
+        io = tl.where(do < best_o, k, io)
+        best_o = tl.minimum(do, best_o)
+    yb = y_ptr + rows.to(tl.int64) * 18
+    _store_fp16_le(yb, d, rmask)
+    tl.store(yb[:, None] + 2 + c[None, :], (ie | (io << 4)).to(tl.uint8), mask=rmask[:, None])
+
+
+@triton.jit
+def _dequantize_rq4(y_ptr, out_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    c = tl.arange(0, 16)
+    yb = y_ptr + rows.to(tl.int64) * 18
+    d = _load_fp16_le(yb, rmask)[:, None]
+    b = tl.load(yb[:, None] + 2 + c[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+    base = out_ptr + rows.to(tl.int64)[:, None] * 32 + 2 * c[None, :]
+    tl.store(base, (tl.load(cb_ptr + (b & 0xF)) * d).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(base + 1, (tl.load(cb_ptr + (b >> 4)) * d).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+# -------------------------------------------------------------------------------- TQ2_0
+@triton.jit
+def _tq2_offsets(rows):
+    """[BLOCKS, 64] element offsets of lane 0 for byte k = 32c + m: element 128c + m (+ 32l per lane)."""
+    k = tl.arange(0, 64)
+    return rows.to(tl.int64)[:, None] * 256 + (128 * (k // 32) + (k % 32))[None, :]
+
+
+@triton.jit
+def _quantize_tq2_0(x_ptr, y_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    offs = _tq2_offsets(rows)
+    m = rmask[:, None]
+    x0 = tl.load(x_ptr + offs, mask=m, other=0.0)
+    x1 = tl.load(x_ptr + offs + 32, mask=m, other=0.0)
+    x2 = tl.load(x_ptr + offs + 64, mask=m, other=0.0)
+    x3 = tl.load(x_ptr + offs + 96, mask=m, other=0.0)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1)),
+                      tl.maximum(tl.max(tl.abs(x2), axis=1), tl.max(tl.abs(x3), axis=1)))
+    inv = _safe_recip(amax)[:, None]
+    q = ((_c_lround(x0 * inv) + 1) & 3) | (((_c_lround(x1 * inv) + 1) & 3) << 2) | \
+        (((_c_lround(x2 * inv) + 1) & 3) << 4) | (((_c_lround(x3 * inv) + 1) & 3) << 6)
+    yb = y_ptr + rows.to(tl.int64) * 66
+    k = tl.arange(0, 64)
+    tl.store(yb[:, None] + k[None, :], q.to(tl.uint8), mask=m)
+    _store_fp16_le(yb + 64, amax, rmask)
+
+
+@triton.jit
+def _dequantize_tq2_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    rmask = rows < n_blocks
+    m = rmask[:, None]
+    yb = y_ptr + rows.to(tl.int64) * 66
+    k = tl.arange(0, 64)
+    b = tl.load(yb[:, None] + k[None, :], mask=m, other=0).to(tl.int32)
+    d = _load_fp16_le(yb + 64, rmask)[:, None]
+    offs = _tq2_offsets(rows)
+    for lane in tl.static_range(4):
+        v = (((b >> (2 * lane)) & 3) - 1).to(tl.float32) * d
+        tl.store(out_ptr + offs + 32 * lane, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------ launchers
+QUANTIZE_KERNELS = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "iq4_nl": _quantize_iq4_nl,
+                    "rq4": _quantize_rq4, "tq2_0": _quantize_tq2_0}
+DEQUANTIZE_KERNELS = {"q8_0": _dequantize_q8_0, "q4_0": _dequantize_q4_0, "iq4_nl": _dequantize_iq4_nl,
+                      "rq4": _dequantize_rq4, "tq2_0": _dequantize_tq2_0}
+
+
+def launch_config(fmt: str, key: str) -> dict:
+    """BLOCKS (ggml blocks per program, a power of two) and num_warps for `fmt` on arch `key`."""
+    cfg = LAUNCH_CONFIGS[key]
+    blocks = max(1, cfg["tile_weights"] // TILE_DIVISOR.get(fmt, 1) // get_format(fmt).block_size)
+    return {"BLOCKS": triton.next_power_of_2(blocks), "num_warps": cfg["num_warps"]}
+
+
+def _config(fmt: str, device: torch.device) -> dict:
+    return launch_config(fmt, arch_key(device))
+
+
+def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float tensor [..., K] -> uint8 [..., K // block * bytes] of ggml blocks (inputs validated by the op)."""
+    f = get_format(fmt)
+    src = x.to(torch.float32).contiguous()
+    n_blocks = src.numel() // f.block_size
+    out = torch.empty((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), dtype=torch.uint8,
+                      device=x.device)
+    if n_blocks == 0:
+        return out
+    cfg = _config(f.name, x.device)
+    args = (src, out) + ((f.codebook_tensor(x.device),) if f.codebook is not None else ()) + (n_blocks,)
+    QUANTIZE_KERNELS[f.name][(triton.cdiv(n_blocks, cfg["BLOCKS"]),)](
+        *args, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    return out
+
+
+def dequantize(blocks: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    f = get_format(fmt)
+    n_blocks = blocks.numel() // f.bytes_per_block
+    out = torch.empty(list(shape), dtype=dtype if dtype != torch.float64 else torch.float32, device=blocks.device)
+    if n_blocks:
+        cfg = _config(f.name, blocks.device)
+        args = (blocks.contiguous(), out) + ((f.codebook_tensor(blocks.device),) if f.codebook is not None else ())
+        DEQUANTIZE_KERNELS[f.name][(triton.cdiv(n_blocks, cfg["BLOCKS"]),)](
+            *args, n_blocks, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"])
+    return out.to(dtype)
+
+
+def aot_specs(arch: str = "gfx11") -> list[dict]:
+    """Every kernel with a concrete signature and `arch`'s launch config, for felix.aot."""
+    specs = []
+    for name in QUANTIZE_KERNELS:
+        f = get_format(name)
+        cfg = launch_config(name, arch)
+        blocks = cfg["BLOCKS"]
+        cb = {"cb_ptr": "*fp32"} if f.codebook is not None else {}
+        specs.append({"name": f"quantize_{name}", "fn": QUANTIZE_KERNELS[name],
+                      "signature": {"x_ptr": "*fp32", "y_ptr": "*u8", **cb, "n_blocks": "i32", "BLOCKS": "constexpr"},
+                      "constexprs": {"BLOCKS": blocks},
+                      "options": {"num_warps": cfg["num_warps"], "enable_fp_fusion": False}})
+        for out_ty in ("fp32", "fp16", "bf16"):
+            specs.append({"name": f"dequantize_{name}_{out_ty}", "fn": DEQUANTIZE_KERNELS[name],
+                          "signature": {"y_ptr": "*u8", "out_ptr": f"*{out_ty}", **cb, "n_blocks": "i32",
+                                        "BLOCKS": "constexpr"},
+                          "constexprs": {"BLOCKS": blocks}, "options": {"num_warps": cfg["num_warps"]}})
+    return specs
