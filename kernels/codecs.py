@@ -85,11 +85,15 @@ def _safe_recip(d):
 
 @triton.jit
 def _best_index_int8(al, cb_ptr):
-    """ggml's best_index_int8 over the 16 sorted IQ4_NL values: the binary search lands on the
-    ml with val[ml] <= al < val[ml+1], i.e. the count of val[1..14] <= al."""
-    ml = tl.zeros(al.shape, tl.int32)
-    for k in tl.static_range(1, 15):
-        ml += (tl.load(cb_ptr + k) <= al).to(tl.int32)
+    """ggml's best_index_int8 over the 16 sorted IQ4_NL values, for a 1-D or 2-D tile `al`: the
+    binary search lands on the ml with val[ml] <= al < val[ml+1], i.e. the count of val[1..14] <= al."""
+    k = tl.arange(0, 16)
+    inner = ((k >= 1) & (k <= 14)).to(tl.int32)
+    vals = tl.load(cb_ptr + k)
+    if len(al.shape) == 1:
+        ml = tl.sum((vals[None, :] <= al[:, None]).to(tl.int32) * inner[None, :], axis=1)
+    else:
+        ml = tl.sum((vals[None, None, :] <= al[:, :, None]).to(tl.int32) * inner[None, None, :], axis=2)
     lo = tl.load(cb_ptr + ml)
     hi = tl.load(cb_ptr + ml + 1)
     idx = tl.where(al - lo < hi - al, ml, ml + 1)
@@ -338,7 +342,8 @@ DEQUANTIZE_KERNELS = {"q8_0": _dequantize_q8_0, "q4_0": _dequantize_q4_0, "iq4_n
 def launch_config(fmt: str, key: str) -> dict:
     """BLOCKS (ggml blocks per program, a power of two) and num_warps for `fmt` on arch `key`."""
     cfg = LAUNCH_CONFIGS[key]
-    blocks = max(1, cfg["tile_weights"] // TILE_DIVISOR.get(fmt, 1) // get_format(fmt).block_size)
+    divisor = 1 if key == "interpreter" else TILE_DIVISOR.get(fmt, 1)  # the interpreter pays per program
+    blocks = max(1, cfg["tile_weights"] // divisor // get_format(fmt).block_size)
     return {"BLOCKS": triton.next_power_of_2(blocks), "num_warps": cfg["num_warps"]}
 
 
