@@ -8,7 +8,8 @@ wgmma/mma on Hopper) were emitted.
 
 A kernel spec is a dict, as each kernels/ module's `aot_specs()` returns:
 ``{"name", "fn", "signature": {arg: "*fp32" | "i32" | "constexpr" ...}, "constexprs": {...},
-"options": {...}}``.
+"options": {...}}``, plus ``"expects_matrix_instructions": True`` for kernels built on ``tl.dot``
+(the AOT test then requires WMMA on gfx1101 and mma/wgmma on sm_90).
 """
 from __future__ import annotations
 

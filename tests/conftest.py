@@ -12,12 +12,21 @@ from felix.testing.isolated import IsolatedRunner
 # Fresh random inputs every run; the seed is printed so a failure can be replayed with FELIX_TEST_SEED.
 SEED = int(os.environ.get("FELIX_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
-_TIER_BY_FILE = {
-    "test_codecs_triton.py": "interpreter",
-    "test_aot_compile.py": "aot",
-    "test_codecs_ggml.py": "llamacpp",
-    "test_gpu.py": "gpu",
-}
+# Test tiers follow file names, so a new op's tests land in the right tier by naming alone:
+# test_<op>_triton.py -> interpreter, test_aot*.py -> aot, test_<op>_ggml.py / test_*llamacpp*.py ->
+# llamacpp, test_gpu*.py -> gpu; everything else is the reference tier (pure torch / C++).
+def tier_of(filename: str) -> str:
+    stem = filename.removesuffix(".py")
+    if stem.startswith("test_gpu"):
+        return "gpu"
+    if stem.startswith("test_aot"):
+        return "aot"
+    if stem.endswith("_triton"):
+        return "interpreter"
+    if stem.endswith("_ggml") or "llamacpp" in stem:
+        return "llamacpp"
+    return "reference"
+
 
 AOT_REPORTS: list[dict] = []
 
@@ -28,7 +37,7 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        tier = _TIER_BY_FILE.get(item.fspath.basename, "reference")
+        tier = tier_of(item.fspath.basename)
         item.add_marker(getattr(pytest.mark, tier))
 
 

@@ -2,10 +2,18 @@
 and sm_90 (H100), on this CPU-only machine, with no register spills and within the LDS budget.
 The resource report (registers, LDS/shared memory, spills, occupancy) is printed at the end of the run.
 """
+import os
+import pkgutil
+
 import pytest
 
 from conftest import AOT_REPORTS
 from felix.aot import LDS_LIMIT_BYTES, TARGETS
+
+# Every module in kernels/ (installed as felix.kernels) is compiled: a new kernel family needs only
+# an `aot_specs(arch)` function to be checked here.
+KERNELS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "kernels")
+KERNEL_MODULES = sorted(m.name for m in pkgutil.iter_modules([KERNELS_DIR]) if not m.name.startswith("_"))
 
 
 def compile_module(module: str, target: str):
@@ -15,11 +23,16 @@ def compile_module(module: str, target: str):
     from felix import aot
 
     mod = importlib.import_module(f"felix.kernels.{module}")
-    return [aot.resource_report(spec, target).as_dict() for spec in mod.aot_specs(aot.ARCH_KEYS[target])]
+    reports = []
+    for spec in mod.aot_specs(aot.ARCH_KEYS[target]):
+        r = aot.resource_report(spec, target).as_dict()
+        r["details"]["expects_matrix_instructions"] = bool(spec.get("expects_matrix_instructions", False))
+        reports.append(r)
+    return reports
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
-@pytest.mark.parametrize("module", ["codecs"])
+@pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_kernels_compile_without_spills(compiled_triton, module, target):
     reports = compiled_triton(compile_module, module, target)
     AOT_REPORTS.extend(reports)
@@ -29,3 +42,6 @@ def test_kernels_compile_without_spills(compiled_triton, module, target):
         assert r["registers"] > 0, f"{r['kernel']}: no register count parsed for {target}"
         assert r["spill_bytes"] == 0, f"{r['kernel']} spills {r['spill_bytes']} bytes on {target}"
         assert r["shared_bytes"] <= LDS_LIMIT_BYTES[target], f"{r['kernel']} needs {r['shared_bytes']} B of LDS"
+        if r["details"].get("expects_matrix_instructions"):
+            # GEMM-shaped kernels (tl.dot) must reach the matrix units: v_wmma on RDNA3, mma/wgmma on Hopper
+            assert r["matrix_instructions"] > 0, f"{r['kernel']}: no matrix instructions emitted on {target}"
