@@ -46,7 +46,9 @@ def cmd_quantize(args) -> int:
     device = torch.device(args.device)
     x = builtin_weights(args.rows, args.cols, args.seed).to(device)
     status = felix.backends()
-    backends = args.backend or [b for b, s in status.items() if s.available
+    from felix.oplib import _IMPLS
+
+    backends = args.backend or [b for b, s in status.items() if s.available and b in _IMPLS["quantize"]
                                 and not (b == "cpu" and device.type != "cpu")
                                 and not (b == "triton" and device.type == "cpu")]
     formats = args.format or list(felix.FORMATS)
