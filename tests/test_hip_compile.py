@@ -68,3 +68,22 @@ def test_the_source_carries_no_codebook():
                 assert f"{abs(v):.6f}"[:7] not in src, f"{fmt} value {v} appears in {os.path.basename(SOURCE)}"
         run = ",".join(str(int(v)) for v in table[:4])  # integer grids (q4_0, iq4_nl) as a written-out list
         assert all(v != int(v) for v in table) or run not in squashed, f"{fmt} table appears in the source"
+
+
+def test_torch_binding_compiles_against_this_torch(tmp_path):
+    """csrc/hip/quant_matmul_torch.cpp needs only torch/extension.h, so its host C++ is checked here even
+    with a CPU torch (the GPU build itself needs a CUDA/ROCm torch: setup.py builds it there)."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", *includes, "-DTORCH_EXTENSION_NAME=_C_gpu",
+                           os.path.join(os.path.dirname(SOURCE), "quant_matmul_torch.cpp")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
