@@ -15,6 +15,13 @@
 //   staged in shared memory as fp32, 4 x 4 outputs per thread, fp32 FMA accumulation.
 #include "quant_matmul.h"
 
+// FELIX_QMM_CPU_EMULATION: tests/test_hip_emulation.py compiles this file with g++ against
+// tests/hip_emulation/ (fake cuda_runtime.h / cuda_fp16.h running each thread block as CPU threads), so
+// the kernels' indexing, nibble order, masking and warp reductions are checked without a GPU.
+#ifndef FELIX_QMM_CPU_EMULATION
+#define FELIX_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
+
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIP__)
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
@@ -226,7 +233,8 @@ void launch_gemv(const void* x, const uint8_t* w, const float* lut, void* y, int
                  int64_t sxm, int64_t sym, felix_stream_t stream) {
   typedef typename Act<KIND>::T T;
   const dim3 grid((N + kGemvWarps - 1) / kGemvWarps);
-  qmm_gemv<KIND, MMAX, PAIRS><<<grid, kGemvThreads, 0, stream>>>(
+  auto kernel = qmm_gemv<KIND, MMAX, PAIRS>;
+  FELIX_LAUNCH(kernel, grid, dim3(kGemvThreads), stream)(
       static_cast<const T*>(x), w, lut, static_cast<T*>(y), M, N, K, sxm, sym);
 }
 
@@ -240,7 +248,8 @@ void launch(const void* x, const uint8_t* w, const float* lut, void* y, int M, i
   else if (M <= FELIX_QMM_GEMV_MAX_M) launch_gemv<KIND, 8, PAIRS>(x, w, lut, y, M, N, K, sxm, sym, stream);
   else {
     const dim3 grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
-    qmm_gemm<KIND, PAIRS><<<grid, kGemmThreads, 0, stream>>>(
+    auto kernel = qmm_gemm<KIND, PAIRS>;
+    FELIX_LAUNCH(kernel, grid, dim3(kGemmThreads), stream)(
         static_cast<const T*>(x), w, lut, static_cast<T*>(y), M, N, K, sxm, sym);
   }
 }
