@@ -70,3 +70,32 @@ def test_triton_backend_through_public_api(interpret, seed):
     shape, err = interpret(public_api_under_interpreter, seed)
     assert shape == (2, 3, 40)
     assert err < 1e-5
+
+
+def tiny_model_logits_gap(seed: int):
+    """A quantized TinyLM (QuantLinear on the Triton kernels) vs its twin holding the dequantized weights
+    in nn.Linear: max |logit difference| / max |logit|, for decode-sized (5 tokens) and prefill-sized (22) inputs."""
+    import felix
+    from test_qmatmul_api import TinyLM
+
+    torch.manual_seed(seed)
+    model = TinyLM()
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    felix.quantize_model_linears(model, "rq4", backend="triton")
+    for i, blk in enumerate(model.layers):
+        for name in ("gate", "up", "down"):
+            getattr(twin.layers[i], name).weight.data.copy_(getattr(blk, name).dequantized_weight())
+    g = torch.Generator().manual_seed(seed)
+    gaps = []
+    for shape in [(1, 5), (2, 11)]:
+        ids = torch.randint(0, 96, shape, generator=g)
+        with torch.no_grad():
+            got, want = model(ids), twin(ids)
+        gaps.append(float((got - want).abs().max() / want.abs().max()))
+    return gaps
+
+
+def test_quantized_tiny_model_logits_match_the_dequantized_model(interpret, seed):
+    gaps = interpret(tiny_model_logits_gap, seed)
+    assert all(gap <= 1e-5 for gap in gaps), gaps
