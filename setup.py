@@ -19,10 +19,46 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
-class CMakeBuild(build_ext):
-    """Configure and build CMakeLists.txt, placing the module where setuptools expects it."""
+GPU_EXT_SOURCES = ["csrc/hip/quant_matmul.cu", "csrc/hip/quant_matmul_torch.cpp"]
+
+
+def gpu_extensions():
+    """felix._C_gpu (csrc/hip, HIP/CUDA common subset) via torch.utils.cpp_extension, only when the torch
+    in the build environment has CUDA or ROCm and its compiler is found (FELIX_GPU_EXT=0 turns it off).
+    Without it felix still builds and imports; `felix backends` says what is missing."""
+    if os.environ.get("FELIX_GPU_EXT", "auto") == "0":
+        return [], None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("felix: torch is not importable in this build environment: skipping the GPU extension felix._C_gpu "
+              "(build with `pip install --no-build-isolation -e .` to use the installed torch)")
+        return [], None
+    if torch.version.hip is None and torch.version.cuda is None:
+        print(f"felix: torch {torch.__version__} has neither CUDA nor ROCm: skipping the GPU extension felix._C_gpu")
+        return [], None
+    home = cpp_extension.ROCM_HOME if torch.version.hip else cpp_extension.CUDA_HOME
+    if home is None:
+        print("felix: torch has " + ("ROCm" if torch.version.hip else "CUDA") + " but no toolkit was found "
+              "(ROCM_HOME / CUDA_HOME): skipping the GPU extension felix._C_gpu")
+        return [], None
+    ext = cpp_extension.CUDAExtension(
+        "felix._C_gpu", GPU_EXT_SOURCES, include_dirs=[str(ROOT / "csrc" / "hip")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return [ext], cpp_extension.BuildExtension
+
+
+GPU_EXTS, TORCH_BUILD_EXT = gpu_extensions()
+
+
+class CMakeBuild(TORCH_BUILD_EXT or build_ext):
+    """Configure and build CMakeLists.txt, placing the module where setuptools expects it; the optional
+    GPU extension goes through torch's BuildExtension."""
 
     def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -52,7 +88,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"felix.kernels": "kernels"},
-    ext_modules=[CMakeExtension("felix._C")],
+    ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={

@@ -3,6 +3,7 @@
     felix quantize      codec demo on a built-in weight-like matrix: error and speed per format and backend
     felix backends      which backends run here, and why not where they do not
     felix aot-report    compile every Triton kernel for gfx1101 and sm_90 and print registers / LDS / spills
+    felix selftest      run every op against its torch reference on this machine's best device; exit 1 on failure
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def cmd_quantize(args) -> int:
     device = torch.device(args.device)
     x = builtin_weights(args.rows, args.cols, args.seed).to(device)
     status = felix.backends()
-    backends = args.backend or [b for b, s in status.items() if s.available
+    from felix.oplib import _IMPLS
+
+    backends = args.backend or [b for b, s in status.items() if s.available and b in _IMPLS["quantize"]
                                 and not (b == "cpu" and device.type != "cpu")
                                 and not (b == "triton" and device.type == "cpu")]
     formats = args.format or list(felix.FORMATS)
@@ -103,6 +106,22 @@ def cmd_aot_report(args) -> int:
     return 1 if spilled else 0
 
 
+def cmd_selftest(args) -> int:
+    import felix
+    from felix import selftest
+
+    device = torch.device(args.device)
+    print(f"felix {felix.__version__} selftest on {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}")
+    for name, s in felix.backends().items():
+        print(f"  backend {name:9} {'yes' if s.available else 'no ':3} {s.reason}")
+    rows = selftest.run(device, args.op, args.seed)
+    print(selftest.format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"{len(rows) - len(failed)}/{len(rows)} checks passed" + (f"; {len(failed)} FAILED" if failed else ""))
+    return 1 if failed or not rows else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target", action="append", choices=["gfx1101", "sm_90"], help="default: both")
     a.add_argument("--modules", nargs="+", default=["codecs"], help="kernel modules under felix.kernels")
     a.set_defaults(func=cmd_aot_report)
+
+    t = sub.add_parser("selftest", help="every op vs its torch reference on this machine; exit 1 on failure")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--op", action="append", choices=["codecs", "quant_matmul"], help="default: all")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_selftest)
     return p
 
 

@@ -7,6 +7,8 @@ callers) and implemented by named backends:
 * ``triton``    -- the Triton kernels in ``felix.kernels``: on a GPU (CUDA or ROCm), or on CPU
                    tensors under ``TRITON_INTERPRET=1`` (how the test suite runs them).
 * ``cpu``       -- the C++ extension ``felix._C`` (OpenMP), for CPU tensors.
+* ``hip``       -- the optional GPU extension ``felix._C_gpu`` (csrc/hip, HIP/CUDA), for GPU tensors;
+                   only chosen when asked for by name.
 
 Automatic dispatch (``backend=None``): Triton for GPU tensors, C++ for CPU tensors, the reference
 otherwise (or when the preferred backend is missing). A caller may force any backend by name; a
@@ -24,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-BACKENDS = ("reference", "triton", "cpu")
+BACKENDS = ("reference", "triton", "cpu", "hip")
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
@@ -84,12 +86,23 @@ def _cpu_status() -> BackendStatus:
     return BackendStatus(True, f"felix._C (C++/OpenMP, {ext.max_threads()} threads)")
 
 
+def _hip_status() -> BackendStatus:
+    from felix import _gpu_ext
+
+    ext, why = _gpu_ext.load()
+    if ext is None:
+        return BackendStatus(False, why)
+    kind = "ROCm" if torch.version.hip else "CUDA"
+    return BackendStatus(True, f"felix._C_gpu (HIP/CUDA source built for {kind}) on {torch.cuda.get_device_name()}")
+
+
 def backends() -> dict[str, BackendStatus]:
     """What each backend can do on this machine, and why not where it cannot."""
     return {
         "reference": BackendStatus(True, f"pure torch {torch.__version__}, runs anywhere"),
         "triton": _triton_status(),
         "cpu": _cpu_status(),
+        "hip": _hip_status(),
     }
 
 
@@ -120,6 +133,8 @@ def resolve_backend(op: str, requested: str | None, device: torch.device) -> str
         raise ValueError(f"backend {requested!r} is not available: {backends()[requested].reason}")
     if requested == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
+    if requested == "hip" and device.type != "cuda":
+        raise ValueError(f"backend 'hip' needs GPU tensors, got a tensor on {device}")
     if requested == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("backend 'triton' needs GPU tensors; CPU tensors run only under the "
                          "Triton interpreter (TRITON_INTERPRET=1)")

@@ -29,6 +29,7 @@ def tier_of(filename: str) -> str:
 
 
 AOT_REPORTS: list[dict] = []
+HIP_REPORTS: list[str] = []  # csrc/hip compile checks: register tables (tests/test_hip_compile.py)
 
 
 def pytest_report_header(config):
@@ -69,6 +70,10 @@ def compiled_triton():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if HIP_REPORTS:
+        terminalreporter.section("csrc/hip resource report (hipcc gfx1101, nvcc sm_90; no GPU needed)")
+        for table in HIP_REPORTS:
+            terminalreporter.write_line(table)
     if not AOT_REPORTS:
         return
     from felix.aot import ResourceReport, format_reports

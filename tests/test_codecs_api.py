@@ -96,7 +96,7 @@ def test_automatic_dispatch():
 
 def test_backends_report_every_backend_with_a_reason():
     report = felix.backends()
-    assert set(report) == {"reference", "triton", "cpu"}
+    assert set(report) == {"reference", "triton", "cpu", "hip"}
     assert report["reference"].available
     assert all(isinstance(s.reason, str) and s.reason for s in report.values())
 

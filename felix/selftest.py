@@ -1,0 +1,144 @@
+"""`felix selftest`: every Felix op on this machine's best device, against its torch reference, on random
+inputs. One row per (op, backend, case): the max error, the bound it must stay within, pass/fail and the
+time of one call. This is how a user learns in a minute that this machine's Triton / ROCm / CUDA stack
+computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
+
+Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
+reference's exact bytes and values) and quant_matmul (each backend vs a float64 product on the
+dequantized weight). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
+kernels run too, on tiny shapes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from felix.oplib import _IMPLS, backends, triton_interpreting
+
+
+@dataclass
+class Check:
+    op: str
+    backend: str
+    device: str
+    case: str
+    max_error: float
+    bound: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_error <= self.bound  # NaN fails
+
+
+def _timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def _runnable_backends(op: str, device: torch.device) -> list[str]:
+    status = backends()
+    names = []
+    for name in _IMPLS.get(op, {}):
+        if not status[name].available:
+            continue
+        if name == "cpu" and device.type != "cpu":
+            continue
+        if name == "hip" and device.type != "cuda":
+            continue
+        if name == "triton" and device.type == "cpu" and not triton_interpreting():
+            continue
+        names.append(name)
+    return names
+
+
+def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
+    import felix
+
+    small = device.type == "cpu"
+    rows = []
+    for fmt in felix.FORMATS:
+        f = felix.get_format(fmt)
+        shape = (8, 2 * f.block_size) if small else (256, 4096)
+        x = (torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape[0], 1, generator=gen))).to(device)
+        want = felix.quantize(x.cpu(), fmt, backend="reference")
+        want_values = felix.dequantize(want, fmt, shape, backend="reference")
+        for backend in _runnable_backends("quantize", device):
+            if backend == "reference":
+                continue
+            got, dt = _timed(lambda: felix.quantize(x, fmt, backend=backend), device)
+            rows.append(Check("quantize", backend, str(device), f"{fmt} {shape[0]}x{shape[1]} (bytes differing)",
+                              float((got.cpu() != want).sum()), 0.0, dt))
+            values, dt = _timed(lambda: felix.dequantize(want.to(device), fmt, shape, backend=backend), device)
+            err = (values.cpu() - want_values).abs().max()
+            rows.append(Check("dequantize", backend, str(device), f"{fmt} {shape[0]}x{shape[1]}",
+                              float(err) if torch.isfinite(values).all() else float("nan"), 0.0, dt))
+    return rows
+
+
+# max |y - ref| / max(sum |x||w|) per activation dtype: output rounding, plus (Triton GEMM) weights rounded
+# to the activation dtype for the matrix units
+QMM_BOUNDS = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+
+
+def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check]:
+    import felix
+    from felix.reference.qmatmul import QUANT_MATMUL_FORMATS
+
+    small = device.type == "cpu"
+    shapes = [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816),
+                                                                     (300, 2816, 1024)]
+    rows = []
+    for backend in _runnable_backends("quant_matmul", device):
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if backend == "triton" and device.type == "cpu":
+            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        for fmt in QUANT_MATMUL_FORMATS:
+            for m, n, k in shapes:
+                w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
+                blocks = felix.quantize(w, fmt)
+                wd = felix.dequantize(blocks, fmt, (n, k)).double()
+                x32 = torch.randn(m, k, generator=gen).to(device)
+                for dtype in dtypes:
+                    x = x32.to(dtype)
+                    y, dt = _timed(lambda: felix.quant_matmul(x, blocks, fmt, n, backend=backend), device)
+                    ref = x.double() @ wd.t()
+                    scale = (x.double().abs() @ wd.abs().t()).max().clamp_min(1e-30)
+                    err = float((y.double() - ref).abs().max() / scale)
+                    if not bool(torch.isfinite(y).all()):
+                        err = float("nan")
+                    rows.append(Check("quant_matmul", backend, str(device),
+                                      f"{fmt} M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}",
+                                      err, QMM_BOUNDS[dtype], dt))
+    return rows
+
+
+CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul}
+
+
+def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for name in ops or list(CHECKS):
+        if name not in CHECKS:
+            raise ValueError(f"unknown selftest op {name!r}; ops: {', '.join(CHECKS)}")
+        rows += CHECKS[name](device, gen)
+    return rows
+
+
+def format_table(rows: list[Check]) -> str:
+    head = (f"{'op':13} {'backend':9} {'device':7} {'case':40} {'max error':>10} {'bound':>9} {'result':6} "
+            f"{'ms':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.op:13} {r.backend:9} {r.device:7} {r.case:40} {r.max_error:10.3g} {r.bound:9.3g} "
+                     f"{'pass' if r.passed else 'FAIL':6} {1e3 * r.seconds:8.2f}")
+    return "\n".join(lines)
