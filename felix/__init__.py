@@ -4,13 +4,17 @@ Public API:
 
 * :func:`quantize` / :func:`dequantize` -- ggml block codecs (rq4, iq4_nl, q4_0, q8_0, tq2_0),
   byte-exact with ggml, with ``reference`` (torch), ``triton`` and ``cpu`` (C++) backends.
+* :func:`attention` -- fused causal / grouped-query attention (forward + backward), ``reference``
+  (torch) and ``triton`` backends.
 * :func:`backends` -- which backends run on this machine, and why not where they do not.
 * :data:`FORMATS` / :func:`get_format` -- the format table (block sizes, ggml ids, codebooks).
 """
 from felix.formats import FORMATS, QuantFormat, get_format
 from felix.oplib import backends
 from felix.ops.codecs import dequantize, quantize
+from felix.ops.attention import attention
 
 __version__ = "0.1.0"
 
 __all__ = ["FORMATS", "QuantFormat", "get_format", "backends", "quantize", "dequantize", "__version__"]
+__all__ += ["attention"]

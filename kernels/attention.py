@@ -43,20 +43,20 @@ _INTERPRETER = {"fwd": _cfg(16, 16, 1, 1), "preprocess": _cfg(16, 16, 1, 1),
 LAUNCH_CONFIGS = {
     "interpreter": {d: _INTERPRETER for d in SUPPORTED_HEAD_DIMS},
     "gfx11": {
-        32: {"fwd": _cfg(64, 64, 4, 1, waves_per_eu=2), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)},
-        64: {"fwd": _cfg(64, 64, 4, 1, waves_per_eu=2), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)},
-        128: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
-              "dkdv": _cfg(32, 32, 4, 1), "dq": _cfg(32, 32, 4, 1)},
+        32: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
+             "dkdv": _cfg(16, 64, 4, 1), "dq": _cfg(32, 16, 2, 1)},
+        64: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
+             "dkdv": _cfg(16, 64, 4, 1), "dq": _cfg(32, 16, 2, 1)},
+        128: {"fwd": _cfg(64, 16, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
+              "dkdv": _cfg(16, 64, 4, 1), "dq": _cfg(64, 16, 4, 1)},
     },
     "sm90": {
         32: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
-             "dkdv": _cfg(32, 128, 4, 3), "dq": _cfg(128, 32, 4, 3)},
+             "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 4, 3)},
         64: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
-             "dkdv": _cfg(32, 128, 4, 3), "dq": _cfg(128, 32, 4, 3)},
+             "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 4, 3)},
         128: {"fwd": _cfg(128, 64, 8, 3), "preprocess": _cfg(128, 128, 4, 1),
-              "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 8, 3)},
+              "dkdv": _cfg(32, 64, 8, 3), "dq": _cfg(128, 32, 8, 3)},
     },
     "default": {d: {"fwd": _cfg(64, 32, 4, 2), "preprocess": _cfg(64, 64, 4, 1),
                     "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)} for d in SUPPORTED_HEAD_DIMS},
@@ -81,11 +81,16 @@ def launch_config(arch: str, head_dim: int, kernel: str) -> dict:
 
 # ------------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               ACC_DTYPE: tl.constexpr):
-    """Online softmax over KV tiles [lo, hi). MASK: apply the key bound (and causal) mask."""
+               ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+    """Online softmax over KV tiles [lo, hi). MASK: apply the key bound (and causal) mask.
+    RELOAD: re-read the q tile (cache-resident) every iteration instead of holding it in registers."""
+    if not RELOAD:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     for start_n in range(lo, hi, BLOCK_N):
+        if RELOAD:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -114,7 +119,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+              CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
     # heaviest causal tiles (the last rows) first: better tail balance across the grid
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -124,7 +129,7 @@ def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T_q
-    q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_ptrs = Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
@@ -135,10 +140,10 @@ def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
     else:
         full_hi = (T_k // BLOCK_N) * BLOCK_N
         band_hi = T_k                                      # ragged tail, masked
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, offs_m, offs_d, 0, full_hi, T_k,
-                               qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, offs_m, offs_d, full_hi, band_hi,
-                               T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, 0, full_hi,
+                               T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE, RELOAD)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, full_hi,
+                               band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE, RELOAD)
     out = acc / l_i[:, None]
     tl.store(O + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
@@ -163,11 +168,18 @@ def _attn_bwd_preprocess(O, DO, DELTA, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, hi, T_q,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Accumulate dK, dV of one KV tile over q tiles [lo, hi) of one q head (transposed: rows = keys)."""
+def _dkdv_tiles(dk, dv, k_ptrs, v_ptrs, col_ok, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, hi,
+                T_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+    """Accumulate dK, dV of one KV tile over q tiles [lo, hi) of one q head (transposed: rows = keys).
+    RELOAD: re-read the K/V tile (cache-resident) every iteration instead of holding it in registers."""
+    if not RELOAD:
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
     for start_m in range(lo, hi, BLOCK_M):
+        if RELOAD:
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
@@ -199,7 +211,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, off
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                   CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     kv_bh = tl.program_id(1)                               # b * H_kv + kv head
     H_kv = H // GROUP
@@ -209,8 +221,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < T_k
     kv_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    k = tl.load(K + kv_ptrs, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + kv_ptrs, mask=col_ok[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), ACC_DTYPE)
     if CAUSAL:
@@ -225,21 +235,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale
         bh = b * H + (kv_bh % H_kv) * GROUP + g
         q_off = bh.to(tl.int64) * T_q * HEAD_DIM
         r_off = bh.to(tl.int64) * T_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n, offs_d,
-                             band_lo, band_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, True, ACC_DTYPE)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n, offs_d,
-                             full_lo, full_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, False, ACC_DTYPE)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n, offs_d,
-                             full_hi, T_q, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, True, ACC_DTYPE)
+        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
+                             DELTA + r_off, offs_n, offs_d, band_lo, band_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
+                             True, ACC_DTYPE, RELOAD)
+        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
+                             DELTA + r_off, offs_n, offs_d, full_lo, full_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
+                             False, ACC_DTYPE, RELOAD)
+        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
+                             DELTA + r_off, offs_n, offs_d, full_hi, T_q, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
+                             True, ACC_DTYPE, RELOAD)
     tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
+def _dq_tiles(dq, q_ptrs, do_ptrs, row_ok, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-              ACC_DTYPE: tl.constexpr):
+              ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+    """Accumulate dQ of one q tile over KV tiles [lo, hi). RELOAD: re-read q and dO every iteration."""
+    if not RELOAD:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     for start_n in range(lo, hi, BLOCK_N):
+        if RELOAD:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
         if MASK:
@@ -265,7 +285,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     kv_bh = (bh // H) * (H // GROUP) + (bh % H) // GROUP
@@ -275,8 +295,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_s
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T_q
     ptrs = q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + ptrs, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T_q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * T_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), ACC_DTYPE)
@@ -286,10 +304,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_s
     else:
         full_hi = (T_k // BLOCK_N) * BLOCK_N
         band_hi = T_k
-    dq = _dq_tiles(dq, q, do, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, 0, full_hi, T_k, qk_scale,
-                   HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE)
-    dq = _dq_tiles(dq, q, do, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, full_hi, band_hi, T_k,
-                   qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE)
+    dq = _dq_tiles(dq, Q + ptrs, DO + ptrs, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, 0,
+                   full_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE, RELOAD)
+    dq = _dq_tiles(dq, Q + ptrs, DO + ptrs, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d,
+                   full_hi, band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE, RELOAD)
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -299,7 +317,9 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _options(cfg: dict) -> dict:
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    """Compile options of a launch; FMA contraction on (attention needs no bit-exact rounding), stated
+    explicitly so the AOT report and the real launch build the same code."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
     if "waves_per_eu" in cfg and torch.version.hip:
         opts["waves_per_eu"] = cfg["waves_per_eu"]
     return opts
@@ -318,7 +338,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     grid = (triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, out, lse, T_q, T_k, H, H // H_kv, scale * LOG2E,
                     HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
-                    ACC_DTYPE=_acc_dtype(q.dtype), **_options(cfg))
+                    ACC_DTYPE=_acc_dtype(q.dtype), RELOAD=cfg.get("reload", False), **_options(cfg))
     return out, lse
 
 
@@ -339,12 +359,12 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     _attn_bwd_dkdv[(triton.cdiv(T_k, cfg["BLOCK_N"]), B * H_kv)](
         q, k, v, dout, lse, delta, dk, dv, T_q, T_k, H, H // H_kv, scale, qk_scale,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        **_options(cfg))
+        RELOAD=cfg.get("reload", False), **_options(cfg))
     cfg = launch_config(arch, D, "dq")
     _attn_bwd_dq[(triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, T_q, T_k, H, H // H_kv, scale, qk_scale,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        **_options(cfg))
+        RELOAD=cfg.get("reload", False), **_options(cfg))
     return dq, dk, dv
 
 
@@ -361,7 +381,7 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
 
         def opts(kernel):
             cfg = launch_config(arch, d, kernel)
-            o = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            o = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
             if arch == "gfx11" and "waves_per_eu" in cfg:
                 o["waves_per_eu"] = cfg["waves_per_eu"]
             return cfg, o
@@ -371,9 +391,9 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
                       "signature": {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "O": f"*{ty}", "LSE": "*fp32",
                                     "T_q": "i32", "T_k": "i32", "H": "i32", "GROUP": "i32", "qk_scale": "fp32",
                                     "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                    "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr"},
+                                    "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr", "RELOAD": "constexpr"},
                       "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                     "CAUSAL": causal, "ACC_DTYPE": tl.float32},
+                                     "CAUSAL": causal, "ACC_DTYPE": tl.float32, "RELOAD": cfg.get("reload", False)},
                       "options": o})
         if causal:
             cfg, o = opts("preprocess")
@@ -390,8 +410,10 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
                                         "LSE": "*fp32", "DELTA": "*fp32", **outs, "T_q": "i32", "T_k": "i32",
                                         "H": "i32", "GROUP": "i32", "sm_scale": "fp32", "qk_scale": "fp32",
                                         "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                        "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr"},
+                                        "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr", "RELOAD": "constexpr"},
                           "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                         "CAUSAL": causal, "ACC_DTYPE": tl.float32},
+                                         "CAUSAL": causal, "ACC_DTYPE": tl.float32, "RELOAD": cfg.get("reload", False)},
                           "options": o})
+    for spec in specs:  # torch allocations are 16-byte aligned: the JIT specializes these pointers so
+        spec["aligned"] = [a for a, ty in spec["signature"].items() if ty.startswith("*")]
     return specs
