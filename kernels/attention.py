@@ -16,7 +16,8 @@ reads kv head ``h // (H // H_kv)`` by pointer offset, so K/V are never repeated 
 
 Dots take the input dtype (fp16/bf16 -> WMMA on RDNA3, mma/wgmma on Hopper) with fp32 accumulation;
 P and dS are cast to the input dtype before their dots. fp32 dots use ``input_precision="ieee"`` (no
-tf32), and float64 inputs accumulate in float64 (for gradcheck under the interpreter).
+tf32), and float64 inputs accumulate in float64 (for gradcheck under the interpreter). On
+register-starved targets (RDNA3) the backward can stream head_dim slices of its operands (STREAM).
 """
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ LOG2E = 1.4426950408889634
 
 # Launch configurations per architecture and head_dim, as data. Tile constraints: fwd and dq need
 # BLOCK_M % BLOCK_N == 0, dkdv needs BLOCK_N % BLOCK_M == 0 (the causal diagonal band is whole tiles).
-# gfx11 (RDNA3, wave32, 64 KB LDS): num_stages 1 (no async copies to pipeline), sized so that no
-# kernel spills; sm90: the Triton tutorial's Hopper shapes.
+# Optional keys: "stream" (backward kernels: contract head_dim in slices of this width, loaded just in
+# time, instead of holding whole K/V or q/dO tiles in registers), "waves_per_eu" (AMD compile option).
+# gfx11 (RDNA3, wave32, 64 KB LDS): num_stages 1. RDNA3 WMMA replicates each A/B operand across the
+# two half-waves, so a resident 16 x 128 fp16 operand costs 64 VGPRs of the 256: the backward streams
+# 32-wide slices (without it head_dim 128 spilled at every shape tried; with it nothing spills and
+# occupancy rises). waves_per_eu 1 or 2 gave no occupancy gain in the AOT report, so none is set.
+# sm90: the Triton tutorial's Hopper shapes, adjusted until ptxas reports no spills.
 def _cfg(bm, bn, warps, stages, **extra):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, **extra}
 
@@ -44,12 +50,11 @@ LAUNCH_CONFIGS = {
     "interpreter": {d: _INTERPRETER for d in SUPPORTED_HEAD_DIMS},
     "gfx11": {
         32: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(64, 16, 8, 1)},
+             "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
         64: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(64, 16, 8, 1)},
-        # head_dim 128 backward: the least-spilling shapes found (see GFX11_KNOWN_SPILLS)
+             "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
         128: {"fwd": _cfg(64, 16, 8, 1), "preprocess": _cfg(64, 64, 4, 1),
-              "dkdv": _cfg(16, 64, 8, 1), "dq": _cfg(64, 16, 8, 1, reload=True)},
+              "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
     },
     "sm90": {
         32: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
@@ -57,19 +62,11 @@ LAUNCH_CONFIGS = {
         64: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
              "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 4, 3)},
         128: {"fwd": _cfg(128, 64, 8, 3), "preprocess": _cfg(128, 128, 4, 1),
-              "dkdv": _cfg(32, 64, 8, 3), "dq": _cfg(128, 32, 8, 3)},
+              "dkdv": _cfg(32, 64, 8, 2), "dq": _cfg(128, 32, 8, 3)},
     },
     "default": {d: {"fwd": _cfg(64, 32, 4, 2), "preprocess": _cfg(64, 64, 4, 1),
                     "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)} for d in SUPPORTED_HEAD_DIMS},
 }
-
-
-# head_dim-128 backward on gfx1101 does not fit RDNA3's 256 VGPRs per lane at any tile shape tried
-# (RDNA3 WMMA replicates each A/B operand across the two half-waves, so a 16 x 128 fp16 operand takes
-# 64 VGPRs, and dK/dV hold four such tiles): least spilling found, AOT: dkdv 16x64/8 warps 1156 B,
-# dq 64x16/8 warps with reload 452 B. They run correctly but spill, so they are left out of the
-# spill-free AOT check (aot_specs) until a variant that fits exists.
-GFX11_SPILLING = {("dkdv", 128), ("dq", 128)}
 
 
 def arch_key(device: torch.device) -> str:
@@ -92,14 +89,10 @@ def launch_config(arch: str, head_dim: int, kernel: str) -> dict:
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
-    """Online softmax over KV tiles [lo, hi). MASK: apply the key bound (and causal) mask.
-    RELOAD: re-read the q tile (cache-resident) every iteration instead of holding it in registers."""
-    if not RELOAD:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+               ACC_DTYPE: tl.constexpr):
+    """Online softmax over KV tiles [lo, hi). MASK: apply the key bound (and causal) mask."""
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     for start_n in range(lo, hi, BLOCK_N):
-        if RELOAD:
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -128,7 +121,7 @@ def _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, k_base, v_base, offs_m, offs_d, lo
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+              CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
     # heaviest causal tiles (the last rows) first: better tail balance across the grid
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -150,9 +143,9 @@ def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
         full_hi = (T_k // BLOCK_N) * BLOCK_N
         band_hi = T_k                                      # ragged tail, masked
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, 0, full_hi,
-                               T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE, RELOAD)
+                               T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, full_hi,
-                               band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE, RELOAD)
+                               band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE)
     out = acc / l_i[:, None]
     tl.store(O + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
@@ -177,23 +170,21 @@ def _attn_bwd_preprocess(O, DO, DELTA, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k_ptrs, v_ptrs, col_ok, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, hi,
-                T_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+def _dkdv_tiles(dk, dv, k_base, v_base, col_ok, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, hi,
+                T_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
     """Accumulate dK, dV of one KV tile over q tiles [lo, hi) of one q head (transposed: rows = keys).
-    RELOAD: re-read the K/V tile (cache-resident) every iteration instead of holding it in registers."""
-    if not RELOAD:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    STREAM > 0: S^T and dP^T contract over head_dim in STREAM-wide slices loaded just in time (K, V
+    never whole in registers); 0: the K and V tiles stay in registers."""
+    if STREAM == 0:
+        k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     for start_m in range(lo, hi, BLOCK_M):
-        if RELOAD:
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T_q
         q_ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         if MASK:
-            row_ok = offs_m < T_q
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
@@ -203,33 +194,69 @@ def _dkdv_tiles(dk, dv, k_ptrs, v_ptrs, col_ok, q_base, do_base, lse_base, delta
             do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        # q^T and dO^T loaded transposed (cache hits) rather than transposed in registers: fewer VGPRs
-        qT_ptrs = q_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
-        doT_ptrs = do_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
-        if MASK:
-            qT = tl.load(qT_ptrs, mask=offs_m[None, :] < T_q, other=0.0)
-            doT = tl.load(doT_ptrs, mask=offs_m[None, :] < T_q, other=0.0)
+        if STREAM > 0:
+            # the K/V slices' mask depends on the loop (it is always true here): keeps the compiler from
+            # hoisting them out of the loop, which would make K and V resident again
+            kv_ok = col_ok & (tl.full(col_ok.shape, start_m, tl.int32) < T_q)
+            sT = _dot_abT(k_base, offs_n, kv_ok, q_base, offs_m, row_ok, tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
+                          HEAD_DIM, STREAM, ACC_DTYPE)
         else:
-            qT = tl.load(qT_ptrs)
-            doT = tl.load(doT_ptrs)
-        sT = tl.dot(k, qT, out_dtype=ACC_DTYPE, input_precision="ieee")
+            # q^T loaded transposed (a cache hit) rather than transposed in registers: fewer VGPRs
+            qT_ptrs = q_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
+            if MASK:
+                qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)
+            else:
+                qT = tl.load(qT_ptrs)
+            sT = tl.dot(k, qT, out_dtype=ACC_DTYPE, input_precision="ieee")
         pT = tl.exp2(sT * qk_scale - (lse * 1.4426950408889634)[None, :])
         if MASK:
-            keep = offs_m[None, :] < T_q
+            keep = row_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, out_dtype=ACC_DTYPE, input_precision="ieee")
-        dpT = tl.dot(v, doT, out_dtype=ACC_DTYPE, input_precision="ieee")
+        if STREAM > 0:
+            dpT = _dot_abT(v_base, offs_n, kv_ok, do_base, offs_m, row_ok, tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
+                           HEAD_DIM, STREAM, ACC_DTYPE)
+        else:
+            doT_ptrs = do_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
+            if MASK:
+                doT = tl.load(doT_ptrs, mask=row_ok[None, :], other=0.0)
+            else:
+                doT = tl.load(doT_ptrs)
+            dpT = tl.dot(v, doT, out_dtype=ACC_DTYPE, input_precision="ieee")
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, out_dtype=ACC_DTYPE, input_precision="ieee")
     return dk, dv
 
 
 @triton.jit
+def _dkdv_over_group(dk, dv, K, V, Q, DO, LSE, DELTA, col_ok, offs_n, offs_d, b, kv_head, H, GROUP,
+                     T_q, band_lo, band_hi, full_lo, full_hi, qk_scale, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                     STREAM: tl.constexpr):
+    """dK/dV contributions of every q head sharing this kv head: the diagonal band (masked), the
+    fully visible q tiles (unmasked), the ragged tail (masked)."""
+    for g in range(0, GROUP):
+        bh = b * H + kv_head * GROUP + g
+        q_off = bh.to(tl.int64) * T_q * HEAD_DIM
+        r_off = bh.to(tl.int64) * T_q
+        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
+                             offs_d, band_lo, band_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True,
+                             ACC_DTYPE, STREAM)
+        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
+                             offs_d, full_lo, full_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, False,
+                             ACC_DTYPE, STREAM)
+        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
+                             offs_d, full_hi, T_q, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True,
+                             ACC_DTYPE, STREAM)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+                   CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     kv_bh = tl.program_id(1)                               # b * H_kv + kv head
     H_kv = H // GROUP
@@ -249,58 +276,76 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale
         band_hi = 0
     full_lo = tl.maximum(band_hi, band_lo)
     full_hi = tl.maximum((T_q // BLOCK_M) * BLOCK_M, full_lo)
-    for g in range(0, GROUP):
-        bh = b * H + (kv_bh % H_kv) * GROUP + g
-        q_off = bh.to(tl.int64) * T_q * HEAD_DIM
-        r_off = bh.to(tl.int64) * T_q
-        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
-                             DELTA + r_off, offs_n, offs_d, band_lo, band_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
-                             True, ACC_DTYPE, RELOAD)
-        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
-                             DELTA + r_off, offs_n, offs_d, full_lo, full_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
-                             False, ACC_DTYPE, RELOAD)
-        dk, dv = _dkdv_tiles(dk, dv, K + kv_ptrs, V + kv_ptrs, col_ok, Q + q_off, DO + q_off, LSE + r_off,
-                             DELTA + r_off, offs_n, offs_d, full_hi, T_q, T_q, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL,
-                             True, ACC_DTYPE, RELOAD)
-    tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    kv_head = kv_bh % H_kv
+    dk, dv = _dkdv_over_group(dk, dv, K + kv_off, V + kv_off, Q, DO, LSE, DELTA, col_ok, offs_n, offs_d, b,
+                              kv_head, H, GROUP, T_q, band_lo, band_hi, full_lo, full_hi, qk_scale, HEAD_DIM,
+                              BLOCK_M, BLOCK_N, CAUSAL, ACC_DTYPE, STREAM)
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tiles(dq, q_ptrs, do_ptrs, row_ok, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-              ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
-    """Accumulate dQ of one q tile over KV tiles [lo, hi). RELOAD: re-read q and dO every iteration."""
-    if not RELOAD:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+def _dot_abT(a_base, a_rows, a_ok, b_base, b_rows, b_ok, acc, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+             ACC_DTYPE: tl.constexpr):
+    """acc + A @ B^T for A = a_base[a_rows, :], B = b_base[b_rows, :] (row-major, HEAD_DIM wide),
+    contracted over head_dim in CHUNK-wide slices, each loaded (a cache hit) just before its dot:
+    neither operand is ever whole in registers."""
+    for c in tl.static_range(0, HEAD_DIM, CHUNK):
+        offs_c = c + tl.arange(0, CHUNK)
+        a = tl.load(a_base + a_rows[:, None] * HEAD_DIM + offs_c[None, :], mask=a_ok[:, None], other=0.0)
+        bT = tl.load(b_base + b_rows[None, :] * HEAD_DIM + offs_c[:, None], mask=b_ok[None, :], other=0.0)
+        acc = tl.dot(a, bT, acc, out_dtype=ACC_DTYPE, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _dq_tiles(dq, q_base, do_base, row_ok, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
+    """Accumulate dQ of one q tile over KV tiles [lo, hi). STREAM > 0: q, dO, K^T, V^T are streamed in
+    STREAM-wide head_dim slices (for register-starved targets); 0: q and dO stay in registers."""
+    if STREAM == 0:
+        q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     for start_n in range(lo, hi, BLOCK_N):
-        if RELOAD:
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
-        if MASK:
-            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < T_k, other=0.0)
-            vT = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < T_k,
-                         other=0.0)
+        col_ok = offs_n < T_k
+        if STREAM > 0:
+            # the q/dO slices' mask depends on the loop (always true here): keeps the compiler from
+            # hoisting them out of the loop, which would make q and dO resident again
+            q_ok = row_ok & (tl.full(row_ok.shape, start_n, tl.int32) < T_k)
+            s = _dot_abT(q_base, offs_m, q_ok, k_base, offs_n, col_ok, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
+                         HEAD_DIM, STREAM, ACC_DTYPE)
         else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None])
-        s = tl.dot(q, kT, out_dtype=ACC_DTYPE, input_precision="ieee")
+            kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
+            if MASK:
+                kT = tl.load(kT_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                kT = tl.load(kT_ptrs)
+            s = tl.dot(q, kT, out_dtype=ACC_DTYPE, input_precision="ieee")
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASK:
-            keep = offs_n[None, :] < T_k
+            keep = col_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT, out_dtype=ACC_DTYPE, input_precision="ieee")
-        ds = p * (dp - delta[:, None])
-        # K again, row-major (a cache hit): cheaper on registers than transposing kT in place
-        if MASK:
-            k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < T_k, other=0.0)
+        if STREAM > 0:
+            dp = _dot_abT(do_base, offs_m, q_ok, v_base, offs_n, col_ok, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
+                          HEAD_DIM, STREAM, ACC_DTYPE)
         else:
-            k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            vT_ptrs = v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
+            if MASK:
+                vT = tl.load(vT_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                vT = tl.load(vT_ptrs)
+            dp = tl.dot(do, vT, out_dtype=ACC_DTYPE, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        # K again, row-major (a cache hit): cheaper on registers than transposing K^T in place
+        k_ptrs = k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
         dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=ACC_DTYPE, input_precision="ieee")
     return dq
 
@@ -308,7 +353,7 @@ def _dq_tiles(dq, q_ptrs, do_ptrs, row_ok, lse2, delta, k_base, v_base, offs_m, 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, RELOAD: tl.constexpr):
+                 CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     kv_bh = (bh // H) * (H // GROUP) + (bh % H) // GROUP
@@ -327,10 +372,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_s
     else:
         full_hi = (T_k // BLOCK_N) * BLOCK_N
         band_hi = T_k
-    dq = _dq_tiles(dq, Q + ptrs, DO + ptrs, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, 0,
-                   full_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE, RELOAD)
-    dq = _dq_tiles(dq, Q + ptrs, DO + ptrs, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d,
-                   full_hi, band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE, RELOAD)
+    dq = _dq_tiles(dq, Q + q_off, DO + q_off, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, 0,
+                   full_hi, T_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, False, ACC_DTYPE, STREAM)
+    dq = _dq_tiles(dq, Q + q_off, DO + q_off, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d,
+                   full_hi, band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True, ACC_DTYPE, STREAM)
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -361,7 +406,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     grid = (triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, out, lse, T_q, T_k, H, H // H_kv, scale * LOG2E,
                     HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
-                    ACC_DTYPE=_acc_dtype(q.dtype), RELOAD=cfg.get("reload", False), **_options(cfg))
+                    ACC_DTYPE=_acc_dtype(q.dtype), **_options(cfg))
     return out, lse
 
 
@@ -382,12 +427,12 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     _attn_bwd_dkdv[(triton.cdiv(T_k, cfg["BLOCK_N"]), B * H_kv)](
         q, k, v, dout, lse, delta, dk, dv, T_q, T_k, H, H // H_kv, scale, qk_scale,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        RELOAD=cfg.get("reload", False), **_options(cfg))
+        STREAM=cfg.get("stream", 0), **_options(cfg))
     cfg = launch_config(arch, D, "dq")
     _attn_bwd_dq[(triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, T_q, T_k, H, H // H_kv, scale, qk_scale,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        RELOAD=cfg.get("reload", False), **_options(cfg))
+        STREAM=cfg.get("stream", 0), **_options(cfg))
     return dq, dk, dv
 
 
@@ -396,8 +441,7 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 
 def aot_specs(arch: str = "gfx11") -> list[dict]:
     """Forward, preprocess, dK/dV and dQ kernels at head_dim 64 and 128, fp16 and bf16, causal (plus
-    the non-causal forward and backward at head_dim 128 fp16), with `arch`'s launch configs; on gfx11
-    without the GFX11_SPILLING kernels."""
+    the non-causal forward and backward at head_dim 128 fp16), with `arch`'s launch configs."""
     specs = []
     cases = [(d, ty, True) for d in (64, 128) for ty in ("fp16", "bf16")] + [(128, "fp16", False)]
     for d, ty, causal in cases:
@@ -415,9 +459,9 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
                       "signature": {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "O": f"*{ty}", "LSE": "*fp32",
                                     "T_q": "i32", "T_k": "i32", "H": "i32", "GROUP": "i32", "qk_scale": "fp32",
                                     "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                    "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr", "RELOAD": "constexpr"},
+                                    "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr"},
                       "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                     "CAUSAL": causal, "ACC_DTYPE": tl.float32, "RELOAD": cfg.get("reload", False)},
+                                     "CAUSAL": causal, "ACC_DTYPE": tl.float32},
                       "options": o})
         if causal:
             cfg, o = opts("preprocess")
@@ -427,18 +471,18 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
                           "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "ACC_DTYPE": tl.float32},
                           "options": o})
         for kernel, fn in (("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-            if arch == "gfx11" and (kernel, d) in GFX11_SPILLING:
-                continue
             cfg, o = opts(kernel)
             outs = {"DK": f"*{ty}", "DV": f"*{ty}"} if kernel == "dkdv" else {"DQ": f"*{ty}"}
+            variant = {"STREAM": cfg.get("stream", 0)}
             specs.append({"name": f"attn_bwd_{kernel}_{tag}", "fn": fn, "expects_matrix_instructions": True,
                           "signature": {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}",
                                         "LSE": "*fp32", "DELTA": "*fp32", **outs, "T_q": "i32", "T_k": "i32",
                                         "H": "i32", "GROUP": "i32", "sm_scale": "fp32", "qk_scale": "fp32",
                                         "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                        "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr", "RELOAD": "constexpr"},
+                                        "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr",
+                                        **{k: "constexpr" for k in variant}},
                           "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                         "CAUSAL": causal, "ACC_DTYPE": tl.float32, "RELOAD": cfg.get("reload", False)},
+                                         "CAUSAL": causal, "ACC_DTYPE": tl.float32, **variant},
                           "options": o})
     for spec in specs:  # torch allocations are 16-byte aligned: the JIT specializes these pointers so
         spec["aligned"] = [a for a, ty in spec["signature"].items() if ty.startswith("*")]

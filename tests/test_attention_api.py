@@ -134,3 +134,23 @@ def test_torch_compile_traces_forward_and_backward_without_graph_breaks(gen):
     loss(*b).backward()
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_launch_configs_keep_the_tile_invariants_the_kernels_rely_on():
+    """Causal tile skipping assumes whole tiles on the diagonal: BLOCK_N | BLOCK_M for fwd and dq,
+    BLOCK_M | BLOCK_N for dkdv; tiles are powers of two >= 16 (tl.dot's minimum)."""
+    from felix.kernels.attention import LAUNCH_CONFIGS, SUPPORTED_HEAD_DIMS
+
+    assert SUPPORTED_HEAD_DIMS == attn_ops.SUPPORTED_HEAD_DIMS
+    for arch, per_dim in LAUNCH_CONFIGS.items():
+        assert set(per_dim) == set(SUPPORTED_HEAD_DIMS), arch
+        for d, cfgs in per_dim.items():
+            for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+                bm, bn = cfgs[kernel]["BLOCK_M"], cfgs[kernel]["BLOCK_N"]
+                assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, (arch, d, kernel)
+                if kernel in ("fwd", "dq"):
+                    assert bm % bn == 0, (arch, d, kernel)
+                if kernel == "dkdv":
+                    assert bn % bm == 0, (arch, d, kernel)
+                stream = cfgs[kernel].get("stream", 0)
+                assert stream == 0 or (stream >= 16 and d % stream == 0), (arch, d, kernel)

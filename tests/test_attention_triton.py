@@ -55,14 +55,15 @@ def case_errors(case, dtype_name: str, seed: int):
     report = {"dtype_ok": out.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)}
     for name, (got, want) in pairs.items():
         scale_ = max(float(want.detach().abs().max()), 1.0)
-        report[name] = float((got.double() - want.detach()).abs().max()) / scale_
+        report[name] = float((got.detach().double() - want.detach()).abs().max()) / scale_
         report[name + "_finite"] = bool(torch.isfinite(got).all())
     return report
 
 
-# Relative max error bars: fp32 math is exact to ~1e-6; fp16 inputs keep fp32 accumulation, the
-# fp16 rounding of P / dS before their dots and of the outputs costs a few fp16 ulps (2^-11 = 4.9e-4).
-BARS = {"float32": 2e-5, "float16": 4e-3}
+# Relative max error bars (measured: fp32 <= 8e-7, fp16 <= 5.5e-4): fp32 math is exact to ~1e-6; fp16
+# inputs keep fp32 accumulation, and the fp16 rounding of P / dS before their dots and of the outputs
+# costs about one fp16 ulp (2^-11 = 4.9e-4).
+BARS = {"float32": 5e-6, "float16": 2e-3}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -113,21 +114,21 @@ def test_backward_is_deterministic(interpret, seed):
     assert interpret(case_deterministic, seed)
 
 
-def case_reload(seed: int):
-    """The RELOAD variant (operands re-read every iteration, used on gfx11 at head_dim 128) computes the
-    same thing: every kernel forced to it, against float64."""
+def case_register_saving_variants(seed: int):
+    """The variant gfx11 uses at head_dim 128 computes the same thing: every backward kernel forced to
+    stream head_dim slices (STREAM=16), against float64."""
     from felix.kernels import attention as kernels
 
     saved = kernels.LAUNCH_CONFIGS["interpreter"]
-    kernels.LAUNCH_CONFIGS["interpreter"] = {d: {k: dict(c, reload=True) for k, c in cfgs.items()}
-                                             for d, cfgs in saved.items()}
+    kernels.LAUNCH_CONFIGS["interpreter"] = {
+        d: {k: dict(c, stream=16) for k, c in cfgs.items()} for d, cfgs in saved.items()}
     try:
         return case_errors((1, 4, 2, 21, 21, 32, True), "float32", seed)
     finally:
         kernels.LAUNCH_CONFIGS["interpreter"] = saved
 
 
-def test_reload_variant_matches_float64(interpret, seed):
-    r = interpret(case_reload, seed)
+def test_register_saving_variants_match_float64(interpret, seed):
+    r = interpret(case_register_saving_variants, seed)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert r[name + "_finite"] and r[name] <= BARS["float32"], (name, r)
