@@ -4,6 +4,8 @@ Public API:
 
 * :func:`quantize` / :func:`dequantize` -- ggml block codecs (rq4, iq4_nl, q4_0, q8_0, tq2_0),
   byte-exact with ggml, with ``reference`` (torch), ``triton`` and ``cpu`` (C++) backends.
+* :func:`attention` -- fused causal / grouped-query attention (forward + backward), ``reference``
+  (torch) and ``triton`` backends.
 * :func:`quant_matmul` / :class:`QuantLinear` / :func:`quantize_model_linears` -- W4A16 matmul on
   4-bit blocks (rq4, iq4_nl, q4_0) decoded in the kernel (reference, triton, hip backends).
 * :func:`backends` -- which backends run on this machine, and why not where they do not.
@@ -11,6 +13,7 @@ Public API:
 """
 from felix.formats import FORMATS, QuantFormat, get_format
 from felix.oplib import backends
+from felix.ops.attention import attention
 from felix.ops.codecs import dequantize, quantize
 from felix.ops.qmatmul import quant_matmul
 from felix.quant_linear import QuantLinear, quantize_model_linears
@@ -18,4 +21,4 @@ from felix.quant_linear import QuantLinear, quantize_model_linears
 __version__ = "0.1.0"
 
 __all__ = ["FORMATS", "QuantFormat", "get_format", "backends", "quantize", "dequantize", "__version__",
-           "quant_matmul", "QuantLinear", "quantize_model_linears"]
+           "attention", "quant_matmul", "QuantLinear", "quantize_model_linears"]

@@ -8,7 +8,8 @@ wgmma/mma on Hopper) were emitted.
 
 A kernel spec is a dict, as each kernels/ module's `aot_specs()` returns:
 ``{"name", "fn", "signature": {arg: "*fp32" | "i32" | "constexpr" ...}, "constexprs": {...},
-"options": {...}}``, plus ``"expects_matrix_instructions": True`` for kernels built on ``tl.dot``
+"options": {...}}``, optionally ``"aligned": [pointer arg names]`` (16-byte-aligned pointers, as the
+JIT would specialize them), plus ``"expects_matrix_instructions": True`` for kernels built on ``tl.dot``
 (the AOT test then requires WMMA on gfx1101 and mma/wgmma on sm_90).
 """
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _triton_target(target: str):
     return GPUTarget(*TARGETS[target])
 
 
+def _attrs(spec: dict) -> dict:
+    """Argument hints: names in ``spec["aligned"]`` get ``tt.divisibility=16``, as Triton's JIT gives every
+    16-byte-aligned pointer it is launched with (all torch allocations are), so the AOT build vectorizes
+    memory access the way the real launch does."""
+    names = list(spec["fn"].arg_names)
+    return {(names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", ())}
+
+
 def compile_spec(spec: dict, target: str):
     """Compile one kernel spec for `target`; returns Triton's CompiledKernel (asm + metadata)."""
     import triton
@@ -63,7 +72,8 @@ def compile_spec(spec: dict, target: str):
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs real JIT functions: unset TRITON_INTERPRET")
-    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
+                    attrs=_attrs(spec))
     return triton.compile(src, target=_triton_target(target), options=dict(spec.get("options", {})))
 
 
