@@ -106,6 +106,12 @@ def cmd_aot_report(args) -> int:
     return 1 if spilled else 0
 
 
+def selftest_checks():
+    from felix.selftest import CHECKS
+
+    return CHECKS
+
+
 def cmd_selftest(args) -> int:
     import felix
     from felix import selftest
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("selftest", help="every op vs its torch reference on this machine; exit 1 on failure")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--op", action="append", choices=["codecs", "quant_matmul"], help="default: all")
+    t.add_argument("--op", action="append", choices=list(selftest_checks()), help="default: all")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_selftest)
     return p

@@ -4,8 +4,8 @@ time of one call. This is how a user learns in a minute that this machine's Trit
 computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
 
 Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
-reference's exact bytes and values) and quant_matmul (each backend vs a float64 product on the
-dequantized weight). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
+reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the
+dequantized weight) and attention (output and dq/dk/dv vs float64 autograd). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
 kernels run too, on tiny shapes.
 """
 from __future__ import annotations
@@ -120,7 +120,61 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
     return rows
 
 
-CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul}
+# max |error| / max(|reference|, 1) of the output and of dq/dk/dv per input dtype (fp32 dots are IEEE, no tf32)
+ATTENTION_BOUNDS = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _attention_float64(q, k, v, causal: bool):
+    """Plain float64 softmax(q kᵀ / sqrt(d)) v with K/V repeated per group: the independent truth."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        t = q.shape[2]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
+    """Forward and backward (dq, dk, dv) of felix.attention vs float64 autograd, GQA and causal."""
+    import felix
+
+    small = device.type == "cpu"
+    cases = [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)] if small else \
+            [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
+    rows = []
+    for backend in _runnable_backends("attention_fwd", device):
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if backend == "triton" and device.type == "cpu":
+            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        for b, h, hkv, t, d, causal in cases:
+            q32 = torch.randn(b, h, t, d, generator=gen)
+            k32, v32 = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+            dout32 = torch.randn(b, h, t, d, generator=gen)
+            for dtype in dtypes:
+                q, k, v = (x.to(device, dtype).requires_grad_() for x in (q32, k32, v32))
+                dout = dout32.to(device, dtype)
+
+                def fwd_bwd():
+                    out = felix.attention(q, k, v, causal=causal, backend=backend)
+                    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+                got, dt = _timed(fwd_bwd, device)
+                qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+                ref_out = _attention_float64(qd, kd, vd, causal)
+                want = (ref_out, *torch.autograd.grad(ref_out, (qd, kd, vd), dout.double()))
+                err = max(float((g.double() - w).abs().max() / w.abs().max().clamp_min(1.0))
+                          for g, w in zip(got, want))
+                if not all(bool(torch.isfinite(g).all()) for g in got):
+                    err = float("nan")
+                rows.append(Check("attention", backend, str(device),
+                                  f"B{b} H{h}/{hkv} T{t} D{d} {'causal' if causal else 'full'} "
+                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, ATTENTION_BOUNDS[dtype], dt))
+    return rows
+
+
+CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention}
 
 
 def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:
