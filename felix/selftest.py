@@ -164,7 +164,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
                 qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
                 ref_out = _attention_float64(qd, kd, vd, causal)
                 want = (ref_out, *torch.autograd.grad(ref_out, (qd, kd, vd), dout.double()))
-                err = max(float((g.double() - w).abs().max() / w.abs().max().clamp_min(1.0))
+                err = max(float((g.detach().double() - w.detach()).abs().max() / w.detach().abs().max().clamp_min(1.0))
                           for g, w in zip(got, want))
                 if not all(bool(torch.isfinite(g).all()) for g in got):
                     err = float("nan")
