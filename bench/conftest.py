@@ -35,10 +35,11 @@ def gpu() -> torch.device:
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(device, case, impl, fn, bytes_moved=..., flops=..., candidate=...) times `fn` with
-    pytest-benchmark (one case + impl per test) and records it for the report."""
+    """measure(device, case, impl, fn, bytes_moved=..., flops=..., candidate=..., extra=...) times `fn`
+    with pytest-benchmark (one case + impl per test) and records it for the report; `extra` holds other
+    per-case numbers (e.g. peak memory) that the report shows beside the time."""
 
-    def run(device, case, impl, fn, bytes_moved=0.0, flops=0.0, candidate=False, rounds=5):
+    def run(device, case, impl, fn, bytes_moved=0.0, flops=0.0, candidate=False, rounds=5, extra=None):
         benchmark.group = case
         benchmark.name = impl
         benchmark.extra_info.update(case=case, impl=impl, bytes_moved=bytes_moved, flops=flops)
@@ -51,7 +52,7 @@ def measure(benchmark):
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to record
             return
         recorder_for(device).add(Measurement(case, impl, candidate, benchmark.stats.stats.median,
-                                             bytes_moved, flops))
+                                             bytes_moved, flops, dict(extra or {})))
 
     return run
 

@@ -5,7 +5,8 @@ computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs
 
 Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
 reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the
-dequantized weight) and attention (output and dq/dk/dv vs float64 autograd). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
+dequantized weight), attention (output and dq/dk/dv vs float64 autograd) and the fused CE + QUAIL loss
+(loss, dL/dh, dL/dW vs the float64 full-logits spec). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
 kernels run too, on tiny shapes.
 """
 from __future__ import annotations
@@ -174,7 +175,53 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
     return rows
 
 
-CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention}
+# max relative error of the loss and of dL/dh, dL/dW per input dtype (logits and their gradient in fp32)
+LOSS_BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Check]:
+    """The fused CE + QUAIL loss and its gradients vs the float64 full-logits spec."""
+    import felix
+    from felix.reference.loss import clear_margin, full_logits_loss
+
+    small = device.type == "cpu"
+    cases = [(37, 16, 301, 8)] if small else [(2048, 1024, 32000, 512)]
+    rows = []
+    for backend in _runnable_backends("linear_ce_quail", device):
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if backend == "triton" and device.type == "cpu":
+            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        for n, d, v, chunk in cases:
+            h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d ** 0.5
+            t = torch.randint(0, v, (n,), generator=gen)
+            t[::7] = -100
+            wl = torch.rand(v, generator=gen) < (0.2 if small else 0.02)
+            for dtype in dtypes:
+                h, w = (x.to(device, dtype).requires_grad_() for x in (h32, w32))
+                tt, wlt = t.to(device), wl.to(device)
+
+                # keep every position's margin away from the hinge's edge, where rounding flips its gradient
+                m = clear_margin(h.detach(), w.detach(), None, tt, gap=0.02, whitelist=wlt)
+
+                def fwd_bwd():
+                    out = felix.linear_ce_quail(h, w, tt, wlt, margin=m, z_loss=1e-3, chunk_size=chunk, backend=backend)
+                    return (out.loss, *torch.autograd.grad(out.loss, (h, w)))
+
+                got, dt = _timed(fwd_bwd, device)
+                hd, wd = (x.detach().double().requires_grad_() for x in (h, w))
+                ref = full_logits_loss(hd, wd, tt, wlt, margin=m, z_loss=1e-3)
+                want = (ref.loss, *torch.autograd.grad(ref.loss, (hd, wd)))
+                err = max(float((g.detach().double() - r.detach()).abs().max() / r.detach().abs().max().clamp_min(1e-30))
+                          for g, r in zip(got, want))
+                if not all(bool(torch.isfinite(g).all()) for g in got):
+                    err = float("nan")
+                rows.append(Check("ce_quail", backend, str(device), f"N{n} d{d} V{v} chunk {chunk} "
+                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOSS_BOUNDS[dtype], dt))
+    return rows
+
+
+CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention,
+          "linear_ce_quail": check_linear_ce_quail}
 
 
 def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:

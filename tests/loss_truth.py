@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from felix.reference.loss import clear_margin  # noqa: F401  (re-exported for the tests)
+
 
 def naive_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=None, ignore_index=-100):
     """Returns (loss, ce, hinge, z_loss, active count, mean margin) as float64 tensors (loss differentiable)."""
@@ -61,3 +63,14 @@ def exact_case():
     h = torch.eye(5, 5)
     weight = z.t().contiguous()  # [V=4, d=5]: z = h @ W.T
     return h, weight, targets, torch.ones(4, dtype=torch.bool)
+
+
+def cross_tile_tie_case(v: int = 150):
+    """Equal best non-target logits far apart in the vocabulary (different tiles of a row sweep): the
+    hinge must push the first of them, as torch.argmax picks it."""
+    z = torch.zeros(3, v)
+    z[0, 10] = z[0, 100] = 5.0; z[0, 3] = 4.0            # target 3: margin -1, ties at 10 and 100
+    z[1, 70] = z[1, 140] = 2.0; z[1, 5] = 1.0            # target 5: ties at 70 and 140 (both past tile 0)
+    z[2, v - 1] = 3.0; z[2, 0] = 3.0                     # target 1: ties at 0 and v-1
+    targets = torch.tensor([3, 5, 1])
+    return torch.eye(3, 3), z.t().contiguous(), targets, torch.ones(v, dtype=torch.bool)

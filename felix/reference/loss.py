@@ -83,22 +83,23 @@ def normalisers(targets, whitelist, ignore_index, dtype=torch.float32):
 
 
 def chunk_logits_grad(z, safe_t, valid, watched, inv_n_ce, inv_n_h, margin, lambda_q, z_loss):
-    """For one chunk of fp32 logits z ``[C, V]``: the per-row statistics and dL/dz (fp32, in place of z).
+    """For one chunk of fp32 logits z ``[C, V]``: the per-row statistics and dL/dz, written over z.
 
     Returns (lse, target logit, margin, dz). dz = (softmax - onehot(y)) / n_ce + 2 z_loss lse softmax / n_ce
     + lambda_q / n_hinge * (onehot(best other) - onehot(y)) on whitelisted rows with margin < m; 0 on
-    ignored rows."""
+    ignored rows. Works in place (one C x V buffer), since this is the memory-bounded path."""
     lse = torch.logsumexp(z, dim=1)
-    zt = z.gather(1, safe_t[:, None])[:, 0]
-    best, best_idx = _first_max_other(z, safe_t)
+    col = safe_t[:, None]
+    zt = z.gather(1, col)[:, 0]
+    z.scatter_(1, col, float("-inf"))          # hide the target: the best *other* logit
+    best, best_idx = z.max(dim=1)              # first maximal index, as torch.argmax
+    z.scatter_(1, col, zt[:, None])            # restore
     marg = zt - best
-    p = torch.exp(z - lse[:, None])
-    row = torch.where(valid, inv_n_ce * (1.0 + 2.0 * z_loss * lse), 0.0)
-    dz = p.mul_(row[:, None])
-    dz.scatter_add_(1, safe_t[:, None], torch.where(valid, -inv_n_ce, 0.0)[:, None].expand(-1, 1).clone())
+    dz = z.sub_(lse[:, None]).exp_()           # softmax, in place
+    dz.mul_(torch.where(valid, inv_n_ce * (1.0 + 2.0 * z_loss * lse), 0.0)[:, None])
     push = torch.where(watched & (marg < margin), lambda_q * inv_n_h, 0.0)
-    dz.scatter_add_(1, best_idx[:, None], push[:, None].clone())
-    dz.scatter_add_(1, safe_t[:, None], -push[:, None])
+    dz.scatter_add_(1, col, (torch.where(valid, -inv_n_ce, 0.0) - push)[:, None])
+    dz.scatter_add_(1, best_idx[:, None], push[:, None])
     return lse, zt, marg, dz
 
 
@@ -136,3 +137,21 @@ def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q
     ce, hinge, zl = sums[0] * inv_n_ce, sums[1] * inv_n_h, z_loss * sums[2] * inv_n_ce
     parts = torch.stack([ce + lambda_q * hinge + zl, ce, hinge, zl, sums[3], sums[4] * inv_n_h])
     return parts, dh, dw.to(weight.dtype) if need_grads else dw, db.to(bias.dtype) if db.numel() else db
+
+
+def clear_margin(h, weight, bias, targets, target: float = 2.0, gap: float = 0.05, whitelist=None) -> float:
+    """A hinge margin near `target` that no (whitelisted, if given) position's margin lies within `gap`
+    of: the hinge's gradient jumps at margin == m, so random checks keep rounding away from that edge."""
+    z = h.double() @ weight.double().t() + (bias.double() if bias is not None else 0)
+    valid = targets >= 0
+    t = torch.where(valid, targets, 0)
+    others = z.scatter(1, t[:, None], float("-inf")).max(1).values
+    if whitelist is not None:
+        valid = valid & whitelist.to(valid.device)[t]
+    margins = (z.gather(1, t[:, None])[:, 0] - others)[valid]
+    for k in range(200):
+        m = target + (k // 2 + 1) * 0.013 * (1 if k % 2 else -1) if k else target
+        if margins.numel() == 0 or float((margins - m).abs().min()) > gap:
+            return m
+    raise ValueError(f"no margin within +-1.3 of {target} keeps {gap} away from all {margins.numel()} margins")
+

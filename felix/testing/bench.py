@@ -114,15 +114,17 @@ class BenchRecorder:
             lines.append(f"Measured copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write).")
         if self.peak_tflops:
             lines.append(f"Peak used for %-of-roofline: {self.peak_tflops:.1f} TFLOP/s.")
-        lines += ["", "| case | impl | median ms | GB/s | % copy BW | speedup of candidate vs this peer |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| case | impl | median ms | GB/s | % copy BW | speedup of candidate vs this peer | other |",
+                  "|---|---|---|---|---|---|---|"]
         rows = self.rows()
         for r in rows:
             cand = [c for c in rows if c["case"] == r["case"] and c["candidate"]]
             vs = (f"{cand[0]['speedup_vs'][r['impl']]:.2f}x" if cand and not r["candidate"]
                   and r["impl"] in cand[0]["speedup_vs"] else ("(candidate)" if r["candidate"] else "-"))
             pct = f"{r['pct_copy_bandwidth']:.1f}" if "pct_copy_bandwidth" in r else "-"
-            lines.append(f"| {r['case']} | {r['impl']} | {1e3 * r['seconds']:.3f} | {r['gbps']:.2f} | {pct} | {vs} |")
+            other = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items())
+            lines.append(f"| {r['case']} | {r['impl']} | {1e3 * r['seconds']:.3f} | {r['gbps']:.2f} | {pct} | {vs} | "
+                         f"{other or '-'} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str) -> None:
