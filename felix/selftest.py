@@ -4,10 +4,10 @@ time of one call. This is how a user learns in a minute that this machine's Trit
 computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
 
 Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
-reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the
-dequantized weight), attention (output and dq/dk/dv vs float64 autograd) and the fused CE + QUAIL loss
-(loss, dL/dh, dL/dW vs the float64 full-logits spec). On CPU the cpu and reference backends run; with TRITON_INTERPRET=1 the Triton
-kernels run too, on tiny shapes.
+reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the dequantized
+weight), attention (output and dq/dk/dv vs float64 autograd), the fused CE + QUAIL loss (loss, dL/dh,
+dL/dW vs the float64 full-logits spec) and the fused low-rank GEMM (y and every gradient). On CPU the
+cpu and reference backends run; with TRITON_INTERPRET=1 the Triton kernels run too, on tiny shapes.
 """
 from __future__ import annotations
 
@@ -220,8 +220,49 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
     return rows
 
 
+# max |error| / max |reference| of y and of every gradient, per input dtype
+LOWRANK_BOUNDS = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Check]:
+    """y = x Wᵀ + b + g (x Aᵀ) Bᵀ and dx, dW, dbias, dA, dB vs float64 autograd."""
+    import felix
+
+    small = device.type == "cpu"
+    cases = [(21, 37, 29, 8)] if small else [(4096, 1024, 2816, 64)]
+    rows = []
+    for backend in _runnable_backends("lowrank_fwd", device):
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if backend == "triton" and device.type == "cpu":
+            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        for m, k, n, r in cases:
+            base = [torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5,
+                    torch.randn(n, generator=gen) * 0.1, torch.randn(r, k, generator=gen) / k ** 0.5,
+                    torch.randn(n, r, generator=gen) / r ** 0.5]
+            dy32 = torch.randn(m, n, generator=gen)
+            for dtype in dtypes:
+                x, w, bias, a, b = (t.to(device, dtype).requires_grad_() for t in base)
+                dy = dy32.to(device, dtype)
+
+                def fwd_bwd():
+                    y = felix.lowrank_linear(x, w, a, b, 0.75, bias=bias, backend=backend)
+                    return (y, *torch.autograd.grad(y, (x, w, bias, a, b), dy))
+
+                got, dt = _timed(fwd_bwd, device)
+                xd, wd, bd, ad, bbd = (t.detach().double().requires_grad_() for t in (x, w, bias, a, b))
+                yd = xd @ wd.t() + bd + 0.75 * ((xd @ ad.t()) @ bbd.t())
+                want = (yd, *torch.autograd.grad(yd, (xd, wd, bd, ad, bbd), dy.double()))
+                err = max(float((g.detach().double() - r_.detach()).abs().max() / r_.detach().abs().max())
+                          for g, r_ in zip(got, want))
+                if not all(bool(torch.isfinite(g).all()) for g in got):
+                    err = float("nan")
+                rows.append(Check("lowrank", backend, str(device), f"M{m} in{k} out{n} r{r} "
+                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOWRANK_BOUNDS[dtype], dt))
+    return rows
+
+
 CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention,
-          "linear_ce_quail": check_linear_ce_quail}
+          "linear_ce_quail": check_linear_ce_quail, "lowrank_linear": check_lowrank_linear}
 
 
 def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:

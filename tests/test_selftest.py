@@ -23,7 +23,7 @@ def test_selftest_fails_loudly_on_a_wrong_backend(capsys, monkeypatch):
 
 def triton_selftest_rows():
     """Runs in the interpreter worker: the selftest exercises the Triton backend on tiny CPU shapes."""
-    rows = selftest.run("cpu", ["quant_matmul", "attention", "linear_ce_quail"], seed=1)
+    rows = selftest.run("cpu", ["quant_matmul", "attention", "linear_ce_quail", "lowrank_linear"], seed=1)
     return [(r.backend, r.case, r.passed) for r in rows]
 
 
@@ -33,4 +33,5 @@ def test_selftest_covers_triton_under_the_interpreter(interpret):
     assert len([r for r in triton_rows if "M=" in r[1]]) == 3 * 3 * 2  # formats x shapes x (fp32, fp16)
     assert len([r for r in triton_rows if " causal " in r[1] or " full " in r[1]]) == 2 * 2  # attention x (fp32, fp16)
     assert len([r for r in triton_rows if " chunk " in r[1]]) == 2  # the loss case x (fp32, fp16)
+    assert len([r for r in triton_rows if " r8 " in r[1]]) == 2  # the low-rank case x (fp32, fp16)
     assert all(r[2] for r in rows), [r for r in rows if not r[2]]
