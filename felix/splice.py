@@ -20,6 +20,7 @@ changes nothing.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -97,15 +98,34 @@ class SplicedLinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- name API
+_CORE_PATH = re.compile(r"(?:^|\.)blk\.(\d+)\.(\w+)\.(\w+)$")
+
+
 def _table(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{GGUF name: parameter}: SplicedLinear layers name their terms; a bare SpliceCore is named by its
+    module path when that path is ``...blk.{layer}.{term}.{projection}`` (as in felix.model.FelixLM)."""
     table: dict[str, nn.Parameter] = {}
+    owned = set()
     for module in model.modules():
-        if isinstance(module, SplicedLinear):
-            for name, p in module.splice_tensors().items():
+        if not isinstance(module, SplicedLinear):
+            continue
+        owned.update(id(c) for c in module.terms.values())
+        for name, p in module.splice_tensors().items():
+            if name in table:
+                raise ValueError(f"two splice tensors are named {name!r}: give each SplicedLinear a "
+                                 "distinct (layer, projection)")
+            table[name] = p
+    for path, module in model.named_modules():
+        if isinstance(module, SpliceCore) and id(module) not in owned:
+            m = _CORE_PATH.search(path)
+            if m is None:
+                continue
+            layer, term, projection = m.groups()
+            for part, pattern in SPLICE_TENSOR_NAMES.items():
+                name = pattern.format(layer=int(layer), term=term, projection=projection)
                 if name in table:
-                    raise ValueError(f"two splice tensors are named {name!r}: give each SplicedLinear a "
-                                     "distinct (layer, projection)")
-                table[name] = p
+                    raise ValueError(f"two splice tensors are named {name!r}")
+                table[name] = getattr(module, part)
     return table
 
 

@@ -134,6 +134,14 @@ def test_list_read_write_snapshot_restore(gen):
     torch.testing.assert_close(model["l3"](x), x @ model["l3"].weight.t())
 
 
+def test_bare_splicecores_are_named_by_their_module_path():
+    model = torch.nn.Module()
+    model.blk = torch.nn.ModuleList(torch.nn.Module() for _ in range(4))
+    model.blk[3].splice = torch.nn.ModuleDict({"ffn_down": splice.SpliceCore(16, 12, rank=8)})
+    assert list(splice.list_splices(model)) == ["blk.3.splice.ffn_down.a", "blk.3.splice.ffn_down.b",
+                                                "blk.3.splice.ffn_down.gate"]
+
+
 def test_bad_writes_are_refused_and_change_nothing(gen):
     model = spliced_model()
     before = splice.snapshot_splices(model)
