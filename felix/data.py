@@ -57,9 +57,25 @@ _STDLIB_MODULES = ("json", "collections", "functools", "itertools", "textwrap", 
 _SOURCE_MODULES = ("textwrap", "heapq", "bisect", "difflib", "shlex")
 
 
+def paragraph_chunks(text: str, max_chars: int = 2000) -> list[str]:
+    """Cut a long text at blank lines into pieces of about `max_chars` (a paragraph is never split), so that
+    document counts track token counts and a by-document validation split mirrors the training mix."""
+    chunks, current = [], ""
+    for para in text.split("\n\n"):
+        if current and len(current) + len(para) + 2 > max_chars:
+            chunks.append(current)
+            current = para
+        else:
+            current = f"{current}\n\n{para}" if current else para
+    if current.strip():
+        chunks.append(current)
+    return chunks
+
+
 def builtin_prose() -> list[str]:
     """Text that ships with Python: every pydoc help topic, docstrings of common stdlib modules and their
-    public members, and the full source of a few small pure-Python modules."""
+    public members, and the full source of a few small pure-Python modules, in paragraph chunks of about
+    2,000 characters (so that prose and short structured records weigh in a split by their size)."""
     from pydoc_data.topics import topics
 
     docs = [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
@@ -76,7 +92,7 @@ def builtin_prose() -> list[str]:
         docs.append("\n\n".join(p for p in parts if p))
     for mod_name in _SOURCE_MODULES:
         docs.append(inspect.getsource(importlib.import_module(mod_name)))
-    return docs
+    return [chunk for doc in docs for chunk in paragraph_chunks(doc)]
 
 
 # ----------------------------------------------------------------------- structured records
@@ -315,13 +331,14 @@ class TokenStream:
         return batch[:, :-1], batch[:, 1:]
 
     def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first windows in corpus order (for a stable validation estimate); does not move the cursor."""
+        """Up to batch_size * n_batches windows spread evenly over the corpus (a stable loss estimate at
+        evaluation time); does not move the cursor."""
         n = min(self.n_windows, batch_size * n_batches)
+        picks = torch.linspace(0, self.n_windows - 1, n).round().long().tolist()
         out = []
         for s in range(0, n, batch_size):
-            rows = [self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]
-                    for w in range(s, min(s + batch_size, n))]
-            b = torch.stack(rows)
+            b = torch.stack([self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]
+                             for w in picks[s:s + batch_size]])
             out.append((b[:, :-1], b[:, 1:]))
         return out
 

@@ -127,3 +127,11 @@ def test_tokenizer_round_trip_specials_and_whitelist(small_tokenizer, tmp_path):
         Tokenizer.load(tmp_path)
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_paragraph_chunks_keep_paragraphs_whole():
+    paras = [f"paragraph {i} " + "word " * (i * 37 % 300) for i in range(40)]
+    text = "\n\n".join(paras)
+    chunks = data.paragraph_chunks(text, max_chars=800)
+    assert "\n\n".join(chunks) == text
+    assert all(len(c) <= 800 or "\n\n" not in c for c in chunks) and len(chunks) > 5
