@@ -165,6 +165,9 @@ def _add_train_parser(sub) -> None:
     for name in ("val_fraction", "lr", "decay_fraction", "final_lr_fraction", "weight_decay", "grad_clip",
                  "lambda_q", "margin", "peak_tflops", "memorization_gap"):
         t.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(d, name)}")
+    t.add_argument("--teacher-data", action="append", default=[], help="distillation: JSONL of {prompt, response, "
+                   "teacher} trained as masked SFT on the responses (repeatable; several teachers welcome)")
+    t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,

@@ -273,13 +273,13 @@ def load_user_data(paths, max_bad_fraction: float = 0.5) -> LoadedData:
     return LoadedData(documents, records, skipped)
 
 
-def split_documents(docs: list[str], val_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by document (a hash of seed and content), so no document has text
-    on both sides. At least one document goes to each side when there are two or more."""
+def split_documents(docs: list, val_fraction: float = 0.05, seed: int = 0, key=str) -> tuple[list, list]:
+    """Deterministic train/validation split by document (a hash of seed, position and ``key(doc)``), so no
+    document has text on both sides. At least one document goes to each side when there are two or more."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     def score(i_doc):
-        h = hashlib.sha256(f"{seed}:{i_doc[0]}:{i_doc[1]}".encode()).digest()
+        h = hashlib.sha256(f"{seed}:{i_doc[0]}:{key(i_doc[1])}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64
     scored = sorted(enumerate(docs), key=score)
     n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1) if len(docs) > 1 else 0
@@ -352,3 +352,93 @@ class TokenStream:
                             f"resume with the same data, tokenizer and --seq-len")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._order_for(self.epoch)
+
+
+# ------------------------------------------------------------------ distillation (masked SFT)
+def load_teacher_records(paths, max_bad_fraction: float = 0.5) -> tuple[list[dict], list[str]]:
+    """Teacher outputs for black-box distillation: JSONL lines ``{"prompt", "response", "teacher"}`` (non-empty
+    strings; other keys kept). Returns (records, skipped lines as "path:line: reason"); a file whose bad lines
+    exceed `max_bad_fraction` raises :class:`DataError` listing them."""
+    records, skipped = [], []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"teacher file {path} does not exist")
+        bad, good = [], []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                continue
+            if isinstance(obj, dict) and all(isinstance(obj.get(k), str) and obj[k] for k in
+                                             ("prompt", "response", "teacher")):
+                good.append(obj)
+            else:
+                bad.append(f"{path}:{lineno}: expected non-empty strings 'prompt', 'response' and 'teacher'")
+        if bad and len(bad) > max_bad_fraction * (len(bad) + len(good)):
+            raise DataError(f"{path}: {len(bad)} of {len(bad) + len(good)} non-empty lines are malformed; refusing "
+                            f"to train on the rest:\n  " + "\n  ".join(bad[:10]))
+        records += good
+        skipped += bad
+    if not records:
+        raise DataError(f"no teacher records in {', '.join(map(str, paths))}")
+    return records, skipped
+
+
+class SFTStream:
+    """Chat records as masked SFT rows: ``bos + chat_prompt(prompt) + response + END + eos``, padded (or cut) to
+    seq_len + 1; targets on the prompt and the padding are ``ignore_index`` so only the response is learned.
+    Rows are served in a seeded order per epoch, with the same cursor/wraps/state API as :class:`TokenStream`."""
+
+    def __init__(self, records: list[dict], tokenizer, seq_len: int, seed: int = 0, ignore_index: int = -100):
+        if not records:
+            raise DataError("no records for supervised fine-tuning")
+        self.seq_len, self.seed, self.ignore_index = seq_len, seed, ignore_index
+        rows, masks, self.truncated, self.dropped = [], [], 0, 0
+        for r in records:
+            prompt = [tokenizer.bos_id, *tokenizer.encode(chat_prompt(r["prompt"]))]
+            answer = [*tokenizer.encode(r["response"] + END), tokenizer.eos_id]
+            if len(prompt) >= seq_len + 1:
+                self.dropped += 1  # the prompt alone fills the window: nothing to learn
+                continue
+            ids, learn = prompt + answer, [False] * len(prompt) + [True] * len(answer)
+            if len(ids) > seq_len + 1:
+                self.truncated += 1
+                ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
+            pad = seq_len + 1 - len(ids)
+            rows.append(ids + [tokenizer.pad_id] * pad)
+            masks.append(learn + [False] * pad)
+        if not rows:
+            raise DataError(f"every prompt is longer than seq_len {seq_len}: nothing left to learn")
+        self.rows, self.learn = torch.tensor(rows), torch.tensor(masks)
+        self.tokens = self.rows[self.learn]  # the learned tokens (for counts in logs)
+        self.n_windows = len(rows)
+        self.epoch, self.position = 0, 0
+        self._order = self._order_for(0)
+
+    _order_for = TokenStream._order_for
+    wraps = TokenStream.wraps
+    state_dict = TokenStream.state_dict
+    load_state_dict = TokenStream.load_state_dict
+
+    def _rows(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, learn = self.rows[index], self.learn[index]
+        targets = rows[:, 1:].masked_fill(~learn[:, 1:], self.ignore_index)
+        return rows[:, :-1], targets
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = []
+        for _ in range(batch_size):
+            if self.position == self.n_windows:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._order_for(self.epoch)
+            picks.append(int(self._order[self.position]))
+            self.position += 1
+        return self._rows(torch.tensor(picks))
+
+    def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = min(self.n_windows, batch_size * n_batches)
+        picks = torch.linspace(0, self.n_windows - 1, n).round().long()
+        return [self._rows(picks[s:s + batch_size]) for s in range(0, n, batch_size)]

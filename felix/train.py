@@ -15,6 +15,7 @@ duplicates the training text), not learning -- the run warns loudly and flags th
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -44,6 +45,8 @@ class TrainConfig:
     out_dir: str = "runs/felix-tiny"
     data: list[str] = field(default_factory=list)      # user files; empty = built-in corpus
     val_data: list[str] = field(default_factory=list)  # explicit validation files; empty = split from data
+    teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
+    init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
     n_records: int = 2000          # structured records added to the built-in corpus
     val_fraction: float = 0.05
     tokenizer: str | None = None   # an existing tokenizer.json (or a directory holding one); None = train one
@@ -80,6 +83,9 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_steps + round(self.decay_fraction * self.steps) > self.steps:
             problems.append(f"warmup_steps {self.warmup_steps} + decay steps {round(self.decay_fraction * self.steps)}"
                             f" exceed steps {self.steps}")
+        if self.teacher_data and (self.data or self.val_data):
+            problems.append("--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
+                            "give one or the other")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if problems:
@@ -228,27 +234,50 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    train_docs, val_docs = _documents(cfg, log)
+    distill = bool(cfg.teacher_data)
+    if distill:  # black-box distillation: masked SFT on teacher responses
+        records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
+        if skipped:
+            log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
+        train_items, val_items = felix_data.split_documents(records, cfg.val_fraction, cfg.seed, key=json.dumps)
+        texts = [felix_data.chat_text(r["prompt"], r["response"]) for r in train_items]
+        teachers = collections.Counter(r["teacher"] for r in records)
+        log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
+    else:
+        train_items, val_items = _documents(cfg, log)
+        texts = train_items
     if resume:
         if not (ckpt_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_DIR}/{STATE_FILE} in {out}")
         tokenizer = Tokenizer.load(ckpt_dir)
+    elif cfg.init_from:
+        tokenizer = Tokenizer.load(cfg.init_from)
     elif cfg.tokenizer:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
         vocab = cfg.vocab_size or felix_model.PRESETS[cfg.preset]["vocab_size"]
         t0 = time.perf_counter()
-        tokenizer = train_tokenizer(train_docs, vocab)
+        tokenizer = train_tokenizer(texts, vocab)
         log(f"trained a byte-level BPE tokenizer: {tokenizer.vocab_size} tokens in {time.perf_counter() - t0:.1f}s")
 
-    train_stream = felix_data.TokenStream.from_documents(train_docs, tokenizer, cfg.seq_len, cfg.seed)
-    val_stream = felix_data.TokenStream.from_documents(val_docs, tokenizer, cfg.seq_len, cfg.seed + 1)
+    if distill:
+        train_stream = felix_data.SFTStream(train_items, tokenizer, cfg.seq_len, cfg.seed)
+        val_stream = felix_data.SFTStream(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
+        if train_stream.truncated or train_stream.dropped:
+            log(f"WARNING: {train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, {train_stream.dropped} "
+                f"dropped (prompt alone longer than seq_len)")
+    else:
+        train_stream = felix_data.TokenStream.from_documents(train_items, tokenizer, cfg.seq_len, cfg.seed)
+        val_stream = felix_data.TokenStream.from_documents(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
     val_batches = val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
     train_eval_batches = train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
     whitelist = torch.tensor(json_structure_whitelist(tokenizer), dtype=torch.long, device=device)
 
-    if resume:
-        model = felix_model.load_checkpoint(ckpt_dir, device)
+    if resume or cfg.init_from:
+        model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
+        model.cfg.checkpoint_activations = cfg.checkpoint_activations
+        if cfg.seq_len > model.cfg.max_seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the checkpoint's max_seq_len {model.cfg.max_seq_len}")
     else:
         mcfg = felix_model.preset(cfg.preset, vocab_size=tokenizer.vocab_size,
                                   max_seq_len=max(cfg.seq_len, felix_model.PRESETS[cfg.preset]["max_seq_len"]),
@@ -275,9 +304,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         random.setstate(state["python_rng"])
         log(f"resumed {out} at step {step}")
 
-    log(f"felix-lm {cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
-    log(f"data: {len(train_docs)} train / {len(val_docs)} validation documents, {train_stream.tokens.numel():,} "
-        f"train tokens = {train_stream.n_windows} windows of {cfg.seq_len}; QUAIL whitelist {whitelist.numel()} "
+    log(f"felix-lm {cfg.init_from or cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
+    log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
+        f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
+        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {whitelist.numel()} "
         f"tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)

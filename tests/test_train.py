@@ -100,3 +100,51 @@ def test_bad_training_input(tmp_path):
         train(tiny_run(tmp_path, "bad", data=[str(bad)]), log=lambda *_: None)
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(tiny_run(tmp_path, "never"), resume=True, log=lambda *_: None)
+
+
+def write_teacher(path, n, seed, bad_lines=()):
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(4)]
+        lines.append(json.dumps({"prompt": "tag: " + " ".join(words),
+                                 "response": json.dumps({"concepts": sorted(set(words))}),
+                                 "teacher": ("qwen", "gemma")[i % 2]}))
+    for at, text in bad_lines:
+        lines.insert(at, text)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_sft_stream_learns_only_the_response(tmp_path):
+    from felix.tokenizer import train_tokenizer
+
+    records, skipped = data.load_teacher_records([write_teacher(tmp_path / "t.jsonl", 6, seed=1,
+                                                                bad_lines=[(2, '{"prompt": "p", "response": "r"}')])])
+    assert len(records) == 6 and skipped and skipped[0].startswith(f"{tmp_path / 't.jsonl'}:3:")
+    tok = train_tokenizer([data.chat_text(r["prompt"], r["response"]) for r in records], vocab_size=300)
+    stream = data.SFTStream(records, tok, seq_len=96)
+    x, y = stream.fixed_batches(6, 1)[0]
+    for row_x, row_y in zip(x, y):
+        learned = row_y[row_y != -100].tolist()
+        record = next(r for r in records if tok.encode(data.chat_prompt(r["prompt"])) ==
+                      row_x[1:1 + len(tok.encode(data.chat_prompt(r["prompt"])))].tolist())
+        assert tok.decode(learned) == record["response"] + data.END + "<|eos|>"
+    with pytest.raises(data.DataError, match="longer than seq_len"):
+        data.SFTStream(records, tok, seq_len=4)
+
+
+def test_distillation_run_and_init_from(tmp_path):
+    teacher = write_teacher(tmp_path / "teacher.jsonl", 40, seed=2, bad_lines=[(5, "garbage")])
+    logs = []
+    first = train(tiny_run(tmp_path, "distill", teacher_data=[teacher], seq_len=64, steps=30, val_fraction=0.2,
+                           eval_every=10), log=logs.append)
+    assert any("qwen 20, gemma 20" in line for line in logs) and any("teacher.jsonl:6" in line for line in logs)
+    assert first.step_losses[-1] < 0.5 * first.step_losses[0]
+    assert first.metrics[-1]["val_ce"] < 0.5 * first.step_losses[0]
+    again = train(tiny_run(tmp_path, "distill2", teacher_data=[teacher], seq_len=64, steps=2, warmup_steps=1,
+                           decay_fraction=0.0, init_from=str(tmp_path / "distill" / "checkpoint")),
+                  log=lambda *_: None)
+    assert again.step_losses[0] < 0.5 * first.step_losses[0]  # starts where the first run ended
+    with pytest.raises(ValueError, match="separate runs"):
+        tiny_run(tmp_path, "x", teacher_data=[teacher], data=[teacher])
