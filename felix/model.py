@@ -249,7 +249,8 @@ class Block(nn.Module):
             return _splice_linear(x, w, s.a, s.b, s.gate)
         return F.linear(x, w)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_backend: str | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         h = self.attn_norm(x)
@@ -257,7 +258,7 @@ class Block(nn.Module):
         k = self.proj("attn_k", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = self.proj("attn_v", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        att = felix.attention(q, k, v, causal=True)
+        att = felix.attention(q, k, v, causal=True, backend=attention_backend)
         x = x + self.proj("attn_output", att.transpose(1, 2).reshape(B, T, cfg.d_model))
         h = self.ffn_norm(x)
         return x + self.proj("ffn_down", F.silu(self.proj("ffn_gate", h)) * self.proj("ffn_up", h))
@@ -292,8 +293,9 @@ class FelixLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.token_embd.weight if self.cfg.tie_embeddings else self.output.weight
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d_model] (the loss op multiplies by the head itself)."""
+    def hidden_states(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model] (the loss op multiplies by the head itself).
+        `attention_backend` picks felix.attention's backend (None = automatic)."""
         B, T = tokens.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -301,19 +303,19 @@ class FelixLM(nn.Module):
         x = self.token_embd(tokens)
         for block in self.blk:
             if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attention_backend, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, attention_backend)
         return self.output_norm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]."""
-        return F.linear(self.hidden_states(tokens), self.head_weight)
+        return F.linear(self.hidden_states(tokens, attention_backend), self.head_weight)
 
     def loss(self, tokens, targets, whitelist=None, margin: float = 1.0, lambda_q: float = 0.0,
-             ignore_index: int = -100) -> LossParts:
-        return _lm_loss(self.hidden_states(tokens), self.head_weight, targets, whitelist, margin, lambda_q,
-                        ignore_index)
+             ignore_index: int = -100, attention_backend: str | None = None) -> LossParts:
+        return _lm_loss(self.hidden_states(tokens, attention_backend), self.head_weight, targets, whitelist, margin,
+                        lambda_q, ignore_index)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
