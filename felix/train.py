@@ -300,6 +300,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         train_stream.load_state_dict(state["train_stream"])
         step, step_losses, metrics, interval = state["step"], state["step_losses"], state["metrics"], state["interval"]
         monitor.alerts = state["memorization_alerts"]
+        changed = {k: (v, getattr(cfg, k)) for k, v in state["train_config"].items()
+                   if k not in ("out_dir", "device") and getattr(cfg, k) != v}
+        if changed:
+            log("WARNING: resuming with settings that differ from the checkpoint's (the curve will not match an "
+                "uninterrupted run): " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         log(f"resumed {out} at step {step}")
