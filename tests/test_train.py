@@ -148,3 +148,16 @@ def test_distillation_run_and_init_from(tmp_path):
     assert again.step_losses[0] < 0.5 * first.step_losses[0]  # starts where the first run ended
     with pytest.raises(ValueError, match="separate runs"):
         tiny_run(tmp_path, "x", teacher_data=[teacher], data=[teacher])
+
+
+def test_felix_train_cli(tmp_path, capsys):
+    from felix.cli import main
+
+    docs = write_docs(tmp_path / "docs.jsonl", 20, seed=5)
+    args = ["train", "--out-dir", str(tmp_path / "cli"), "--data", docs, "--vocab-size", "300", "--seq-len", "32",
+            "--batch-size", "2", "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1"]
+    assert main(args) == 0
+    assert len((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "bad.jsonl").write_text("nope\n")
+    assert main(["train", "--out-dir", str(tmp_path / "cli2"), "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
