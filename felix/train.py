@@ -326,6 +326,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         felix_model.save_checkpoint(ckpt_dir, model, tokenizer, {STATE_FILE: write_state})
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint
+        f.writelines(json.dumps(record) + "\n" for record in metrics)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not sys.stderr.isatty())
     model.train()
     while step < end:
@@ -374,6 +376,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
                 log(f"{banner}\n{alert}\n{banner}")
                 warnings.warn(alert, RuntimeWarning, stacklevel=2)
             metrics.append(record)
+            with open(out / METRICS_FILE, "a") as f:  # appended as it happens, so a crashed run keeps its metrics
+                f.write(json.dumps(record) + "\n")
             interval = {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
             mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
             log(f"step {step}: train CE {record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}; now "
@@ -384,9 +388,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
             checkpoint()
     bar.close()
     checkpoint()
-    with open(out / METRICS_FILE, "w") as f:
-        for record in metrics:
-            f.write(json.dumps(record) + "\n")
     save_loss_curve(out / PLOT_FILE, step_losses, metrics)
     log(f"{'stopped' if step < cfg.steps else 'finished'} at step {step}; checkpoint {ckpt_dir}, metrics "
         f"{out / METRICS_FILE}, plot {out / PLOT_FILE}")

@@ -161,3 +161,12 @@ def test_felix_train_cli(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("nope\n")
     assert main(["train", "--out-dir", str(tmp_path / "cli2"), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_resumed_run_metrics_file_has_each_record_once(tmp_path):
+    docs = write_docs(tmp_path / "docs.jsonl", 20, seed=6)
+    cfg = tiny_run(tmp_path, "m", data=[docs], steps=8, warmup_steps=1, eval_every=2, eval_batches=1)
+    train(cfg, stop_at=4, log=lambda *_: None)
+    assert [json.loads(s)["step"] for s in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    train(cfg, resume=True, log=lambda *_: None)
+    assert [json.loads(s)["step"] for s in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
