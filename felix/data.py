@@ -288,27 +288,14 @@ def split_documents(docs: list, val_fraction: float = 0.05, seed: int = 0, key=s
 
 
 # ------------------------------------------------------------------------------- token stream
-class TokenStream:
-    """Documents tokenized as ``bos ids eos`` and concatenated; cut into windows of ``seq_len + 1`` tokens
-    (stride seq_len) that are served in a fresh seeded order each epoch. ``wraps`` counts completed passes over
-    the corpus. ``state_dict``/``load_state_dict`` restore the cursor exactly (for resume)."""
+class EpochCursor:
+    """Serves row indices 0..n_windows-1 in a fresh seeded order each epoch. ``wraps`` counts completed passes
+    over the corpus; ``state_dict``/``load_state_dict`` restore the cursor exactly (for resume)."""
 
-    def __init__(self, token_ids: torch.Tensor, seq_len: int, seed: int = 0):
-        if token_ids.numel() < seq_len + 1:
-            raise DataError(f"the corpus has {token_ids.numel()} tokens, fewer than one window of seq_len+1 = "
-                            f"{seq_len + 1}; add data or lower --seq-len")
-        self.tokens = token_ids.long()
-        self.seq_len, self.seed = seq_len, seed
-        self.n_windows = (self.tokens.numel() - 1) // seq_len
+    def _start_cursor(self, n_windows: int, seed: int) -> None:
+        self.n_windows, self.seed = n_windows, seed
         self.epoch, self.position = 0, 0
         self._order = self._order_for(0)
-
-    @classmethod
-    def from_documents(cls, docs: list[str], tokenizer, seq_len: int, seed: int = 0) -> TokenStream:
-        ids = []
-        for d in docs:
-            ids += [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]
-        return cls(torch.tensor(ids, dtype=torch.long), seq_len, seed)
 
     def _order_for(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
@@ -317,30 +304,20 @@ class TokenStream:
     def wraps(self) -> int:
         return self.epoch
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each [batch_size, seq_len]; targets are inputs shifted by one token."""
-        rows = []
-        for _ in range(batch_size):
+    def next_indices(self, count: int) -> list[int]:
+        picks = []
+        for _ in range(count):
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._order_for(self.epoch)
-            start = int(self._order[self.position]) * self.seq_len
-            rows.append(self.tokens[start:start + self.seq_len + 1])
+            picks.append(int(self._order[self.position]))
             self.position += 1
-        batch = torch.stack(rows)
-        return batch[:, :-1], batch[:, 1:]
+        return picks
 
-    def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Up to batch_size * n_batches windows spread evenly over the corpus (a stable loss estimate at
-        evaluation time); does not move the cursor."""
-        n = min(self.n_windows, batch_size * n_batches)
-        picks = torch.linspace(0, self.n_windows - 1, n).round().long().tolist()
-        out = []
-        for s in range(0, n, batch_size):
-            b = torch.stack([self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]
-                             for w in picks[s:s + batch_size]])
-            out.append((b[:, :-1], b[:, 1:]))
-        return out
+    def spread_indices(self, count: int) -> list[int]:
+        """Up to `count` indices spread evenly over the corpus (for a stable evaluation sample)."""
+        n = min(self.n_windows, count)
+        return torch.linspace(0, self.n_windows - 1, n).round().long().tolist()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_windows": self.n_windows}
@@ -352,6 +329,39 @@ class TokenStream:
                             f"resume with the same data, tokenizer and --seq-len")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._order_for(self.epoch)
+
+
+class TokenStream(EpochCursor):
+    """Documents tokenized as ``bos ids eos`` and concatenated; cut into windows of ``seq_len + 1`` tokens
+    (stride seq_len) served in a fresh seeded order each epoch (see :class:`EpochCursor`)."""
+
+    def __init__(self, token_ids: torch.Tensor, seq_len: int, seed: int = 0):
+        if token_ids.numel() < seq_len + 1:
+            raise DataError(f"the corpus has {token_ids.numel()} tokens, fewer than one window of seq_len+1 = "
+                            f"{seq_len + 1}; add data or lower --seq-len")
+        self.tokens = token_ids.long()
+        self.seq_len = seq_len
+        self._start_cursor((self.tokens.numel() - 1) // seq_len, seed)
+
+    @classmethod
+    def from_documents(cls, docs: list[str], tokenizer, seq_len: int, seed: int = 0) -> TokenStream:
+        ids = []
+        for d in docs:
+            ids += [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]
+        return cls(torch.tensor(ids, dtype=torch.long), seq_len, seed)
+
+    def _windows(self, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.stack([self.tokens[w * self.seq_len: (w + 1) * self.seq_len + 1] for w in picks])
+        return batch[:, :-1], batch[:, 1:]
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each [batch_size, seq_len]; targets are inputs shifted by one token."""
+        return self._windows(self.next_indices(batch_size))
+
+    def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Windows spread evenly over the corpus, for evaluation; does not move the cursor."""
+        picks = self.spread_indices(batch_size * n_batches)
+        return [self._windows(picks[s:s + batch_size]) for s in range(0, len(picks), batch_size)]
 
 
 # ------------------------------------------------------------------ distillation (masked SFT)
@@ -387,7 +397,7 @@ def load_teacher_records(paths, max_bad_fraction: float = 0.5) -> tuple[list[dic
     return records, skipped
 
 
-class SFTStream:
+class SFTStream(EpochCursor):
     """Chat records as masked SFT rows: ``bos + chat_prompt(prompt) + response + END + eos``, padded (or cut) to
     seq_len + 1; targets on the prompt and the padding are ``ignore_index`` so only the response is learned.
     Rows are served in a seeded order per epoch, with the same cursor/wraps/state API as :class:`TokenStream`."""
@@ -395,7 +405,7 @@ class SFTStream:
     def __init__(self, records: list[dict], tokenizer, seq_len: int, seed: int = 0, ignore_index: int = -100):
         if not records:
             raise DataError("no records for supervised fine-tuning")
-        self.seq_len, self.seed, self.ignore_index = seq_len, seed, ignore_index
+        self.seq_len, self.ignore_index = seq_len, ignore_index
         rows, masks, self.truncated, self.dropped = [], [], 0, 0
         for r in records:
             prompt = [tokenizer.bos_id, *tokenizer.encode(chat_prompt(r["prompt"]))]
@@ -414,31 +424,16 @@ class SFTStream:
             raise DataError(f"every prompt is longer than seq_len {seq_len}: nothing left to learn")
         self.rows, self.learn = torch.tensor(rows), torch.tensor(masks)
         self.tokens = self.rows[self.learn]  # the learned tokens (for counts in logs)
-        self.n_windows = len(rows)
-        self.epoch, self.position = 0, 0
-        self._order = self._order_for(0)
+        self._start_cursor(len(rows), seed)
 
-    _order_for = TokenStream._order_for
-    wraps = TokenStream.wraps
-    state_dict = TokenStream.state_dict
-    load_state_dict = TokenStream.load_state_dict
-
-    def _rows(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(picks)
         rows, learn = self.rows[index], self.learn[index]
-        targets = rows[:, 1:].masked_fill(~learn[:, 1:], self.ignore_index)
-        return rows[:, :-1], targets
+        return rows[:, :-1], rows[:, 1:].masked_fill(~learn[:, 1:], self.ignore_index)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = []
-        for _ in range(batch_size):
-            if self.position == self.n_windows:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._order_for(self.epoch)
-            picks.append(int(self._order[self.position]))
-            self.position += 1
-        return self._rows(torch.tensor(picks))
+        return self._rows(self.next_indices(batch_size))
 
     def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n = min(self.n_windows, batch_size * n_batches)
-        picks = torch.linspace(0, self.n_windows - 1, n).round().long()
-        return [self._rows(picks[s:s + batch_size]) for s in range(0, n, batch_size)]
+        picks = self.spread_indices(batch_size * n_batches)
+        return [self._rows(picks[s:s + batch_size]) for s in range(0, len(picks), batch_size)]
