@@ -4,6 +4,7 @@
     felix backends      which backends run here, and why not where they do not
     felix aot-report    compile every Triton kernel for gfx1101 and sm_90 and print registers / LDS / spills
     felix selftest      run every op against its torch reference on this machine's best device; exit 1 on failure
+    felix train         train Felix-LM (default: the tiny preset on the built-in corpus, CPU, a few minutes)
 """
 from __future__ import annotations
 
@@ -128,6 +129,52 @@ def cmd_selftest(args) -> int:
     return 1 if failed or not rows else 0
 
 
+def cmd_train(args) -> int:
+    from felix.data import DataError
+    from felix.model import CheckpointError
+    from felix.train import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "stop_at")}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+        result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"felix train: error: {e}", file=sys.stderr)
+        return 2
+    if result.memorization_alerts:
+        print(f"felix train: {len(result.memorization_alerts)} memorization warning(s); see above", file=sys.stderr)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from felix.model import PRESETS
+    from felix.train import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume")
+    t.add_argument("--preset", choices=list(PRESETS), default=d.preset)
+    t.add_argument("--out-dir", default=d.out_dir, help="run directory: checkpoint/, metrics.jsonl, loss_curve.png")
+    t.add_argument("--data", action="append", default=[], help="JSONL ({text} or {prompt, response}) or text file; "
+                   "repeatable; default: the built-in corpus")
+    t.add_argument("--val-data", action="append", default=[], help="validation files (default: a held-out split)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly")
+    t.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this many steps")
+    for name in ("n_records", "vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "warmup_steps",
+                 "eval_every", "eval_batches", "checkpoint_every", "seed", "memorization_min_wraps"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(d, name)}")
+    for name in ("val_fraction", "lr", "decay_fraction", "final_lr_fraction", "weight_decay", "grad_clip",
+                 "lambda_q", "margin", "peak_tflops", "memorization_gap"):
+        t.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(d, name)}")
+    t.add_argument("--teacher-data", action="append", default=[], help="distillation: JSONL of {prompt, response, "
+                   "teacher} trained as masked SFT on the responses (repeatable; several teachers welcome)")
+    t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
+    t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
+    t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    t.add_argument("--checkpoint-activations", action="store_true", default=None,
+                   help="recompute each layer in the backward pass (less memory)")
+    t.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--op", action="append", choices=list(selftest_checks()), help="default: all")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_selftest)
+
+    _add_train_parser(sub)
     return p
 
 

@@ -1,0 +1,403 @@
+"""Felix-LM v2: a llama-style decoder that stock llama.cpp can run, with SpliceCore low-rank splices.
+
+Read top to bottom: config + presets, parameter counts, the two op seams, the layers (RMSNorm, RoPE,
+attention, SwiGLU, block), the model, checkpoints.
+
+Layout decisions (so a GGUF export is a rename, not a transformation):
+
+* Parameter names ARE llama.cpp's GGUF tensor names: ``token_embd.weight``, ``blk.N.attn_norm.weight``,
+  ``blk.N.attn_q.weight`` ... ``blk.N.ffn_down.weight``, ``output_norm.weight``, ``output.weight`` (absent
+  when tied to the embedding), and the splices ``blk.N.splice.<projection>.a|b|gate``.
+* RoPE rotates ADJACENT pairs (2i, 2i+1) -- the "NORM" rope that llama.cpp's ``llama`` arch applies -- not
+  HF's ``rotate_half`` (i, i + d/2, the NEOX style). A model trained this way exports q/k weights with NO row
+  permutation (FACTS §4: checked identical to 4e-15; HF-layout models need convert_hf_to_gguf's permute).
+* Attention goes through ``felix.attention`` (causal, grouped-query when n_kv_head < n_head).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import felix
+
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+# ------------------------------------------------------------------------------------- config
+@dataclass
+class FelixConfig:
+    vocab_size: int = 2048
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2
+    ffn_hidden: int = 352
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # SpliceCore: low-rank trainable corrections on chosen projections of chosen layers.
+    # splice_layers None = every 4th layer starting at 3 (3, 7, 11, ...).
+    splice_layers: list[int] | None = None
+    splice_projections: list[str] = field(default_factory=lambda: ["ffn_down"])
+    splice_rank: int = 8
+    splice_gate_init: float = 1.0
+    checkpoint_activations: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        problems = []
+        if self.d_model % self.n_head:
+            problems.append(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        bad_proj = [p for p in self.splice_projections if p not in PROJECTIONS]
+        if bad_proj:
+            problems.append(f"unknown splice projection(s) {bad_proj}; choose from {list(PROJECTIONS)}")
+        bad_layers = [i for i in self.resolved_splice_layers() if not 0 <= i < self.n_layer]
+        if bad_layers:
+            problems.append(f"splice layer(s) {bad_layers} outside 0..{self.n_layer - 1}")
+        if self.splice_rank < 1 and self.resolved_splice_layers() and self.splice_projections:
+            problems.append(f"splice_rank must be >= 1, got {self.splice_rank}")
+        if min(self.vocab_size, self.n_layer, self.d_model, self.ffn_hidden, self.max_seq_len) < 1:
+            problems.append("vocab_size, n_layer, d_model, ffn_hidden, max_seq_len must be positive")
+        if problems:
+            raise ValueError("invalid FelixConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def resolved_splice_layers(self) -> list[int]:
+        if self.splice_layers is None:
+            return list(range(3, self.n_layer, 4))
+        return sorted(set(self.splice_layers))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FelixConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown FelixConfig field(s) {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU, seconds: 4 layers x 128 (head_dim 32, GQA 4:2), one splice on layer 3.
+    "tiny": dict(vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128),
+    # The seed's scale-down pilot: ~50M.
+    "pilot-50m": dict(vocab_size=32768, n_layer=12, d_model=512, n_head=8, n_kv_head=4, ffn_hidden=1408,
+                      max_seq_len=2048),
+    # 24 x 1024 x 16 heads (head_dim 64), GQA 16:4, SwiGLU 3072, tied 32K vocab: ~323M.
+    "felix-300m": dict(vocab_size=32768, n_layer=24, d_model=1024, n_head=16, n_kv_head=4, ffn_hidden=3072,
+                       max_seq_len=2048),
+    # 24 x 1280 x 20 heads (head_dim 64), GQA 20:4, SwiGLU 4096, tied 32K vocab: ~514M.
+    "felix-500m": dict(vocab_size=32768, n_layer=24, d_model=1280, n_head=20, n_kv_head=4, ffn_hidden=4096,
+                       max_seq_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> FelixConfig:
+    """A preset config by name, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+    return FelixConfig(**{**PRESETS[name], **overrides})
+
+
+def _projection_shape(cfg: FelixConfig, proj: str) -> tuple[int, int]:
+    """(out_features, in_features) of a projection."""
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    return {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
+            "ffn_gate": (cfg.ffn_hidden, d), "ffn_up": (cfg.ffn_hidden, d), "ffn_down": (d, cfg.ffn_hidden)}[proj]
+
+
+def parameter_counts(cfg: FelixConfig) -> dict[str, int]:
+    """Parameters per part, by arithmetic (no allocation), for any preset size."""
+    attn = sum(math.prod(_projection_shape(cfg, p)) for p in PROJECTIONS[:4])
+    ffn = sum(math.prod(_projection_shape(cfg, p)) for p in PROJECTIONS[4:])
+    splice = sum(cfg.splice_rank * sum(_projection_shape(cfg, p)) + 1
+                 for _ in cfg.resolved_splice_layers() for p in cfg.splice_projections)
+    counts = {"embedding": cfg.vocab_size * cfg.d_model, "attention": cfg.n_layer * attn, "ffn": cfg.n_layer * ffn,
+              "norms": (2 * cfg.n_layer + 1) * cfg.d_model, "splice": splice,
+              "output_head": 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_parameter_counts(cfg: FelixConfig) -> str:
+    c = parameter_counts(cfg)
+    return ", ".join(f"{k} {v / 1e6:.2f}M" if v >= 1e5 else f"{k} {v:,}" for k, v in c.items())
+
+
+# ----------------------------------------------------------------------------------- op seams
+# The lead swaps these two seams for felix.lowrank_linear / felix.linear_ce_quail after merging issues 4/5
+# (same math, fused kernels). Everything else in the model calls only these.
+def _splice_linear(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   gate: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + gate * (x A^T) B^T  (W [out, in], A [r, in], B [out, r], gate a 1-element tensor).
+    TODO(lead): felix.lowrank_linear(x, weight, a, b, gate)."""
+    return F.linear(x, weight) + gate * F.linear(F.linear(x, a), b)
+
+
+class LossParts(NamedTuple):
+    loss: torch.Tensor          # ce + lambda_q * hinge (what is backpropagated)
+    ce: torch.Tensor            # mean cross-entropy over non-ignored targets
+    hinge: torch.Tensor         # mean QUAIL hinge over whitelisted targets (0 when none)
+    active_hinge_count: torch.Tensor  # whitelisted targets whose margin is below `margin`
+
+
+def _lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, whitelist: torch.Tensor | None,
+             margin: float, lambda_q: float, ignore_index: int = -100) -> LossParts:
+    """Cross-entropy of logits = h W^T, plus the QUAIL margin hinge: at every target that is a whitelisted
+    token (JSON structure, refusal flags), ``relu(margin - (z_target - max_{j != target} z_j))``, averaged
+    over those targets, so the right structure token keeps a logit lead that 4-bit rounding cannot flip.
+    Logits are computed in fp32. TODO(lead): felix.linear_ce_quail(h, weight, targets, whitelist, ...)."""
+    logits = F.linear(h.reshape(-1, h.shape[-1]), weight).float()
+    t = targets.reshape(-1)
+    ce = F.cross_entropy(logits, t, ignore_index=ignore_index)
+    zero = logits.new_zeros(())
+    if whitelist is None or whitelist.numel() == 0 or lambda_q == 0:
+        return LossParts(ce, ce, zero, zero.long())
+    valid = t != ignore_index
+    protected = valid & torch.isin(t, whitelist.to(t.device))
+    if not protected.any():
+        return LossParts(ce, ce, zero, zero.long())
+    z = logits[protected]
+    tp = t[protected]
+    z_target = z.gather(1, tp[:, None]).squeeze(1)
+    z_other = z.scatter(1, tp[:, None], float("-inf")).amax(1)
+    shortfall = margin - (z_target - z_other)
+    hinge = F.relu(shortfall).mean()
+    return LossParts(ce + lambda_q * hinge, ce, hinge, (shortfall > 0).sum())
+
+
+# -------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [seq_len, head_dim/2] for frequencies theta^(-2i/head_dim), i = 0..head_dim/2-1."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ADJACENT pairs (x[2i], x[2i+1]) by angle pos * freq_i: llama.cpp's NORM rope (see module doc).
+    x [B, H, T, D]; cos/sin [T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class SpliceCore(nn.Module):
+    """One low-rank splice on one projection: A [r, in] (small random), B [out, r] (zeros, so the model starts
+    exactly as the base), gate (1 element). Trained from step 0. Tensors: blk.N.splice.<proj>.a|b|gate."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, gate_init: float, init_std: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) * init_std)
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+
+
+class Block(nn.Module):
+    """Pre-norm llama block: x += attn(attn_norm(x)); x += ffn(ffn_norm(x)), with optional splices."""
+
+    def __init__(self, cfg: FelixConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        for proj in PROJECTIONS:
+            out_f, in_f = _projection_shape(cfg, proj)
+            setattr(self, proj, nn.Linear(in_f, out_f, bias=False))
+        spliced = cfg.splice_projections if layer in cfg.resolved_splice_layers() else []
+        self.splice = nn.ModuleDict({p: SpliceCore(_projection_shape(cfg, p)[1], _projection_shape(cfg, p)[0],
+                                                   cfg.splice_rank, cfg.splice_gate_init, cfg.init_std)
+                                     for p in spliced})
+
+    def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, name).weight
+        if name in self.splice:
+            s = self.splice[name]
+            return _splice_linear(x, w, s.a, s.b, s.gate)
+        return F.linear(x, w)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_backend: str | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.proj("attn_q", h).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.proj("attn_k", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = self.proj("attn_v", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = felix.attention(q, k, v, causal=True, backend=attention_backend)
+        x = x + self.proj("attn_output", att.transpose(1, 2).reshape(B, T, cfg.d_model))
+        h = self.ffn_norm(x)
+        return x + self.proj("ffn_down", F.silu(self.proj("ffn_gate", h)) * self.proj("ffn_up", h))
+
+
+# --------------------------------------------------------------------------------------- model
+class FelixLM(nn.Module):
+    def __init__(self, cfg: FelixConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blk = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif ".splice." in name:
+                continue  # SpliceCore's own init (B = 0: the splice starts as a no-op)
+            elif name.endswith(("attn_output.weight", "ffn_down.weight")):
+                p.normal_(0, std / math.sqrt(2 * self.cfg.n_layer))  # GPT-2 residual scaling
+            else:
+                p.normal_(0, std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.token_embd.weight if self.cfg.tie_embeddings else self.output.weight
+
+    def hidden_states(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model] (the loss op multiplies by the head itself).
+        `attention_backend` picks felix.attention's backend (None = automatic)."""
+        B, T = tokens.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, tokens.device)
+        x = self.token_embd(tokens)
+        for block in self.blk:
+            if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, attention_backend, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attention_backend)
+        return self.output_norm(x)
+
+    def forward(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]."""
+        return F.linear(self.hidden_states(tokens, attention_backend), self.head_weight)
+
+    def loss(self, tokens, targets, whitelist=None, margin: float = 1.0, lambda_q: float = 0.0,
+             ignore_index: int = -100, attention_backend: str | None = None) -> LossParts:
+        return _lm_loss(self.hidden_states(tokens, attention_backend), self.head_weight, targets, whitelist, margin,
+                        lambda_q, ignore_index)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be loaded (missing files, corrupt data, tensors that do not fit)."""
+
+
+def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + `extra_files` {name: callable(path)})
+    into a fresh temporary directory beside `directory`, then swap it into place, so a crash mid-write never
+    leaves a half-written checkpoint under the final name."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "felix-lm"})
+        (tmp / CONFIG_FILE).write_text(model.cfg.to_json())
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_config(directory) -> FelixConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a Felix checkpoint: {CONFIG_FILE} is missing")
+    try:
+        return FelixConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a Felix config: {e}") from e
+
+
+def load_state_into(model: FelixLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy `tensors` into `model`, first listing every missing, unexpected and mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    misshaped = sorted(f"{k}: {tuple(tensors[k].shape)} in {source}, model wants {tuple(expected[k].shape)}"
+                       for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    if missing or extra or misshaped:
+        lines = [f"{source} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
+        if extra:
+            lines.append(f"  unexpected tensors ({len(extra)}): {', '.join(extra)}")
+        if misshaped:
+            lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_checkpoint(directory, device="cpu") -> FelixLM:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = load_config(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a Felix checkpoint: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from e
+    model = FelixLM(cfg)
+    load_state_into(model, tensors, source=str(path))
+    return model.to(device)

@@ -1,0 +1,100 @@
+"""Felix's tokenizer: byte-level BPE (GPT-2 style byte alphabet) trained with HF `tokenizers`.
+
+Byte-level means every string round-trips and the byte tokens are GPT-2's ``bytes_to_unicode`` symbols, which
+is what a GGUF ``tokenizer.ggml.model = "gpt2"`` export needs (see FACTS §4). Special tokens come first in the
+vocabulary (ids 0..): bos, eos, pad and the chat role markers of felix/data.py. Saved as ``tokenizer.json``
+beside a checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from felix.data import ASSISTANT, END, SYSTEM, USER
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
+TOKENIZER_FILE = "tokenizer.json"
+
+# Characters that make up JSON structure: a token made only of these (and whitespace) is a structure token.
+JSON_STRUCTURE_CHARS = set('{}[]":,')
+
+
+class Tokenizer:
+    """A thin wrapper over a HF `tokenizers.Tokenizer` with Felix's special-token ids as attributes."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks Felix special tokens {missing}")
+        self.bos_id, self.eos_id, self.pad_id = (hf.token_to_id(t) for t in (BOS, EOS, PAD))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int:
+        tid = self.hf.token_to_id(token)
+        if tid is None:
+            raise KeyError(f"{token!r} is not a token of this tokenizer")
+        return tid
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        self.hf.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path} is not a valid tokenizers JSON file: {e}") from e
+        return cls(hf)
+
+
+def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train byte-level BPE on `texts` (an iterable of strings) up to `vocab_size` tokens, specials included."""
+    n_base = len(SPECIAL_TOKENS) + 256
+    if vocab_size < n_base + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {n_base}, "
+                         f"plus at least one merge")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def json_structure_whitelist(tokenizer: Tokenizer) -> list[int]:
+    """Token ids whose text is JSON structure (braces, brackets, quotes, colons, commas, optional whitespace,
+    at least one structure character) or a JSON literal (``true``/``false``/``null``, the has_principle
+    refusal flag among them). These are the tokens whose margins QUAIL protects.
+
+    (The lead may replace this with ``felix.quail.build_whitelist(tokenizer, patterns)`` after merging.)"""
+    ids = []
+    for token, tid in tokenizer.hf.get_vocab().items():
+        if token in SPECIAL_TOKENS:
+            continue
+        text = tokenizer.decode([tid])
+        core = text.strip()
+        if (core and set(core) <= JSON_STRUCTURE_CHARS | {" "}) or core in ("true", "false", "null"):
+            ids.append(tid)
+    return sorted(ids)

@@ -1,0 +1,137 @@
+"""Built-in corpus, structured records, user data files, validation split, token stream, tokenizer."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from felix import data
+from felix.tokenizer import SPECIAL_TOKENS, Tokenizer, json_structure_whitelist, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    docs = data.builtin_prose()[:20] + [data.chat_text(r["prompt"], r["response"])
+                                        for r in data.structured_records(200, seed=3)]
+    return train_tokenizer(docs, vocab_size=600)
+
+
+def test_structured_records_have_the_task_suite_shapes(seed):
+    records = data.structured_records(80, seed=seed)
+    assert {r["task"] for r in records} == set(data.TASKS)
+    seen_refusal = seen_principle = False
+    for r in records:
+        if r["task"] == "synthesis":
+            n_sentences = len(re.findall(r"[.!?](?:\s|$)", r["response"]))
+            assert 2 <= n_sentences <= 5, r["response"]
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(r["response"])
+            continue
+        obj = json.loads(r["response"])
+        if r["task"] == "encoding":
+            assert {"gist", "summary", "concepts", "structured_concepts", "significance", "salience"} <= set(obj)
+            assert isinstance(obj["concepts"], list) and obj["concepts"]
+            assert isinstance(obj["structured_concepts"], dict) and 0 <= obj["salience"] <= 1
+        elif r["task"] == "episode":
+            assert set(obj) == {"title", "summary", "concepts", "salience"}
+            assert isinstance(obj["concepts"], list) and 0 <= obj["salience"] <= 1
+        else:
+            assert set(obj) == {"has_principle", "title", "principle", "concepts", "confidence"}
+            assert isinstance(obj["has_principle"], bool)
+            if obj["has_principle"]:
+                seen_principle = True
+                assert obj["principle"] and obj["concepts"]
+            else:
+                seen_refusal = True
+                assert obj["principle"] == "" and obj["concepts"] == []
+    assert seen_refusal and seen_principle
+    assert data.structured_records(10, seed=seed) == data.structured_records(10, seed=seed)
+    assert data.structured_records(10, seed=seed) != data.structured_records(10, seed=seed + 1)
+
+
+def test_builtin_corpus_is_offline_and_substantial():
+    prose = data.builtin_prose()
+    assert len(prose) > 50 and sum(map(len, prose)) > 300_000
+    corpus = data.builtin_corpus(n_records=40)
+    assert len(corpus) == len(prose) + 40 and data.ASSISTANT in corpus[-1]
+
+
+def test_split_is_deterministic_and_disjoint():
+    docs = [f"document number {i}" for i in range(200)]
+    train, val = data.split_documents(docs, 0.1, seed=1)
+    assert (train, val) == data.split_documents(docs, 0.1, seed=1)
+    assert len(val) == 20 and not set(train) & set(val) and len(train) + len(val) == 200
+
+
+def test_user_data_reports_malformed_lines_by_number(tmp_path):
+    good = [json.dumps({"text": "hello world"}), json.dumps({"prompt": "p", "response": "r", "teacher": "t"})]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(good * 3 + ["{not json", json.dumps({"prompt": "only a prompt"})]) + "\n")
+    loaded = data.load_user_data([path])
+    assert len(loaded.documents) == 6 and len(loaded.records) == 3
+    assert [s.split(": ")[0] for s in loaded.skipped] == [f"{path}:7", f"{path}:8"]
+    assert "not valid JSON" in loaded.skipped[0] and "'prompt' and 'response'" in loaded.skipped[1]
+
+
+def test_user_data_mostly_malformed_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "ok"}), "oops", "[1, 2]", "{\"text\": 3}"]))
+    with pytest.raises(data.DataError, match=r"3 of 4 non-empty lines are malformed(.|\n)*bad.jsonl:2(.|\n)*:3"):
+        data.load_user_data([path])
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_user_data([tmp_path / "nope.jsonl"])
+
+
+def test_text_files_are_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text document\n")
+    assert data.load_user_data([tmp_path / "a.txt"]).documents == ["plain text document\n"]
+
+
+def test_token_stream_wraps_and_resumes_exactly(seed):
+    stream = data.TokenStream(torch.arange(101), seq_len=10, seed=seed)
+    assert stream.n_windows == 10
+    for _ in range(3):
+        stream.next_batch(4)
+    assert stream.wraps == 1
+    state = stream.state_dict()
+    expected = [stream.next_batch(3) for _ in range(5)]
+    resumed = data.TokenStream(torch.arange(101), seq_len=10, seed=seed)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch(3) for _ in range(5)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(data.DataError, match="cannot resume"):
+        data.TokenStream(torch.arange(201), seq_len=10, seed=seed).load_state_dict(state)
+    with pytest.raises(data.DataError, match="fewer than one window"):
+        data.TokenStream(torch.arange(5), seq_len=10)
+
+
+def test_tokenizer_round_trip_specials_and_whitelist(small_tokenizer, tmp_path):
+    tok = small_tokenizer
+    assert tok.vocab_size == 600
+    assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    text = data.chat_text("Encode: caf\u00e9 \u2603 {x}", '{"gist": "a", "concepts": []}')
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.token_id(data.USER) in ids and tok.token_id(data.END) in ids
+    whitelist = json_structure_whitelist(tok)
+    texts = {tok.decode([i]).strip() for i in whitelist}
+    assert {"{", "}", "[", "]", ":", ",", '"'} <= texts
+    assert all(set(t) <= set('{}[]":, ') or t in ("true", "false", "null") for t in texts)
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.encode(text) == ids and again.bos_id == tok.bos_id
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match="too small"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_paragraph_chunks_keep_paragraphs_whole():
+    paras = [f"paragraph {i} " + "word " * (i * 37 % 300) for i in range(40)]
+    text = "\n\n".join(paras)
+    chunks = data.paragraph_chunks(text, max_chars=800)
+    assert "\n\n".join(chunks) == text
+    assert all(len(c) <= 800 or "\n\n" not in c for c in chunks) and len(chunks) > 5
