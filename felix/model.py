@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import felix
+from felix.reference.loss import LossParts
+from felix.splice import SpliceCore
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -145,46 +146,29 @@ def format_parameter_counts(cfg: FelixConfig) -> str:
     return ", ".join(f"{k} {v / 1e6:.2f}M" if v >= 1e5 else f"{k} {v:,}" for k, v in c.items())
 
 
-# ----------------------------------------------------------------------------------- op seams
-# The lead swaps these two seams for felix.lowrank_linear / felix.linear_ce_quail after merging issues 4/5
-# (same math, fused kernels). Everything else in the model calls only these.
+# ------------------------------------------------------------------------------------- the ops
+# The model's three heavy products go through Felix's op layer (reference / Triton backends):
+# felix.attention, felix.lowrank_linear (spliced projections) and felix.linear_ce_quail (the loss).
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def _splice_linear(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    gate: torch.Tensor) -> torch.Tensor:
-    """y = x W^T + gate * (x A^T) B^T  (W [out, in], A [r, in], B [out, r], gate a 1-element tensor).
-    TODO(lead): felix.lowrank_linear(x, weight, a, b, gate)."""
-    return F.linear(x, weight) + gate * F.linear(F.linear(x, a), b)
-
-
-class LossParts(NamedTuple):
-    loss: torch.Tensor          # ce + lambda_q * hinge (what is backpropagated)
-    ce: torch.Tensor            # mean cross-entropy over non-ignored targets
-    hinge: torch.Tensor         # mean QUAIL hinge over whitelisted targets (0 when none)
-    active_hinge_count: torch.Tensor  # whitelisted targets whose margin is below `margin`
+    """y = x W^T + gate * (x A^T) B^T  (W [out, in], A [r, in], B [out, r], gate a 1-element tensor), fused.
+    Under autocast the operands take the autocast dtype, as F.linear's would."""
+    dt = _autocast_dtype(x.device) or x.dtype
+    return felix.lowrank_linear(x.to(dt), weight.to(dt), a.to(dt), b.to(dt), gate)
 
 
 def _lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, whitelist: torch.Tensor | None,
              margin: float, lambda_q: float, ignore_index: int = -100) -> LossParts:
-    """Cross-entropy of logits = h W^T, plus the QUAIL margin hinge: at every target that is a whitelisted
-    token (JSON structure, refusal flags), ``relu(margin - (z_target - max_{j != target} z_j))``, averaged
-    over those targets, so the right structure token keeps a logit lead that 4-bit rounding cannot flip.
-    Logits are computed in fp32. TODO(lead): felix.linear_ce_quail(h, weight, targets, whitelist, ...)."""
-    logits = F.linear(h.reshape(-1, h.shape[-1]), weight).float()
-    t = targets.reshape(-1)
-    ce = F.cross_entropy(logits, t, ignore_index=ignore_index)
-    zero = logits.new_zeros(())
-    if whitelist is None or whitelist.numel() == 0 or lambda_q == 0:
-        return LossParts(ce, ce, zero, zero.long())
-    valid = t != ignore_index
-    protected = valid & torch.isin(t, whitelist.to(t.device))
-    if not protected.any():
-        return LossParts(ce, ce, zero, zero.long())
-    z = logits[protected]
-    tp = t[protected]
-    z_target = z.gather(1, tp[:, None]).squeeze(1)
-    z_other = z.scatter(1, tp[:, None], float("-inf")).amax(1)
-    shortfall = margin - (z_target - z_other)
-    hinge = F.relu(shortfall).mean()
-    return LossParts(ce + lambda_q * hinge, ce, hinge, (shortfall > 0).sum())
+    """Cross-entropy of logits = h W^T plus lambda_q times the QUAIL margin hinge over whitelisted targets
+    (token ids or a vocabulary mask): felix.linear_ce_quail, which never materializes the logits."""
+    dt = _autocast_dtype(h.device) or h.dtype
+    wl = whitelist if whitelist is not None and whitelist.numel() else None
+    return felix.linear_ce_quail(h.reshape(-1, h.shape[-1]).to(dt), weight.to(dt), targets.reshape(-1), wl,
+                                 margin=margin, lambda_q=lambda_q, ignore_index=ignore_index)
 
 
 # -------------------------------------------------------------------------------------- layers
@@ -215,17 +199,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-class SpliceCore(nn.Module):
-    """One low-rank splice on one projection: A [r, in] (small random), B [out, r] (zeros, so the model starts
-    exactly as the base), gate (1 element). Trained from step 0. Tensors: blk.N.splice.<proj>.a|b|gate."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, gate_init: float, init_std: float):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features) * init_std)
-        self.b = nn.Parameter(torch.zeros(out_features, rank))
-        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
-
-
 class Block(nn.Module):
     """Pre-norm llama block: x += attn(attn_norm(x)); x += ffn(ffn_norm(x)), with optional splices."""
 
@@ -238,9 +211,13 @@ class Block(nn.Module):
             out_f, in_f = _projection_shape(cfg, proj)
             setattr(self, proj, nn.Linear(in_f, out_f, bias=False))
         spliced = cfg.splice_projections if layer in cfg.resolved_splice_layers() else []
+        # felix.splice.SpliceCore (B = 0: the model starts exactly as the base); module paths
+        # blk.N.splice.<proj> make the tensor names blk.N.splice.<proj>.a|b|gate (felix.splice's name API)
         self.splice = nn.ModuleDict({p: SpliceCore(_projection_shape(cfg, p)[1], _projection_shape(cfg, p)[0],
-                                                   cfg.splice_rank, cfg.splice_gate_init, cfg.init_std)
+                                                   cfg.splice_rank, gate_init=cfg.splice_gate_init)
                                      for p in spliced})
+        for core in self.splice.values():
+            nn.init.normal_(core.a, 0.0, cfg.init_std)
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name).weight

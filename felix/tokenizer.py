@@ -18,9 +18,6 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
 TOKENIZER_FILE = "tokenizer.json"
 
-# Characters that make up JSON structure: a token made only of these (and whitespace) is a structure token.
-JSON_STRUCTURE_CHARS = set('{}[]":,')
-
 
 class Tokenizer:
     """A thin wrapper over a HF `tokenizers.Tokenizer` with Felix's special-token ids as attributes."""
@@ -83,18 +80,12 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer
     return Tokenizer(hf)
 
 
-def json_structure_whitelist(tokenizer: Tokenizer) -> list[int]:
-    """Token ids whose text is JSON structure (braces, brackets, quotes, colons, commas, optional whitespace,
-    at least one structure character) or a JSON literal (``true``/``false``/``null``, the has_principle
-    refusal flag among them). These are the tokens whose margins QUAIL protects.
+def json_structure_whitelist(tokenizer: Tokenizer, strings=()) -> list[int]:
+    """Token ids the QUAIL hinge protects: every token containing JSON structure (``{ } [ ] " : ,``), the
+    tokens of the JSON literals (``true``/``false``/``null``; has_principle=false is the refusal path) and of
+    `strings` (field names, refusal phrases) — felix.quail.build_whitelist — minus Felix's special tokens."""
+    from felix.quail import build_whitelist
 
-    (The lead may replace this with ``felix.quail.build_whitelist(tokenizer, patterns)`` after merging.)"""
-    ids = []
-    for token, tid in tokenizer.hf.get_vocab().items():
-        if token in SPECIAL_TOKENS:
-            continue
-        text = tokenizer.decode([tid])
-        core = text.strip()
-        if (core and set(core) <= JSON_STRUCTURE_CHARS | {" "}) or core in ("true", "false", "null"):
-            ids.append(tid)
-    return sorted(ids)
+    mask = build_whitelist(tokenizer.hf, strings=strings)
+    specials = {tokenizer.hf.token_to_id(t) for t in SPECIAL_TOKENS}
+    return [i for i in mask.nonzero()[:, 0].tolist() if i not in specials]

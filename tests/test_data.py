@@ -118,7 +118,9 @@ def test_tokenizer_round_trip_specials_and_whitelist(small_tokenizer, tmp_path):
     whitelist = json_structure_whitelist(tok)
     texts = {tok.decode([i]).strip() for i in whitelist}
     assert {"{", "}", "[", "]", ":", ",", '"'} <= texts
-    assert all(set(t) <= set('{}[]":, ') or t in ("true", "false", "null") for t in texts)
+    literal_ids = {i for lit in ("true", "false", "null") for v in (lit, " " + lit) for i in tok.encode(v)}
+    assert all(set(tok.decode([i])) & set('{}[]":,') or i in literal_ids for i in whitelist)
+    assert not set(whitelist) & {tok.token_id(t) for t in SPECIAL_TOKENS}
     tok.save(tmp_path)
     again = Tokenizer.load(tmp_path)
     assert again.encode(text) == ids and again.bos_id == tok.bos_id

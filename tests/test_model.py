@@ -164,3 +164,16 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         M.load_checkpoint(tmp_path / "ck")
     with pytest.raises(M.CheckpointError, match="config.json is missing"):
         M.load_checkpoint(tmp_path / "nothing")
+
+
+def test_model_splices_are_reachable_by_gguf_name():
+    """The model's splices are felix.splice.SpliceCores: the name API reads and writes them by GGUF name."""
+    from felix import splice
+
+    model = M.FelixLM(M.preset("tiny"))
+    names = splice.list_splices(model)
+    assert names and all(n.startswith("blk.") and ".splice." in n for n in names)
+    name = next(n for n in names if n.endswith(".b"))
+    value = torch.randn(names[name][0])
+    splice.write_splice(model, name, value)
+    assert torch.equal(dict(model.named_parameters())[name], value)
