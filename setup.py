@@ -90,7 +90,8 @@ setup(
     package_dir={"felix.kernels": "kernels"},
     ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60"],
+    install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60", "tokenizers>=0.19", "safetensors>=0.4",
+                      "matplotlib>=3.7"],
     extras_require={
         "test": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
