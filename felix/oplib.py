@@ -60,6 +60,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def arch_key(device: torch.device) -> str:
+    """Which launch-config entry (the LAUNCH_CONFIGS tables in kernels/*.py) a device uses: "interpreter"
+    for CPU tensors / TRITON_INTERPRET=1, "gfx11" for RDNA3 (RX 7800 XT), "sm90" for Hopper, else
+    "default". felix.aot.ARCH_KEYS maps the AOT targets onto the same keys."""
+    if triton_interpreting() or device.type == "cpu":
+        return "interpreter"
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
+    return "sm90" if props.major == 9 else "default"
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:

@@ -60,6 +60,22 @@ def _runnable_backends(op: str, device: torch.device) -> list[str]:
     return names
 
 
+def _dtypes(backend: str, device: torch.device) -> list[torch.dtype]:
+    """fp32, fp16, bf16 -- without bf16 for Triton on CPU: the interpreter's bf16 math is wrong
+    (triton-lang/triton#11584)."""
+    if backend == "triton" and device.type == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _max_rel_error(got, want, floor: float = 1e-30) -> float:
+    """max over tensors of max|got - want| / max(max|want|, floor); NaN when any output is not finite."""
+    if not all(bool(torch.isfinite(g).all()) for g in got):
+        return float("nan")
+    return max(float((g.detach().double() - w.detach()).abs().max() / w.detach().abs().max().clamp_min(floor))
+               for g, w in zip(got, want))
+
+
 def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
     import felix
 
@@ -98,9 +114,7 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
                                                                      (300, 2816, 1024)]
     rows = []
     for backend in _runnable_backends("quant_matmul", device):
-        dtypes = [torch.float32, torch.float16, torch.bfloat16]
-        if backend == "triton" and device.type == "cpu":
-            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        dtypes = _dtypes(backend, device)
         for fmt in QUANT_MATMUL_FORMATS:
             for m, n, k in shapes:
                 w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
@@ -146,9 +160,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
             [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
     rows = []
     for backend in _runnable_backends("attention_fwd", device):
-        dtypes = [torch.float32, torch.float16, torch.bfloat16]
-        if backend == "triton" and device.type == "cpu":
-            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        dtypes = _dtypes(backend, device)
         for b, h, hkv, t, d, causal in cases:
             q32 = torch.randn(b, h, t, d, generator=gen)
             k32, v32 = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
@@ -165,10 +177,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
                 qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
                 ref_out = _attention_float64(qd, kd, vd, causal)
                 want = (ref_out, *torch.autograd.grad(ref_out, (qd, kd, vd), dout.double()))
-                err = max(float((g.detach().double() - w.detach()).abs().max() / w.detach().abs().max().clamp_min(1.0))
-                          for g, w in zip(got, want))
-                if not all(bool(torch.isfinite(g).all()) for g in got):
-                    err = float("nan")
+                err = _max_rel_error(got, want, floor=1.0)
                 rows.append(Check("attention", backend, str(device),
                                   f"B{b} H{h}/{hkv} T{t} D{d} {'causal' if causal else 'full'} "
                                   f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, ATTENTION_BOUNDS[dtype], dt))
@@ -188,9 +197,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
     cases = [(37, 16, 301, 8)] if small else [(2048, 1024, 32000, 512)]
     rows = []
     for backend in _runnable_backends("linear_ce_quail", device):
-        dtypes = [torch.float32, torch.float16, torch.bfloat16]
-        if backend == "triton" and device.type == "cpu":
-            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        dtypes = _dtypes(backend, device)
         for n, d, v, chunk in cases:
             h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d ** 0.5
             t = torch.randint(0, v, (n,), generator=gen)
@@ -211,10 +218,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
                 hd, wd = (x.detach().double().requires_grad_() for x in (h, w))
                 ref = full_logits_loss(hd, wd, tt, wlt, margin=m, z_loss=1e-3)
                 want = (ref.loss, *torch.autograd.grad(ref.loss, (hd, wd)))
-                err = max(float((g.detach().double() - r.detach()).abs().max() / r.detach().abs().max().clamp_min(1e-30))
-                          for g, r in zip(got, want))
-                if not all(bool(torch.isfinite(g).all()) for g in got):
-                    err = float("nan")
+                err = _max_rel_error(got, want)
                 rows.append(Check("ce_quail", backend, str(device), f"N{n} d{d} V{v} chunk {chunk} "
                                   f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOSS_BOUNDS[dtype], dt))
     return rows
@@ -232,9 +236,7 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
     cases = [(21, 37, 29, 8)] if small else [(4096, 1024, 2816, 64)]
     rows = []
     for backend in _runnable_backends("lowrank_fwd", device):
-        dtypes = [torch.float32, torch.float16, torch.bfloat16]
-        if backend == "triton" and device.type == "cpu":
-            dtypes = dtypes[:2]  # bf16 math is wrong in the Triton interpreter (triton-lang/triton#11584)
+        dtypes = _dtypes(backend, device)
         for m, k, n, r in cases:
             base = [torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5,
                     torch.randn(n, generator=gen) * 0.1, torch.randn(r, k, generator=gen) / k ** 0.5,
@@ -252,10 +254,7 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
                 xd, wd, bd, ad, bbd = (t.detach().double().requires_grad_() for t in (x, w, bias, a, b))
                 yd = xd @ wd.t() + bd + 0.75 * ((xd @ ad.t()) @ bbd.t())
                 want = (yd, *torch.autograd.grad(yd, (xd, wd, bd, ad, bbd), dy.double()))
-                err = max(float((g.detach().double() - r_.detach()).abs().max() / r_.detach().abs().max())
-                          for g, r_ in zip(got, want))
-                if not all(bool(torch.isfinite(g).all()) for g in got):
-                    err = float("nan")
+                err = _max_rel_error(got, want)
                 rows.append(Check("lowrank", backend, str(device), f"M{m} in{k} out{n} r{r} "
                                   f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOWRANK_BOUNDS[dtype], dt))
     return rows

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import triton_interpreting
+from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -67,15 +67,6 @@ LAUNCH_CONFIGS = {
     "default": {d: {"fwd": _cfg(64, 32, 4, 2), "preprocess": _cfg(64, 64, 4, 1),
                     "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)} for d in SUPPORTED_HEAD_DIMS},
 }
-
-
-def arch_key(device: torch.device) -> str:
-    if triton_interpreting() or device.type == "cpu":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
-    return "sm90" if props.major == 9 else "default"
 
 
 def launch_config(arch: str, head_dim: int, kernel: str) -> dict:

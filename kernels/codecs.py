@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from felix.formats import get_format
-from felix.oplib import triton_interpreting
+from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
 
 # Launch configurations per architecture, as data: weights per program (a tile of whole blocks) and
 # warps per program. 2048 weights over 128 lanes keeps every codec spill-free on gfx1101 (wave32).
@@ -33,15 +33,6 @@ LAUNCH_CONFIGS = {
 }
 # IQ4_NL's scale search is compute-bound (15 x 32 sequential steps): a quarter of the tile, spill-free.
 TILE_DIVISOR = {"iq4_nl": 4}
-
-
-def arch_key(device: torch.device) -> str:
-    if triton_interpreting() or device.type == "cpu":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
-    return "sm90" if props.major == 9 else "default"
 
 
 # ------------------------------------------------------------------------------- helpers

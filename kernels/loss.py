@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import triton_interpreting
+from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
 from felix.reference.loss import normalisers
 
 # BLOCK_V: vocabulary elements per step of a row's sweep; chunk_logits_bytes: the fp32 logits of one
@@ -34,15 +34,6 @@ LAUNCH_CONFIGS = {
     "sm90": {"BLOCK_V": 2048, "num_warps": 8, "chunk_logits_bytes": 1 << 30},      # H100: 80 GB
     "default": {"BLOCK_V": 1024, "num_warps": 4, "chunk_logits_bytes": 256 << 20},
 }
-
-
-def arch_key(device: torch.device) -> str:
-    if triton_interpreting() or device.type == "cpu":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
-    return "sm90" if props.major == 9 else "default"
 
 
 def default_chunk_size(n: int, v: int, device: torch.device) -> int:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import triton_interpreting
+from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
 
 MAX_RANK = 64
 
@@ -33,15 +33,6 @@ LAUNCH_CONFIGS = {
     "sm90": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
     "default": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
 }
-
-
-def arch_key(device: torch.device) -> str:
-    if triton_interpreting() or device.type == "cpu":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
-    return "sm90" if props.major == 9 else "default"
 
 
 @triton.jit

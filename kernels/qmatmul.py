@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import triton_interpreting
+from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
 from felix.reference.qmatmul import decode_table, four_bit_layout
 
 BYTES_PER_BLOCK = 18
@@ -43,15 +43,6 @@ LAUNCH_CONFIGS = {
 }
 # GEMV split-K aims for this many programs per compute unit (enough waves in flight to cover DRAM latency).
 PROGRAMS_PER_CU = 8
-
-
-def arch_key(device: torch.device) -> str:
-    if triton_interpreting() or device.type == "cpu":
-        return "interpreter"
-    props = torch.cuda.get_device_properties(device)
-    if torch.version.hip:
-        return "gfx11" if getattr(props, "gcnArchName", "").startswith("gfx11") else "default"
-    return "sm90" if props.major == 9 else "default"
 
 
 # ------------------------------------------------------------------------------------ helpers
