@@ -746,7 +746,10 @@ class Gate:
                 if limit is None:
                     continue
                 crossed = (value < limit) if bad_if == "<" else (value > limit)
-                if crossed or (isinstance(value, float) and math.isnan(value)):
+                if isinstance(value, float) and math.isnan(value):
+                    failures.append(f"{path}: {what} is undefined (no whitelisted position the reference decides "
+                                    f"correctly, or no positions): cannot show it meets {limit:.4g}")
+                elif crossed:
                     failures.append(f"{path}: {what} {value:.4g} {'below' if bad_if == '<' else 'above'} "
                                     f"the threshold {limit:.4g}")
         return failures
