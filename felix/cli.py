@@ -6,6 +6,8 @@
     felix selftest      run every op against its torch reference on this machine's best device; exit 1 on failure
     felix train         train Felix-LM (default: the tiny preset on the built-in corpus, CPU, a few minutes)
     felix fidelity      which logit margins / decisions of a checkpoint survive a quantization (exit 1: gate failed)
+    felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix`, RQ4, native splices)
+    felix inspect       metadata and tensor table of any GGUF file
 """
 from __future__ import annotations
 
@@ -250,6 +252,77 @@ def _add_fidelity_parser(sub) -> None:
     f.set_defaults(func=cmd_fidelity)
 
 
+def cmd_export(args) -> int:
+    from felix.export import ExportError, export_gguf
+    from felix.gguf_file import GGUFError
+    from felix.model import CheckpointError
+
+    try:
+        result = export_gguf(args.checkpoint, args.out, arch=args.arch, quant=args.quant, splice=args.splice,
+                             force=args.force, embedding_type=args.embedding_type, adapter_out=args.adapter_out,
+                             progress=sys.stderr.isatty())
+    except (ExportError, CheckpointError, GGUFError, FileNotFoundError) as e:
+        print(f"felix export: error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from felix.gguf_file import GGUFError, metadata, open_gguf, torch_shape
+
+    try:
+        reader = open_gguf(args.file)
+    except GGUFError as e:
+        print(f"felix inspect: error: {e}", file=sys.stderr)
+        return 2
+    meta = metadata(reader)
+    print(f"{args.file}: GGUF v{int(reader.fields['GGUF.version'].parts[-1][0])}, {len(meta)} metadata keys, "
+          f"{len(reader.tensors)} tensors")
+    for key, value in meta.items():
+        if isinstance(value, list) and len(value) > args.max_items:
+            value = f"[{', '.join(map(repr, value[:args.max_items]))}, ... ({len(value)} items)]"
+        print(f"  {key} = {value}")
+    rows = [(t.name, "x".join(map(str, torch_shape(t))), t.tensor_type.name, t.n_bytes) for t in reader.tensors]
+    if rows:
+        w = [max(len(str(r[i])) for r in rows) for i in range(3)]
+        print(f"\n  {'tensor'.ljust(w[0])}  {'shape'.ljust(w[1])}  {'type'.ljust(w[2])}  bytes")
+        for name, shape, typ, nbytes in rows:
+            print(f"  {name.ljust(w[0])}  {shape.ljust(w[1])}  {typ.ljust(w[2])}  {nbytes:,}")
+        total = sum(r[3] for r in rows)
+        weights = sum(int(t.n_elements) for t in reader.tensors)
+        print(f"\n  {total / 2**20:.2f} MiB of tensor data, {weights / 1e6:.2f}M weights, "
+              f"{8 * total / max(1, weights):.2f} bits/weight")
+    return 0
+
+
+def _add_export_parsers(sub) -> None:
+    from felix.export import ARCHES, SPLICE_MODES
+    from felix.quant_policy import EXPORT_TYPES
+
+    e = sub.add_parser("export", help="export a checkpoint to GGUF (llama.cpp or the felix fork)",
+                       description="Export a Felix checkpoint directory (config.json, model.safetensors, "
+                                   "tokenizer.json) to GGUF. Per-tensor types follow felix.quant_policy: norms, "
+                                   "gates, splices and small tensors F32, embeddings Q8_0 for 4-bit exports, "
+                                   "rows that do not fit the block size fall back (reported).")
+    e.add_argument("checkpoint", help="checkpoint directory (e.g. runs/tiny/checkpoint)")
+    e.add_argument("out", help="output .gguf path (written atomically)")
+    e.add_argument("--arch", choices=ARCHES, default="llama", help="llama: stock llama.cpp; felix: the fork")
+    e.add_argument("--quant", choices=EXPORT_TYPES, default="f16", help="type of the large 2-D tensors")
+    e.add_argument("--splice", choices=SPLICE_MODES, default="merge",
+                   help="merge into the weights, a separate LoRA adapter GGUF, or native tensors (felix arch)")
+    e.add_argument("--embedding-type", choices=EXPORT_TYPES, help="type of token_embd/output (default: Q8_0 "
+                   "for 4-bit and ternary exports, else --quant)")
+    e.add_argument("--adapter-out", help="adapter path for --splice adapter (default: OUT stem + .splice-lora.gguf)")
+    e.add_argument("--force", action="store_true", help="overwrite existing output files")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="metadata and tensor table of any GGUF file")
+    i.add_argument("file")
+    i.add_argument("--max-items", type=int, default=8, help="array values longer than this are shortened")
+    i.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -282,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_fidelity_parser(sub)
+    _add_export_parsers(sub)
     return p
 
 

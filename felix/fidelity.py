@@ -352,27 +352,19 @@ class TorchSource:
 
 
 class LlamaCppSource:
-    """Logits from a GGUF file in llama.cpp (llama-cpp-python), one sequence at a time (reset between)."""
+    """Logits from a GGUF file in llama.cpp (felix.llamacpp over llama-cpp-python), one sequence at a time."""
 
     def __init__(self, gguf_path, n_ctx: int):
-        from llama_cpp import Llama
+        from felix.llamacpp import LlamaCppModel
 
-        self.path = str(gguf_path)
-        self.llm = Llama(model_path=self.path, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
-        self.n_ctx, self.n_vocab = n_ctx, self.llm.n_vocab()
+        self.runtime = LlamaCppModel(gguf_path, n_ctx=n_ctx)
+        self.n_ctx, self.n_vocab = n_ctx, self.runtime.n_vocab
 
     def logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        import numpy as np
-
-        out = []
-        for x in seqs:
-            self.llm.reset()
-            self.llm.eval(list(x))
-            out.append(torch.from_numpy(np.array(self.llm.scores[:len(x)], dtype=np.float32)))
-        return out
+        return [torch.from_numpy(self.runtime.logits(x)) for x in seqs]
 
     def close(self):
-        self.llm.close()
+        self.runtime.close()
 
 
 def windows(length: int, n_ctx: int) -> list[tuple[int, int]]:
@@ -628,8 +620,8 @@ def _export_pair(checkpoint, quant, embedding_type, directory: Path) -> tuple[Pa
 
     directory.mkdir(parents=True, exist_ok=True)
     ref, q = directory / "reference-f32.gguf", directory / f"quantized-{quant}.gguf"
-    export_gguf(checkpoint, ref, arch="llama", quant="f32", force=True, quiet=True)
-    export_gguf(checkpoint, q, arch="llama", quant=quant, force=True, embedding_type=embedding_type, quiet=True)
+    export_gguf(checkpoint, ref, arch="llama", quant="f32", force=True)
+    export_gguf(checkpoint, q, arch="llama", quant=quant, force=True, embedding_type=embedding_type)
     return ref, q
 
 

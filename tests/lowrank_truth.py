@@ -48,3 +48,28 @@ def truth_grads(case, dy):
     t, names, leaves = leaves_of(case, torch.float64)
     y = naive(**t)
     return y.detach(), dict(zip(names, torch.autograd.grad(y, leaves, dy.double())))
+
+
+def gate_grad_scales(case, dy) -> dict[str, torch.Tensor]:
+    """For each gate, Σ |dy ⊙ u_t| (u_t = (x A_tᵀ) B_tᵀ) over what its gradient sums (everything for a scalar
+    gate, each output column for a per-output gate): the size a rounding error of that sum is relative to. A gate
+    gradient is a dot product whose terms can cancel, so its error is measured against this, not the result."""
+    x, dy = case["x"].double(), dy.double()
+    out = {}
+    for i, (a, b, g) in enumerate(zip(case["a"], case["b"], case["gate"])):
+        terms = (dy * ((x @ a.double().t()) @ b.double().t())).abs().reshape(-1, dy.shape[-1])
+        out[f"gate{i}"] = terms.sum() if g.numel() == 1 else terms.sum(0)
+    return out
+
+
+def grad_errors(grads: dict, want: dict, case, dy) -> dict[str, float]:
+    """Relative error of every gradient: max |g - truth| over max |truth|, except for gates, whose error is
+    taken elementwise against gate_grad_scales (their sums cancel, so |truth| can be far below the rounding)."""
+    cpu = {k: [t.cpu() for t in case[k]] for k in ("a", "b", "gate")}
+    scales = gate_grad_scales({**cpu, "x": case["x"].cpu()}, dy.cpu())
+    out = {}
+    for k, g in grads.items():
+        diff = (g.double().cpu() - want[k].cpu()).abs()
+        ref = scales[k] if k.startswith("gate") else want[k].cpu().abs().max()
+        out[k] = float((diff / ref.clamp_min(1e-30)).max())
+    return out

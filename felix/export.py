@@ -1,0 +1,391 @@
+"""Export a Felix checkpoint to GGUF for llama.cpp (stock ``llama`` arch) or the fork (``felix`` arch).
+
+    felix export CHECKPOINT OUT.gguf --arch llama|felix --quant f32|f16|bf16|q8_0|q4_0|iq4_nl|tq2_0|rq4
+                 --splice merge|adapter|native
+
+What goes in the file:
+
+* Metadata llama.cpp needs (``<arch>.context_length`` ... ``<arch>.attention.layer_norm_rms_epsilon``, rope
+  base and dimensions), ``general.file_type``, and the tokenizer: the byte-level BPE vocabulary (GPT-2
+  ``bytes_to_unicode`` strings, which is what HF ``ByteLevel`` stores), its merges, token types (Felix's
+  specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), no automatic
+  BOS, so llama.cpp tokenizes exactly as felix.tokenizer does.
+* Tensors under the model's own parameter names, which already ARE llama.cpp's (felix/model.py). The model
+  rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (FACTS §4).
+  Types come from :mod:`felix.quant_policy` (one policy for the exporter and the fidelity harness).
+* SpliceCore, per ``--splice``:
+
+  - ``merge``: W <- W + B diag(gate) A (in float64), the splice tensors dropped: one self-contained model.
+  - ``adapter``: the base model as is, plus a LoRA adapter GGUF (``general.type = adapter``, ``adapter.type =
+    lora``, ``adapter.lora.alpha = rank``, tensors ``<base>.weight.lora_a`` = A ``[r, in]`` and ``lora_b`` =
+    B diag(gate) ``[out, r]``, F32) that llama.cpp loads beside the base and can re-scale (llama.cpp applies
+    user_scale * alpha / rank = user_scale) or drop at run time.
+  - ``native`` (``--arch felix`` only): the splice tensors under Felix's names (felix.splice.SPLICE_TENSOR_NAMES:
+    ``blk.N.splice.<proj>.a`` ``[r, in]``, ``.b`` ``[out, r]``, ``.gate`` F32 ``[1]`` or ``[out]``) with the
+    metadata ``felix.splice.rank``, ``felix.splice.layers``, ``felix.splice.projections``; the fork applies
+    ``y = W x + gate * B (A x)`` on that projection. ``felix.num_spokes`` = 0: no fork spokes in the file.
+
+RQ4 (ggml type 42) exists only in the fork, so ``--quant rq4`` needs ``--arch felix``. Files are written to a
+temporary name beside the output and renamed into place, so an error or a full disk never leaves a partial file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from felix.gguf_file import FelixGGUFWriter, remove_quietly
+from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
+
+ARCHES = ("llama", "felix")
+SPLICE_MODES = ("merge", "adapter", "native")
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED = 1, 3, 5
+TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 split regex, which HF ByteLevel(use_regex=True) applies
+
+# llama_ftype per export type (llama.h); RQ4's is the fork's and not public, so it is left out
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "iq4_nl": 25, "bf16": 32, "tq2_0": 37}
+SPLICE_METADATA = {"rank": "{arch}.splice.rank", "layers": "{arch}.splice.layers",
+                   "projections": "{arch}.splice.projections"}
+
+
+class ExportError(ValueError):
+    """An export cannot be made as asked (bad combination of options, missing tokenizer, existing output)."""
+
+
+@dataclass
+class ExportedTensor:
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    adapter_path: Path | None
+    arch: str
+    quant: str
+    splice: str
+    tensors: list[ExportedTensor]
+    adapter_tensors: list[ExportedTensor] = field(default_factory=list)
+    file_bytes: int = 0
+    seconds_prepare: float = 0.0    # load checkpoint, merge splices
+    seconds_quantize: float = 0.0   # encode every tensor (felix.quantize / casts)
+    seconds_write: float = 0.0      # gguf-py writing + rename
+
+    @property
+    def n_weights(self) -> int:
+        return sum(_numel(t.shape) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * sum(t.nbytes for t in self.tensors) / max(1, self.n_weights)
+
+    def table(self) -> str:
+        """The per-tensor summary: name, shape, type, bytes (and why a tensor fell back), then the totals."""
+        rows = [("tensor", "shape", "type", "bytes", "note")]
+        for t in self.tensors + self.adapter_tensors:
+            rows.append((t.name, "x".join(map(str, t.shape)), t.type.upper(), f"{t.nbytes:,}", t.note))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:4], widths)))
+                 + (f"  {r[4]}" if r[4] else "") for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        by_type: dict[str, int] = {}
+        for t in self.tensors:
+            by_type[t.type.upper()] = by_type.get(t.type.upper(), 0) + 1
+        lines.append("-" * len(lines[0]))
+        lines.append(f"{self.path}: {len(self.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in by_type.items())}), "
+                     f"{self.file_bytes / 2**20:.2f} MiB, {self.n_weights / 1e6:.2f}M weights at "
+                     f"{self.bits_per_weight:.2f} bits/weight")
+        if self.adapter_path is not None:
+            lines.append(f"{self.adapter_path}: LoRA adapter, {len(self.adapter_tensors)} tensors, "
+                         f"{self.adapter_path.stat().st_size / 2**10:.1f} KiB")
+        lines.append(f"time: prepare {self.seconds_prepare:.2f}s, quantize {self.seconds_quantize:.2f}s, "
+                     f"write {self.seconds_write:.2f}s")
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ------------------------------------------------------------------------------------ the tokenizer
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """GGUF tokenizer fields for a byte-level BPE felix.tokenizer.Tokenizer, padded to the model's vocab_size."""
+    from felix.tokenizer import PAD, SPECIAL_TOKENS
+
+    spec = json.loads(tokenizer.hf.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ExportError(f"only byte-level BPE tokenizers export to GGUF's gpt2 model; this one is {model.get('type')}")
+    vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
+    n = tokenizer.vocab_size
+    if n > vocab_size:
+        raise ExportError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
+    by_id = [None] * n
+    for tok, i in vocab.items():
+        by_id[i] = tok
+    if any(t is None for t in by_id):
+        raise ExportError("the tokenizer's ids are not contiguous 0..n-1")
+    specials = set(SPECIAL_TOKENS) | {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens = by_id + [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types = ([TOKEN_TYPE_CONTROL if t in specials else TOKEN_TYPE_NORMAL for t in by_id]
+             + [TOKEN_TYPE_UNUSED] * (vocab_size - n))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    if not merges:
+        raise ExportError("the tokenizer has no merges; llama.cpp's gpt2 tokenizer needs at least one")
+    return {"tokens": tokens, "types": types, "merges": merges, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+            "pad": tokenizer.hf.token_to_id(PAD)}
+
+
+def _add_tokenizer(w: FelixGGUFWriter, tok: dict) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(TOKENIZER_PRE)
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_pad_token_id(tok["pad"])
+    w.add_add_bos_token(False)  # felix.tokenizer adds no BOS; the chat template carries its own markers
+    w.add_add_eos_token(False)
+
+
+def _add_hparams(w: FelixGGUFWriter, cfg, quant: str, name: str) -> None:
+    w.add_name(name)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if quant in FILE_TYPES:
+        w.add_file_type(FILE_TYPES[quant])
+    w.add_quantization_version(2)
+
+
+# ------------------------------------------------------------------------------------ splices
+def _splices(model) -> list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(layer, projection, A [r, in], B [out, r], gate) for every SpliceCore of a FelixLM."""
+    out = []
+    for layer, block in enumerate(model.blk):
+        for proj, core in block.splice.items():
+            out.append((layer, proj, core.a.detach(), core.b.detach(), core.gate.detach()))
+    return out
+
+
+def _gated_b(b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """B diag(gate): a scalar gate scales all of B, a per-output gate scales B's rows."""
+    g = gate.double()
+    return b.double() * (g if g.numel() == 1 else g[:, None])
+
+
+def base_tensors(model, splice: str) -> dict[str, torch.Tensor]:
+    """The tensors of the base file, float32, by GGUF name: splices merged into their weights (`merge`),
+    left out (`adapter`), or kept under their own names (`native`)."""
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    out = {k: v for k, v in state.items() if ".splice." not in k}
+    for layer, proj, a, b, gate in _splices(model):
+        if splice == "merge":
+            wname = f"blk.{layer}.{proj}.weight"
+            out[wname] = (out[wname].double() + _gated_b(b, gate) @ a.double()).float()
+    if splice == "native":
+        out = {k: v for k, v in state.items()}
+    return out
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """llama.cpp LoRA tensors for every splice: ``<weight>.lora_a`` = A, ``<weight>.lora_b`` = B diag(gate)."""
+    out = {}
+    for layer, proj, a, b, gate in _splices(model):
+        out[f"blk.{layer}.{proj}.weight.lora_a"] = a.float()
+        out[f"blk.{layer}.{proj}.weight.lora_b"] = _gated_b(b, gate).float()
+    return out
+
+
+# ------------------------------------------------------------------------------------ writing
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise ExportError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if path.exists() and path.is_dir():
+        raise ExportError(f"{path} is a directory")
+    if not path.parent.is_dir():
+        raise ExportError(f"output directory {path.parent} does not exist")
+
+
+def _write(tmp: Path, arch: str, fill, tensors: list[tuple[str, torch.Tensor, str]]) -> None:
+    """Write one GGUF to `tmp`: `fill(writer)` adds the metadata, then `tensors` (name, stored, type) in order."""
+    w = FelixGGUFWriter(str(tmp), arch)
+    try:
+        fill(w)
+        for name, stored, type_name in tensors:
+            w.add_stored_tensor(name, stored, type_name)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+    finally:
+        w.close()
+
+
+def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice: str = "merge",
+                force: bool = False, embedding_type: str | None = None, adapter_out=None,
+                backend: str | None = None, progress: bool = False, model=None, tokenizer=None) -> ExportResult:
+    """Export the checkpoint directory `checkpoint` (felix.model.save_checkpoint, with tokenizer.json) to `out`.
+
+    `model`/`tokenizer` may be passed instead of loading them from `checkpoint` (then `checkpoint` is only a
+    label). `adapter_out` (splice="adapter") defaults to ``<out stem>.splice-lora.gguf``. `backend` picks the
+    quantization backend (None = automatic: the C++ codecs on CPU). Returns what was written, with timings."""
+    from tqdm import tqdm
+
+    from felix.model import load_checkpoint
+    from felix.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    quant = check_type(quant)
+    if arch not in ARCHES:
+        raise ExportError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
+    if splice not in SPLICE_MODES:
+        raise ExportError(f"unknown splice mode {splice!r}; choose from {', '.join(SPLICE_MODES)}")
+    if quant == "rq4" and arch != "felix":
+        raise ExportError("RQ4 (ggml type 42) exists only in the llama.cpp fork: use --arch felix "
+                          "(stock llama.cpp cannot load it)")
+    if splice == "native" and arch != "felix":
+        raise ExportError("--splice native writes SpliceCore tensors that only the fork's felix arch reads; "
+                          "for stock llama.cpp use --splice merge or --splice adapter")
+    out = Path(out)
+    _check_output(out, force)
+    if model is None:
+        model = load_checkpoint(checkpoint)
+    if tokenizer is None:
+        try:
+            tokenizer = Tokenizer.load(checkpoint)
+        except FileNotFoundError as e:
+            raise ExportError(f"{checkpoint} has no tokenizer.json; llama.cpp needs the vocabulary ({e})") from e
+    cfg = model.cfg
+    splices = _splices(model)
+    adapter_path = None
+    if splice == "adapter":
+        if not splices:
+            raise ExportError(f"{checkpoint} has no SpliceCore tensors to write as an adapter")
+        adapter_path = Path(adapter_out) if adapter_out else out.with_name(f"{out.stem}.splice-lora.gguf")
+        _check_output(adapter_path, force)
+    tok = tokenizer_metadata(tokenizer, cfg.vocab_size)
+
+    tensors = base_tensors(model, splice)
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"non-finite values (NaN/Inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}")
+    t1 = time.perf_counter()
+
+    choices: list[TensorChoice] = [choose_tensor_type(k, v.shape, quant, embedding_type) for k, v in tensors.items()]
+    stored = []
+    for c in tqdm(choices, desc=f"quantize {quant}", unit="tensor", disable=not progress, leave=False):
+        stored.append((c.name, encode_tensor(tensors[c.name], c.type, backend), c.type))
+    adapter = adapter_tensors(model) if adapter_path else {}
+    adapter_stored = [(k, encode_tensor(v, "f32"), "f32") for k, v in adapter.items()]
+    t2 = time.perf_counter()
+
+    name = f"felix-lm {cfg.n_layer}x{cfg.d_model}"
+
+    def fill_base(w):
+        _add_hparams(w, cfg, quant, name)
+        _add_tokenizer(w, tok)
+        if arch == "felix":
+            w.add_uint32(f"{arch}.num_spokes", 0)
+            w.add_uint32(f"{arch}.spoke_rank", 0)
+        if splice == "native" and splices:
+            w.add_uint32(SPLICE_METADATA["rank"].format(arch=arch), cfg.splice_rank)
+            w.add_array(SPLICE_METADATA["layers"].format(arch=arch), sorted({s[0] for s in splices}))
+            w.add_array(SPLICE_METADATA["projections"].format(arch=arch), list(cfg.splice_projections))
+
+    def fill_adapter(w):
+        w.add_type("adapter")
+        w.add_name(f"{name} splice")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", float(cfg.splice_rank))
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_adapter = adapter_path.with_name(f".{adapter_path.name}.tmp-{os.getpid()}") if adapter_path else None
+    try:
+        _write(tmp, arch, fill_base, stored)
+        if adapter_path:
+            _write(tmp_adapter, arch, fill_adapter, adapter_stored)
+            os.replace(tmp_adapter, adapter_path)
+        os.replace(tmp, out)
+    except BaseException:
+        remove_quietly(tmp)
+        if tmp_adapter is not None:
+            remove_quietly(tmp_adapter)
+        raise
+    t3 = time.perf_counter()
+
+    listed = [ExportedTensor(c.name, c.shape, c.type, st.numel() * st.element_size(), c.reason if c.fallback else "")
+              for c, (_, st, _) in zip(choices, stored)]
+    listed_adapter = [ExportedTensor(k, tuple(v.shape), "f32", v.numel() * 4) for k, v in adapter.items()]
+    result = ExportResult(out, adapter_path, arch, quant, splice, listed, listed_adapter, out.stat().st_size,
+                          t1 - t0, t2 - t1, t3 - t2)
+    return result
+
+
+def describe_types() -> str:
+    """One line per export type: name, ggml id, bits/weight (for --help and the README)."""
+    from felix.formats import FORMATS
+    from felix.gguf_file import GGML_TYPE_IDS
+
+    lines = [f"{t}: ggml {GGML_TYPE_IDS[t]}, {32 if t == 'f32' else 16} bits" for t in FLOAT_TYPES]
+    lines += [f"{n}: ggml {f.ggml_type}, {f.bits_per_weight:.3g} bits" for n, f in FORMATS.items()]
+    return "; ".join(lines)
+
+
+# ------------------------------------------------------------------------------------ reading back
+def config_from_gguf(meta: dict):
+    """The FelixConfig a Felix-written GGUF (either arch) describes, from its metadata."""
+    from felix.model import FelixConfig
+
+    arch = meta.get("general.architecture")
+    if arch not in ARCHES:
+        raise ExportError(f"architecture {arch!r} is not one Felix writes ({', '.join(ARCHES)})")
+
+    def key(k):
+        full = f"{arch}.{k}"
+        if full not in meta:
+            raise ExportError(f"metadata key {full} is missing")
+        return meta[full]
+
+    d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    layers = meta.get(SPLICE_METADATA["layers"].format(arch=arch))
+    return FelixConfig(vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=int(key("block_count")),
+                       d_model=d_model, n_head=n_head, n_kv_head=int(key("attention.head_count_kv")),
+                       ffn_hidden=int(key("feed_forward_length")), max_seq_len=int(key("context_length")),
+                       rope_theta=float(key("rope.freq_base")), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+                       splice_layers=[int(i) for i in layers] if layers is not None else [],
+                       splice_projections=list(meta.get(SPLICE_METADATA["projections"].format(arch=arch), [])),
+                       splice_rank=int(meta.get(SPLICE_METADATA["rank"].format(arch=arch), 8)))
+
+
+def model_from_gguf(path):
+    """A FelixLM holding the weights of a Felix-written GGUF as llama.cpp sees them (every tensor decoded to
+    float32 with Felix's codecs): the PyTorch side of a runtime-vs-PyTorch comparison."""
+    from felix.gguf_file import metadata, open_gguf, tensor_to_torch
+    from felix.model import FelixLM, load_state_into
+
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = config_from_gguf(meta)
+    cfg.tie_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    model = FelixLM(cfg)
+    load_state_into(model, {t.name: tensor_to_torch(t) for t in reader.tensors}, source=str(path))
+    return model
