@@ -184,7 +184,7 @@ def cmd_fidelity(args) -> int:
 
     gate = fidelity.Gate(args.min_margin_survival, args.max_flips, args.max_kl_mean, args.max_kl_p99,
                          args.min_top1_agreement)
-    code = 0
+    code, cache = 0, {}  # the reference model's logits and generations are shared by every --quant
     for quant in args.quant:
         opts = fidelity.FidelityOptions(
             quant=quant, paths=tuple(args.path), embedding_type=args.embedding_type, probes_file=args.probes,
@@ -193,7 +193,7 @@ def cmd_fidelity(args) -> int:
             compliance=not args.no_compliance, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
             gguf_dir=args.gguf_dir, progress=sys.stderr.isatty())
         try:
-            report = fidelity.run_fidelity(args.checkpoint, opts)
+            report = fidelity.run_fidelity(args.checkpoint, opts, cache)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             print(f"felix fidelity: error: {e}", file=sys.stderr)
             return 2

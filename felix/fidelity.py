@@ -131,13 +131,16 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
 
 
-def summarize(stats: PositionStats) -> dict:
-    """The report's summary numbers (plain floats/ints; NaN where a set is empty)."""
+def summarize(stats: PositionStats, low_margin: float = 1.0) -> dict:
+    """The report's summary numbers (plain floats/ints; NaN where a set is empty). `low_margin`: reference-correct
+    whitelisted positions with a margin below it (the QUAIL hinge's default m) are also counted on their own:
+    they are the decisions a 4-bit rounding can plausibly flip."""
     w = stats.whitelisted
     ref_m, q_m = stats.ref_margin[w], stats.quant_margin[w]
     change = q_m - ref_m
     correct = ref_m > 0
     n_w = int(w.sum())
+    low = correct & (ref_m < low_margin)
     mean = lambda x: float(x.double().mean()) if x.numel() else float("nan")  # noqa: E731
     return {
         "positions": int(stats.targets.numel()),
@@ -154,6 +157,8 @@ def summarize(stats: PositionStats) -> dict:
             "change_mean": mean(change), "change_p01": _quantile(change, 0.01), "change_min":
                 float(change.min()) if n_w else float("nan"),
             "change_abs_max": float(change.abs().max()) if n_w else float("nan"),
+            "low_threshold": low_margin, "low_reference_correct": int(low.sum()),
+            "low_survived": int((low & (q_m > 0)).sum()),
         },
         "kl": {"mean": mean(stats.kl), "median": _quantile(stats.kl, 0.5), "p99": _quantile(stats.kl, 0.99),
                "max": float(stats.kl.max()) if stats.kl.numel() else float("nan")},
@@ -600,6 +605,7 @@ class FidelityOptions:
     tokenizer: str | None = None
     gguf_dir: str | None = None   # runtime path: where the exported GGUF files go (default: a temp dir)
     progress: bool = False
+    compliance_paths: tuple[str, ...] | None = None  # paths that generate (None: all of `paths`)
 
 
 def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
@@ -625,8 +631,10 @@ def _export_pair(checkpoint, quant, embedding_type, directory: Path) -> tuple[Pa
     return ref, q
 
 
-def run_fidelity(checkpoint, opts: FidelityOptions) -> dict:
-    """The full harness on one checkpoint and one quantization: the report as a dict (see write_report)."""
+def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -> dict:
+    """The full harness on one checkpoint and one quantization: the report as a dict (see write_report).
+    `cache`: a dict kept across calls on the same checkpoint, probes and whitelist (several formats), so the
+    reference model's logits and generations are computed once per path."""
     import tempfile
 
     from felix.quant_policy import check_type
@@ -661,6 +669,9 @@ def run_fidelity(checkpoint, opts: FidelityOptions) -> dict:
         "results": {}, "sensitivity": None, "agreement": None,
     }
     sim_quant_logits = None
+    cache = {} if cache is None else cache
+    key = (str(checkpoint), opts.tokenizer, tuple(p.name for p in probes), tuple(wl.mask.nonzero()[:, 0].tolist()),
+           opts.max_new_tokens)
     for path in opts.paths:
         if path == "simulated":
             ref_src, q_src = TorchSource(model), TorchSource(_with_state(model, qstate))
@@ -675,13 +686,17 @@ def run_fidelity(checkpoint, opts: FidelityOptions) -> dict:
                 raise FidelityError(f"{ref_path} has a vocabulary of {ref_src.n_vocab}, the checkpoint {model.cfg.vocab_size}")
             cleanup = [ref_src.close, q_src.close] + ([tmp.cleanup] if tmp else [])
         try:
-            ref_logits = score_probes(ref_src, encoded, opts.progress, f"{path}: reference")
+            if (key, path, "logits") not in cache:
+                cache[key, path, "logits"] = score_probes(ref_src, encoded, opts.progress, f"{path}: reference")
+            ref_logits = cache[key, path, "logits"]
             q_logits = score_probes(q_src, encoded, opts.progress, f"{path}: {quant}")
             stats = compare_logits(ref_logits, q_logits, targets, wl.mask)
             result = {"summary": summarize(stats), "positions": _positions_table(encoded, stats, tok)}
-            if opts.compliance:
-                ref_rows = compliance_run(ref_src, encoded, tok, opts.max_new_tokens, opts.progress,
-                                          f"{path}: generating (reference)")
+            if opts.compliance and path in (opts.compliance_paths or opts.paths):
+                if (key, path, "generations") not in cache:
+                    cache[key, path, "generations"] = compliance_run(ref_src, encoded, tok, opts.max_new_tokens,
+                                                                     opts.progress, f"{path}: generating (reference)")
+                ref_rows = cache[key, path, "generations"]
                 q_rows = compliance_run(q_src, encoded, tok, opts.max_new_tokens, opts.progress,
                                         f"{path}: generating ({quant})")
                 result["compliance"] = {"reference": compliance_summary(ref_rows),
@@ -812,7 +827,8 @@ def markdown_report(report: dict, plots: dict[str, str]) -> str:
     lines = [f"# Fidelity report: {report['checkpoint']} at {q}", "",
              f"Probes: {report['probes']['count']} ({report['probes']['source']}), context window "
              f"{report['probes']['context_window']}. Whitelist: {report['whitelist']['size']} tokens, "
-             f"{report['whitelist']['covered']} of them expected somewhere in the probes.", ""]
+             f"{report['whitelist']['covered']} of them expected somewhere in the probes. Low-margin: reference-correct "
+             f"whitelisted positions with a reference margin below 1 logit.", ""]
     for msg in report["whitelist"]["problems"]:
         lines.append(f"- whitelist problem: {msg}")
     if report["whitelist"]["unreachable"]:
@@ -822,13 +838,13 @@ def markdown_report(report: dict, plots: dict[str, str]) -> str:
     for t in report["tensor_types"]:
         types.setdefault(t["type"], []).append(t["name"])
     lines += ["", "Tensor types: " + "; ".join(f"{k}: {len(v)}" for k, v in types.items()), "",
-              "| path | whitelisted positions | ref. correct | survived | margin survival | flips (lost/gained) | "
-              "mean margin ref -> quant | KL mean | KL p99 | KL max | top-1 agreement | delta-p mean | delta-p rms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| path | whitelisted positions | ref. correct | survived | margin survival | low-margin survived | "
+              "flips (lost/gained) | mean margin ref -> quant | KL mean | KL p99 | KL max | top-1 agreement | delta-p mean | delta-p rms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path, res in report["results"].items():
         s, m = res["summary"], res["summary"]["margin"]
         lines.append(f"| {path} | {s['whitelisted_positions']} | {m['reference_correct']} | {m['survived']} | "
-                     f"{_f(m['survival'])} | {m['flips']} ({m['lost']}/{m['gained']}) | {_f(m['reference_mean'], 2)}"
+                     f"{_f(m['survival'])} | {m['low_survived']}/{m['low_reference_correct']} | {m['flips']} ({m['lost']}/{m['gained']}) | {_f(m['reference_mean'], 2)}"
                      f" -> {_f(m['quantized_mean'], 2)} | {_f(s['kl']['mean'], 5)} | {_f(s['kl']['p99'], 5)} | "
                      f"{_f(s['kl']['max'], 5)} | {_f(s['top1_agreement'])} | {_f(s['delta_p']['mean'], 5)} | "
                      f"{_f(s['delta_p']['rms'], 5)} |")
