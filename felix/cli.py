@@ -5,6 +5,7 @@
     felix aot-report    compile every Triton kernel for gfx1101 and sm_90 and print registers / LDS / spills
     felix selftest      run every op against its torch reference on this machine's best device; exit 1 on failure
     felix train         train Felix-LM (default: the tiny preset on the built-in corpus, CPU, a few minutes)
+    felix fidelity      which logit margins / decisions of a checkpoint survive a quantization (exit 1: gate failed)
     felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix`, RQ4, native splices)
     felix inspect       metadata and tensor table of any GGUF file
 """
@@ -177,6 +178,80 @@ def _add_train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def cmd_fidelity(args) -> int:
+    from felix import fidelity
+    from felix.model import CheckpointError
+
+    gate = fidelity.Gate(args.min_margin_survival, args.max_flips, args.max_kl_mean, args.max_kl_p99,
+                         args.min_top1_agreement)
+    code, cache = 0, {}  # the reference model's logits and generations are shared by every --quant
+    for quant in args.quant:
+        opts = fidelity.FidelityOptions(
+            quant=quant, paths=tuple(args.path), embedding_type=args.embedding_type, probes_file=args.probes,
+            n_probes=args.n_probes, whitelist_strings=tuple(args.whitelist_string),
+            whitelist_tokens=tuple(args.whitelist_token), sensitivity=not args.no_sensitivity,
+            compliance=not args.no_compliance, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
+            gguf_dir=args.gguf_dir, progress=sys.stderr.isatty())
+        try:
+            report = fidelity.run_fidelity(args.checkpoint, opts, cache)
+        except (ValueError, CheckpointError, FileNotFoundError) as e:
+            print(f"felix fidelity: error: {e}", file=sys.stderr)
+            return 2
+        failures = gate.check(report)
+        report["gate"] = {"thresholds": vars(gate), "passed": not failures, "failures": failures}
+        files = fidelity.write_report(report, args.out_dir)
+        for path, res in report["results"].items():
+            s, m = res["summary"], res["summary"]["margin"]
+            line = (f"{quant} {path}: margin survival {m['survived']}/{m['reference_correct']}, flips {m['flips']} "
+                    f"(lost {m['lost']}), KL mean {s['kl']['mean']:.5f} p99 {s['kl']['p99']:.5f}, top-1 agreement "
+                    f"{s['top1_agreement']:.4f}")
+            if "compliance" in res:
+                c = res["compliance"]
+                line += f", schema-compliant {c['reference']['compliant']} -> {c['quantized']['compliant']}" \
+                        f" of {c['quantized']['probes']}"
+            print(line)
+        if report.get("agreement"):
+            a = report["agreement"]
+            print(f"{quant} simulated vs runtime: top-1 agreement {a['top1_agreement']:.4f}, max rel err "
+                  f"{a['max_rel_err']:.4f}, max |margin diff| {a['margin_abs_diff_max']:.4f}")
+        print(f"report: {files['markdown']} (+ {files['json'].name}, plots)")
+        for f in failures:
+            print(f"GATE FAILED: {quant} {f}", file=sys.stderr)
+        code = code or (1 if failures else 0)
+    return code
+
+
+def _add_fidelity_parser(sub) -> None:
+    from felix.quant_policy import EXPORT_TYPES
+
+    f = sub.add_parser("fidelity", help="do refusal / JSON-structure logit margins survive a quantization?")
+    f.add_argument("checkpoint", help="checkpoint directory (model.safetensors, config.json, tokenizer.json)")
+    f.add_argument("--quant", action="append", choices=list(EXPORT_TYPES),
+                   help="quantization to test (repeatable; default rq4); per-tensor policy as in the exporter")
+    f.add_argument("--path", action="append", choices=["simulated", "runtime"],
+                   help="simulated (PyTorch on dequantized weights, any format) and/or runtime (the exported GGUF "
+                        "in llama.cpp, stock formats); repeatable; default simulated")
+    f.add_argument("--embedding-type", help="type of token_embd/output (default: Q8_0 for 4-bit formats)")
+    f.add_argument("--probes", help="JSONL of {prompt, expected} (optional name, task, schema); default built-in")
+    f.add_argument("--n-probes", type=int, default=24, help="number of built-in probes (default 24)")
+    f.add_argument("--whitelist-string", action="append", default=[],
+                   help="protect the tokens of this string too (field name, refusal phrase); repeatable")
+    f.add_argument("--whitelist-token", action="append", default=[],
+                   help="protect this exact vocabulary token (reported if it is not one token); repeatable")
+    f.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
+    f.add_argument("--no-sensitivity", action="store_true", help="skip per-tensor sensitivity")
+    f.add_argument("--no-compliance", action="store_true", help="skip greedy generations / schema compliance")
+    f.add_argument("--max-new-tokens", type=int, default=160)
+    f.add_argument("--gguf-dir", help="runtime path: keep the exported GGUF files here (default: a temp dir)")
+    f.add_argument("--out-dir", default="fidelity", help="where the JSON / Markdown / PNG report goes")
+    f.add_argument("--min-margin-survival", type=float, help="gate: fail below this fraction (0..1)")
+    f.add_argument("--max-flips", type=int, help="gate: fail above this many flipped whitelisted decisions")
+    f.add_argument("--max-kl-mean", type=float, help="gate: fail above this mean KL (nats)")
+    f.add_argument("--max-kl-p99", type=float, help="gate: fail above this p99 KL (nats)")
+    f.add_argument("--min-top1-agreement", type=float, help="gate: fail below this top-1 agreement (0..1)")
+    f.set_defaults(func=cmd_fidelity)
+
+
 def cmd_export(args) -> int:
     from felix.export import ExportError, export_gguf
     from felix.gguf_file import GGUFError
@@ -279,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_selftest)
 
     _add_train_parser(sub)
+    _add_fidelity_parser(sub)
     _add_export_parsers(sub)
     return p
 
@@ -287,6 +363,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "quantize" and args.cols % 256:
         build_parser().error(f"--cols {args.cols} must be a multiple of 256 (TQ2_0's block)")
+    if args.command == "fidelity":
+        args.quant, args.path = args.quant or ["rq4"], args.path or ["simulated"]
     if args.command == "aot-report" and not args.target:
         args.target = ["gfx1101", "sm_90"]
     return args.func(args)

@@ -102,6 +102,9 @@ class FelixConfig:
 PRESETS: dict[str, dict] = {
     # CPU, seconds: 4 layers x 128 (head_dim 32, GQA 4:2), one splice on layer 3.
     "tiny": dict(vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128),
+    # CPU, minutes: 2 layers x 256 (head_dim 64, GQA 4:2), SwiGLU 512. Rows of 256 and 512 fit every block
+    # format, TQ2_0's 256 included, so a fidelity run quantizes the same tensors in every format (QUAIL experiment).
+    "tiny-256": dict(vocab_size=2048, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=128),
     # The seed's scale-down pilot: ~50M.
     "pilot-50m": dict(vocab_size=32768, n_layer=12, d_model=512, n_head=8, n_kv_head=4, ffn_hidden=1408,
                       max_seq_len=2048),
