@@ -37,7 +37,8 @@ def gpu() -> torch.device:
 def measure(benchmark):
     """measure(device, case, impl, fn, bytes_moved=..., flops=..., candidate=..., extra=...) times `fn`
     with pytest-benchmark (one case + impl per test) and records it for the report; `extra` holds other
-    per-case numbers (e.g. peak memory) that the report shows beside the time."""
+    per-case numbers (e.g. peak memory) that the report shows beside the time: a dict, or a function
+    returning one, called after the timing (for numbers the timed runs produce)."""
 
     def run(device, case, impl, fn, bytes_moved=0.0, flops=0.0, candidate=False, rounds=5, extra=None):
         benchmark.group = case
@@ -52,7 +53,7 @@ def measure(benchmark):
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to record
             return
         recorder_for(device).add(Measurement(case, impl, candidate, benchmark.stats.stats.median,
-                                             bytes_moved, flops, dict(extra or {})))
+                                             bytes_moved, flops, extra() if callable(extra) else dict(extra or {})))
 
     return run
 

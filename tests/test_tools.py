@@ -56,11 +56,16 @@ def test_bench_recorder_ratios_and_atomic_report(tmp_path):
     assert "| quantize q8_0 8x32 cpu | ggml-c | 1000.000 | 2.00 | 20.0 | 2.00x |" in open(path[:-5] + ".md").read()
     assert os.path.getsize(path[:-5] + ".png") > 1000
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    # a second run of another case merges into the same device file
-    rec2 = BenchRecorder(torch.device("cpu"), copy_gbps=10.0)
+    # a second run of another case merges into the same device file; each row keeps the % roofline of the
+    # bandwidth measured in its own session
+    rec2 = BenchRecorder(torch.device("cpu"), copy_gbps=20.0)
     rec2.add(Measurement("dequantize q8_0 8x32 cpu", "felix-cpu", True, 0.25, 2e9))
     rec2.write(str(tmp_path))
-    assert len(json.load(open(path))["measurements"]) == 3
+    data = json.load(open(path))
+    assert len(data["measurements"]) == 3
+    pct = {(r["case"], r["impl"]): r["pct_copy_bandwidth"] for r in data["rows"]}
+    assert pct["quantize q8_0 8x32 cpu", "felix-cpu"] == pytest.approx(40.0)
+    assert pct["dequantize q8_0 8x32 cpu", "felix-cpu"] == pytest.approx(40.0)  # 8 GB/s of 20
 
 
 def test_benchmarks_still_run():

@@ -67,6 +67,7 @@ class Measurement:
     bytes_moved: float   # bytes read + written by one call (0 if not meaningful)
     flops: float = 0.0   # floating-point operations of one call (0 if not meaningful)
     extra: dict = field(default_factory=dict)
+    copy_gbps: float | None = None  # the copy bandwidth measured in the session that timed this (its % roofline)
 
     @property
     def gbps(self) -> float:
@@ -88,6 +89,8 @@ class BenchRecorder:
         self.measurements: list[Measurement] = []
 
     def add(self, m: Measurement) -> None:
+        if m.copy_gbps is None:
+            m.copy_gbps = self.copy_gbps
         self.measurements.append(m)
 
     def rows(self) -> list[dict]:
@@ -99,8 +102,9 @@ class BenchRecorder:
         for case, ms in by_case.items():
             for m in ms:
                 row = asdict(m) | {"gbps": m.gbps, "tflops": m.tflops}
-                if self.copy_gbps and m.bytes_moved:
-                    row["pct_copy_bandwidth"] = 100 * m.gbps / self.copy_gbps
+                copy_gbps = m.copy_gbps or self.copy_gbps
+                if copy_gbps and m.bytes_moved:
+                    row["pct_copy_bandwidth"] = 100 * m.gbps / copy_gbps
                 if self.peak_tflops and m.flops:
                     row["pct_peak_flops"] = 100 * m.tflops / self.peak_tflops
                 # speedup of this implementation over each other one: >1 means this one is faster
@@ -111,7 +115,8 @@ class BenchRecorder:
     def markdown(self) -> str:
         lines = [f"# Benchmarks on {self.name}", ""]
         if self.copy_gbps:
-            lines.append(f"Measured copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write).")
+            lines.append(f"Measured copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write) in the latest session; "
+                         f"each row's % is against the bandwidth measured in the session that timed it.")
         if self.peak_tflops:
             lines.append(f"Peak used for %-of-roofline: {self.peak_tflops:.1f} TFLOP/s.")
         lines += ["", "| case | impl | median ms | GB/s | % copy BW | speedup of candidate vs this peer | other |",
@@ -159,12 +164,14 @@ class BenchRecorder:
         same device, so separate runs of bench files accumulate). Returns the JSON path."""
         os.makedirs(directory, exist_ok=True)
         base = os.path.join(directory, device_slug(self.device))
-        old = []
+        old, old_copy_gbps = [], None
         if os.path.exists(base + ".json"):
             with open(base + ".json") as fh:
-                old = json.load(fh).get("measurements", [])
+                payload = json.load(fh)
+            old, old_copy_gbps = payload.get("measurements", []), payload.get("copy_gbps")
         keep = {(m.case, m.impl) for m in self.measurements}
-        merged = [Measurement(**{k: v for k, v in m.items() if k in Measurement.__dataclass_fields__})
+        merged = [Measurement(**({"copy_gbps": old_copy_gbps} | {k: v for k, v in m.items()
+                                                               if k in Measurement.__dataclass_fields__ and v is not None}))
                   for m in old if (m["case"], m["impl"]) not in keep]
         self.measurements = merged + self.measurements
         payload = {"device": self.name, "copy_gbps": self.copy_gbps, "peak_tflops": self.peak_tflops,
