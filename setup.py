@@ -91,11 +91,12 @@ setup(
     ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60", "tokenizers>=0.19", "safetensors>=0.4",
-                      "matplotlib>=3.7"],
+                      "matplotlib>=3.7",
+                      "gguf==0.19.0"],  # felix export / inspect / fidelity write and read GGUF with gguf-py
     extras_require={
         "test": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
-            "gguf==0.19.0", "llama-cpp-python==0.3.36", "matplotlib>=3.7",
+            "llama-cpp-python==0.3.36",
         ],
     },
     entry_points={"console_scripts": ["felix=felix.cli:main"]},

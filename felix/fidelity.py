@@ -643,6 +643,12 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     bad_paths = [p for p in opts.paths if p not in PATHS]
     if bad_paths or not opts.paths:
         raise FidelityError(f"unknown path(s) {bad_paths or list(opts.paths)}; choose from {', '.join(PATHS)}")
+    if "runtime" in opts.paths:
+        from felix.llamacpp import available
+
+        ok, why = available()
+        if not ok:
+            raise FidelityError(f"the runtime path runs llama.cpp: {why}")
     if "runtime" in opts.paths and quant not in RUNTIME_TYPES:
         raise FidelityError(f"the runtime path runs stock llama.cpp, which has no {quant!r}; use the simulated path "
                             f"for it (stock types: {', '.join(RUNTIME_TYPES)})")

@@ -25,6 +25,9 @@ class LlamaCppModel:
     """One GGUF loaded in llama.cpp (CPU), optionally with a LoRA adapter whose scale can change at run time."""
 
     def __init__(self, path, n_ctx: int = 512, adapter=None, adapter_scale: float = 1.0, n_threads: int | None = None):
+        ok, why = available()
+        if not ok:
+            raise ImportError(why)
         from llama_cpp import Llama
 
         path = Path(path)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from felix import data, fidelity as F
+from felix import data, fidelity as F, llamacpp
 from felix import model as M
 from felix.tokenizer import train_tokenizer
 
@@ -273,9 +273,13 @@ def test_checkpoint_tokenizer_mismatch(checkpoint, tmp_path):
         F.load_for_fidelity(checkpoint, tmp_path / "tokenizer.json")
 
 
-def test_bad_options(checkpoint):
-    with pytest.raises(F.FidelityError, match="runtime"):
-        F.run_fidelity(checkpoint, F.FidelityOptions(quant="rq4", paths=("runtime",)))
+def test_bad_options(checkpoint, monkeypatch):
+    if llamacpp.available()[0]:
+        with pytest.raises(F.FidelityError, match="stock llama.cpp, which has no 'rq4'"):
+            F.run_fidelity(checkpoint, F.FidelityOptions(quant="rq4", paths=("runtime",)))
+    monkeypatch.setattr(llamacpp, "available", lambda: (False, "llama-cpp-python is not installed"))
+    with pytest.raises(F.FidelityError, match="runtime path runs llama.cpp: llama-cpp-python is not installed"):
+        F.run_fidelity(checkpoint, F.FidelityOptions(quant="q4_0", paths=("runtime",)))
     with pytest.raises(F.FidelityError, match="unknown path"):
         F.run_fidelity(checkpoint, F.FidelityOptions(quant="rq4", paths=("gpu",)))
     with pytest.raises(ValueError, match="unknown quantization type"):
