@@ -3,12 +3,12 @@ tensor byte for byte, RQ4 as ggml type 42), the splice merge arithmetic, and bad
 from __future__ import annotations
 
 import errno
-import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SEED
 from export_fixtures import make_checkpoint
 
 import felix
@@ -22,7 +22,7 @@ from felix.quant_policy import choose_tensor_type, roundtrip
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint",
-                                            seed=int.from_bytes(os.urandom(4), "little"))
+                                            seed=SEED)
     return directory, model, tok
 
 
