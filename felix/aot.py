@@ -28,6 +28,16 @@ TARGETS = {
 # Which launch-config entry (kernels/*.py LAUNCH_CONFIGS) each target compiles with.
 ARCH_KEYS = {"gfx1101": "gfx11", "sm_90": "sm90"}
 
+def kernel_modules() -> list[str]:
+    """Every Triton kernel family in kernels/ (installed as felix.kernels): a new module needs only an
+    `aot_specs(arch)` function to be compiled by the AOT test and `felix aot-report`."""
+    import pkgutil
+
+    import felix.kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(felix.kernels.__path__) if not m.name.startswith("_"))
+
+
 # Per-workgroup LDS on RDNA3 and the largest opt-in shared memory per block on H100.
 LDS_LIMIT_BYTES = {"gfx1101": 64 * 1024, "sm_90": 227 * 1024}
 

@@ -98,7 +98,7 @@ def cmd_aot_report(args) -> int:
     from felix import aot
 
     reports = []
-    for module in args.modules:
+    for module in args.modules or aot.kernel_modules():
         mod = importlib.import_module(f"felix.kernels.{module}")
         for target in args.target:
             for spec in mod.aot_specs(aot.ARCH_KEYS[target]):
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("aot-report", help="compile Triton kernels for real targets and report resources")
     a.add_argument("--target", action="append", choices=["gfx1101", "sm_90"], help="default: both")
-    a.add_argument("--modules", nargs="+", default=["codecs"], help="kernel modules under felix.kernels")
+    a.add_argument("--modules", nargs="+", help="kernel modules under felix.kernels (default: all of them)")
     a.set_defaults(func=cmd_aot_report)
 
     t = sub.add_parser("selftest", help="every op vs its torch reference on this machine; exit 1 on failure")

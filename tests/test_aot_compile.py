@@ -2,18 +2,14 @@
 and sm_90 (H100), on this CPU-only machine, with no register spills and within the LDS budget.
 The resource report (registers, LDS/shared memory, spills, occupancy) is printed at the end of the run.
 """
-import os
-import pkgutil
-
 import pytest
 
 from conftest import AOT_REPORTS
-from felix.aot import LDS_LIMIT_BYTES, TARGETS
+from felix.aot import LDS_LIMIT_BYTES, TARGETS, kernel_modules
 
 # Every module in kernels/ (installed as felix.kernels) is compiled: a new kernel family needs only
 # an `aot_specs(arch)` function to be checked here.
-KERNELS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "kernels")
-KERNEL_MODULES = sorted(m.name for m in pkgutil.iter_modules([KERNELS_DIR]) if not m.name.startswith("_"))
+KERNEL_MODULES = kernel_modules()
 
 
 def compile_module(module: str, target: str):
