@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
-from felix.reference.loss import normalisers
+from felix.reference.loss import chunk_logits, logits_weight, normalisers
 
 # BLOCK_V: vocabulary elements per step of a row's sweep; chunk_logits_bytes: the fp32 logits of one
 # chunk (rows x V x 4 bytes) that the default chunk size keeps to (the only N x V-shaped buffer).
@@ -94,18 +94,6 @@ def _ce_quail_rows(z_ptr, stride_z, t_ptr, valid_ptr, watched_ptr, inv_n_ce_ptr,
             tl.store(zrow + offs, g, mask=inside)
 
 
-def _logits(hc: torch.Tensor, weight: torch.Tensor, bias, dt: torch.dtype) -> torch.Tensor:
-    """fp32 (fp64 for fp64 inputs) chunk logits; fp16/bf16 GEMMs on a GPU keep their fast path and
-    write fp32 directly (no rounding of the logits to 16 bits)."""
-    if hc.is_cuda and hc.dtype in (torch.float16, torch.bfloat16):
-        z = torch.mm(hc, weight.t(), out_dtype=torch.float32)
-    else:
-        z = hc.to(dt) @ weight.to(dt).t()
-    if bias is not None:
-        z += bias.to(dt)
-    return z
-
-
 def loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size,
                    accum_dtype=torch.float32, need_grads=True):
     """Same contract as felix.reference.loss.chunked_loss_and_grads, with the row work in Triton.
@@ -120,10 +108,11 @@ def loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grads else h.new_empty(0)
     db = torch.zeros(v, dtype=acc, device=h.device) if (need_grads and bias is not None) else h.new_empty(0)
     lse, zt, marg = (torch.empty(n, dtype=dt, device=h.device) for _ in range(3))
+    w_dt = logits_weight(h, weight, dt)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         hc = h[s:e]
-        z = _logits(hc, weight, bias, dt)
+        z = chunk_logits(hc, weight, bias, dt, w_dt)
         _ce_quail_rows[(e - s,)](z, z.stride(0), t32[s:e], valid8[s:e], watched8[s:e], inv_n_ce, inv_n_h,
                                  lse[s:e], zt[s:e], marg[s:e], v, float(margin), float(lambda_q), float(z_loss),
                                  BLOCK_V=cfg["BLOCK_V"], WRITE_GRAD=need_grads, num_warps=cfg["num_warps"])

@@ -103,6 +103,27 @@ def chunk_logits_grad(z, safe_t, valid, watched, inv_n_ce, inv_n_h, margin, lamb
     return lse, zt, marg, dz
 
 
+def logits_weight(h, weight, dt):
+    """The weight as `chunk_logits` wants it: None where the GPU GEMM writes float32 from fp16/bf16 itself,
+    else the weight in `dt` (no copy when it already is)."""
+    return None if (h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)) else weight.to(dt)
+
+
+def chunk_logits(hc, weight, bias, dt, weight_dt=None):
+    """A chunk's logits in `dt` (float32, or float64 for float64 inputs), never rounded to 16 bits: fp16/bf16
+    GEMMs on a GPU keep their fast path and write float32 directly; elsewhere the operands are upcast
+    (`weight_dt`: the weight already in `dt`, to upcast it once per call rather than per chunk). Rounding the
+    logits to bf16 would put their spacing at ~0.06 for |z| ~ 10: coarse next to a margin of 2, and enough
+    to reorder near-tied rivals."""
+    if hc.is_cuda and hc.dtype in (torch.float16, torch.bfloat16):
+        z = torch.mm(hc, weight.t(), out_dtype=torch.float32)
+    else:
+        z = hc.to(dt) @ (weight_dt if weight_dt is not None else weight.to(dt)).t()
+    if bias is not None:
+        z += bias.to(dt)
+    return z
+
+
 def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index,
                            chunk_size, accum_dtype=torch.float32, need_grads=True):
     """Chunked forward that also produces dL/dh, dL/dW, dL/db (for grad_output 1).
@@ -116,13 +137,11 @@ def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grads else h.new_empty(0)
     db = torch.zeros(v, dtype=acc, device=h.device) if (need_grads and bias is not None) else h.new_empty(0)
     sums = torch.zeros(5, dtype=dt, device=h.device)  # ce, hinge, z, active, margin sum
-    w_t = weight.t()
+    w_dt = logits_weight(h, weight, dt)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         hc = h[s:e]
-        z = (hc @ w_t).to(dt)
-        if bias is not None:
-            z += bias.to(dt)
+        z = chunk_logits(hc, weight, bias, dt, w_dt)
         va, wa = valid[s:e], watched[s:e]
         lse, zt, marg, dz = chunk_logits_grad(z, safe_t[s:e], va, wa, inv_n_ce, inv_n_h, margin, lambda_q, z_loss)
         sums += torch.stack([torch.where(va, lse - zt, 0).sum(), torch.where(wa, torch.relu(margin - marg), 0).sum(),
