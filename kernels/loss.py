@@ -112,7 +112,7 @@ def loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         hc = h[s:e]
-        z = chunk_logits(hc, weight, bias, dt, w_dt)
+        z = chunk_logits(hc, weight, w_dt, bias, dt)
         _ce_quail_rows[(e - s,)](z, z.stride(0), t32[s:e], valid8[s:e], watched8[s:e], inv_n_ce, inv_n_h,
                                  lse[s:e], zt[s:e], marg[s:e], v, float(margin), float(lambda_q), float(z_loss),
                                  BLOCK_V=cfg["BLOCK_V"], WRITE_GRAD=need_grads, num_warps=cfg["num_warps"])

@@ -104,21 +104,19 @@ def chunk_logits_grad(z, safe_t, valid, watched, inv_n_ce, inv_n_h, margin, lamb
 
 
 def logits_weight(h, weight, dt):
-    """The weight as `chunk_logits` wants it: None where the GPU GEMM writes float32 from fp16/bf16 itself,
-    else the weight in `dt` (no copy when it already is)."""
+    """The weight as `chunk_logits` takes it, prepared once per call: None where fp16/bf16 GEMMs on a GPU
+    write float32 logits themselves, else the weight in `dt` (no copy when it already is)."""
     return None if (h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)) else weight.to(dt)
 
 
-def chunk_logits(hc, weight, bias, dt, weight_dt=None):
-    """A chunk's logits in `dt` (float32, or float64 for float64 inputs), never rounded to 16 bits: fp16/bf16
-    GEMMs on a GPU keep their fast path and write float32 directly; elsewhere the operands are upcast
-    (`weight_dt`: the weight already in `dt`, to upcast it once per call rather than per chunk). Rounding the
-    logits to bf16 would put their spacing at ~0.06 for |z| ~ 10: coarse next to a margin of 2, and enough
-    to reorder near-tied rivals."""
-    if hc.is_cuda and hc.dtype in (torch.float16, torch.bfloat16):
+def chunk_logits(hc, weight, weight_dt, bias, dt):
+    """A chunk's logits in `dt` (float32, or float64 for float64 inputs), never rounded to 16 bits (bf16
+    logits are ~0.06 apart at |z| ~ 10: coarse next to a margin of 2, and enough to reorder near-tied
+    rivals). `weight_dt` is `logits_weight(...)`: None selects the GPU GEMM with a float32 output."""
+    if weight_dt is None:
         z = torch.mm(hc, weight.t(), out_dtype=torch.float32)
     else:
-        z = hc.to(dt) @ (weight_dt if weight_dt is not None else weight.to(dt)).t()
+        z = hc.to(dt) @ weight_dt.t()
     if bias is not None:
         z += bias.to(dt)
     return z
@@ -141,7 +139,7 @@ def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         hc = h[s:e]
-        z = chunk_logits(hc, weight, bias, dt, w_dt)
+        z = chunk_logits(hc, weight, w_dt, bias, dt)
         va, wa = valid[s:e], watched[s:e]
         lse, zt, marg, dz = chunk_logits_grad(z, safe_t[s:e], va, wa, inv_n_ce, inv_n_h, margin, lambda_q, z_loss)
         sums += torch.stack([torch.where(va, lse - zt, 0).sum(), torch.where(wa, torch.relu(margin - marg), 0).sum(),
