@@ -6,7 +6,7 @@
     felix selftest      run every op against its torch reference on this machine's best device; exit 1 on failure
     felix train         train Felix-LM (default: the tiny preset on the built-in corpus, CPU, a few minutes)
     felix fidelity      which logit margins / decisions of a checkpoint survive a quantization (exit 1: gate failed)
-    felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix`, RQ4, native splices)
+    felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix` arch, RQ4)
     felix inspect       metadata and tensor table of any GGUF file
 """
 from __future__ import annotations
@@ -310,7 +310,7 @@ def _add_export_parsers(sub) -> None:
     e.add_argument("--arch", choices=ARCHES, default="llama", help="llama: stock llama.cpp; felix: the fork")
     e.add_argument("--quant", choices=EXPORT_TYPES, default="f16", help="type of the large 2-D tensors")
     e.add_argument("--splice", choices=SPLICE_MODES, default="merge",
-                   help="merge into the weights, a separate LoRA adapter GGUF, or native tensors (felix arch)")
+                   help="merge into the weights, or a separate LoRA adapter GGUF (both runtimes apply it, with a live scale)")
     e.add_argument("--embedding-type", choices=EXPORT_TYPES, help="type of token_embd/output (default: Q8_0 "
                    "for 4-bit and ternary exports, else --quant)")
     e.add_argument("--adapter-out", help="adapter path for --splice adapter (default: OUT stem + .splice-lora.gguf)")

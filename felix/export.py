@@ -1,7 +1,7 @@
 """Export a Felix checkpoint to GGUF for llama.cpp (stock ``llama`` arch) or the fork (``felix`` arch).
 
     felix export CHECKPOINT OUT.gguf --arch llama|felix --quant f32|f16|bf16|q8_0|q4_0|iq4_nl|tq2_0|rq4
-                 --splice merge|adapter|native
+                 --splice merge|adapter
 
 What goes in the file:
 
@@ -20,10 +20,13 @@ What goes in the file:
     lora``, ``adapter.lora.alpha = rank``, tensors ``<base>.weight.lora_a`` = A ``[r, in]`` and ``lora_b`` =
     B diag(gate) ``[out, r]``, F32) that llama.cpp loads beside the base and can re-scale (llama.cpp applies
     user_scale * alpha / rank = user_scale) or drop at run time.
-  - ``native`` (``--arch felix`` only): the splice tensors under Felix's names (felix.splice.SPLICE_TENSOR_NAMES:
-    ``blk.N.splice.<proj>.a`` ``[r, in]``, ``.b`` ``[out, r]``, ``.gate`` F32 ``[1]`` or ``[out]``) with the
-    metadata ``felix.splice.rank``, ``felix.splice.layers``, ``felix.splice.projections``; the fork applies
-    ``y = W x + gate * B (A x)`` on that projection. ``felix.num_spokes`` = 0: no fork spokes in the file.
+  There is no third, "native" mode: the fork's felix arch has no SpliceCore tensors and rejects a file with
+  tensors it does not know ("wrong number of tensors"); it applies LoRA adapters through ``build_lora_mm`` on
+  every projection a splice can sit on, so ``adapter`` is the fork's live-scalable splice.
+* ``--arch felix`` (the fork, felix.fork): the llama tensors plus, in every layer, the spoke tensors the fork
+  requires. Felix-LM has no trained spokes yet, so they are the exact no-op of felix.fork.noop_spoke_tensors
+  (one spoke of rank 1, W_down = W_up = 0: the spoke residual is exactly 0.0), with ``felix.num_spokes`` /
+  ``felix.spoke_rank`` = 1. felix.fork.check_loadable applies the fork loader's rules before anything is written.
 
 RQ4 (ggml type 42) exists only in the fork, so ``--quant rq4`` needs ``--arch felix``. Files are written to a
 temporary name beside the output and renamed into place, so an error or a full disk never leaves a partial file.
@@ -38,18 +41,17 @@ from pathlib import Path
 
 import torch
 
+from felix import fork
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 
 ARCHES = ("llama", "felix")
-SPLICE_MODES = ("merge", "adapter", "native")
+SPLICE_MODES = ("merge", "adapter")
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED = 1, 3, 5
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 split regex, which HF ByteLevel(use_regex=True) applies
 
 # llama_ftype per export type (llama.h); RQ4's is the fork's and not public, so it is left out
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "iq4_nl": 25, "bf16": 32, "tq2_0": 37}
-SPLICE_METADATA = {"rank": "{arch}.splice.rank", "layers": "{arch}.splice.layers",
-                   "projections": "{arch}.splice.projections"}
 
 
 class ExportError(ValueError):
@@ -194,16 +196,14 @@ def _gated_b(b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 def base_tensors(model, splice: str) -> dict[str, torch.Tensor]:
-    """The tensors of the base file, float32, by GGUF name: splices merged into their weights (`merge`),
-    left out (`adapter`), or kept under their own names (`native`)."""
+    """The tensors of the base file, float32, by GGUF name: splices merged into their weights (`merge`) or
+    left out (`adapter`, which writes them to the adapter file)."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     out = {k: v for k, v in state.items() if ".splice." not in k}
     for layer, proj, a, b, gate in _splices(model):
         if splice == "merge":
             wname = f"blk.{layer}.{proj}.weight"
             out[wname] = (out[wname].double() + _gated_b(b, gate) @ a.double()).float()
-    if splice == "native":
-        out = {k: v for k, v in state.items()}
     return out
 
 
@@ -257,14 +257,15 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     quant = check_type(quant)
     if arch not in ARCHES:
         raise ExportError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
+    if splice == "native":
+        raise ExportError("--splice native is not a mode: the fork's felix arch has no SpliceCore tensors and "
+                          "refuses a file with tensors it does not know ('wrong number of tensors'); use "
+                          "--splice adapter (a LoRA adapter the fork applies, with a live scale) or --splice merge")
     if splice not in SPLICE_MODES:
         raise ExportError(f"unknown splice mode {splice!r}; choose from {', '.join(SPLICE_MODES)}")
     if quant == "rq4" and arch != "felix":
         raise ExportError("RQ4 (ggml type 42) exists only in the llama.cpp fork: use --arch felix "
                           "(stock llama.cpp cannot load it)")
-    if splice == "native" and arch != "felix":
-        raise ExportError("--splice native writes SpliceCore tensors that only the fork's felix arch reads; "
-                          "for stock llama.cpp use --splice merge or --splice adapter")
     out = Path(out)
     _check_output(out, force)
     if model is None:
@@ -285,6 +286,11 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     tok = tokenizer_metadata(tokenizer, cfg.vocab_size)
 
     tensors = base_tensors(model, splice)
+    fork_meta = {}
+    if arch == fork.ARCH:
+        tensors.update(fork.noop_spoke_tensors(cfg.n_layer, cfg.d_model))
+        fork_meta = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))
+        fork.check_loadable({k: tuple(v.shape) for k, v in tensors.items()}, fork_meta, cfg)
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"non-finite values (NaN/Inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}")
@@ -303,13 +309,8 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     def fill_base(w):
         _add_hparams(w, cfg, quant, name)
         _add_tokenizer(w, tok)
-        if arch == "felix":
-            w.add_uint32(f"{arch}.num_spokes", 0)
-            w.add_uint32(f"{arch}.spoke_rank", 0)
-        if splice == "native" and splices:
-            w.add_uint32(SPLICE_METADATA["rank"].format(arch=arch), cfg.splice_rank)
-            w.add_array(SPLICE_METADATA["layers"].format(arch=arch), sorted({s[0] for s in splices}))
-            w.add_array(SPLICE_METADATA["projections"].format(arch=arch), list(cfg.splice_projections))
+        for key, value in fork_meta.items():
+            w.add_uint32(key, value)
 
     def fill_adapter(w):
         w.add_type("adapter")
@@ -366,14 +367,11 @@ def config_from_gguf(meta: dict):
         return meta[full]
 
     d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
-    layers = meta.get(SPLICE_METADATA["layers"].format(arch=arch))
     return FelixConfig(vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=int(key("block_count")),
                        d_model=d_model, n_head=n_head, n_kv_head=int(key("attention.head_count_kv")),
                        ffn_hidden=int(key("feed_forward_length")), max_seq_len=int(key("context_length")),
                        rope_theta=float(key("rope.freq_base")), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-                       splice_layers=[int(i) for i in layers] if layers is not None else [],
-                       splice_projections=list(meta.get(SPLICE_METADATA["projections"].format(arch=arch), [])),
-                       splice_rank=int(meta.get(SPLICE_METADATA["rank"].format(arch=arch), 8)))
+                       splice_layers=[])  # splices are merged or in the adapter file: none in the base
 
 
 def model_from_gguf(path):
@@ -387,5 +385,9 @@ def model_from_gguf(path):
     cfg = config_from_gguf(meta)
     cfg.tie_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     model = FelixLM(cfg)
-    load_state_into(model, {t.name: tensor_to_torch(t) for t in reader.tensors}, source=str(path))
+    tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
+    spokes = {k: v for k, v in tensors.items() if fork.is_spoke_tensor(k)}
+    if spokes and not fork.spokes_are_noop(spokes):
+        raise ExportError(f"{path} has spokes with nonzero W_up; Felix-LM has no spokes to hold them yet")
+    load_state_into(model, {k: v for k, v in tensors.items() if k not in spokes}, source=str(path))
     return model

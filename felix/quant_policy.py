@@ -6,8 +6,9 @@ exactly the same choices on PyTorch weights, so "the quantized model" means one 
 The rules, in order (like the fork's policy, FACTS §5):
 
 1. 1-D tensors (RMSNorm weights, splice gates) stay F32: llama.cpp wants F32 norms, and they are tiny.
-2. SpliceCore tensors (``blk.N.splice.<proj>.a|b``) stay F32: they are the runtime-edit surface, and an
-   edit written into a 4-bit tensor would go through 4-bit rounding and mostly vanish.
+2. SpliceCore tensors (``blk.N.splice.<proj>.a|b``) and the fork's spoke tensors (``blk.N.spoke.*``) stay F32:
+   they are the runtime-edit surfaces, and an edit written into a 4-bit tensor would go through 4-bit rounding
+   and mostly vanish.
 3. Tensors under 1024 elements stay F32.
 4. The embedding (``token_embd``, also the output head when tied) and ``output`` get `embedding_type`:
    Q8_0 by default when the chosen type is a 4-bit/ternary block format, else the chosen type.
@@ -74,8 +75,8 @@ def choose_tensor_type(name: str, shape, quant: str, embedding_type: str | None 
         numel *= s
     if len(shape) < 2:
         return TensorChoice(name, shape, "f32", "1-D (norm / gate): F32")
-    if ".splice." in name:
-        return TensorChoice(name, shape, "f32", "splice tensor: runtime-edit surface stays F32")
+    if ".splice." in name or ".spoke." in name:
+        return TensorChoice(name, shape, "f32", "splice / spoke tensor: runtime-edit surface stays F32")
     if numel < MIN_QUANT_ELEMENTS:
         return TensorChoice(name, shape, "f32", f"small ({numel} < {MIN_QUANT_ELEMENTS} elements): F32")
     want, why = quant, "chosen type"

@@ -4,7 +4,10 @@
 #   bash scripts/setup.sh --test   plus the test tools: Triton (interpreter + AOT), gguf-py, hypothesis,
 #                                  pytest-benchmark, and llama-cpp-python built from source (CPU only;
 #                                  ~8 minutes the first time, then pip's wheel cache makes it instant),
-#                                  and hipcc (apt-get, where possible) for the gfx1101 compile check
+#                                  hipcc (apt-get, where possible) for the gfx1101 compile check, and the
+#                                  llama.cpp fork (RQ4, felix arch) from ../shared/llama-fork, CPU only, once per
+#                                  machine (~15 minutes; cached in felix.fork.build_dir(), rebuilt only when its
+#                                  sources change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +33,25 @@ if [[ "${1:-}" == "--test" ]]; then
       pip "llama-cpp-python==0.3.36"
   fi
   pip --no-build-isolation -e ".[test]"
+  # The fork: its build.sh downloads the llama-cpp-python sdist it overlays, which needs scikit-build-core here
+  # (no build isolation). Its own libraries and Python sources stay in the cache dir; stock llama_cpp is untouched.
+  FORK_SRC=${FELIX_LLAMA_FORK_SRC:-../shared/llama-fork}
+  if [[ -f "$FORK_SRC/build.sh" ]]; then
+    FORK_DIR=$("$PY" -c "from felix import fork; print(fork.build_dir())")
+    stamp=$(cat "$FORK_SRC/build.sh" $(find "$FORK_SRC/overlay" -type f | sort) | sha256sum | cut -c1-16)
+    if [[ -f "$FORK_DIR/cmake-build/bin/libllama.so" && "$(cat "$FORK_DIR/.felix-stamp" 2>/dev/null)" == "$stamp" ]]; then
+      echo "setup: llama.cpp fork already built in $FORK_DIR"
+    else
+      pip "scikit-build-core>=0.9"
+      mkdir -p "$FORK_DIR"
+      echo "setup: building the llama.cpp fork into $FORK_DIR (CPU only, ~15 minutes the first time)"
+      bash "$FORK_SRC/build.sh" "$FORK_DIR" > "$FORK_DIR.build.log" 2>&1 \
+        || { tail -30 "$FORK_DIR.build.log" >&2; echo "setup: the fork build failed (log: $FORK_DIR.build.log)" >&2; exit 1; }
+      echo "$stamp" > "$FORK_DIR/.felix-stamp"
+    fi
+  else
+    echo "setup: no fork sources at $FORK_SRC; the fork's tests will be skipped" >&2
+  fi
 else
   pip --no-build-isolation -e .
 fi

@@ -1,5 +1,5 @@
 """Byte-exactness against independent truths: ggml's C quantizers (libggml-base through ctypes),
-gguf-py's dequantizers, and for RQ4 a scalar transcription of the fork's C quantizer.
+gguf-py's dequantizers (RQ4, which stock ggml lacks, against the fork's C in tests/test_fork_llamacpp.py).
 
 Every backend is held to the same bytes: `reference` and `cpu` here, `triton` in an isolated
 interpreter process (TRITON_INTERPRET=1).
@@ -80,44 +80,8 @@ def test_quantize_large_matrix_cpu_vs_ggml(fmt, gen):
 
 
 # ------------------------------------------------------------------------------------- RQ4
-RQ4_CB = np.array(get_format("rq4").codebook, dtype=np.float32)
-
-
-def rq4_scalar(x: np.ndarray) -> np.ndarray:
-    """The fork's quantize_row_rq4_ref (../shared/FACTS.md section 5), one float32 scalar at a time."""
-    x = np.asarray(x, dtype=np.float32).reshape(-1, 32)
-    out = np.zeros((x.shape[0], 18), dtype=np.uint8)
-    for i, blk in enumerate(x):
-        amax = np.float32(0)
-        for v in blk:
-            amax = max(amax, np.float32(abs(v)))
-        d = np.float32(amax / RQ4_CB[15])
-        out[i, 0:2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
-        inv_d = np.float32(np.float32(1) / d) if d > np.float32(1e-10) else np.float32(0)
-        idx = []
-        for v in blk:
-            s = np.float32(v * inv_d)
-            best, arg = np.float32(1e10), 0
-            for c in range(16):
-                dist = np.float32(abs(np.float32(s - RQ4_CB[c])))
-                if dist < best:
-                    best, arg = dist, c
-            idx.append(arg)
-        out[i, 2:] = [idx[2 * j] | (idx[2 * j + 1] << 4) for j in range(16)]
-    return out
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_rq4_is_byte_exact_with_the_fork_algorithm(backend, gen):
-    if backend not in cpu_backends():
-        pytest.skip(felix.backends()[backend].reason)
-    x = awkward_matrix(gen, 8, 64, "rq4")
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        want = rq4_scalar(x.numpy()).reshape(8, -1)
-    got = felix.quantize(x, "rq4", backend=backend).numpy()
-    assert np.array_equal(got, want)
-
-
+# RQ4 is not in stock ggml: its bytes are checked against the fork's own quantize_row_rq4_ref in
+# tests/test_fork_llamacpp.py. The all-zero convention, spelled out:
 def test_rq4_all_zero_block_convention():
     """Felix follows the fork's C quantizer: d = 0 and index 7 everywhere (bytes 0x77);
     the fork's Python tool writes index 0. Both decode to exact zeros."""

@@ -12,6 +12,7 @@ from conftest import SEED
 from export_fixtures import make_checkpoint
 
 import felix
+from felix import fork
 from felix.cli import main as felix_main
 from felix.export import ExportError, base_tensors, export_gguf, model_from_gguf
 from felix.gguf_file import FelixGGUFWriter, GGUFError, open_gguf, tensor_to_torch, torch_shape
@@ -31,6 +32,7 @@ def ckpt(tmp_path_factory):
     ("blk.0.attn_norm.weight", (256,), "rq4", "f32", False),             # 1-D: F32
     ("blk.3.splice.ffn_down.a", (8, 1024), "rq4", "f32", False),         # runtime-edit surface: F32
     ("blk.3.splice.ffn_down.gate", (1,), "q4_0", "f32", False),
+    ("blk.1.spoke.w_down_fused.weight", (32, 1024), "rq4", "f32", False),  # fork spokes: edit surface too
     ("blk.0.attn_k.weight", (16, 32), "q4_0", "f32", False),             # 512 elements: small
     ("token_embd.weight", (1024, 256), "rq4", "q8_0", False),            # embedding: Q8_0 for 4-bit
     ("token_embd.weight", (1024, 256), "f16", "f16", False),
@@ -55,6 +57,13 @@ def test_policy_embedding_override_and_unknown_types():
 
 
 # --------------------------------------------------------------------------------------- read-back
+def felix_arch_state(model) -> dict[str, torch.Tensor]:
+    """What a felix-arch export holds: the merged weights and the fork's no-op spokes in every layer."""
+    spokes = fork.noop_spoke_tensors(model.cfg.n_layer, model.cfg.d_model)
+    assert fork.spokes_are_noop(spokes) and spokes
+    return {**base_tensors(model, "merge"), **spokes}
+
+
 def _stored_bytes(t: torch.Tensor, type_name: str) -> np.ndarray:
     if type_name == "f32":
         return t.float().numpy().view(np.uint8).reshape(-1)
@@ -71,10 +80,10 @@ def test_stock_reader_reads_every_tensor_byte_for_byte(ckpt, tmp_path, quant):
     Felix's codecs / torch casts produce from the checkpoint under the policy's type."""
     directory, model, _ = ckpt
     out = tmp_path / "m.gguf"
-    result = export_gguf(directory, out, arch="felix", quant=quant, splice="native")
+    result = export_gguf(directory, out, arch="felix", quant=quant, splice="merge")
     reader = gguf.GGUFReader(out)
     assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "felix"
-    state = {k: v.float() for k, v in model.state_dict().items()}
+    state = felix_arch_state(model)
     assert {t.name for t in reader.tensors} == set(state)
     types = {t.name: t.type for t in result.tensors}
     for t in reader.tensors:
@@ -88,12 +97,12 @@ def test_rq4_felix_export_round_trips(ckpt, tmp_path):
     GGUFReader subclass) reads it; every tensor round-trips byte for byte and decodes to the codec's output."""
     directory, model, _ = ckpt
     out = tmp_path / "rq4.gguf"
-    result = export_gguf(directory, out, arch="felix", quant="rq4", splice="native")
+    result = export_gguf(directory, out, arch="felix", quant="rq4", splice="merge")
     assert {t.type for t in result.tensors} == {"rq4", "q8_0", "f32"}
     with pytest.raises(ValueError, match="42"):
         gguf.GGUFReader(out)
     reader = open_gguf(out)
-    state = {k: v.float() for k, v in model.state_dict().items()}
+    state = felix_arch_state(model)
     types = {t.name: t.type for t in result.tensors}
     n_rq4 = 0
     for t in reader.tensors:
@@ -107,8 +116,7 @@ def test_rq4_felix_export_round_trips(ckpt, tmp_path):
             torch.testing.assert_close(tensor_to_torch(t), roundtrip(state[t.name], "rq4"), rtol=0, atol=0)
     assert n_rq4 == 7 * model.cfg.n_layer
     back = model_from_gguf(out)
-    assert back.cfg.splice_layers == model.cfg.resolved_splice_layers()
-    assert back.cfg.splice_projections == model.cfg.splice_projections
+    assert back.cfg.splice_layers == []  # merged: the file has no splices
     for k, v in back.state_dict().items():
         torch.testing.assert_close(v, roundtrip(state[k], types[k]), rtol=0, atol=0)
 
@@ -161,8 +169,9 @@ def test_refuses_bad_combinations(ckpt, tmp_path):
     directory, _, _ = ckpt
     with pytest.raises(ExportError, match="--arch felix"):
         export_gguf(directory, tmp_path / "a.gguf", arch="llama", quant="rq4")
-    with pytest.raises(ExportError, match="native"):
-        export_gguf(directory, tmp_path / "b.gguf", arch="llama", splice="native")
+    for arch in ("llama", "felix"):  # the fork has no SpliceCore tensors: native is refused, with the way out
+        with pytest.raises(ExportError, match="--splice adapter"):
+            export_gguf(directory, tmp_path / "b.gguf", arch=arch, splice="native")
     with pytest.raises(ValueError, match="q2_k"):
         export_gguf(directory, tmp_path / "c.gguf", quant="q2_k")
     assert not list(tmp_path.iterdir())
