@@ -199,13 +199,75 @@ def _synthesis_record(rng: random.Random) -> dict:
     return {"task": "synthesis", "prompt": prompt, "response": " ".join(sentences)}
 
 
+# Hedged principle abstraction: the flip regime. Three memories, two of which share a failure and one that does
+# not, so the memories alone never settle whether a principle is shared; a reviewer's note carries one qualifier
+# word, and the label (has_principle) follows that qualifier only with the reliability below, as annotators
+# disagree on borderline cases. A model that learns these records well sets the has_principle decision to the
+# log-odds log(p / (1 - p)): 0.4-0.85 logits for the borderline qualifiers, decisions 4-bit rounding can move.
+# (qualifier, P(has_principle = true)).
+HEDGES = (("unmistakably", 0.99), ("clearly", 0.95), ("likely", 0.82), ("probably", 0.7), ("arguably", 0.6),
+          ("loosely", 0.4), ("doubtfully", 0.3), ("hardly", 0.08))
+PRINCIPLE_HEDGED = "principle-hedged"
+
+
+def hedge_bayes_margin(p_true: float) -> float:
+    """The Bayes-optimal logit margin of the majority answer of a qualifier with P(true) = p_true."""
+    import math
+
+    p = max(p_true, 1.0 - p_true)
+    return math.log(p / (1.0 - p))
+
+
+def _hedged_principle_record(rng: random.Random, label: bool | None = None) -> dict:
+    """One hedged principle record (see HEDGES). `label`: force has_principle (probes use the majority answer);
+    None draws it from the qualifier's reliability. The record carries ``hedge`` and ``p_true``."""
+    hedge, p_true = rng.choice(HEDGES)
+    shared, other = rng.sample(_EVENTS, 2)
+    memories = [f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {shared[0]}; the fix: {shared[1]}."
+                for _ in range(2)]
+    memories.insert(rng.randrange(3), f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {other[0]}.")
+    draw = rng.random()  # drawn even when the label is forced, so forced and free streams stay aligned
+    has = (draw < p_true) if label is None else bool(label)
+    if has:
+        response = {"has_principle": True, "title": shared[2].capitalize(),
+                    "principle": f"Across these cases the lesson is to {shared[2]}.",
+                    "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
+                    "confidence": round(rng.uniform(0.5, 0.8), 2)}
+    else:
+        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
+                    "confidence": round(rng.uniform(0.2, 0.5), 2)}
+    prompt = ("Abstract a principle from these memories if one is shared (JSON with has_principle, title, "
+              "principle, concepts, confidence).\n" + "\n".join(memories) +
+              f"\nReviewer note: these memories are {hedge} connected.")
+    return {"task": PRINCIPLE_HEDGED, "prompt": prompt, "response": json.dumps(response), "hedge": hedge,
+            "p_true": p_true}
+
+
+def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
+    """`per_hedge` probe records for every qualifier of HEDGES, the expected answer being the majority (Bayes)
+    decision of its qualifier. Seeded apart from the trainer's records; ordered hedge by hedge."""
+    if per_hedge < 1:
+        raise ValueError(f"per_hedge must be >= 1, got {per_hedge}")
+    rng = random.Random(seed)
+    out: dict[str, list[dict]] = {h: [] for h, _ in HEDGES}
+    while any(len(v) < per_hedge for v in out.values()):
+        state = rng.getstate()
+        hedge, p_true = rng.choice(HEDGES)
+        rng.setstate(state)  # replay the same draw with the label forced to the majority answer
+        r = _hedged_principle_record(rng, label=p_true > 0.5)
+        if len(out[hedge]) < per_hedge:
+            out[hedge].append(r)
+    return [r for h, _ in HEDGES for r in out[h]]
+
+
 _MAKERS = {"encoding": _encoding_record, "episode": _episode_record, "principle": _principle_record,
-           "synthesis": _synthesis_record}
+           "synthesis": _synthesis_record, PRINCIPLE_HEDGED: _hedged_principle_record}
 
 
 def structured_records(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
-    """`n` seeded records ``{"task", "prompt", "response"}``, cycling through `tasks`. JSON tasks have a
-    ``json.dumps`` response; synthesis has 2-5 sentences of prose."""
+    """`n` seeded records ``{"task", "prompt", "response"}``, cycling through `tasks` (TASKS by default;
+    ``principle-hedged`` is opt-in, see HEDGES). JSON tasks have a ``json.dumps`` response; synthesis has 2-5
+    sentences of prose."""
     unknown = set(tasks) - set(_MAKERS)
     if unknown:
         raise ValueError(f"unknown structured task(s) {sorted(unknown)}; known: {list(_MAKERS)}")
@@ -213,9 +275,12 @@ def structured_records(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) ->
     return [_MAKERS[tasks[i % len(tasks)]](rng) for i in range(n)]
 
 
-def builtin_corpus(n_records: int = 2000, seed: int = 0) -> list[str]:
-    """The default training corpus: built-in prose plus `n_records` structured chat records."""
-    return builtin_prose() + [chat_text(r["prompt"], r["response"]) for r in structured_records(n_records, seed)]
+def builtin_corpus(n_records: int = 2000, seed: int = 0, tasks: tuple[str, ...] = TASKS,
+                   prose: bool = True) -> list[str]:
+    """The default training corpus: built-in prose (unless `prose` is False) plus `n_records` structured chat
+    records of `tasks`."""
+    records = [chat_text(r["prompt"], r["response"]) for r in structured_records(n_records, seed, tuple(tasks))]
+    return (builtin_prose() if prose else []) + records
 
 
 # ------------------------------------------------------------------------------- user files

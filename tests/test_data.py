@@ -137,3 +137,45 @@ def test_paragraph_chunks_keep_paragraphs_whole():
     chunks = data.paragraph_chunks(text, max_chars=800)
     assert "\n\n".join(chunks) == text
     assert all(len(c) <= 800 or "\n\n" not in c for c in chunks) and len(chunks) > 5
+
+
+# ------------------------------------------------------------------------------ the flip regime
+def test_hedged_records_are_valid_seeded_and_follow_their_reliability():
+    records = data.structured_records(4000, seed=11, tasks=(data.PRINCIPLE_HEDGED,))
+    assert records == data.structured_records(4000, seed=11, tasks=(data.PRINCIPLE_HEDGED,))
+    assert records[:50] != data.structured_records(50, seed=12, tasks=(data.PRINCIPLE_HEDGED,))
+    p_true = dict(data.HEDGES)
+    counts = {h: [0, 0] for h in p_true}
+    for r in records:
+        obj = json.loads(r["response"])
+        assert list(obj) == ["has_principle", "title", "principle", "concepts", "confidence"]
+        assert r["p_true"] == p_true[r["hedge"]] and f"are {r['hedge']} connected." in r["prompt"]
+        assert r["prompt"].count("\n- ") == 3  # two memories share a failure, one does not: never decisive alone
+        if obj["has_principle"]:
+            assert obj["principle"] and obj["concepts"] and obj["title"]
+        else:
+            assert obj["principle"] == "" and obj["concepts"] == [] and obj["title"] == ""
+        counts[r["hedge"]][obj["has_principle"]] += 1
+    for h, (n_false, n_true) in counts.items():  # binomial: 5 standard deviations
+        n = n_false + n_true
+        assert abs(n_true / n - p_true[h]) < 5 * (p_true[h] * (1 - p_true[h]) / n) ** 0.5 + 1e-9, h
+    assert data.PRINCIPLE_HEDGED not in data.TASKS  # opt-in: the default corpus is unchanged
+
+
+def test_hedged_probe_records_expect_the_majority_answer():
+    probes = data.hedged_probe_records(3)
+    assert probes == data.hedged_probe_records(3) and probes != data.hedged_probe_records(3, seed=5)
+    assert [r["hedge"] for r in probes] == [h for h, _ in data.HEDGES for _ in range(3)]
+    for r in probes:
+        assert json.loads(r["response"])["has_principle"] == (r["p_true"] > 0.5)
+    assert data.hedge_bayes_margin(0.7) == pytest.approx(0.8473, abs=1e-4)
+    assert data.hedge_bayes_margin(0.3) == data.hedge_bayes_margin(0.7)
+    with pytest.raises(ValueError):
+        data.hedged_probe_records(0)
+
+
+def test_builtin_corpus_tasks_and_prose_switch():
+    docs = data.builtin_corpus(n_records=12, seed=1, tasks=(data.PRINCIPLE_HEDGED,), prose=False)
+    assert len(docs) == 12 and all("Reviewer note" in d for d in docs)
+    with pytest.raises(ValueError, match="unknown structured task"):
+        data.builtin_corpus(n_records=2, tasks=("nope",), prose=False)
