@@ -138,6 +138,9 @@ def cmd_train(args) -> int:
     from felix.train import TrainConfig, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "stop_at")}
+    if options.get("margin_from") is not None and options.get("margin") is not None:
+        print("felix train: error: give --margin or --margin-from (which measures it), not both", file=sys.stderr)
+        return 2
     try:
         cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
         result = train(cfg, resume=args.resume, stop_at=args.stop_at)
@@ -150,6 +153,7 @@ def cmd_train(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
+    from felix.data import _MAKERS
     from felix.model import PRESETS
     from felix.train import TrainConfig
 
@@ -168,6 +172,14 @@ def _add_train_parser(sub) -> None:
     for name in ("val_fraction", "lr", "decay_fraction", "final_lr_fraction", "weight_decay", "grad_clip",
                  "lambda_q", "margin", "peak_tflops", "memorization_gap"):
         t.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(d, name)}")
+    t.add_argument("--task", dest="tasks", action="append", choices=list(_MAKERS),
+                   help=f"structured record task of the built-in corpus (repeatable; default: {', '.join(d.tasks)})")
+    t.add_argument("--no-prose", dest="prose", action="store_false", default=None,
+                   help="built-in corpus without the prose: structured records only")
+    t.add_argument("--margin-from", help="a `felix fidelity` JSON report: set the QUAIL margin to the measured lower "
+                   "tail of the margin change (margin = -quantile; felix.quail.margin_from_noise); excludes --margin")
+    t.add_argument("--margin-quantile", type=float, help=f"quantile for --margin-from (default "
+                   f"{d.margin_quantile:g}; one of the report's change_quantiles)")
     t.add_argument("--teacher-data", action="append", default=[], help="distillation: JSONL of {prompt, response, "
                    "teacher} trained as masked SFT on the responses (repeatable; several teachers welcome)")
     t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
@@ -188,7 +200,7 @@ def cmd_fidelity(args) -> int:
     for quant in args.quant:
         opts = fidelity.FidelityOptions(
             quant=quant, paths=tuple(args.path), embedding_type=args.embedding_type, probes_file=args.probes,
-            n_probes=args.n_probes, whitelist_strings=tuple(args.whitelist_string),
+            n_probes=args.n_probes, probe_set=args.probe_set, whitelist_strings=tuple(args.whitelist_string),
             whitelist_tokens=tuple(args.whitelist_token), sensitivity=not args.no_sensitivity,
             compliance=not args.no_compliance, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
             gguf_dir=args.gguf_dir, progress=sys.stderr.isatty())
@@ -221,6 +233,12 @@ def cmd_fidelity(args) -> int:
     return code
 
 
+def fidelity_probe_sets() -> tuple[str, ...]:
+    from felix.fidelity import PROBE_SETS
+
+    return PROBE_SETS
+
+
 def _add_fidelity_parser(sub) -> None:
     from felix.quant_policy import EXPORT_TYPES
 
@@ -234,6 +252,9 @@ def _add_fidelity_parser(sub) -> None:
     f.add_argument("--embedding-type", help="type of token_embd/output (default: Q8_0 for 4-bit formats)")
     f.add_argument("--probes", help="JSONL of {prompt, expected} (optional name, task, schema); default built-in")
     f.add_argument("--n-probes", type=int, default=24, help="number of built-in probes (default 24)")
+    f.add_argument("--probe-set", choices=list(fidelity_probe_sets()), default="builtin",
+                   help="built-in probes: builtin (the seed task shapes) or hedged (the flip regime: hedged "
+                        "principle abstraction, felix.data.HEDGES)")
     f.add_argument("--whitelist-string", action="append", default=[],
                    help="protect the tokens of this string too (field name, refusal phrase); repeatable")
     f.add_argument("--whitelist-token", action="append", default=[],

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 SCHEMA_NAME = "felix-fidelity-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: summary.margin.change_quantiles, summary.minority, probe sets
 PATHS = ("simulated", "runtime")
 RUNTIME_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "iq4_nl", "tq2_0")  # what stock llama.cpp runs
 
@@ -100,6 +100,11 @@ class PositionStats:
     kl: torch.Tensor
     top1_agree: torch.Tensor      # bool: same argmax
     delta_p: torch.Tensor         # p_quant(expected) - p_ref(expected)
+    # the reference's best token other than the expected one (the minority option when the reference is right)
+    runner_up: torch.Tensor | None = None
+    runner_up_whitelisted: torch.Tensor | None = None   # bool
+    runner_up_logp_ref: torch.Tensor | None = None      # log p_ref(runner-up)
+    runner_up_logp_quant: torch.Tensor | None = None    # log p_quant(runner-up)
 
     @property
     def flipped(self) -> torch.Tensor:
@@ -120,21 +125,54 @@ def compare_logits(ref_logits: torch.Tensor, quant_logits: torch.Tensor, targets
         raise FidelityError(f"whitelist must be a bool mask over the vocabulary ({ref_logits.shape[1]}), got "
                             f"{tuple(whitelist.shape)} {whitelist.dtype}")
     t = targets.long()
-    p_ref = torch.softmax(ref_logits.double(), -1).gather(1, t[:, None])[:, 0]
-    p_q = torch.softmax(quant_logits.double(), -1).gather(1, t[:, None])[:, 0]
+    lp_ref, lp_q = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(quant_logits.double(), -1)
+    p_ref, p_q = lp_ref.gather(1, t[:, None])[:, 0].exp(), lp_q.gather(1, t[:, None])[:, 0].exp()
+    ru = ref_logits.double().scatter(1, t[:, None], float("-inf")).argmax(-1)
     return PositionStats(targets=t, whitelisted=whitelist[t], ref_margin=margins(ref_logits, t),
                          quant_margin=margins(quant_logits, t), kl=kl_divergence(ref_logits, quant_logits),
-                         top1_agree=ref_logits.argmax(-1) == quant_logits.argmax(-1), delta_p=p_q - p_ref)
+                         top1_agree=ref_logits.argmax(-1) == quant_logits.argmax(-1), delta_p=p_q - p_ref,
+                         runner_up=ru, runner_up_whitelisted=whitelist[ru],
+                         runner_up_logp_ref=lp_ref.gather(1, ru[:, None])[:, 0],
+                         runner_up_logp_quant=lp_q.gather(1, ru[:, None])[:, 0])
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
 
 
-def summarize(stats: PositionStats, low_margin: float = 1.0) -> dict:
-    """The report's summary numbers (plain floats/ints; NaN where a set is empty). `low_margin`: reference-correct
-    whitelisted positions with a margin below it (the QUAIL hinge's default m) are also counted on their own:
-    they are the decisions a 4-bit rounding can plausibly flip."""
+MINORITY_BUCKETS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5))  # p_ref of the minority option
+
+
+def minority_summary(stats: PositionStats) -> dict:
+    """p(whitelisted token) where it is the minority option: at whitelisted positions the reference decides
+    correctly, its runner-up token when that is whitelisted too (e.g. the refusal ``false`` against the expected
+    ``true``). Per bucket of the runner-up's reference probability: count, median p_ref, and the log-ratio
+    log p_quant / p_ref of the runner-up (mean, p01, p99): > 0 means quantization made the minority option more
+    likely."""
+    if stats.runner_up is None:
+        return {}
+    sel = stats.whitelisted & stats.runner_up_whitelisted & (stats.ref_margin > 0)
+    p_ref = stats.runner_up_logp_ref[sel].exp()
+    ratio = (stats.runner_up_logp_quant - stats.runner_up_logp_ref)[sel]
+    out = {}
+    for lo, hi in MINORITY_BUCKETS:
+        b = (p_ref >= lo) & (p_ref < hi)
+        out[f"{lo:g}-{hi:g}"] = {"count": int(b.sum()), "p_ref_median": _quantile(p_ref[b], 0.5),
+                                 "log_ratio_mean": float(ratio[b].mean()) if b.any() else float("nan"),
+                                 "log_ratio_p01": _quantile(ratio[b], 0.01),
+                                 "log_ratio_p99": _quantile(ratio[b], 0.99)}
+    return out
+
+
+def summarize(stats: PositionStats, low_margin: float | None = None) -> dict:
+    """The report's summary numbers (plain floats/ints; NaN where a set is empty). `low_margin` (default
+    felix.quail.DEFAULT_MARGIN, the QUAIL hinge's margin): reference-correct whitelisted positions with a margin
+    below it are also counted on their own: they are the decisions a 4-bit rounding can plausibly flip.
+    ``margin.change_quantiles`` (felix.quail.NOISE_QUANTILES) is the measured margin noise that
+    ``felix train --margin-from`` calibrates from."""
+    from felix.quail import DEFAULT_MARGIN, NOISE_QUANTILES, _quantile_key
+
+    low_margin = DEFAULT_MARGIN if low_margin is None else low_margin
     w = stats.whitelisted
     ref_m, q_m = stats.ref_margin[w], stats.quant_margin[w]
     change = q_m - ref_m
@@ -156,12 +194,14 @@ def summarize(stats: PositionStats, low_margin: float = 1.0) -> dict:
             "reference_min_correct": float(ref_m[correct].min()) if correct.any() else float("nan"),
             "change_mean": mean(change), "change_p01": _quantile(change, 0.01), "change_min":
                 float(change.min()) if n_w else float("nan"),
+            "change_quantiles": {_quantile_key(q): _quantile(change, q) for q in NOISE_QUANTILES},
             "change_abs_max": float(change.abs().max()) if n_w else float("nan"),
             "low_threshold": low_margin, "low_reference_correct": int(low.sum()),
             "low_survived": int((low & (q_m > 0)).sum()),
         },
         "kl": {"mean": mean(stats.kl), "median": _quantile(stats.kl, 0.5), "p99": _quantile(stats.kl, 0.99),
                "max": float(stats.kl.max()) if stats.kl.numel() else float("nan")},
+        "minority": minority_summary(stats),
         "kl_whitelisted_mean": mean(stats.kl[w]),
         "top1_agreement": mean(stats.top1_agree.double()),
         "delta_p": {"mean": mean(stats.delta_p), "rms": math.sqrt(mean(stats.delta_p.pow(2))) if stats.delta_p.numel()
@@ -227,6 +267,37 @@ def builtin_probes(n: int = 24, seed: int = 1_000_003) -> list[Probe]:
         if all(len(got[k]) == want[k] for k in kinds):
             break
     return [p for i in range(max(want.values())) for k in kinds if i < len(got[k]) for p in [got[k][i]]]
+
+
+PROBE_SETS = ("builtin", "hedged")
+
+
+def hedged_probes(n: int = 48, seed: int = 2_000_003) -> list[Probe]:
+    """The flip-regime probes: about `n` hedged principle-abstraction probes (felix.data.HEDGES), the same number
+    per qualifier, each expecting its qualifier's majority (Bayes) answer. Probe names are
+    ``hedged-<qualifier>-<i>``; the decision is the ``has_principle`` value."""
+    from felix import data
+
+    if n < 1:
+        raise FidelityError(f"the number of hedged probes must be >= 1, got {n}")
+    per = max(1, round(n / len(data.HEDGES)))
+    schema = builtin_schemas()["principle"]
+    counts: dict[str, int] = {}
+    out = []
+    for r in data.hedged_probe_records(per, seed):
+        i = counts[r["hedge"]] = counts.get(r["hedge"], -1) + 1
+        out.append(Probe(f"hedged-{r['hedge']}-{i}", data.chat_prompt(r["prompt"]), r["response"] + data.END,
+                         r["task"], schema))
+    return out
+
+
+def probe_set(name: str, n: int) -> list[Probe]:
+    """A built-in probe set by name (PROBE_SETS): ``builtin`` (builtin_probes) or ``hedged`` (hedged_probes)."""
+    if name == "builtin":
+        return builtin_probes(n)
+    if name == "hedged":
+        return hedged_probes(n)
+    raise FidelityError(f"unknown probe set {name!r}; choose from {', '.join(PROBE_SETS)}")
 
 
 _TYPES = {"string": str, "number": (int, float), "boolean": bool, "array": list, "object": dict, "null": type(None)}
@@ -597,6 +668,7 @@ class FidelityOptions:
     embedding_type: str | None = None
     probes_file: str | None = None
     n_probes: int = 24
+    probe_set: str = "builtin"    # built-in probes when there is no probes_file: see PROBE_SETS
     whitelist_strings: tuple[str, ...] = ()
     whitelist_tokens: tuple[str, ...] = ()
     sensitivity: bool = True
@@ -616,7 +688,11 @@ def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
                 rows.append({"probe": e.probe.name, "index": j, "token": t, "text": tokenizer.decode([t]),
                              "ref_margin": round(float(stats.ref_margin[i]), 4),
                              "quant_margin": round(float(stats.quant_margin[i]), 4),
-                             "flipped": bool(stats.flipped[i])})
+                             "flipped": bool(stats.flipped[i]),
+                             "runner_up": tokenizer.decode([int(stats.runner_up[i])]),
+                             "runner_up_p_ref": round(float(stats.runner_up_logp_ref[i].exp()), 6),
+                             "runner_up_log_ratio": round(float(stats.runner_up_logp_quant[i]
+                                                                - stats.runner_up_logp_ref[i]), 5)})
             i += 1
     return rows
 
@@ -653,7 +729,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
         raise FidelityError(f"the runtime path runs stock llama.cpp, which has no {quant!r}; use the simulated path "
                             f"for it (stock types: {', '.join(RUNTIME_TYPES)})")
     model, tok = load_for_fidelity(checkpoint, opts.tokenizer)
-    probes = load_probes(opts.probes_file) if opts.probes_file else builtin_probes(opts.n_probes)
+    probes = load_probes(opts.probes_file) if opts.probes_file else probe_set(opts.probe_set, opts.n_probes)
     wl = build_probe_whitelist(tok, model.cfg.vocab_size, opts.whitelist_strings, opts.whitelist_tokens)
     for msg in wl.problems:
         print(f"felix fidelity: warning: {msg}", file=sys.stderr)
@@ -665,7 +741,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     report = {
         "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "checkpoint": str(checkpoint), "quant": quant,
         "embedding_type": opts.embedding_type, "paths": list(opts.paths),
-        "probes": {"source": opts.probes_file or f"built-in ({opts.n_probes})", "count": len(probes),
+        "probes": {"source": opts.probes_file or f"built-in {opts.probe_set} ({opts.n_probes})", "count": len(probes),
                    "names": [p.name for p in probes], "context_window": model.cfg.max_seq_len},
         "whitelist": {"size": int(wl.mask.sum()), "strings": wl.strings, "tokens": wl.tokens,
                       "problems": wl.problems, "unreachable": wl.unreachable,
@@ -830,11 +906,12 @@ def _f(x, nd=4) -> str:
 
 def markdown_report(report: dict, plots: dict[str, str]) -> str:
     q = report["quant"]
+    low = next((r["summary"]["margin"]["low_threshold"] for r in report["results"].values()), float("nan"))
     lines = [f"# Fidelity report: {report['checkpoint']} at {q}", "",
              f"Probes: {report['probes']['count']} ({report['probes']['source']}), context window "
              f"{report['probes']['context_window']}. Whitelist: {report['whitelist']['size']} tokens, "
              f"{report['whitelist']['covered']} of them expected somewhere in the probes. Low-margin: reference-correct "
-             f"whitelisted positions with a reference margin below 1 logit.", ""]
+             f"whitelisted positions with a reference margin below {low:g} logits (the QUAIL margin).", ""]
     for msg in report["whitelist"]["problems"]:
         lines.append(f"- whitelist problem: {msg}")
     if report["whitelist"]["unreachable"]:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import felix
+from felix.quail import DEFAULT_MARGIN
 from felix.reference.loss import LossParts
 from felix.splice import SpliceCore
 
@@ -292,7 +293,7 @@ class FelixLM(nn.Module):
         """Logits [B, T, vocab]."""
         return F.linear(self.hidden_states(tokens, attention_backend), self.head_weight)
 
-    def loss(self, tokens, targets, whitelist=None, margin: float = 1.0, lambda_q: float = 0.0,
+    def loss(self, tokens, targets, whitelist=None, margin: float = DEFAULT_MARGIN, lambda_q: float = 0.0,
              ignore_index: int = -100, attention_backend: str | None = None) -> LossParts:
         return _lm_loss(self.hidden_states(tokens, attention_backend), self.head_weight, targets, whitelist, margin,
                         lambda_q, ignore_index)

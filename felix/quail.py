@@ -14,10 +14,31 @@ transformers-style tokenizer (``len``/``decode``/``encode`` returning ids).
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+from pathlib import Path
 from typing import Iterable
 
 import torch
+
+# The QUAIL defaults, defined once: the op (felix.linear_ce_quail), the trainer (TrainConfig, `felix train`), the
+# fidelity harness (its low-margin threshold) and the README all read these.
+#
+# DEFAULT_MARGIN = 2.0 logits, from measurements, not a guess: the 1st percentile of the per-position margin change
+# under 4-bit quantization at whitelisted positions (`felix fidelity`, simulated path) was -0.45 to -1.17 logits
+# over the formats and seeds of reports/quail-experiment (rq4 pooled -0.98 without QUAIL). A margin of 1.0 sits
+# inside that tail: a decision held at
+# exactly the hinge's margin is lost by the worst 1% of rounding draws. 2.0 clears the largest measured p01 with
+# ~0.8 logits to spare. `felix train --margin-from fidelity-rq4.json` replaces it by the measured value for one
+# model and format (margin_from_fidelity below).
+# DEFAULT_LAMBDA_Q = 0.1: the hinge stays a correction on top of cross-entropy (it only acts on the protected
+# positions below the margin); at 0.1 it cost ~2-4% validation CE in reports/quail-experiment.
+DEFAULT_MARGIN = 2.0
+DEFAULT_LAMBDA_Q = 0.1
+# The lower-tail quantile of the measured margin change that a calibrated margin covers (1%: see margin_from_noise)
+DEFAULT_NOISE_QUANTILE = 0.01
+NOISE_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5)  # what the fidelity harness reports (summary.margin.change_quantiles)
 
 JSON_STRUCTURE_CHARS = '{}[]":,'
 JSON_LITERALS = ("true", "false", "null")
@@ -78,3 +99,61 @@ def describe_whitelist(tokenizer, mask: torch.Tensor, limit: int = 40) -> str:
     shown = ", ".join(repr(_decode(tokenizer, i)) for i in ids[:limit])
     more = f", ... (+{len(ids) - limit})" if len(ids) > limit else ""
     return f"{len(ids)} of {mask.numel()} tokens whitelisted: {shown}{more}"
+
+
+# ------------------------------------------------------------------------------ margin calibration
+class CalibrationError(ValueError):
+    """A fidelity report that cannot calibrate a margin (wrong file, missing field, no downward noise)."""
+
+
+def margin_from_noise(change_quantile: float) -> float:
+    """THE calibration rule, in one place: the QUAIL margin is the size of the lower tail of the margin change
+    that quantization causes at whitelisted positions, ``margin = -q`` where ``q`` is the measured quantile
+    (default the 1st percentile) of ``quantized margin - reference margin``. A decision whose reference margin
+    is at least this large then survives the rounding in all but that quantile's share of draws (per position,
+    as measured). A quantile >= 0 means quantization did not lower margins at that quantile: there is nothing
+    to calibrate against, and a margin of 0 would switch the hinge off, so that is an error."""
+    q = float(change_quantile)
+    if not math.isfinite(q):
+        raise CalibrationError(f"the measured margin-change quantile is {q}: not a number to calibrate from")
+    if q >= 0:
+        raise CalibrationError(f"the measured margin-change quantile is {q:+.4f} >= 0: quantization did not lower "
+                               f"whitelisted margins at this quantile, so it gives no margin to protect against; "
+                               f"keep the default ({DEFAULT_MARGIN}) or pick a lower quantile")
+    return -q
+
+
+def _quantile_key(quantile: float) -> str:
+    return f"{quantile:g}"
+
+
+def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path: str = "simulated") -> float:
+    """The calibrated margin (margin_from_noise) from a `felix fidelity` JSON report (a file path or the loaded
+    dict): its measured change quantile at whitelisted positions, ``results[path].summary.margin
+    .change_quantiles[quantile]``. Raises CalibrationError naming what is missing."""
+    where = "the fidelity report"
+    if not isinstance(report, dict):
+        where = str(report)
+        try:
+            report = json.loads(Path(report).read_text())
+        except FileNotFoundError:
+            raise CalibrationError(f"fidelity report {where} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CalibrationError(f"cannot read {where} as JSON: {e}") from None
+    if not isinstance(report, dict) or report.get("schema") != "felix-fidelity-report":
+        raise CalibrationError(f"{where} is not a felix fidelity report (no schema 'felix-fidelity-report'); pass "
+                               f"the fidelity-<quant>.json that `felix fidelity` writes")
+    results = report.get("results") or {}
+    if path not in results:
+        raise CalibrationError(f"{where} has no {path!r} path result (it has: {', '.join(results) or 'none'})")
+    margin = results[path].get("summary", {}).get("margin", {})
+    quantiles = margin.get("change_quantiles")
+    if not isinstance(quantiles, dict):
+        raise CalibrationError(f"{where} lacks summary.margin.change_quantiles (written by felix fidelity since "
+                               f"schema version 2; this report is version {report.get('schema_version')}): rerun "
+                               f"`felix fidelity` on the checkpoint")
+    key = _quantile_key(quantile)
+    if quantiles.get(key) is None:
+        raise CalibrationError(f"{where} reports margin-change quantiles {', '.join(quantiles)}, not {key}; choose "
+                               f"one of those (or no whitelisted position was measured)")
+    return margin_from_noise(quantiles[key])

@@ -30,6 +30,7 @@ import torch
 
 from felix import data as felix_data
 from felix import model as felix_model
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
 CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE = "checkpoint", "metrics.jsonl", "loss_curve.png", "trainer_state.pt"
@@ -48,6 +49,8 @@ class TrainConfig:
     teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
     init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
     n_records: int = 2000          # structured records added to the built-in corpus
+    tasks: list[str] = field(default_factory=lambda: list(felix_data.TASKS))  # their task kinds (felix.data)
+    prose: bool = True             # built-in corpus: include the prose (False: structured records only)
     val_fraction: float = 0.05
     tokenizer: str | None = None   # an existing tokenizer.json (or a directory holding one); None = train one
     vocab_size: int | None = None  # None = the preset's
@@ -61,8 +64,10 @@ class TrainConfig:
     final_lr_fraction: float = 0.0
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    lambda_q: float = 0.1          # QUAIL hinge weight (0 = plain CE)
-    margin: float = 1.0            # QUAIL logit margin for whitelisted (JSON structure) targets
+    lambda_q: float = DEFAULT_LAMBDA_Q  # QUAIL hinge weight (0 = plain CE)
+    margin: float = DEFAULT_MARGIN      # QUAIL logit margin for whitelisted (JSON structure) targets
+    margin_from: str | None = None      # a `felix fidelity` JSON: margin = its measured noise (quail.margin_from_noise)
+    margin_quantile: float = DEFAULT_NOISE_QUANTILE  # ... at this lower-tail quantile of the margin change
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 0      # 0 = only at the end (and when stopped early)
@@ -88,10 +93,18 @@ class TrainConfig:
                             "give one or the other")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
+        if self.margin < 0:
+            problems.append(f"margin must be >= 0, got {self.margin}")
+        unknown = [t for t in self.tasks if t not in felix_data._MAKERS]
+        if unknown or not self.tasks:
+            problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
+                            f"{', '.join(felix_data._MAKERS)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         if self.preset not in felix_model.PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; available presets: {', '.join(felix_model.PRESETS)}")
+        if self.margin_from is not None:  # the calibrated margin replaces the given one (CalibrationError otherwise)
+            self.margin = margin_from_fidelity(self.margin_from, self.margin_quantile)
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:
@@ -173,7 +186,7 @@ def _documents(cfg: TrainConfig, log) -> tuple[list[str], list[str]]:
                 + (f"\n  ... and {len(loaded.skipped) - 20} more" if len(loaded.skipped) > 20 else ""))
         docs = loaded.documents
     else:
-        docs = felix_data.builtin_corpus(cfg.n_records, cfg.seed)
+        docs = felix_data.builtin_corpus(cfg.n_records, cfg.seed, tuple(cfg.tasks), cfg.prose)
     if cfg.val_data:
         return docs, felix_data.load_user_data(cfg.val_data).documents
     return felix_data.split_documents(docs, cfg.val_fraction, cfg.seed)
@@ -310,6 +323,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         log(f"resumed {out} at step {step}")
 
     log(f"felix-lm {cfg.init_from or cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
+    log(f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}" + (
+        f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
+        if cfg.margin_from else ""))
     log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
         f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
         f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {whitelist.numel()} "

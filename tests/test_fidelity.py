@@ -56,6 +56,41 @@ def test_known_flips_survival_and_margin_change():
     assert s["top1_agreement"] == pytest.approx(2 / 6)
 
 
+def test_margin_change_quantiles_and_minority_option():
+    from felix.quail import NOISE_QUANTILES
+
+    # 3 whitelisted tokens (0, 1, 2) + one that is not (3). Position 0: expected 0, runner-up 1 (whitelisted), p_ref(1)
+    # = 1/(1+e^3+e^-9) ~ 0.047, quantized: runner-up logit +1 -> log-ratio ~ +1 - log(new norm / old norm).
+    ref = torch.tensor([[3.0, 0.0, -9.0, -9.0], [3.0, -9.0, -9.0, 0.0], [0.0, 3.0, -9.0, -9.0]], dtype=torch.float64)
+    quant = ref.clone()
+    quant[0, 1] = 1.0
+    quant[1, 3] = 1.0
+    stats = F.compare_logits(ref, quant, torch.tensor([0, 0, 0]), torch.tensor([True, True, True, False]))
+    assert stats.runner_up.tolist() == [1, 3, 1] and stats.runner_up_whitelisted.tolist() == [True, False, True]
+    s = F.summarize(stats)
+    assert set(s["margin"]["change_quantiles"]) == {f"{q:g}" for q in NOISE_QUANTILES}
+    assert s["margin"]["change_quantiles"]["0.5"] == pytest.approx(-1.0)  # changes (-1, -1, 0)
+    # only position 0 counts: position 1's runner-up is not whitelisted, position 2 is decided wrongly
+    lr = float(torch.log_softmax(quant[0], -1)[1] - torch.log_softmax(ref[0], -1)[1])
+    b = s["minority"]["0.01-0.1"]
+    assert b["count"] == 1 and b["log_ratio_mean"] == pytest.approx(lr) and lr > 0.9
+    assert b["p_ref_median"] == pytest.approx(float(torch.softmax(ref[0], -1)[1]))
+    assert s["minority"]["0-0.01"]["count"] == 0 and s["minority"]["0.1-0.5"]["count"] == 0
+
+
+def test_hedged_probe_set():
+    probes = F.probe_set("hedged", 16)
+    assert len(probes) == 16 and len({p.name for p in probes}) == 16
+    assert [p.name for p in probes[:3]] == ["hedged-unmistakably-0", "hedged-unmistakably-1", "hedged-clearly-0"]
+    p_true = dict(data.HEDGES)
+    for p in probes:
+        body = json.loads(p.expected.removesuffix(data.END))
+        assert body["has_principle"] == (p_true[p.name.split("-")[1]] > 0.5)
+        assert F.check_compliance(json.dumps(body), p.schema)["compliant"]
+    with pytest.raises(F.FidelityError, match="unknown probe set"):
+        F.probe_set("nope", 4)
+
+
 def test_kl_identical_is_zero_and_known_value(gen):
     z = torch.randn(20, 64, generator=gen) * 3
     assert F.kl_divergence(z, z).abs().max() == 0.0

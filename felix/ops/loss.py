@@ -6,12 +6,9 @@ once); ``register_autograd`` makes the backward a scaling of those stored gradie
 ``reference`` (chunked torch, felix/reference/loss.py: the CPU path) and ``triton`` (kernels/loss.py).
 The spec every backend is tested against is ``felix.reference.loss.full_logits_loss``.
 
-Defaults, and why: ``margin=2.0`` nats asks a whitelisted target to beat the runner-up by a factor
-e^2 ~ 7.4 in probability. 4-bit weight rounding perturbs logits by a fraction of their spread (RQ4's
-weight error is ~8.6% relative on Gaussian weights, see the codec notes), so decisions closer than
-about a nat are the ones that flip; 2 nats leaves headroom on top. ``lambda_q=0.1`` keeps the hinge a
-correction on top of cross-entropy (it only acts on the few protected positions that are below the
-margin). Both are starting points for the fidelity harness to calibrate, not measured optima.
+Defaults: ``margin`` and ``lambda_q`` default to felix.quail.DEFAULT_MARGIN / DEFAULT_LAMBDA_Q, the one QUAIL
+default the trainer, the fidelity harness and the README also use (the evidence for the values is next to
+their definition).
 """
 from __future__ import annotations
 
@@ -20,13 +17,12 @@ from typing import Sequence
 import torch
 
 from felix.oplib import implementation, register_impl, resolve_backend
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN  # the one QUAIL default (re-exported here)
 from felix.reference import loss as reference
 from felix.reference.loss import LossParts
 
 # fp32 logits of one chunk on the torch path (CPU training): 64 MB keeps a 32K vocabulary at 512 rows
 REFERENCE_CHUNK_LOGITS_BYTES = 64 << 20
-DEFAULT_MARGIN = 2.0
-DEFAULT_LAMBDA_Q = 0.1
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
+
 
 class LossParts(NamedTuple):
     """The total and its parts. Only ``loss`` carries gradient; the rest are detached, for logging."""
@@ -43,8 +45,8 @@ def _first_max_other(z: torch.Tensor, targets: torch.Tensor):
     return other.gather(1, idx[:, None])[:, 0], idx
 
 
-def full_logits_loss(h, weight, targets, whitelist=None, margin=2.0, lambda_q=0.1, z_loss=0.0, bias=None,
-                     ignore_index=-100) -> LossParts:
+def full_logits_loss(h, weight, targets, whitelist=None, margin=DEFAULT_MARGIN, lambda_q=DEFAULT_LAMBDA_Q, z_loss=0.0,
+                     bias=None, ignore_index=-100) -> LossParts:
     """The spec, differentiable by autograd. Math in float32, or float64 for float64 inputs.
     `whitelist` is a bool mask over the vocabulary (or None: no hinge)."""
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
