@@ -199,11 +199,13 @@ def _synthesis_record(rng: random.Random) -> dict:
     return {"task": "synthesis", "prompt": prompt, "response": " ".join(sentences)}
 
 
-# Hedged principle abstraction: the flip regime. Three memories, two of which share a failure and one that does
-# not, so the memories alone never settle whether a principle is shared; a reviewer's note carries one qualifier
-# word, and the label (has_principle) follows that qualifier only with the reliability below, as annotators
-# disagree on borderline cases. A model that learns these records well sets the has_principle decision to the
-# log-odds log(p / (1 - p)): 0.4-0.85 logits for the borderline qualifiers, decisions 4-bit rounding can move.
+# Hedged principle abstraction: the flip regime. The memories themselves are not shown, only a reviewer's note
+# with one qualifier word, and the label (has_principle) follows that qualifier only with the reliability below, as
+# annotators disagree on borderline cases. A model that learns these records well sets the has_principle decision to
+# the log-odds log(p / (1 - p)): 0.4-0.85 logits for the borderline qualifiers, decisions 4-bit rounding can move.
+# The prompt is short on purpose: with the memories spelled out (three lines, or a one-line summary) a 0.8M-parameter
+# model did not pick up the qualifier at all in 400-600 steps (it answered the marginal 0.6 for every qualifier), and
+# a developer session on 2 CPU cores cannot give 15 runs many more steps.
 # (qualifier, P(has_principle = true)).
 HEDGES = (("unmistakably", 0.99), ("clearly", 0.95), ("likely", 0.82), ("probably", 0.7), ("arguably", 0.6),
           ("loosely", 0.4), ("doubtfully", 0.3), ("hardly", 0.08))
@@ -223,9 +225,6 @@ def _hedged_principle_record(rng: random.Random, label: bool | None = None) -> d
     None draws it from the qualifier's reliability. The record carries ``hedge`` and ``p_true``."""
     hedge, p_true = rng.choice(HEDGES)
     shared, other = rng.sample(_EVENTS, 2)
-    memories = [f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {shared[0]}; the fix: {shared[1]}."
-                for _ in range(2)]
-    memories.insert(rng.randrange(3), f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {other[0]}.")
     draw = rng.random()  # drawn even when the label is forced, so forced and free streams stay aligned
     has = (draw < p_true) if label is None else bool(label)
     if has:
@@ -236,9 +235,8 @@ def _hedged_principle_record(rng: random.Random, label: bool | None = None) -> d
     else:
         response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
                     "confidence": round(rng.uniform(0.2, 0.5), 2)}
-    prompt = ("Abstract a principle from these memories if one is shared (JSON with has_principle, title, "
-              "principle, concepts, confidence).\n" + "\n".join(memories) +
-              f"\nReviewer note: these memories are {hedge} connected.")
+    prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewer note: these memories are " \
+             f"{hedge} connected."
     return {"task": PRINCIPLE_HEDGED, "prompt": prompt, "response": json.dumps(response), "hedge": hedge,
             "p_true": p_true}
 

@@ -150,7 +150,7 @@ def test_hedged_records_are_valid_seeded_and_follow_their_reliability():
         obj = json.loads(r["response"])
         assert list(obj) == ["has_principle", "title", "principle", "concepts", "confidence"]
         assert r["p_true"] == p_true[r["hedge"]] and f"are {r['hedge']} connected." in r["prompt"]
-        assert r["prompt"].count("\n- ") == 3  # two memories share a failure, one does not: never decisive alone
+        assert r["prompt"].startswith("Abstract a principle")
         if obj["has_principle"]:
             assert obj["principle"] and obj["concepts"] and obj["title"]
         else:
