@@ -86,9 +86,15 @@ def cmd_quantize(args) -> int:
 
 def cmd_backends(args) -> int:
     import felix
+    from felix import llamacpp
 
+    print("op backends:")
     for name, s in felix.backends().items():
-        print(f"{name:10} {'yes' if s.available else 'no ':3}  {s.reason}")
+        print(f"  {name:10} {'yes' if s.available else 'no ':3}  {s.reason}")
+    print("GGUF runtimes (felix.llamacpp):")
+    for name in llamacpp.RUNTIMES:
+        ok, why = llamacpp.available(name)
+        print(f"  {name:10} {'yes' if ok else 'no ':3}  {why}")
     return 0
 
 
@@ -203,7 +209,7 @@ def cmd_fidelity(args) -> int:
             n_probes=args.n_probes, probe_set=args.probe_set, whitelist_strings=tuple(args.whitelist_string),
             whitelist_tokens=tuple(args.whitelist_token), sensitivity=not args.no_sensitivity,
             compliance=not args.no_compliance, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
-            gguf_dir=args.gguf_dir, progress=sys.stderr.isatty())
+            gguf_dir=args.gguf_dir, progress=sys.stderr.isatty(), sim_activations=args.sim_activations)
         try:
             report = fidelity.run_fidelity(args.checkpoint, opts, cache)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
@@ -222,10 +228,10 @@ def cmd_fidelity(args) -> int:
                 line += f", schema-compliant {c['reference']['compliant']} -> {c['quantized']['compliant']}" \
                         f" of {c['quantized']['probes']}"
             print(line)
-        if report.get("agreement"):
-            a = report["agreement"]
-            print(f"{quant} simulated vs runtime: top-1 agreement {a['top1_agreement']:.4f}, max rel err "
-                  f"{a['max_rel_err']:.4f}, max |margin diff| {a['margin_abs_diff_max']:.4f}")
+        for sim, a in (report.get("agreement_by_sim_activations") or {}).items():
+            print(f"{quant} simulated ({sim} activations) vs runtime ({report['runtime']}): top-1 agreement "
+                  f"{a['top1_agreement']:.4f}, max rel err {a['max_rel_err']:.4f}, KL mean {a['kl_mean']:.2e}, "
+                  f"|margin diff| mean {a['margin_abs_diff_mean']:.4f} max {a['margin_abs_diff_max']:.4f}")
         print(f"report: {files['markdown']} (+ {files['json'].name}, plots)")
         for f in failures:
             print(f"GATE FAILED: {quant} {f}", file=sys.stderr)
@@ -248,7 +254,11 @@ def _add_fidelity_parser(sub) -> None:
                    help="quantization to test (repeatable; default rq4); per-tensor policy as in the exporter")
     f.add_argument("--path", action="append", choices=["simulated", "runtime"],
                    help="simulated (PyTorch on dequantized weights, any format) and/or runtime (the exported GGUF "
-                        "in llama.cpp, stock formats); repeatable; default simulated")
+                        "in llama.cpp: stock llama.cpp for stock formats, the Felix fork for rq4); repeatable; "
+                        "default simulated")
+    f.add_argument("--sim-activations", choices=["exact", "runtime"], default="exact",
+                   help="simulated path: exact activations (default), or rounded as llama.cpp's CPU matmuls do "
+                        "(Q8_0 blocks for 4/8-bit weights, f16 q/k/v), to predict what the deployment computes")
     f.add_argument("--embedding-type", help="type of token_embd/output (default: Q8_0 for 4-bit formats)")
     f.add_argument("--probes", help="JSONL of {prompt, expected} (optional name, task, schema); default built-in")
     f.add_argument("--n-probes", type=int, default=24, help="number of built-in probes (default 24)")

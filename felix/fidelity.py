@@ -16,10 +16,14 @@ model and the quantized one and compares their logits at every expected token:
   reference vs quantized.
 
 Two paths. *simulated*: the PyTorch model on weights that went through the exporter's per-tensor policy
-(felix.quant_policy: roundtrip of every tensor through its GGUF type) -- any format, RQ4 included. *runtime*:
-the exported GGUF files (f32 reference, quantized) in llama.cpp through llama-cpp-python -- stock formats
-only; ggml also quantizes activations to Q8 inside its matmuls, so the two paths agree within a measured
-bound, not exactly (tests/test_fidelity_llamacpp.py measures it).
+(felix.quant_policy: roundtrip of every tensor through its GGUF type) -- any format. With
+``sim_activations="runtime"`` (CLI ``--sim-activations runtime``) it also rounds activations as llama.cpp's CPU
+matmuls do (Q8_0 blocks for 4-bit and 8-bit weights, f16 q/k/v: felix.activation_rounding), so it predicts
+what the deployment computes, not only what its weights are. *runtime*: the exported GGUF files (f32
+reference, quantized) in the runtime that serves them: stock llama.cpp (``llama`` arch) for the stock formats,
+the Felix llama.cpp fork (``felix`` arch) for RQ4 (felix.llamacpp). When both paths run, the report says how
+closely each simulation (exact and runtime activations) reproduces the runtime's logits (``agreement``,
+``agreement_by_sim_activations``); tests/test_fidelity_llamacpp.py and tests/test_fork_llamacpp.py bound it.
 
 Probes are scored in windows of the model's context (max_seq_len): a probe longer than that is scored in
 overlapping windows, each expected token seeing at least half a window of context, identically on both paths.
@@ -41,7 +45,21 @@ import torch
 SCHEMA_NAME = "felix-fidelity-report"
 SCHEMA_VERSION = 2  # 2: summary.margin.change_quantiles, summary.minority, probe sets
 PATHS = ("simulated", "runtime")
-RUNTIME_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "iq4_nl", "tq2_0")  # what stock llama.cpp runs
+SIM_ACTIVATIONS = ("exact", "runtime")   # simulated path: exact activations, or rounded as llama.cpp does
+
+
+def runtime_of(quant: str) -> str:
+    """The llama.cpp runtime an export to `quant` runs in: "fork" for the fork-only formats (RQ4), else "stock"."""
+    from felix.formats import FORMATS
+
+    return FORMATS[quant].runtime if quant in FORMATS else "stock"
+
+
+def arch_of(quant: str) -> str:
+    """The GGUF architecture the runtime path exports to: the fork's ``felix`` arch for fork-only formats."""
+    from felix import fork
+
+    return fork.ARCH if runtime_of(quant) == "fork" else "llama"
 
 
 class FidelityError(ValueError):
@@ -439,6 +457,11 @@ class LlamaCppSource:
     def logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         return [torch.from_numpy(self.runtime.logits(x)) for x in seqs]
 
+    def greedy(self, prompt: list[int], budget: int, stop_ids) -> list[int]:
+        """Greedy continuation on llama.cpp's KV cache (prompt evaluated once), the stop token not included."""
+        out = self.runtime.greedy(prompt, budget, stop=sorted(stop_ids))
+        return out[:-1] if out and out[-1] in stop_ids else out
+
     def close(self):
         self.runtime.close()
 
@@ -508,7 +531,10 @@ def all_targets(encoded: list[EncodedProbe]) -> torch.Tensor:
 def greedy_generate(source, prompts: list[list[int]], budgets: list[int], stop_ids) -> list[list[int]]:
     """Greedy continuations of several prompts at once (batched), each recomputed over its last n_ctx tokens per
     step (a sliding window: the tiny presets' contexts are shorter than some records). A continuation stops at a
-    token in `stop_ids` (not included) or after its budget of new tokens."""
+    token in `stop_ids` (not included) or after its budget of new tokens. A source with its own KV-cache
+    ``greedy`` (llama.cpp) decodes each prompt there when prompt + budget fit its context (no window needed)."""
+    if hasattr(source, "greedy") and all(len(p) + b <= source.n_ctx for p, b in zip(prompts, budgets)):
+        return [source.greedy(list(p), b, set(stop_ids)) if b > 0 else [] for p, b in zip(prompts, budgets)]
     seqs, new = [list(p) for p in prompts], [[] for _ in prompts]
     active = [i for i, b in enumerate(budgets) if b > 0]
     while active:
@@ -678,6 +704,7 @@ class FidelityOptions:
     gguf_dir: str | None = None   # runtime path: where the exported GGUF files go (default: a temp dir)
     progress: bool = False
     compliance_paths: tuple[str, ...] | None = None  # paths that generate (None: all of `paths`)
+    sim_activations: str = "exact"  # simulated path: "exact" activations, or "runtime" (rounded as llama.cpp does)
 
 
 def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
@@ -698,13 +725,27 @@ def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
 
 
 def _export_pair(checkpoint, quant, embedding_type, directory: Path) -> tuple[Path, Path]:
+    """The f32 reference and the quantized file, both in the arch of the runtime that serves `quant` (so the
+    reference and the quantized model run in the same llama.cpp and differ only by quantization)."""
     from felix.export import export_gguf
 
     directory.mkdir(parents=True, exist_ok=True)
-    ref, q = directory / "reference-f32.gguf", directory / f"quantized-{quant}.gguf"
-    export_gguf(checkpoint, ref, arch="llama", quant="f32", force=True)
-    export_gguf(checkpoint, q, arch="llama", quant=quant, force=True, embedding_type=embedding_type)
+    arch = arch_of(quant)
+    ref, q = directory / f"reference-f32-{arch}.gguf", directory / f"quantized-{quant}.gguf"
+    export_gguf(checkpoint, ref, arch=arch, quant="f32", force=True)
+    export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type)
     return ref, q
+
+
+def simulated_model(model, qstate: dict, plan, sim_activations: str):
+    """The simulated deployment: `model` on the policy's dequantized weights `qstate`, with activations exact or
+    rounded as llama.cpp's CPU matmuls and KV cache round them (felix.activation_rounding)."""
+    from felix.activation_rounding import ActivationRounding
+
+    if sim_activations not in SIM_ACTIVATIONS:
+        raise FidelityError(f"unknown sim_activations {sim_activations!r}; choose from {', '.join(SIM_ACTIVATIONS)}")
+    m = _with_state(model, qstate)
+    return m.set_activation_rounding(ActivationRounding.from_plan(plan) if sim_activations == "runtime" else None)
 
 
 def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -> dict:
@@ -719,15 +760,17 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     bad_paths = [p for p in opts.paths if p not in PATHS]
     if bad_paths or not opts.paths:
         raise FidelityError(f"unknown path(s) {bad_paths or list(opts.paths)}; choose from {', '.join(PATHS)}")
+    if opts.sim_activations not in SIM_ACTIVATIONS:
+        raise FidelityError(f"unknown sim_activations {opts.sim_activations!r}; choose from "
+                            f"{', '.join(SIM_ACTIVATIONS)}")
+    runtime = runtime_of(quant)
     if "runtime" in opts.paths:
         from felix.llamacpp import available
 
-        ok, why = available()
+        ok, why = available(runtime)
         if not ok:
-            raise FidelityError(f"the runtime path runs llama.cpp: {why}")
-    if "runtime" in opts.paths and quant not in RUNTIME_TYPES:
-        raise FidelityError(f"the runtime path runs stock llama.cpp, which has no {quant!r}; use the simulated path "
-                            f"for it (stock types: {', '.join(RUNTIME_TYPES)})")
+            what = "the llama.cpp fork (the only runtime with " + quant + ")" if runtime == "fork" else "llama.cpp"
+            raise FidelityError(f"the runtime path runs {what}: {why}")
     model, tok = load_for_fidelity(checkpoint, opts.tokenizer)
     probes = load_probes(opts.probes_file) if opts.probes_file else probe_set(opts.probe_set, opts.n_probes)
     wl = build_probe_whitelist(tok, model.cfg.vocab_size, opts.whitelist_strings, opts.whitelist_tokens)
@@ -754,9 +797,13 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     cache = {} if cache is None else cache
     key = (str(checkpoint), opts.tokenizer, tuple(p.name for p in probes), tuple(wl.mask.nonzero()[:, 0].tolist()),
            opts.max_new_tokens)
+    report["sim_activations"] = opts.sim_activations
+    report["runtime"] = runtime if "runtime" in opts.paths else None
     for path in opts.paths:
+        cache_path = path if path == "simulated" else f"runtime-{runtime}"
         if path == "simulated":
-            ref_src, q_src = TorchSource(model), TorchSource(_with_state(model, qstate))
+            ref_src = TorchSource(model)
+            q_src = TorchSource(simulated_model(model, qstate, plan, opts.sim_activations))
             cleanup = []
         else:
             tmp = None if opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-")
@@ -768,17 +815,18 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
                 raise FidelityError(f"{ref_path} has a vocabulary of {ref_src.n_vocab}, the checkpoint {model.cfg.vocab_size}")
             cleanup = [ref_src.close, q_src.close] + ([tmp.cleanup] if tmp else [])
         try:
-            if (key, path, "logits") not in cache:
-                cache[key, path, "logits"] = score_probes(ref_src, encoded, opts.progress, f"{path}: reference")
-            ref_logits = cache[key, path, "logits"]
+            if (key, cache_path, "logits") not in cache:
+                cache[key, cache_path, "logits"] = score_probes(ref_src, encoded, opts.progress,
+                                                                f"{path}: reference")
+            ref_logits = cache[key, cache_path, "logits"]
             q_logits = score_probes(q_src, encoded, opts.progress, f"{path}: {quant}")
             stats = compare_logits(ref_logits, q_logits, targets, wl.mask)
             result = {"summary": summarize(stats), "positions": _positions_table(encoded, stats, tok)}
             if opts.compliance and path in (opts.compliance_paths or opts.paths):
-                if (key, path, "generations") not in cache:
-                    cache[key, path, "generations"] = compliance_run(ref_src, encoded, tok, opts.max_new_tokens,
-                                                                     opts.progress, f"{path}: generating (reference)")
-                ref_rows = cache[key, path, "generations"]
+                if (key, cache_path, "generations") not in cache:
+                    cache[key, cache_path, "generations"] = compliance_run(
+                        ref_src, encoded, tok, opts.max_new_tokens, opts.progress, f"{path}: generating (reference)")
+                ref_rows = cache[key, cache_path, "generations"]
                 q_rows = compliance_run(q_src, encoded, tok, opts.max_new_tokens, opts.progress,
                                         f"{path}: generating ({quant})")
                 result["compliance"] = {"reference": compliance_summary(ref_rows),
@@ -791,7 +839,21 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
                     report["sensitivity"] = sensitivity(model, encoded, quant, opts.embedding_type, wl.mask,
                                                         ref_logits, opts.progress)
             elif sim_quant_logits is not None:
-                report["agreement"] = agreement(sim_quant_logits, q_logits, targets, wl.mask)
+                sim_ref_logits = cache[key, "simulated", "logits"]
+                rt_stats = compare_logits(ref_logits, q_logits, targets, wl.mask)
+                # each way of simulating against what the runtime computed: position by position (agreement), and
+                # as a predictor of the runtime's own quantization effect (KL, margin change): what the activation
+                # model buys
+                by_sim = {}
+                for variant in SIM_ACTIVATIONS:
+                    v_logits = sim_quant_logits if variant == opts.sim_activations else score_probes(
+                        TorchSource(simulated_model(model, qstate, plan, variant)), encoded, opts.progress,
+                        f"simulated ({variant} activations): {quant}")
+                    by_sim[variant] = {**agreement(v_logits, q_logits, targets, wl.mask),
+                                       **predicted_effect(compare_logits(sim_ref_logits, v_logits, targets, wl.mask),
+                                                          rt_stats)}
+                report["agreement"] = by_sim[opts.sim_activations]
+                report["agreement_by_sim_activations"] = by_sim
         finally:
             for fn in cleanup:
                 fn()
@@ -805,10 +867,27 @@ def agreement(sim_logits: torch.Tensor, runtime_logits: torch.Tensor, targets: t
     w = stats.whitelisted
     scale = runtime_logits.double().abs().max(-1).values.clamp_min(1e-6)
     rel = ((sim_logits.double() - runtime_logits.double()).abs().max(-1).values / scale)
+    margin_diff = (stats.ref_margin[w] - stats.quant_margin[w]).abs()
     return {"top1_agreement": float(stats.top1_agree.double().mean()), "kl_mean": float(stats.kl.mean()),
-            "kl_max": float(stats.kl.max()), "max_rel_err": float(rel.max()), "mean_rel_err": float(rel.mean()),
-            "margin_abs_diff_max": float((stats.ref_margin[w] - stats.quant_margin[w]).abs().max()) if w.any()
-            else 0.0, "decision_disagreements": int(stats.flipped[w].sum())}
+            "kl_p99": _quantile(stats.kl, 0.99), "kl_max": float(stats.kl.max()), "max_rel_err": float(rel.max()),
+            "mean_rel_err": float(rel.mean()),
+            "margin_abs_diff_max": float(margin_diff.max()) if w.any() else 0.0,
+            "margin_abs_diff_mean": float(margin_diff.mean()) if w.any() else 0.0,
+            "decision_disagreements": int(stats.flipped[w].sum())}
+
+
+def predicted_effect(sim: PositionStats, runtime: PositionStats) -> dict:
+    """How well a simulation predicts the runtime's quantization effect (each path against its own reference):
+    mean KL and the RMS of the whitelisted margin change, simulated / runtime (1.0 = predicted exactly)."""
+    def rms_change(st: PositionStats) -> float:
+        w = st.whitelisted
+        return float((st.quant_margin[w] - st.ref_margin[w]).pow(2).mean().sqrt()) if w.any() else float("nan")
+
+    kl_sim, kl_rt = float(sim.kl.mean()), float(runtime.kl.mean())
+    m_sim, m_rt = rms_change(sim), rms_change(runtime)
+    return {"sim_kl_mean": kl_sim, "runtime_kl_mean": kl_rt, "kl_mean_ratio": kl_sim / kl_rt if kl_rt else float("nan"),
+            "sim_margin_change_rms": m_sim, "runtime_margin_change_rms": m_rt,
+            "margin_change_rms_ratio": m_sim / m_rt if m_rt else float("nan")}
 
 
 # ============================================================================================ gate
@@ -941,7 +1020,19 @@ def markdown_report(report: dict, plots: dict[str, str]) -> str:
                 if c:
                     lines.append(f"| {path} | {side} | {c['probes']} | {c['valid_json']} | {c['required_fields']} | "
                                  f"{c['field_types']} | {c['enum_values']} | {c['compliant']} |")
-    if report.get("agreement"):
+    if report.get("agreement_by_sim_activations"):
+        lines += ["", f"Simulated vs runtime ({q} in {report.get('runtime') or 'llama.cpp'} llama.cpp; the report's "
+                      f"simulated path uses {report.get('sim_activations', 'exact')} activations):", "",
+                  "| simulated activations | top-1 agreement | max rel. logit error | mean rel. logit error | KL sim -> "
+                  "runtime | mean / max |margin diff| | decisions that differ | predicted / runtime KL(ref -> quant) | "
+                  "predicted / runtime margin-change RMS |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, a in report["agreement_by_sim_activations"].items():
+            lines.append(f"| {name} | {_f(a['top1_agreement'])} | {_f(a['max_rel_err'])} | {_f(a['mean_rel_err'])} | "
+                         f"{_f(a['kl_mean'], 6)} | {_f(a['margin_abs_diff_mean'])} / {_f(a['margin_abs_diff_max'])} | "
+                         f"{a['decision_disagreements']} | {_f(a['sim_kl_mean'], 6)} / {_f(a['runtime_kl_mean'], 6)} "
+                         f"({_f(a['kl_mean_ratio'], 2)}x) | {_f(a['sim_margin_change_rms'])} / "
+                         f"{_f(a['runtime_margin_change_rms'])} ({_f(a['margin_change_rms_ratio'], 2)}x) |")
+    elif report.get("agreement"):
         a = report["agreement"]
         lines += ["", f"Simulated vs runtime ({q}): top-1 agreement {_f(a['top1_agreement'])}, max relative logit "
                       f"error {_f(a['max_rel_err'])}, max |margin difference| {_f(a['margin_abs_diff_max'])}, "

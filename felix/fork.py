@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from felix.formats import FORMATS
+
 ARCH = "felix"
 NUM_SPOKES_KEY = f"{ARCH}.num_spokes"
 SPOKE_RANK_KEY = f"{ARCH}.spoke_rank"
@@ -52,8 +54,8 @@ SPOKE_TENSOR_NAMES = {
 # The hub: the llama block's tensors (same names as the stock llama arch, and as felix.model's parameters).
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down")
-# ggml types that only the fork knows (stock llama.cpp rejects a file holding one)
-FORK_ONLY_TYPES = ("rq4",)
+# ggml types that only the fork knows (stock llama.cpp rejects a file holding one): felix.formats' table says which
+FORK_ONLY_TYPES = tuple(name for name, f in FORMATS.items() if f.runtime == "fork")
 # (num_spokes, spoke_rank) of the exact no-op spoke written while Felix-LM has no trained spokes
 NOOP_SPOKES = (1, 1)
 

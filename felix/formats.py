@@ -54,6 +54,10 @@ class QuantFormat:
     codebook: tuple | None    # index -> value in units of the scale; None for linear grids
     range_divisor: float      # |d| <= amax / range_divisor for every block (bounds the input range)
     description: str
+    # ggml CPU's vec_dot_type: what a matmul against this weight type rounds its activations to first
+    # (felix.activation_rounding models it for the fidelity harness's simulated path)
+    vec_dot_type: str = "q8_0"
+    runtime: str = "stock"    # "stock": stock llama.cpp runs it; "fork": only the Felix llama.cpp fork does
 
     @property
     def bits_per_weight(self) -> float:
@@ -87,9 +91,9 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("iq4_nl", 20, "IQ4_NL", 32, 18, 0, IQ4_NL_VALUES, 100.0,  # scale search: d ~ amax/120
                     "4-bit non-linear grid with ggml's weighted scale search (ggml IQ4_NL)"),
         QuantFormat("rq4", 42, "RQ4", 32, 18, 0, RQ4_CODEBOOK, RQ4_CODEBOOK[-1],
-                    "4-bit Beta(127.5,127.5) codebook, absmax scale (Felix fork's RQ4 / BetaQ)"),
+                    "4-bit Beta(127.5,127.5) codebook, absmax scale (Felix fork's RQ4 / BetaQ)", runtime="fork"),
         QuantFormat("tq2_0", 35, "TQ2_0", 256, 66, 64, None, 1.0,
-                    "ternary {-1,0,1} x absmax, 2 bits per weight (ggml TQ2_0)"),
+                    "ternary {-1,0,1} x absmax, 2 bits per weight (ggml TQ2_0)", vec_dot_type="q8_k"),
     )
 }
 

@@ -89,7 +89,7 @@ class _Runtime:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids, n_new: int, stop: int | None) -> list[int]:
+    def greedy(self, ids, n_new: int, stops: list[int]) -> list[int]:
         """Prompt once, then one token at a time on the KV cache."""
         self.llm.reset()
         self.llm.eval(ids)
@@ -97,7 +97,7 @@ class _Runtime:
         for _ in range(n_new):
             nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             out.append(nxt)
-            if nxt == stop or self.llm.n_tokens >= self.llm.n_ctx():
+            if nxt in stops or self.llm.n_tokens >= self.llm.n_ctx():
                 break
             self.llm.eval([nxt])
         return out
@@ -378,13 +378,14 @@ class LlamaCppModel:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self._n_ctx}")
         return self._impl.logits(ids)
 
-    def greedy(self, ids, n_new: int, stop: int | None = None) -> list[int]:
-        """`n_new` greedily decoded tokens after the prompt `ids` (stopping early at token `stop`), the prompt
-        evaluated once and each new token on the KV cache."""
+    def greedy(self, ids, n_new: int, stop: int | list[int] | None = None) -> list[int]:
+        """`n_new` greedily decoded tokens after the prompt `ids` (stopping early at token `stop`, or at any of
+        several; the stop token is included), the prompt evaluated once and each new token on the KV cache."""
         ids = [int(i) for i in ids]
         if not ids or len(ids) >= self._n_ctx:
             raise ValueError(f"a prompt of {len(ids)} tokens does not fit a context of {self._n_ctx}")
-        return self._impl.greedy(ids, int(n_new), stop)
+        stops = [] if stop is None else [int(stop)] if isinstance(stop, (int, np.integer)) else [int(t) for t in stop]
+        return self._impl.greedy(ids, int(n_new), stops)
 
     def set_adapter_scale(self, scale: float) -> None:
         """Re-scale the loaded LoRA adapter at run time (0 = off), without reloading anything (hot swap)."""

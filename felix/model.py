@@ -209,6 +209,10 @@ class Block(nn.Module):
     def __init__(self, cfg: FelixConfig, layer: int):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
+        # None, or felix.activation_rounding.ActivationRounding: round matmul inputs and compute attention as
+        # llama.cpp does (the fidelity harness's runtime-faithful simulation; FelixLM.set_activation_rounding)
+        self.activation_rounding = None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         for proj in PROJECTIONS:
@@ -225,6 +229,8 @@ class Block(nn.Module):
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name).weight
+        if self.activation_rounding is not None:
+            x = self.activation_rounding(f"blk.{self.layer}.{name}.weight", x)
         if name in self.splice:
             s = self.splice[name]
             return _splice_linear(x, w, s.a, s.b, s.gate)
@@ -239,7 +245,10 @@ class Block(nn.Module):
         k = self.proj("attn_k", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = self.proj("attn_v", h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        att = felix.attention(q, k, v, causal=True, backend=attention_backend)
+        if self.activation_rounding is not None:  # the runtime's own attention numerics (simulation only)
+            att = self.activation_rounding.attention(q, k, v)
+        else:
+            att = felix.attention(q, k, v, causal=True, backend=attention_backend)
         x = x + self.proj("attn_output", att.transpose(1, 2).reshape(B, T, cfg.d_model))
         h = self.ffn_norm(x)
         return x + self.proj("ffn_down", F.silu(self.proj("ffn_gate", h)) * self.proj("ffn_up", h))
@@ -250,6 +259,7 @@ class FelixLM(nn.Module):
     def __init__(self, cfg: FelixConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_rounding = None  # see set_activation_rounding
         self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blk = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -274,6 +284,18 @@ class FelixLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.token_embd.weight if self.cfg.tie_embeddings else self.output.weight
 
+    @property
+    def head_weight_name(self) -> str:
+        return "token_embd.weight" if self.cfg.tie_embeddings else "output.weight"
+
+    def set_activation_rounding(self, rounding) -> FelixLM:
+        """Round every matmul input as `rounding(site, x)` says and attend with `rounding.attention(q, k, v)`: an
+        ActivationRounding models what llama.cpp computes; None restores exact activations. Inference only."""
+        self.activation_rounding = rounding
+        for block in self.blk:
+            block.activation_rounding = rounding
+        return self
+
     def hidden_states(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, d_model] (the loss op multiplies by the head itself).
         `attention_backend` picks felix.attention's backend (None = automatic)."""
@@ -291,7 +313,10 @@ class FelixLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_backend: str | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]."""
-        return F.linear(self.hidden_states(tokens, attention_backend), self.head_weight)
+        h = self.hidden_states(tokens, attention_backend)
+        if self.activation_rounding is not None:
+            h = self.activation_rounding(self.head_weight_name, h)
+        return F.linear(h, self.head_weight)
 
     def loss(self, tokens, targets, whitelist=None, margin: float = DEFAULT_MARGIN, lambda_q: float = 0.0,
              ignore_index: int = -100, attention_backend: str | None = None) -> LossParts:

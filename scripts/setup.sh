@@ -55,4 +55,4 @@ if [[ "${1:-}" == "--test" ]]; then
 else
   pip --no-build-isolation -e .
 fi
-"$PY" -c "import felix; [print(f'  backend {n:9}', 'yes' if s.available else 'no ', s.reason) for n, s in felix.backends().items()]"
+"$PY" -m felix backends

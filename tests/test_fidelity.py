@@ -309,10 +309,9 @@ def test_checkpoint_tokenizer_mismatch(checkpoint, tmp_path):
 
 
 def test_bad_options(checkpoint, monkeypatch):
-    if llamacpp.available()[0]:
-        with pytest.raises(F.FidelityError, match="stock llama.cpp, which has no 'rq4'"):
-            F.run_fidelity(checkpoint, F.FidelityOptions(quant="rq4", paths=("runtime",)))
-    monkeypatch.setattr(llamacpp, "available", lambda: (False, "llama-cpp-python is not installed"))
+    with pytest.raises(F.FidelityError, match="unknown sim_activations"):
+        F.run_fidelity(checkpoint, F.FidelityOptions(quant="q4_0", sim_activations="fp8"))
+    monkeypatch.setattr(llamacpp, "available", lambda runtime="stock": (False, "llama-cpp-python is not installed"))
     with pytest.raises(F.FidelityError, match="runtime path runs llama.cpp: llama-cpp-python is not installed"):
         F.run_fidelity(checkpoint, F.FidelityOptions(quant="q4_0", paths=("runtime",)))
     with pytest.raises(F.FidelityError, match="unknown path"):

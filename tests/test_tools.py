@@ -38,8 +38,14 @@ def test_cli_rejects_bad_columns(capsys):
 
 
 def test_cli_backends(capsys):
+    from felix import llamacpp
+
     assert main(["backends"]) == 0
-    assert "reference  yes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference  yes" in out
+    for runtime in llamacpp.RUNTIMES:  # the GGUF runtimes are reported with the same yes/no rule
+        ok, why = llamacpp.available(runtime)
+        assert f"{runtime:10} {'yes' if ok else 'no ':3}  {why}" in out
 
 
 def test_bench_recorder_ratios_and_atomic_report(tmp_path):

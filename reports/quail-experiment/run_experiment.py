@@ -163,7 +163,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from felix import fidelity
-    from felix.fidelity import RUNTIME_TYPES
+    from felix.llamacpp import available
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     rows, agreement, training = [], [], []
@@ -173,7 +173,8 @@ def main() -> int:
             training.append({"seed": seed, "arm": arm, **last_eval(ckpt.parent)})
             cache = {}
             for quant in FORMATS:
-                paths = ("simulated",) + (("runtime",) if quant in RUNTIME_TYPES and not args.no_runtime else ())
+                runs = not args.no_runtime and available(fidelity.runtime_of(quant))[0]  # rq4: the fork
+                paths = ("simulated",) + (("runtime",) if runs else ())
                 print(f"[seed {seed} {arm}] fidelity {quant} ({', '.join(paths)})", flush=True)
                 opts = fidelity.FidelityOptions(quant=quant, paths=paths, progress=True)
                 report = fidelity.run_fidelity(ckpt, opts, cache)
