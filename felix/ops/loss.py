@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from felix.oplib import implementation, register_impl, resolve_backend
+from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN  # the one QUAIL default (re-exported here)
 from felix.reference import loss as reference
 from felix.reference.loss import LossParts
@@ -150,6 +150,8 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ``LossParts(loss, ce, hinge, z_loss, active_hinge_count, mean_margin)``; only ``loss`` is differentiable
     (in h, weight and bias).
     """
+    # under autocast: h, W, b in the autocast dtype, as F.linear would take them; the logits stay fp32 (oplib)
+    h, weight, bias = autocast_operands(h, weight, bias)
     _check_inputs(h, weight, targets, bias, ignore_index, chunk_size)
     mask = whitelist_mask(whitelist, weight.shape[0], h.device)
     if accum_dtype not in (torch.float32, torch.float64):
