@@ -30,6 +30,7 @@ import torch
 
 from felix import data as felix_data
 from felix import model as felix_model
+from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
@@ -172,6 +173,11 @@ def flops_per_token(mcfg: felix_model.FelixConfig, seq_len: int) -> float:
     return 6 * matmul_params + 12 * mcfg.n_layer * mcfg.d_model * seq_len
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device` without a host sync (a pageable host-to-GPU copy waits for the stream)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -284,7 +290,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         val_stream = felix_data.TokenStream.from_documents(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
     val_batches = val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
     train_eval_batches = train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
-    whitelist = torch.tensor(json_structure_whitelist(tokenizer), dtype=torch.long, device=device)
 
     if resume or cfg.init_from:
         model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
@@ -297,6 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
                                   checkpoint_activations=cfg.checkpoint_activations)
         model = felix_model.FelixLM(mcfg).to(device)
     mcfg = model.cfg
+    # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
+    whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
     optimizer = _optimizer(model, cfg)
     use_bf16 = device.type == "cuda"
@@ -328,7 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         if cfg.margin_from else ""))
     log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
         f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
-        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {whitelist.numel()} "
+        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {int(whitelist.sum())} "
         f"tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
@@ -346,32 +353,42 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         f.writelines(json.dumps(record) + "\n" for record in metrics)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not sys.stderr.isatty())
     model.train()
+    per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)  # loss: the mean over micro-batches
+    pending = []  # per step, on the device: [mean loss, CE sum, hinge sum] -- read once per logging interval
+
+    def read_pending():  # the one host sync of an interval (also what makes its seconds honest on a GPU)
+        for loss, ce, hinge in (torch.stack(pending).tolist() if pending else []):
+            step_losses.append(loss)
+            interval["ce"] += ce
+            interval["hinge"] += hinge
+        pending.clear()
+
     while step < end:
         t0 = time.perf_counter()
         lr = wsd_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, decay_steps, cfg.final_lr_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        sums = torch.zeros(3, device=device)
         for _ in range(cfg.grad_accum):
             x, y = train_stream.next_batch(cfg.batch_size)
             with autocast():
-                parts = model.loss(x.to(device), y.to(device), whitelist, cfg.margin, cfg.lambda_q)
+                parts = model.loss(_to_device(x, device), _to_device(y, device), whitelist, cfg.margin, cfg.lambda_q)
             (parts.loss / cfg.grad_accum).backward()
-            loss_sum += float(parts.loss.detach())
-            interval["ce"] += float(parts.ce.detach())
-            interval["hinge"] += float(parts.hinge.detach())
+            sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
             interval["n"] += 1
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        pending.append(sums * per_step)
+        step += 1
+        if step % cfg.eval_every == 0 or step in (cfg.steps, end) or (cfg.checkpoint_every and
+                                                                       step % cfg.checkpoint_every == 0):
+            read_pending()
         interval["seconds"] += time.perf_counter() - t0
         interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len
-        step += 1
-        step_losses.append(loss_sum / cfg.grad_accum)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.2e}")
+        if step_losses and not bar.disable:
+            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.2e}")
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
