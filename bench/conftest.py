@@ -13,7 +13,7 @@ import torch
 
 from felix.testing.bench import BenchRecorder, Measurement, measure_copy_bandwidth, synchronize
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+RESULTS_DIR = os.environ.get("FELIX_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 QUICK = os.environ.get("FELIX_BENCH_QUICK", "0") not in ("", "0")
 
 _RECORDERS: dict[str, BenchRecorder] = {}

@@ -191,6 +191,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 (sharded)")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,
                    help="recompute each layer in the backward pass (less memory)")
     t.set_defaults(func=cmd_train)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import felix
+from felix.oplib import autocast_dtype
 from felix.quail import DEFAULT_MARGIN
 from felix.reference.loss import LossParts
 from felix.splice import SpliceCore
@@ -153,8 +154,7 @@ def format_parameter_counts(cfg: FelixConfig) -> str:
 # ------------------------------------------------------------------------------------- the ops
 # The model's three heavy products go through Felix's op layer (reference / Triton backends):
 # felix.attention, felix.lowrank_linear (spliced projections) and felix.linear_ce_quail (the loss).
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+_autocast_dtype = autocast_dtype  # felix.oplib: the ops apply the same rule themselves
 
 
 def _splice_linear(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -16,9 +16,18 @@ backend that cannot run the given tensors is refused with an error that says why
 
 Backend implementations register with :func:`register_impl` and import their heavy modules
 lazily, so ``import felix`` never imports Triton or builds a kernel.
+
+Autocast: a backend always runs with autocast switched off (:func:`implementation` wraps it), so it computes
+exactly what its spec says for the dtypes it is given -- CPU autocast would otherwise silently turn the
+reference's fp32 matmuls into bf16 ones. The public API of a matmul-like op (attention, lowrank_linear,
+quant_matmul, linear_ce_quail) takes autocast into account *before* the op, as torch's own ops do:
+:func:`autocast_operands` casts its floating operands to the autocast dtype (F.linear / SDPA's rule), so
+under ``torch.autocast(..., dtype=torch.bfloat16)`` the op is the spec on bf16 operands, with fp32
+accumulation (and, for the loss, fp32 logits). Codecs are not matmuls: autocast does not change them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -49,11 +58,49 @@ def register_impl(op: str, backend: str):
 
 
 def implementation(op: str, backend: str) -> Callable:
+    """`backend`'s implementation of `op`, wrapped to run with autocast off (see the module docstring)."""
     try:
-        return _IMPLS[op][backend]
+        fn = _IMPLS[op][backend]
     except KeyError:
         have = ", ".join(_IMPLS.get(op, {})) or "none"
         raise ValueError(f"op {op!r} has no {backend!r} backend (it has: {have})") from None
+
+    @functools.wraps(fn)
+    def without_autocast(*args, **kwargs):
+        if not any(torch.is_autocast_enabled(kind) for kind in _AUTOCAST_DEVICE_TYPES):
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for kind in _AUTOCAST_DEVICE_TYPES:
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            return fn(*args, **kwargs)
+
+    return without_autocast
+
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # ROCm GPUs are device type "cuda" in torch
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matmul operands on `device` now, or None when autocast is off there."""
+    kind = device.type
+    if kind not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_operands(*tensors):
+    """The operands of a matmul-like op as autocast would hand them to F.linear: floating tensors other than
+    float64 cast to the autocast dtype of their device; everything else (None, ints, float64) unchanged.
+    Lists of tensors are cast element-wise. Outside autocast, the inputs are returned as given."""
+    def cast(t):
+        if isinstance(t, (list, tuple)):
+            return type(t)(cast(e) for e in t)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        dt = autocast_dtype(t.device)
+        return t if dt is None or t.dtype == dt else t.to(dt)
+
+    return tuple(cast(t) for t in tensors)
 
 
 def triton_interpreting() -> bool:

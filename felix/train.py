@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 from felix import data as felix_data
+from felix import distributed as felix_distributed
 from felix import model as felix_model
+from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
@@ -77,6 +79,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # overrides the device table for MFU
     memorization_gap: float = 0.1     # val below train by this fraction of train loss ...
     memorization_min_wraps: int = 3   # ... after this many passes over the corpus
+    parallel: str = "ddp"             # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/distributed.py
 
     def __post_init__(self):
         problems = []
@@ -172,6 +175,11 @@ def flops_per_token(mcfg: felix_model.FelixConfig, seq_len: int) -> float:
     return 6 * matmul_params + 12 * mcfg.n_layer * mcfg.d_model * seq_len
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device` without a host sync (a pageable host-to-GPU copy waits for the stream)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -239,11 +247,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     many optimizer steps with a checkpoint, as an interruption would (used to test exact resume)."""
     from tqdm import tqdm
 
-    log = log or tqdm.write  # plays well with the progress bar
+    par = felix_distributed.from_environment(cfg.parallel)  # one process unless under torchrun
+    log = (log or tqdm.write) if par.is_main else (lambda *args, **kwargs: None)  # rank-0 logging
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / CHECKPOINT_DIR
-    device = _device(cfg.device)
+    device = par.device(_device(cfg.device))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -284,7 +293,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         val_stream = felix_data.TokenStream.from_documents(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
     val_batches = val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
     train_eval_batches = train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
-    whitelist = torch.tensor(json_structure_whitelist(tokenizer), dtype=torch.long, device=device)
 
     if resume or cfg.init_from:
         model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
@@ -297,7 +305,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
                                   checkpoint_activations=cfg.checkpoint_activations)
         model = felix_model.FelixLM(mcfg).to(device)
     mcfg = model.cfg
+    # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
+    whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
+    module = par.wrap(model)  # the model itself, or its loss under DDP / FSDP2 (parameters sharded in place)
     optimizer = _optimizer(model, cfg)
     use_bf16 = device.type == "cuda"
 
@@ -309,7 +320,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
     if resume:
         state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        par.load_optimizer_state(module, optimizer, state["optimizer"])
         train_stream.load_state_dict(state["train_stream"])
         step, step_losses, metrics, interval = state["step"], state["step_losses"], state["metrics"], state["interval"]
         monitor.alerts = state["memorization_alerts"]
@@ -328,72 +339,91 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         if cfg.margin_from else ""))
     log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
         f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
-        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {whitelist.numel()} "
+        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {int(whitelist.sum())} "
         f"tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
 
-    def checkpoint():
+    def checkpoint():  # consolidated: full tensors gathered from every rank, written by rank 0
+        full_model, full_optimizer = par.full_model_state(model, module), par.full_optimizer_state(module, optimizer)
+
         def write_state(path):
-            torch.save({"optimizer": optimizer.state_dict(), "train_stream": train_stream.state_dict(),
+            torch.save({"optimizer": full_optimizer, "train_stream": train_stream.state_dict(),
                         "step": step, "step_losses": step_losses, "metrics": metrics, "interval": interval,
                         "memorization_alerts": monitor.alerts, "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate(), "train_config": asdict(cfg)}, path)
-        felix_model.save_checkpoint(ckpt_dir, model, tokenizer, {STATE_FILE: write_state})
+        if par.is_main:
+            felix_model.save_checkpoint(ckpt_dir, felix_distributed._StateView(full_model, model.cfg), tokenizer,
+                                        {STATE_FILE: write_state})
+        par.barrier()
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint
-        f.writelines(json.dumps(record) + "\n" for record in metrics)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not sys.stderr.isatty())
+    if par.is_main:
+        with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint
+            f.writelines(json.dumps(record) + "\n" for record in metrics)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
+               disable=not (sys.stderr.isatty() and par.is_main))
     model.train()
+    per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)  # loss: the mean over micro-batches
+    pending = []  # per step, on the device: [mean loss, CE sum, hinge sum] -- read once per logging interval
+
+    def read_pending():  # the one host sync of an interval (also what makes its seconds honest on a GPU)
+        for loss, ce, hinge in (par.mean_over_ranks(torch.stack(pending)).tolist() if pending else []):
+            step_losses.append(loss)
+            interval["ce"] += ce
+            interval["hinge"] += hinge
+        pending.clear()
+
     while step < end:
         t0 = time.perf_counter()
         lr = wsd_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, decay_steps, cfg.final_lr_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = train_stream.next_batch(cfg.batch_size)
-            with autocast():
-                parts = model.loss(x.to(device), y.to(device), whitelist, cfg.margin, cfg.lambda_q)
-            (parts.loss / cfg.grad_accum).backward()
-            loss_sum += float(parts.loss.detach())
-            interval["ce"] += float(parts.ce.detach())
-            interval["hinge"] += float(parts.hinge.detach())
+        sums = torch.zeros(3, device=device)
+        for i, (x, y) in enumerate(par.my_micro_batches(train_stream, cfg.batch_size, cfg.grad_accum)):
+            with par.gradient_sync(module, last=i == cfg.grad_accum - 1):  # no_sync but on the last
+                with autocast():
+                    parts = module.loss(_to_device(x, device), _to_device(y, device), whitelist, cfg.margin,
+                                        cfg.lambda_q)
+                (parts.loss / cfg.grad_accum).backward()
+            sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
             interval["n"] += 1
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        interval["seconds"] += time.perf_counter() - t0
-        interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        pending.append(sums * per_step)
         step += 1
-        step_losses.append(loss_sum / cfg.grad_accum)
+        if step % cfg.eval_every == 0 or step in (cfg.steps, end) or (cfg.checkpoint_every and
+                                                                       step % cfg.checkpoint_every == 0):
+            read_pending()
+        interval["seconds"] += time.perf_counter() - t0
+        interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
         bar.update(1)
-        bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.2e}")
+        if step_losses and not bar.disable:
+            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.2e}")
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
             record = {"step": step, "lr": lr, "train_loss": sum(step_losses[-cfg.eval_every:]) / min(cfg.eval_every, len(step_losses)),
                       "train_ce": interval["ce"] / interval["n"], "train_hinge": interval["hinge"] / interval["n"],
-                      **evaluate(model, val_batches, device, whitelist, cfg, autocast),
-                      "train_eval_ce": evaluate(model, train_eval_batches, device, whitelist, cfg, autocast)["val_ce"],
+                      **evaluate(module, val_batches, device, whitelist, cfg, autocast),
+                      "train_eval_ce": evaluate(module, train_eval_batches, device, whitelist, cfg, autocast)["val_ce"],
                       "tokens_per_s": tokens_per_s,
-                      "mfu": tokens_per_s * fpt / peak if peak else None,
+                      "mfu": tokens_per_s * fpt / (peak * par.world_size) if peak else None,
                       "peak_memory_mb": _peak_memory_mb(device),
                       "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
                       "corpus_wraps": train_stream.wraps,
                       "epoch_progress": train_stream.position / train_stream.n_windows}
             alert = monitor.check(step, record["train_eval_ce"], record["val_ce"], train_stream.wraps)
             record["memorization"] = alert is not None
-            if alert:
+            if alert and par.is_main:
                 banner = "!" * 100
                 log(f"{banner}\n{alert}\n{banner}")
                 warnings.warn(alert, RuntimeWarning, stacklevel=2)
             metrics.append(record)
-            with open(out / METRICS_FILE, "a") as f:  # appended as it happens, so a crashed run keeps its metrics
-                f.write(json.dumps(record) + "\n")
+            if par.is_main:
+                with open(out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
+                    f.write(json.dumps(record) + "\n")
             interval = {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
             mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
             log(f"step {step}: train CE {record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}; now "
@@ -404,7 +434,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
             checkpoint()
     bar.close()
     checkpoint()
-    save_loss_curve(out / PLOT_FILE, step_losses, metrics)
+    if par.is_main:
+        save_loss_curve(out / PLOT_FILE, step_losses, metrics)
+    par.close()
     log(f"{'stopped' if step < cfg.steps else 'finished'} at step {step}; checkpoint {ckpt_dir}, metrics "
         f"{out / METRICS_FILE}, plot {out / PLOT_FILE}")
     return TrainResult(out, step_losses, metrics, list(monitor.alerts), counts)

@@ -8,16 +8,24 @@ import torch.nn.functional as F
 from felix.reference.loss import clear_margin  # noqa: F401  (re-exported for the tests)
 
 
-def naive_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=None, ignore_index=-100):
-    """Returns (loss, ce, hinge, z_loss, active count, mean margin) as float64 tensors (loss differentiable)."""
+def naive_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=None, ignore_index=-100,
+               reduction="mean", label_smoothing=0.0, softcap=0.0):
+    """Returns (loss, ce, hinge, z_loss, active count, mean margin) as float64 tensors (loss differentiable).
+    reduction "none": loss, ce, hinge, z_loss are per-token [N] (0 at ignored positions). Label smoothing is
+    torch's F.cross_entropy's; the softcap is softcap * tanh(z / softcap) on the logits."""
     z = h.double() @ weight.double().t()
     if bias is not None:
         z = z + bias.double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
     valid = targets != ignore_index
-    ce = F.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="sum") / max(int(valid.sum()), 1)
+    n_valid = max(int(valid.sum()), 1)
+    ce_i = F.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
     lse = torch.logsumexp(z, dim=1)
-    zl = z_loss * (lse[valid] ** 2).sum() / max(int(valid.sum()), 1)
-    hinge_terms, margins = [], []
+    z_i = z_loss * torch.where(valid, lse ** 2, 0)
+    hinge_i = [z.new_zeros(()) for _ in range(z.shape[0])]
+    margins = []
     for i in range(z.shape[0]):
         t = int(targets[i])
         if t == ignore_index or whitelist is None or not bool(whitelist[t]):
@@ -27,11 +35,17 @@ def naive_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=Non
         m_i = z[i, t] - (others.max(dim=0).values if others.numel() else torch.tensor(float("-inf"), dtype=z.dtype))
         margins.append(m_i)
         # at exactly the margin the hinge is 0 and pushes nothing (the subgradient 0, as "active" is margin < m)
-        hinge_terms.append(margin - m_i if float(m_i.detach()) < margin else (margin - m_i) * 0)
-    n_h = len(hinge_terms)
-    hinge = torch.stack(hinge_terms).sum() / n_h if n_h else z.new_zeros(())
+        hinge_i[i] = margin - m_i if float(m_i.detach()) < margin else (margin - m_i) * 0
+    hinge_i = torch.stack(hinge_i)
+    n_h = len(margins)
     active = sum(1 for m_i in margins if float(m_i.detach()) < margin)
     mean_margin = torch.stack(margins).sum().detach() / n_h if n_h else z.new_zeros(())
+    if reduction == "none":
+        return ce_i + lambda_q * hinge_i + z_i, ce_i.detach(), hinge_i.detach(), z_i.detach(), active, mean_margin
+    if reduction == "sum":
+        ce, hinge, zl = ce_i.sum(), hinge_i.sum(), z_i.sum()
+    else:
+        ce, hinge, zl = ce_i.sum() / n_valid, hinge_i.sum() / max(n_h, 1), z_i.sum() / n_valid
     return ce + lambda_q * hinge + zl, ce.detach(), hinge.detach(), zl.detach(), active, mean_margin
 
 

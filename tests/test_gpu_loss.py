@@ -15,7 +15,7 @@ def float64_chunks(h, w, b, t, wl, margin, lambda_q, z_loss, chunk=1024):
     """loss parts and dL/dh via the spec in float64, one chunk of rows at a time (memory-bounded)."""
     from felix.reference.loss import chunked_loss_and_grads
 
-    parts, dh, dw, db = chunked_loss_and_grads(h.double(), w.double(), t, wl, b.double() if b is not None else None,
+    parts, dh, dw, db, _ = chunked_loss_and_grads(h.double(), w.double(), t, wl, b.double() if b is not None else None,
                                                margin, lambda_q, z_loss, -100, chunk)
     return parts, dh, dw
 

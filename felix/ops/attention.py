@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from felix.oplib import implementation, register_impl, resolve_backend
+from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.reference import attention as reference
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -109,6 +109,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Differentiable in q, k, v. `backend`: ``"reference"``, ``"triton"`` or None (automatic, see
     felix.oplib). Returns a tensor shaped and typed like q.
     """
+    q, k, v = autocast_operands(q, k, v)  # under autocast: the autocast dtype, as SDPA (felix.oplib)
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, torch.Tensor):

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from felix.oplib import implementation, register_impl, resolve_backend
+from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN  # the one QUAIL default (re-exported here)
 from felix.reference import loss as reference
 from felix.reference.loss import LossParts
@@ -76,11 +76,21 @@ def _check_inputs(h, weight, targets, bias, ignore_index, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if torch.compiler.is_compiling():
         return  # value checks need a host sync: eager callers get them
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    _check_target_values(targets, weight.shape[0], ignore_index)
+
+
+def _check_target_values(targets, vocab_size, ignore_index) -> None:
+    """Targets in [0, V) or ignore_index. CPU targets: checked here, with the position named. Device targets:
+    checked on the device, asynchronously (torch._assert_async), so a GPU training step never waits for it."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"linear_ce_quail: a target is outside the vocabulary [0, {vocab_size}) "
+                                        f"and is not the ignore_index {ignore_index}")
+        return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target {int(targets[i])} at position {i} is outside the vocabulary [0, "
-                         f"{weight.shape[0]}) and is not the ignore_index {ignore_index}")
+                         f"{vocab_size}) and is not the ignore_index {ignore_index}")
 
 
 def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> int:
@@ -97,38 +107,56 @@ def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> in
 def _linear_ce_quail_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         whitelist: torch.Tensor | None, bias: torch.Tensor | None, margin: float,
                         lambda_q: float, z_loss: float, ignore_index: int, chunk_size: int,
-                        accum_dtype: torch.dtype, need_grads: bool, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return implementation("linear_ce_quail", backend)(h, weight, targets, whitelist, bias, margin, lambda_q,
-                                                        z_loss, ignore_index, chunk_size, accum_dtype, need_grads)
+                        accum_dtype: torch.dtype, need_grads: bool, backend: str, reduction: str = "mean",
+                        label_smoothing: float = 0.0, softcap: float = 0.0, row_weight: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(parts [6], per-token rows [4, N], dh, dW, db). The gradients are for grad_output 1 (mean / sum) or
+    for `row_weight` (a "none" loss's incoming gradient, given by the backward's second call)."""
+    parts, dh, dw, db, rows = implementation("linear_ce_quail", backend)(
+        h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype,
+        need_grads, reduction, label_smoothing, softcap, row_weight)
+    return parts, rows, dh, dw, db
 
 
 @_linear_ce_quail_op.register_fake
 def _(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype,
-      need_grads, backend):
+      need_grads, backend, reduction="mean", label_smoothing=0.0, softcap=0.0, row_weight=None):
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    parts = h.new_empty(6, dtype=dt)
+    parts, rows = h.new_empty(6, dtype=dt), h.new_empty((4, h.shape[0]), dtype=dt)
     if not need_grads:
-        return parts, h.new_empty(0), h.new_empty(0), h.new_empty(0)
+        return parts, rows, h.new_empty(0), h.new_empty(0), h.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else h.new_empty(0)
-    return parts, torch.empty_like(h), torch.empty_like(weight), db
+    return parts, rows, torch.empty_like(h), torch.empty_like(weight), db
 
 
 def _setup_context(ctx, inputs, output):
-    _, dh, dw, db = output
-    ctx.save_for_backward(dh, dw, db)
+    _, _, dh, dw, db = output
     ctx.has_bias = inputs[4] is not None
+    ctx.reduction = inputs[13] if len(inputs) > 13 else "mean"
+    if ctx.reduction == "none":  # per-row gradients: the backward recomputes with the incoming weights
+        ctx.inputs = inputs
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4])
+    else:
+        ctx.save_for_backward(dh, dw, db)
 
 
-def _backward(ctx, g_parts, g_dh, g_dw, g_db):
+def _backward(ctx, g_parts, g_rows, g_dh, g_dw, g_db):
+    nones = (None,) * 13
+    if ctx.reduction == "none":
+        h, weight, targets, whitelist, bias = ctx.saved_tensors
+        (_, _, _, _, _, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype, _, backend, _,
+         label_smoothing, softcap) = ctx.inputs[:16]
+        _, _, dh, dw, db = _linear_ce_quail_op(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss,
+                                               ignore_index, chunk_size, accum_dtype, True, backend, "none",
+                                               label_smoothing, softcap, g_rows[0].contiguous())
+        return (dh, dw, None, None, db if ctx.has_bias else None, *nones[:8], None, None, None, None)
     dh, dw, db = ctx.saved_tensors
     if dh.numel() == 0 and dw.numel() == 0:
         raise RuntimeError("linear_ce_quail was run without gradients (no input required grad): "
                            "nothing to backpropagate")
     g = g_parts[0]
     scale = lambda t: (t * g).to(t.dtype)  # noqa: E731 - grad_output is a 0-d tensor
-    return (scale(dh), scale(dw), None, None, scale(db) if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
+    return (scale(dh), scale(dw), None, None, scale(db) if ctx.has_bias else None, *nones[:8], None, None, None, None)
 
 
 _linear_ce_quail_op.register_autograd(_backward, setup_context=_setup_context)
@@ -139,18 +167,30 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                     whitelist: torch.Tensor | Sequence[int] | None = None, margin: float = DEFAULT_MARGIN,
                     lambda_q: float = DEFAULT_LAMBDA_Q, z_loss: float = 0.0, bias: torch.Tensor | None = None,
                     ignore_index: int = -100, chunk_size: int | None = None, backend: str | None = None,
-                    accum_dtype: torch.dtype = torch.float32) -> LossParts:
+                    accum_dtype: torch.dtype = torch.float32, reduction: str = "mean",
+                    label_smoothing: float = 0.0, softcap: float | None = None) -> LossParts:
     """Cross-entropy + lambda_q * QUAIL margin hinge (+ z-loss) of logits h Wᵀ + b, without the N x V logits.
 
     h ``[N, d]``, weight ``[V, d]`` (same float dtype), targets ``[N]`` int ids (``ignore_index`` skips a
     position), whitelist: bool mask ``[V]`` or token ids whose target positions must keep a margin of
     ``margin`` nats over the best other token (see felix/reference/loss.py for the exact definition).
+    The options peers offer (Liger-Kernel's fused linear cross-entropy): ``reduction`` "mean" | "sum" |
+    "none" (per-token ``[N]`` losses, 0 at ignored positions), ``label_smoothing`` in [0, 1], ``softcap``
+    (logits -> softcap * tanh(logits / softcap); None or 0: off).
     ``chunk_size``: tokens per chunk (default: the device's logits budget, kernels/loss.py);
     ``accum_dtype``: dtype dW and db accumulate in across chunks (fp32). Returns
     ``LossParts(loss, ce, hinge, z_loss, active_hinge_count, mean_margin)``; only ``loss`` is differentiable
-    (in h, weight and bias).
+    (in h, weight and bias). Under autocast, h, W and b are taken in the autocast dtype; logits stay fp32.
     """
+    # under autocast: h, W, b in the autocast dtype, as F.linear would take them; the logits stay fp32 (oplib)
+    h, weight, bias = autocast_operands(h, weight, bias)
     _check_inputs(h, weight, targets, bias, ignore_index, chunk_size)
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(reference.REDUCTIONS)}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not float(softcap) >= 0.0:
+        raise ValueError(f"softcap must be a positive number (or None / 0: off), got {softcap}")
     mask = whitelist_mask(whitelist, weight.shape[0], h.device)
     if accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
@@ -158,11 +198,14 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], weight.shape[0], chosen, h.device)
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
-    parts, _, _, _ = _linear_ce_quail_op(h.contiguous(), weight.contiguous(), targets, mask,
-                                         bias.contiguous() if bias is not None else None, float(margin),
-                                         float(lambda_q), float(z_loss), int(ignore_index), int(chunk_size),
-                                         accum_dtype, bool(need), chosen)
+    parts, rows, _, _, _ = _linear_ce_quail_op(
+        h.contiguous(), weight.contiguous(), targets, mask, bias.contiguous() if bias is not None else None,
+        float(margin), float(lambda_q), float(z_loss), int(ignore_index), int(chunk_size), accum_dtype,
+        bool(need) and reduction != "none", chosen, reduction, float(label_smoothing), float(softcap or 0.0), None)
     d = parts.detach()
+    if reduction == "none":
+        r = rows.detach()
+        return LossParts(rows[0], r[1], r[2], r[3], d[4].round().long(), d[5])
     return LossParts(parts[0], d[1], d[2], d[3], d[4].round().long(), d[5])
 
 
@@ -171,15 +214,18 @@ class LinearCEQuail(torch.nn.Module):
 
     def __init__(self, whitelist: torch.Tensor | None = None, margin: float = DEFAULT_MARGIN,
                  lambda_q: float = DEFAULT_LAMBDA_Q, z_loss: float = 0.0, ignore_index: int = -100,
-                 chunk_size: int | None = None, backend: str | None = None):
+                 chunk_size: int | None = None, backend: str | None = None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, softcap: float | None = None):
         super().__init__()
         self.register_buffer("whitelist", whitelist.bool() if whitelist is not None else None, persistent=False)
         self.margin, self.lambda_q, self.z_loss = margin, lambda_q, z_loss
         self.ignore_index, self.chunk_size, self.backend = ignore_index, chunk_size, backend
+        self.reduction, self.label_smoothing, self.softcap = reduction, label_smoothing, softcap
 
     def forward(self, h, weight, targets, bias=None) -> LossParts:
         return linear_ce_quail(h, weight, targets, self.whitelist, self.margin, self.lambda_q, self.z_loss, bias,
-                               self.ignore_index, self.chunk_size, self.backend)
+                               self.ignore_index, self.chunk_size, self.backend, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing, softcap=self.softcap)
 
     def extra_repr(self) -> str:
         n = int(self.whitelist.sum()) if self.whitelist is not None else 0

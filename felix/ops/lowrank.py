@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from felix.oplib import implementation, register_impl, resolve_backend
+from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 
 MAX_RANK = 64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -146,6 +146,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, a, b, gate=1.0, bias: 
     per-output ``[out]`` tensor — one shared by all terms, or a list with one per term. Differentiable in
     x, weight (only computed when it requires grad), bias, a, b and gate."""
     a_list, b_list = _as_list(a, "a"), _as_list(b, "b")
+    x, weight, bias, a_list, b_list = autocast_operands(x, weight, bias, a_list, b_list)  # as F.linear (oplib)
     gates = list(gate) if isinstance(gate, (list, tuple)) else [gate] * len(a_list)
     if len(gates) != len(a_list):
         raise ValueError(f"{len(gates)} gates for {len(a_list)} low-rank terms: give one per term or one shared")

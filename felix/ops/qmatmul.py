@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from felix.formats import get_format
-from felix.oplib import implementation, register_impl, resolve_backend
+from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.reference import qmatmul as reference
 from felix.reference.qmatmul import QUANT_MATMUL_FORMATS, four_bit_layout
 
@@ -86,6 +86,7 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
     f = get_format(fmt)
     if f.name not in QUANT_MATMUL_FORMATS:
         raise ValueError(f"quant_matmul supports the 4-bit formats {', '.join(QUANT_MATMUL_FORMATS)}, not {f.name!r}")
+    (x,) = autocast_operands(x)  # under autocast: activations in the autocast dtype, as F.linear (oplib)
     _check_inputs(x, blocks, f.name, out_features)
     chosen = resolve_backend("quant_matmul", backend, x.device)
     lead = x.shape[:-1]
