@@ -291,7 +291,7 @@ def cmd_export(args) -> int:
     try:
         result = export_gguf(args.checkpoint, args.out, arch=args.arch, quant=args.quant, splice=args.splice,
                              force=args.force, embedding_type=args.embedding_type, adapter_out=args.adapter_out,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), spokes=args.spokes)
     except (ExportError, CheckpointError, GGUFError, FileNotFoundError) as e:
         print(f"felix export: error: {e}", file=sys.stderr)
         return 2
@@ -345,6 +345,8 @@ def _add_export_parsers(sub) -> None:
     e.add_argument("--embedding-type", choices=EXPORT_TYPES, help="type of token_embd/output (default: Q8_0 "
                    "for 4-bit and ternary exports, else --quant)")
     e.add_argument("--adapter-out", help="adapter path for --splice adapter (default: OUT stem + .splice-lora.gguf)")
+    e.add_argument("--spokes", help="a spoke file (spokes.safetensors of a --train-only spokes run) to attach to "
+                   "the checkpoint's hub; refused when it was trained on another hub (--arch felix)")
     e.add_argument("--force", action="store_true", help="overwrite existing output files")
     e.set_defaults(func=cmd_export)
 

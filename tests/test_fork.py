@@ -12,7 +12,7 @@ from felix import fork
 from felix.export import export_gguf
 from felix.gguf_file import metadata, open_gguf, torch_shape
 from felix.model import preset
-from felix.ops.lowrank import spoke_residual
+from felix.ops.spoke import spoke_residual
 
 CFG = preset("tiny-256")
 META = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))
