@@ -189,6 +189,11 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--teacher-data", action="append", default=[], help="distillation: JSONL of {prompt, response, "
                    "teacher} trained as masked SFT on the responses (repeatable; several teachers welcome)")
     t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
+    t.add_argument("--spokes", type=int, help="spokes per layer (the fork's felix arch; W_up = 0 at init): from "
+                   "scratch, or added to the --init-from hub (default: none; 4 with --train-only spokes)")
+    t.add_argument("--spoke-rank", type=int, help="rank of each spoke (default: the preset's / checkpoint's)")
+    t.add_argument("--train-only", choices=["spokes"], help="freeze the hub (--init-from) and train only the "
+                   "spokes; the optimizer holds state for the spokes alone")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,
