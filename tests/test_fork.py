@@ -1,5 +1,5 @@
 """felix.fork without the fork: the loader rules Felix checks before writing a felix-arch file (every rule can
-fail, and says which), and the no-op spokes the exporter writes until Felix-LM has trained spokes.
+fail, and says which), and the no-op spokes the exporter writes for a model without spokes.
 The same files loading in the fork itself is tests/test_fork_llamacpp.py."""
 from __future__ import annotations
 
