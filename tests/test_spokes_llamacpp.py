@@ -35,6 +35,7 @@ def prompt_ids(hub):
 
 def spoked_checkpoint(hub, directory, n_spokes, rank, trained=True):
     model = load_checkpoint(hub[0])
+    torch.manual_seed(SEED)  # W_down's init draws from the global generator: fixed, whatever ran before
     spokes.add_spokes(model, n_spokes, rank)
     if trained:
         trained_like(model, SEED, scale=1.0)
@@ -58,11 +59,11 @@ def test_trained_spokes_load_in_the_fork_and_match_pytorch(hub, prompt_ids, tmp_
     assert err <= bound and agree.mean() >= min_top1, f"rel err {err:.3g} (bound {bound}), top-1 {agree.mean():.3f}"
     clear = top2_margin(want) > 2 * bound * np.abs(want).max()
     assert agree[clear].all()
-    # the spokes matter: without them the same file's hub gives clearly different logits
+    # the spokes matter: removing them moves PyTorch's logits 10x more than the fork differs from PyTorch
     with torch.no_grad():
         for b in decoded.blk:
             b.spoke.w_up_fused.weight.zero_()
-    assert rel_err(torch_logits(decoded, prompt_ids), want) > 10 * bound
+    assert rel_err(torch_logits(decoded, prompt_ids), want) > 10 * err
 
 
 def test_fresh_spokes_are_an_exact_no_op_in_the_fork(hub, prompt_ids, tmp_path):
