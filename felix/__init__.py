@@ -8,8 +8,10 @@ Public API:
   (torch) and ``triton`` backends.
 * :func:`linear_ce_quail` / :class:`LinearCEQuail` -- fused linear cross-entropy + QUAIL margin hinge
   (+ z-loss), chunked so the N x V logits never exist (``reference`` chunked torch, ``triton``).
-* :func:`lowrank_linear` / :func:`spoke_residual` -- SpliceCore low-rank add fused into the main GEMM
-  (``reference``, ``triton``); :mod:`felix.splice` holds the SpliceCore modules and the name-based API.
+* :func:`lowrank_linear` -- SpliceCore low-rank add fused into the main GEMM (``reference``, ``triton``);
+  :mod:`felix.splice` holds the SpliceCore modules and the name-based API.
+* :func:`spoke_residual` -- the fork's gated low-rank spoke residual, SiLU bottleneck fused (``reference``,
+  ``triton``); :mod:`felix.spokes` holds the spoke modules, hub freezing and spoke files.
 * :func:`quant_matmul` / :class:`QuantLinear` / :func:`quantize_model_linears` -- W4A16 matmul on
   4-bit blocks (rq4, iq4_nl, q4_0) decoded in the kernel (reference, triton, hip backends).
 * :func:`backends` -- which backends run on this machine, and why not where they do not.
@@ -20,7 +22,8 @@ from felix.oplib import backends
 from felix.ops.attention import attention
 from felix.ops.codecs import dequantize, quantize
 from felix.ops.loss import LinearCEQuail, linear_ce_quail
-from felix.ops.lowrank import lowrank_linear, spoke_residual
+from felix.ops.lowrank import lowrank_linear
+from felix.ops.spoke import spoke_residual
 from felix.ops.qmatmul import quant_matmul
 from felix.quant_linear import QuantLinear, quantize_model_linears
 

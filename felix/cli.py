@@ -189,6 +189,11 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--teacher-data", action="append", default=[], help="distillation: JSONL of {prompt, response, "
                    "teacher} trained as masked SFT on the responses (repeatable; several teachers welcome)")
     t.add_argument("--init-from", help="start from this checkpoint directory (model + tokenizer)")
+    t.add_argument("--spokes", type=int, help="spokes per layer (the fork's felix arch; W_up = 0 at init): from "
+                   "scratch, or added to the --init-from hub (default: none; 4 with --train-only spokes)")
+    t.add_argument("--spoke-rank", type=int, help="rank of each spoke (default: the preset's / checkpoint's)")
+    t.add_argument("--train-only", choices=["spokes"], help="freeze the hub (--init-from) and train only the "
+                   "spokes; the optimizer holds state for the spokes alone")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 (sharded)")
@@ -292,7 +297,7 @@ def cmd_export(args) -> int:
     try:
         result = export_gguf(args.checkpoint, args.out, arch=args.arch, quant=args.quant, splice=args.splice,
                              force=args.force, embedding_type=args.embedding_type, adapter_out=args.adapter_out,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), spokes=args.spokes)
     except (ExportError, CheckpointError, GGUFError, FileNotFoundError) as e:
         print(f"felix export: error: {e}", file=sys.stderr)
         return 2
@@ -346,6 +351,8 @@ def _add_export_parsers(sub) -> None:
     e.add_argument("--embedding-type", choices=EXPORT_TYPES, help="type of token_embd/output (default: Q8_0 "
                    "for 4-bit and ternary exports, else --quant)")
     e.add_argument("--adapter-out", help="adapter path for --splice adapter (default: OUT stem + .splice-lora.gguf)")
+    e.add_argument("--spokes", help="a spoke file (spokes.safetensors of a --train-only spokes run) to attach to "
+                   "the checkpoint's hub; refused when it was trained on another hub (--arch felix)")
     e.add_argument("--force", action="store_true", help="overwrite existing output files")
     e.set_defaults(func=cmd_export)
 

@@ -24,9 +24,13 @@ What goes in the file:
   tensors it does not know ("wrong number of tensors"); it applies LoRA adapters through ``build_lora_mm`` on
   every projection a splice can sit on, so ``adapter`` is the fork's live-scalable splice.
 * ``--arch felix`` (the fork, felix.fork): the llama tensors plus, in every layer, the spoke tensors the fork
-  requires. Felix-LM has no trained spokes yet, so they are the exact no-op of felix.fork.noop_spoke_tensors
-  (one spoke of rank 1, W_down = W_up = 0: the spoke residual is exactly 0.0), with ``felix.num_spokes`` /
-  ``felix.spoke_rank`` = 1. felix.fork.check_loadable applies the fork loader's rules before anything is written.
+  requires. A model with spokes (felix.spokes; or a hub plus ``spokes=`` a spoke file) writes them as trained, in
+  the fused form (``blk.N.spoke.w_down_fused`` / ``w_up_fused``, the model's own parameter names), typed by the
+  policy (F32: the spokes are a runtime-edit surface), with ``felix.num_spokes`` / ``felix.spoke_rank``; layers
+  without spokes get no-op spokes of the same shape. A model without spokes writes the exact no-op of
+  felix.fork.noop_spoke_tensors (one spoke of rank 1, W_down = W_up = 0: the spoke residual is exactly 0.0).
+  felix.fork.check_loadable applies the fork loader's rules before anything is written. ``--arch llama`` has no
+  spokes: a model whose spokes do something is refused there (spokes that are still exact no-ops are dropped).
 
 RQ4 (ggml type 42) exists only in the fork, so ``--quant rq4`` needs ``--arch felix``. Files are written to a
 temporary name beside the output and renamed into place, so an error or a full disk never leaves a partial file.
@@ -196,10 +200,10 @@ def _gated_b(b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 def base_tensors(model, splice: str) -> dict[str, torch.Tensor]:
-    """The tensors of the base file, float32, by GGUF name: splices merged into their weights (`merge`) or
-    left out (`adapter`, which writes them to the adapter file)."""
+    """The hub tensors of the base file, float32, by GGUF name: splices merged into their weights (`merge`) or
+    left out (`adapter`, which writes them to the adapter file). Spokes are not in it (fork.spoke_tensors_for)."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    out = {k: v for k, v in state.items() if ".splice." not in k}
+    out = {k: v for k, v in state.items() if ".splice." not in k and not fork.is_spoke_tensor(k)}
     for layer, proj, a, b, gate in _splices(model):
         if splice == "merge":
             wname = f"blk.{layer}.{proj}.weight"
@@ -242,12 +246,15 @@ def _write(tmp: Path, arch: str, fill, tensors: list[tuple[str, torch.Tensor, st
 
 def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice: str = "merge",
                 force: bool = False, embedding_type: str | None = None, adapter_out=None,
-                backend: str | None = None, progress: bool = False, model=None, tokenizer=None) -> ExportResult:
+                backend: str | None = None, progress: bool = False, model=None, tokenizer=None,
+                spokes=None) -> ExportResult:
     """Export the checkpoint directory `checkpoint` (felix.model.save_checkpoint, with tokenizer.json) to `out`.
 
     `model`/`tokenizer` may be passed instead of loading them from `checkpoint` (then `checkpoint` is only a
     label). `adapter_out` (splice="adapter") defaults to ``<out stem>.splice-lora.gguf``. `backend` picks the
-    quantization backend (None = automatic: the C++ codecs on CPU). Returns what was written, with timings."""
+    quantization backend (None = automatic: the C++ codecs on CPU). `spokes`: a spoke file (felix.spokes.save_spokes)
+    to attach to the checkpoint's hub first; refused when it was trained on another hub. Returns what was written,
+    with timings."""
     from tqdm import tqdm
 
     from felix.model import load_checkpoint
@@ -270,6 +277,13 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     _check_output(out, force)
     if model is None:
         model = load_checkpoint(checkpoint)
+    if spokes is not None:
+        from felix.spokes import SpokeError, load_spokes
+
+        try:
+            load_spokes(model, spokes)
+        except SpokeError as e:
+            raise ExportError(str(e)) from e
     if tokenizer is None:
         try:
             tokenizer = Tokenizer.load(checkpoint)
@@ -287,10 +301,18 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
 
     tensors = base_tensors(model, splice)
     fork_meta = {}
+    model_spokes = {k: v for k, v in model.state_dict().items() if fork.is_spoke_tensor(k)}
     if arch == fork.ARCH:
-        tensors.update(fork.noop_spoke_tensors(cfg.n_layer, cfg.d_model))
-        fork_meta = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))
+        if cfg.n_spokes:
+            tensors.update(fork.spoke_tensors_for(cfg, model_spokes))
+            fork_meta = {fork.NUM_SPOKES_KEY: cfg.n_spokes, fork.SPOKE_RANK_KEY: cfg.spoke_rank}
+        else:
+            tensors.update(fork.noop_spoke_tensors(cfg.n_layer, cfg.d_model))
+            fork_meta = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))
         fork.check_loadable({k: tuple(v.shape) for k, v in tensors.items()}, fork_meta, cfg)
+    elif model_spokes and not fork.spokes_are_noop(model_spokes):
+        raise ExportError(f"{checkpoint} has trained spokes ({cfg.n_spokes} of rank {cfg.spoke_rank} per layer), and "
+                          "stock llama.cpp's llama arch has no tensors for them: export with --arch felix (the fork)")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"non-finite values (NaN/Inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}")
@@ -374,6 +396,23 @@ def config_from_gguf(meta: dict):
                        splice_layers=[])  # splices are merged or in the adapter file: none in the base
 
 
+def fused_spokes_from_file(tensors: dict[str, torch.Tensor], n_layer: int, n_spokes: int) -> dict[str, torch.Tensor]:
+    """The file's spoke tensors in the fused form: per-spoke ``w_down.S`` [r, d] / ``w_up.S`` [d, r] (the fork's
+    legacy form) are concatenated in spoke order, which is what the fork's fused path computes with."""
+    names = fork.SPOKE_TENSOR_NAMES
+    out = {}
+    for i in range(n_layer):
+        for key in ("norm", "gate_bias"):
+            out[names[key].format(layer=i)] = tensors[names[key].format(layer=i)]
+        fused_down, fused_up = names["w_down_fused"].format(layer=i), names["w_up_fused"].format(layer=i)
+        if fused_down in tensors:
+            out[fused_down], out[fused_up] = tensors[fused_down], tensors[fused_up]
+        else:
+            out[fused_down] = torch.cat([tensors[names["w_down"].format(layer=i, spoke=s)] for s in range(n_spokes)], 0)
+            out[fused_up] = torch.cat([tensors[names["w_up"].format(layer=i, spoke=s)] for s in range(n_spokes)], 1)
+    return out
+
+
 def model_from_gguf(path):
     """A FelixLM holding the weights of a Felix-written GGUF as llama.cpp sees them (every tensor decoded to
     float32 with Felix's codecs): the PyTorch side of a runtime-vs-PyTorch comparison."""
@@ -387,7 +426,22 @@ def model_from_gguf(path):
     model = FelixLM(cfg)
     tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
     spokes = {k: v for k, v in tensors.items() if fork.is_spoke_tensor(k)}
-    if spokes and not fork.spokes_are_noop(spokes):
-        raise ExportError(f"{path} has spokes with nonzero W_up; Felix-LM has no spokes to hold them yet")
-    load_state_into(model, {k: v for k, v in tensors.items() if k not in spokes}, source=str(path))
+    hub = {k: v for k, v in tensors.items() if k not in spokes}
+    if spokes and not fork.spokes_are_noop(spokes):  # trained spokes: the model gets them (every layer)
+        from felix.ops.spoke import MAX_WIDTH
+
+        n_spokes, rank = int(meta.get(fork.NUM_SPOKES_KEY, 0)), int(meta.get(fork.SPOKE_RANK_KEY, 0))
+        if n_spokes < 1 or rank < 1 or n_spokes * rank > MAX_WIDTH:
+            raise ExportError(f"{path}: {n_spokes} spokes of rank {rank} (felix.num_spokes / felix.spoke_rank) "
+                              f"cannot be held by Felix-LM (each >= 1, n_spokes x rank <= {MAX_WIDTH})")
+        try:
+            spokes = fused_spokes_from_file(spokes, cfg.n_layer, n_spokes)
+        except KeyError as e:
+            raise ExportError(f"{path}: spoke tensor {e} is missing") from e
+        cfg.n_spokes, cfg.spoke_rank = n_spokes, rank
+        cfg.__post_init__()
+        model = FelixLM(cfg)
+        hub.update({k: v.float().reshape(model.state_dict()[k].shape) if k.endswith("gate_bias") else v.float()
+                    for k, v in spokes.items()})
+    load_state_into(model, hub, source=str(path))
     return model

@@ -16,8 +16,9 @@ writes that down (docs/fork.md has the prose):
 * it knows no other tensors: a file with any extra tensor (a native SpliceCore tensor, say) fails with
   "wrong number of tensors".
 
-Until Felix-LM has trained spokes, the exporter writes :func:`noop_spoke_tensors`: one spoke of rank 1 whose
-W_down and W_up are zero. ``W_up = 0`` makes the spoke's update exactly 0.0 in floating point (0 · anything
+A model with spokes (felix.spokes) exports them as they are, in the fused form (:func:`spoke_tensors_for`); for a
+model without spokes the exporter writes :func:`noop_spoke_tensors`: one spoke of rank 1 whose W_down and W_up
+are zero. ``W_up = 0`` makes the spoke's update exactly 0.0 in floating point (0 · anything
 finite), so the fork computes the same numbers as the plain llama block: an exact no-op, not an approximation.
 :func:`check_loadable` applies the loader's rules to what an export is about to write, so a file the fork
 would reject is refused before a byte is written.
@@ -56,8 +57,12 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
                  "ffn_down")
 # ggml types that only the fork knows (stock llama.cpp rejects a file holding one): felix.formats' table says which
 FORK_ONLY_TYPES = tuple(name for name, f in FORMATS.items() if f.runtime == "fork")
-# (num_spokes, spoke_rank) of the exact no-op spoke written while Felix-LM has no trained spokes
+# (num_spokes, spoke_rank) of the exact no-op spoke written for a model without spokes
 NOOP_SPOKES = (1, 1)
+# The per-spoke form (w_down.S / w_up.S) lands in fixed arrays of 4 per layer (src/llama-model.h: spoke_w_down[4]);
+# more spokes than that only load in the fused form. Felix writes the fused form.
+MAX_PER_SPOKE_TENSORS = 4
+UINT32_MAX = 2**32 - 1
 
 DEFAULT_BUILD_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "felix-llama-fork"
 
@@ -106,6 +111,19 @@ def noop_spoke_tensors(n_layer: int, d_model: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def spoke_tensors_for(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fused spoke tensors of every layer for a model with `cfg.n_spokes` spokes of rank `cfg.spoke_rank`:
+    the model's own (from `state`, float32) where a layer has spokes, exact no-op spokes of the same shape
+    (W_up = 0) where it has none, since the fork needs them in every layer."""
+    out = {}
+    for name, shape in spoke_shapes(cfg.n_layer, cfg.d_model, cfg.n_spokes, cfg.spoke_rank).items():
+        if name in state:
+            out[name] = state[name].detach().float()
+        else:
+            out[name] = torch.ones(shape) if name.endswith(".norm.weight") else torch.zeros(shape)
+    return out
+
+
 def is_spoke_tensor(name: str) -> bool:
     return ".spoke." in name
 
@@ -127,10 +145,15 @@ def check_loadable(shapes: dict[str, tuple[int, ...]], metadata: dict, cfg) -> N
     if NUM_SPOKES_KEY in metadata and (n_spokes < 1 or rank < 1):
         problems.append(f"num_spokes {n_spokes} and spoke_rank {rank} must be >= 1: the fork requires spoke "
                         "tensors in every layer, and a zero-sized one cannot be created")
+    if max(n_spokes, rank, n_spokes * rank) > UINT32_MAX:
+        problems.append(f"num_spokes {n_spokes} x spoke_rank {rank} does not fit the fork's uint32 metadata")
     want = dict(hub_shapes(cfg))
     fused_names = {SPOKE_TENSOR_NAMES["w_down_fused"].format(layer=i) for i in range(cfg.n_layer)}
     fused = any(n in shapes for n in fused_names) or not any(".spoke.w_down." in n for n in shapes)
-    if n_spokes >= 1 and rank >= 1:
+    if not fused and n_spokes > MAX_PER_SPOKE_TENSORS:
+        problems.append(f"{n_spokes} spokes in the per-spoke form (w_down.S / w_up.S): the fork holds at most "
+                        f"{MAX_PER_SPOKE_TENSORS} per layer; write the fused form (w_down_fused / w_up_fused)")
+    elif n_spokes >= 1 and rank >= 1:
         want.update(spoke_shapes(cfg.n_layer, cfg.d_model, n_spokes, rank, fused=fused))
     missing = [n for n in want if n not in shapes]
     extra = [n for n in shapes if n not in want]

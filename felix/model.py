@@ -33,6 +33,7 @@ from felix.oplib import autocast_dtype
 from felix.quail import DEFAULT_MARGIN
 from felix.reference.loss import LossParts
 from felix.splice import SpliceCore
+from felix.spokes import DEFAULT_GATE_INIT, MAX_WIDTH as MAX_SPOKE_WIDTH, SpokeResidual, gate_init_schedule
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -56,6 +57,13 @@ class FelixConfig:
     splice_projections: list[str] = field(default_factory=lambda: ["ffn_down"])
     splice_rank: int = 8
     splice_gate_init: float = 1.0
+    # Spokes (felix.spokes; the fork's felix arch): n_spokes of rank spoke_rank after each layer's FFN residual,
+    # fused into one [n_spokes * spoke_rank] bottleneck. 0 = none (a plain hub). spoke_layers None = every layer.
+    # gate_bias starts at spoke_gate_init[0] + (spoke_gate_init[1] - spoke_gate_init[0]) * i / (L - 1).
+    n_spokes: int = 0
+    spoke_rank: int = 8
+    spoke_layers: list[int] | None = None
+    spoke_gate_init: list[float] = field(default_factory=lambda: list(DEFAULT_GATE_INIT))
     checkpoint_activations: bool = False
     init_std: float = 0.02
 
@@ -75,6 +83,20 @@ class FelixConfig:
             problems.append(f"splice layer(s) {bad_layers} outside 0..{self.n_layer - 1}")
         if self.splice_rank < 1 and self.resolved_splice_layers() and self.splice_projections:
             problems.append(f"splice_rank must be >= 1, got {self.splice_rank}")
+        if self.n_spokes < 0:
+            problems.append(f"n_spokes must be >= 0, got {self.n_spokes}")
+        elif self.n_spokes:
+            if self.spoke_rank < 1:
+                problems.append(f"spoke_rank must be >= 1, got {self.spoke_rank}")
+            elif self.n_spokes * self.spoke_rank > MAX_SPOKE_WIDTH:
+                problems.append(f"n_spokes x spoke_rank = {self.n_spokes * self.spoke_rank} > {MAX_SPOKE_WIDTH}: the "
+                                f"fused spoke kernel holds the bottleneck in one register tile")
+            bad = [i for i in self.resolved_spoke_layers() if not 0 <= i < self.n_layer]
+            if bad:
+                problems.append(f"spoke layer(s) {bad} outside 0..{self.n_layer - 1}")
+            if len(self.spoke_gate_init) != 2 or not all(math.isfinite(float(g)) for g in self.spoke_gate_init):
+                problems.append(f"spoke_gate_init must be two finite numbers [first layer, last layer], got "
+                                f"{self.spoke_gate_init}")
         if min(self.vocab_size, self.n_layer, self.d_model, self.ffn_hidden, self.max_seq_len) < 1:
             problems.append("vocab_size, n_layer, d_model, ffn_hidden, max_seq_len must be positive")
         if problems:
@@ -89,6 +111,11 @@ class FelixConfig:
             return list(range(3, self.n_layer, 4))
         return sorted(set(self.splice_layers))
 
+    def resolved_spoke_layers(self) -> list[int]:
+        if not self.n_spokes:
+            return []
+        return list(range(self.n_layer)) if self.spoke_layers is None else sorted(set(self.spoke_layers))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -101,21 +128,25 @@ class FelixConfig:
         return cls(**d)
 
 
+# Every preset names its spoke rank (the seed's per-task adapters: 4 spokes of rank 64 at ~100M; felix.spokes);
+# spokes are off (n_spokes 0) until asked for: `felix train --spokes N` or `--train-only spokes`.
 PRESETS: dict[str, dict] = {
     # CPU, seconds: 4 layers x 128 (head_dim 32, GQA 4:2), one splice on layer 3.
-    "tiny": dict(vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128),
+    "tiny": dict(vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128,
+                 spoke_rank=8),
     # CPU, minutes: 2 layers x 256 (head_dim 64, GQA 4:2), SwiGLU 512. Rows of 256 and 512 fit every block
     # format, TQ2_0's 256 included, so a fidelity run quantizes the same tensors in every format (QUAIL experiment).
-    "tiny-256": dict(vocab_size=2048, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=128),
+    "tiny-256": dict(vocab_size=2048, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=128,
+                     spoke_rank=8),
     # The seed's scale-down pilot: ~50M.
     "pilot-50m": dict(vocab_size=32768, n_layer=12, d_model=512, n_head=8, n_kv_head=4, ffn_hidden=1408,
-                      max_seq_len=2048),
+                      max_seq_len=2048, spoke_rank=32),
     # 24 x 1024 x 16 heads (head_dim 64), GQA 16:4, SwiGLU 3072, tied 32K vocab: ~323M.
     "felix-300m": dict(vocab_size=32768, n_layer=24, d_model=1024, n_head=16, n_kv_head=4, ffn_hidden=3072,
-                       max_seq_len=2048),
+                       max_seq_len=2048, spoke_rank=64),
     # 24 x 1280 x 20 heads (head_dim 64), GQA 20:4, SwiGLU 4096, tied 32K vocab: ~514M.
     "felix-500m": dict(vocab_size=32768, n_layer=24, d_model=1280, n_head=20, n_kv_head=4, ffn_hidden=4096,
-                       max_seq_len=2048),
+                       max_seq_len=2048, spoke_rank=64),
 }
 
 
@@ -139,8 +170,9 @@ def parameter_counts(cfg: FelixConfig) -> dict[str, int]:
     ffn = sum(math.prod(_projection_shape(cfg, p)) for p in PROJECTIONS[4:])
     splice = sum(cfg.splice_rank * sum(_projection_shape(cfg, p)) + 1
                  for _ in cfg.resolved_splice_layers() for p in cfg.splice_projections)
+    spokes = len(cfg.resolved_spoke_layers()) * (2 * cfg.n_spokes * cfg.spoke_rank * cfg.d_model + cfg.d_model + 1)
     counts = {"embedding": cfg.vocab_size * cfg.d_model, "attention": cfg.n_layer * attn, "ffn": cfg.n_layer * ffn,
-              "norms": (2 * cfg.n_layer + 1) * cfg.d_model, "splice": splice,
+              "norms": (2 * cfg.n_layer + 1) * cfg.d_model, "splice": splice, "spokes": spokes,
               "output_head": 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model}
     counts["total"] = sum(counts.values())
     return counts
@@ -226,6 +258,15 @@ class Block(nn.Module):
                                      for p in spliced})
         for core in self.splice.values():
             nn.init.normal_(core.a, 0.0, cfg.init_std)
+        self.spoke = None
+        self.attach_spokes()
+
+    def attach_spokes(self) -> None:
+        """Create this layer's SpokeResidual when the config gives it spokes (felix.spokes; W_up = 0: a no-op)."""
+        cfg = self.cfg
+        if self.spoke is None and self.layer in cfg.resolved_spoke_layers():
+            gate = gate_init_schedule(cfg.n_layer, *cfg.spoke_gate_init)[self.layer]
+            self.spoke = SpokeResidual(cfg.d_model, cfg.n_spokes, cfg.spoke_rank, gate, cfg.norm_eps)
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name).weight
@@ -251,7 +292,8 @@ class Block(nn.Module):
             att = felix.attention(q, k, v, causal=True, backend=attention_backend)
         x = x + self.proj("attn_output", att.transpose(1, 2).reshape(B, T, cfg.d_model))
         h = self.ffn_norm(x)
-        return x + self.proj("ffn_down", F.silu(self.proj("ffn_gate", h)) * self.proj("ffn_up", h))
+        x = x + self.proj("ffn_down", F.silu(self.proj("ffn_gate", h)) * self.proj("ffn_up", h))
+        return x if self.spoke is None else self.spoke(x)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -271,6 +313,8 @@ class FelixLM(nn.Module):
     def reset_parameters(self):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if ".spoke." in name:
+                continue  # SpokeResidual's own init (W_up = 0: a fresh spoke is a no-op)
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif ".splice." in name:

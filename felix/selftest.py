@@ -260,8 +260,44 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
     return rows
 
 
+def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Check]:
+    """h + sigmoid(gb)/S W_up silu(W_down rmsnorm(h) g) and every gradient vs float64 autograd (4 spokes)."""
+    import felix
+
+    small = device.type == "cpu"
+    cases = [(21, 37, 4, 3)] if small else [(4096, 1024, 4, 64)]
+    rows = []
+    for backend in _runnable_backends("spoke_fwd", device):
+        for m, d, n, r in cases:
+            base = [torch.randn(m, d, generator=gen), 1 + 0.3 * torch.randn(d, generator=gen),
+                    torch.randn(n * r, d, generator=gen) / d ** 0.5, torch.randn(d, n * r, generator=gen) / (n * r) ** 0.5,
+                    torch.randn(1, generator=gen)]
+            dy32 = torch.randn(m, d, generator=gen)
+            for dtype in _dtypes(backend, device):
+                h, g, wd, wu, gb = (t.to(device, dtype if i in (0, 2, 3) else torch.float32).requires_grad_()
+                                    for i, t in enumerate(base))
+                dy = dy32.to(device, dtype)
+
+                def fwd_bwd():
+                    y = felix.spoke_residual(h, g, wd, wu, gb, n, 1e-5, backend=backend)
+                    return (y - h.detach(), *torch.autograd.grad(y, (h, g, wd, wu, gb), dy))
+
+                got, dt = _timed(fwd_bwd, device)
+                hd, gd, wdd, wud, gbd = (t.detach().double().requires_grad_() for t in (h, g, wd, wu, gb))
+                normed = hd / torch.sqrt((hd * hd).mean(-1, keepdim=True) + 1e-5) * gd
+                yd = hd + torch.sigmoid(gbd) * (torch.nn.functional.silu(normed @ wdd.t()) @ wud.t()) / n
+                want = (yd - hd.detach(), *torch.autograd.grad(yd, (hd, gd, wdd, wud, gbd), dy.double()))
+                # the update (y - h) is compared, so y's own rounding of |h| is not counted against the op
+                err = _max_rel_error(got, want)
+                rows.append(Check("spoke", backend, str(device), f"M{m} d{d} {n}x{r} "
+                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err,
+                                  LOWRANK_BOUNDS[dtype] * (4 if dtype != torch.float32 else 1), dt))
+    return rows
+
+
 CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention,
-          "linear_ce_quail": check_linear_ce_quail, "lowrank_linear": check_lowrank_linear}
+          "linear_ce_quail": check_linear_ce_quail, "lowrank_linear": check_lowrank_linear,
+          "spoke_residual": check_spoke_residual}
 
 
 def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:

@@ -31,10 +31,12 @@ import torch
 from felix import data as felix_data
 from felix import distributed as felix_distributed
 from felix import model as felix_model
+from felix import spokes as spokes_lib
 from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
+TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
 CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE = "checkpoint", "metrics.jsonl", "loss_curve.png", "trainer_state.pt"
 
 # Dense bf16 peak FLOP/s for MFU estimates, by substring of the CUDA device name.
@@ -50,6 +52,9 @@ class TrainConfig:
     val_data: list[str] = field(default_factory=list)  # explicit validation files; empty = split from data
     teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
     init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
+    spokes: int = 0                # spokes per layer (felix.spokes): from scratch, or added to an --init-from hub
+    spoke_rank: int | None = None  # None = the preset's (or the checkpoint config's) spoke_rank
+    train_only: str | None = None  # "spokes": freeze the hub, train (and keep optimizer state for) the spokes only
     n_records: int = 2000          # structured records added to the built-in corpus
     tasks: list[str] = field(default_factory=lambda: list(felix_data.TASKS))  # their task kinds (felix.data)
     prose: bool = True             # built-in corpus: include the prose (False: structured records only)
@@ -94,6 +99,10 @@ class TrainConfig:
         if self.teacher_data and (self.data or self.val_data):
             problems.append("--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
                             "give one or the other")
+        if self.spokes < 0 or (self.spoke_rank is not None and self.spoke_rank < 1):
+            problems.append(f"spokes must be >= 0 and spoke_rank >= 1, got {self.spokes} and {self.spoke_rank}")
+        if self.train_only not in TRAIN_ONLY:
+            problems.append(f"train_only must be one of {[t for t in TRAIN_ONLY if t]}, got {self.train_only!r}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.margin < 0:
@@ -201,10 +210,35 @@ def _documents(cfg: TrainConfig, log) -> tuple[list[str], list[str]]:
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and ".splice." not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and ".splice." not in n)]
+    """AdamW over the parameters that train (a frozen hub gets no optimizer state)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and ".splice." not in n]
+    no_decay = [p for n, p in params if not (p.dim() >= 2 and ".splice." not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _setup_spokes(model, cfg: TrainConfig, resume: bool, log) -> str | None:
+    """Give an --init-from model the spokes asked for (--spokes, or the seed recipe's count for --train-only
+    spokes), then freeze the hub when only spokes train. Returns the frozen hub's fingerprint (None otherwise)."""
+    mcfg = model.cfg
+    wants_spokes = cfg.spokes or (cfg.train_only == "spokes" and not mcfg.n_spokes)
+    if cfg.init_from and not resume and wants_spokes:
+        n = cfg.spokes or spokes_lib.SEED_RECIPE["n_spokes"]
+        rank = cfg.spoke_rank or mcfg.spoke_rank
+        if mcfg.n_spokes and (mcfg.n_spokes, mcfg.spoke_rank) != (n, rank):
+            raise ValueError(f"{cfg.init_from} already has {mcfg.n_spokes} spokes of rank {mcfg.spoke_rank}; "
+                             f"asked for {n} of rank {rank}")
+        if not mcfg.n_spokes:
+            spokes_lib.add_spokes(model, n, rank)
+            log(f"added {n} spokes of rank {rank} to every layer (W_up = 0: the model starts exactly as its hub)")
+    if cfg.train_only != "spokes":
+        return None
+    trainable = spokes_lib.freeze_hub(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"hub frozen: training {len(trainable)} spoke tensors ({n_train:,} parameters) of "
+        f"{sum(p.numel() for p in model.parameters()):,}")
+    return spokes_lib.hub_fingerprint(model)
 
 
 @torch.no_grad()
@@ -256,6 +290,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    if cfg.train_only == "spokes" and not (resume or cfg.init_from):
+        raise ValueError("--train-only spokes trains spokes on a trained hub: give --init-from CHECKPOINT")
     distill = bool(cfg.teacher_data)
     if distill:  # black-box distillation: masked SFT on teacher responses
         records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
@@ -300,10 +336,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         if cfg.seq_len > model.cfg.max_seq_len:
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the checkpoint's max_seq_len {model.cfg.max_seq_len}")
     else:
+        spoke_rank = {"spoke_rank": cfg.spoke_rank} if cfg.spoke_rank else {}
         mcfg = felix_model.preset(cfg.preset, vocab_size=tokenizer.vocab_size,
                                   max_seq_len=max(cfg.seq_len, felix_model.PRESETS[cfg.preset]["max_seq_len"]),
-                                  checkpoint_activations=cfg.checkpoint_activations)
+                                  checkpoint_activations=cfg.checkpoint_activations, n_spokes=cfg.spokes,
+                                  **spoke_rank)
         model = felix_model.FelixLM(mcfg).to(device)
+    hub_fp = _setup_spokes(model, cfg, resume, log)
     mcfg = model.cfg
     # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
@@ -329,6 +368,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         if changed:
             log("WARNING: resuming with settings that differ from the checkpoint's (the curve will not match an "
                 "uninterrupted run): " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        if hub_fp is not None and state.get("hub_fingerprint") != hub_fp:
+            raise ValueError(f"cannot resume: the frozen hub in {ckpt_dir} is not the one this run started from "
+                             "(hub fingerprint changed)")
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         log(f"resumed {out} at step {step}")
@@ -351,10 +393,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
             torch.save({"optimizer": full_optimizer, "train_stream": train_stream.state_dict(),
                         "step": step, "step_losses": step_losses, "metrics": metrics, "interval": interval,
                         "memorization_alerts": monitor.alerts, "torch_rng": torch.get_rng_state(),
-                        "python_rng": random.getstate(), "train_config": asdict(cfg)}, path)
+                        "python_rng": random.getstate(), "train_config": asdict(cfg), "hub_fingerprint": hub_fp}, path)
         if par.is_main:
-            felix_model.save_checkpoint(ckpt_dir, felix_distributed._StateView(full_model, model.cfg), tokenizer,
-                                        {STATE_FILE: write_state})
+            full = felix_distributed._StateView(full_model, model.cfg)
+            extra = {STATE_FILE: write_state}
+            if mcfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.spokes)
+                extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)
+            felix_model.save_checkpoint(ckpt_dir, full, tokenizer, extra)
         par.barrier()
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)

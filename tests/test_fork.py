@@ -1,5 +1,5 @@
 """felix.fork without the fork: the loader rules Felix checks before writing a felix-arch file (every rule can
-fail, and says which), and the no-op spokes the exporter writes until Felix-LM has trained spokes.
+fail, and says which), and the no-op spokes the exporter writes for a model without spokes.
 The same files loading in the fork itself is tests/test_fork_llamacpp.py."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from felix import fork
 from felix.export import export_gguf
 from felix.gguf_file import metadata, open_gguf, torch_shape
 from felix.model import preset
-from felix.ops.lowrank import spoke_residual
+from felix.ops.spoke import spoke_residual
 
 CFG = preset("tiny-256")
 META = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))

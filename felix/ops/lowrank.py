@@ -161,26 +161,6 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, a, b, gate=1.0, bias: 
     return y.reshape(*x.shape[:-1], out_f)
 
 
-def spoke_residual(h: torch.Tensor, norm_weight: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor,
-                   gate_bias: torch.Tensor, n_spokes: int, eps: float = 1e-6) -> torch.Tensor:
-    """The seed system's spoke block (the fork's `felix` arch, FACTS §6):
-    ``h + sigmoid(gate_bias) * W_up · silu(W_down · rmsnorm(h)) / n_spokes``, W_down ``[S*r, d]``,
-    W_up ``[d, S*r]``.
-
-    Its own small function rather than the fused kernel: the nonlinearity (silu) sits between the two
-    rank-(S*r) products, so it is not an add onto a larger GEMM's tile; both products are thin
-    (S*r <= 256 against d >= 1024) and bandwidth-bound, and torch's matmuls already read each operand
-    once. Plain differentiable torch (fp32 math for the norm)."""
-    if h.shape[-1] != w_down.shape[1] or w_up.shape != (h.shape[-1], w_down.shape[0]):
-        raise ValueError(f"spoke shapes do not fit: h {tuple(h.shape)}, w_down {tuple(w_down.shape)} "
-                         f"(expected [S*r, {h.shape[-1]}]), w_up {tuple(w_up.shape)} (expected "
-                         f"[{h.shape[-1]}, {w_down.shape[0]}])")
-    hf = h.float()
-    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(h.dtype)
-    spoke = torch.nn.functional.silu(normed @ w_down.t()) @ w_up.t()
-    return h + (torch.sigmoid(gate_bias.float()) * spoke.float() / n_spokes).to(h.dtype)
-
-
 # ------------------------------------------------------------------------------------ backends
 register_impl("lowrank_fwd", "reference")(reference_forward)
 register_impl("lowrank_bwd", "reference")(reference_backward)
