@@ -97,13 +97,18 @@ def test_loss_op_ignores_autocast_inside():
         assert p.dtype == q.dtype and torch.equal(p, q)
 
 
-def test_felixlm_loss_under_autocast_trains():
+@pytest.mark.parametrize("n_spokes", [0, 2])
+def test_felixlm_loss_under_autocast_trains(n_spokes):
     """FelixLM.loss under CPU bf16 autocast (raised before): runs forward and backward, fp32 grads on every
-    parameter, finite, and the loss within bf16's reach of the fp32 loss."""
+    parameter, finite, and the loss within bf16's reach of the fp32 loss. With spokes (felix.spokes) too."""
     from felix.model import FelixLM, preset
 
     torch.manual_seed(0)
-    model = FelixLM(preset("tiny", vocab_size=300))
+    model = FelixLM(preset("tiny", vocab_size=300, n_spokes=n_spokes))
+    if n_spokes:  # trained-like spokes (a fresh W_up = 0 would make the spoke an exact no-op)
+        with torch.no_grad():
+            for blk in model.blk:
+                blk.spoke.w_up_fused.weight.normal_(0.0, 0.1)
     x = torch.randint(0, 300, (2, 24))
     y = torch.roll(x, -1, 1)
     wl = torch.tensor([1, 2, 3, 5, 8])
@@ -149,6 +154,26 @@ def test_attention_lowrank_qmatmul_take_the_autocast_dtype(seed):
     with autocast():
         felix.lowrank_linear(xl, wt, a, b_, 0.5, backend="reference").float().sum().backward()
     assert xl.grad.dtype == torch.float32
+
+
+def test_spoke_residual_ignores_autocast(seed):
+    """The spoke residual carries the residual stream (h's dtype is its compute dtype, as RMSNorm under autocast):
+    on fp32 tensors its result and gradients are bit-identical inside and outside autocast (before the backends
+    ran with autocast off, CPU autocast turned the reference's matmuls into bf16 ones)."""
+    g = torch.Generator().manual_seed(seed)
+    h, nw = torch.randn(2, 5, 64, generator=g), 1 + torch.randn(64, generator=g) / 4
+    wd, wu, gb = torch.randn(16, 64, generator=g) / 8, torch.randn(64, 16, generator=g) / 4, torch.tensor([0.3])
+
+    def run(ctx):
+        leaves = [t.clone().requires_grad_() for t in (h, nw, wd, wu, gb)]
+        with ctx:
+            y = felix.spoke_residual(*leaves, 4, backend="reference")
+            y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
+
+    import contextlib
+    for plain, inside in zip(run(contextlib.nullcontext()), run(autocast())):
+        assert plain.dtype == inside.dtype == torch.float32 and torch.equal(plain, inside)
 
 
 @pytest.mark.parametrize("fmt", ["rq4", "q4_0", "iq4_nl"])
