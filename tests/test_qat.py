@@ -225,3 +225,16 @@ def test_qat_does_not_change_a_deepcopy_or_plain_forward():
     assert not torch.equal(model(x), before) and torch.equal(twin(x), before)
     qat.remove_qat(model)
     assert torch.equal(model(x), before)
+
+
+def test_fidelity_simulates_the_qat_checkpoints_shipped_weights():
+    """felix fidelity on a QAT checkpoint quantizes with the codec its forward used (bitnet), not ggml's absmax."""
+    from felix.fidelity import quantized_state
+
+    model = qat.apply_qat(small_model(), "bitnet")
+    state = model.state_dict()
+    qstate, _ = quantized_state(state, "tq2_0", qat=model._felix_qat)
+    ptq, _ = quantized_state(state, "tq2_0")
+    for name, w in qat.quantized_weights(model).items():
+        assert torch.equal(qstate[name], w), name
+    assert not torch.equal(ptq["blk.0.ffn_up.weight"], qstate["blk.0.ffn_up.weight"])
