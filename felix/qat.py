@@ -68,12 +68,8 @@ def codec_of(type_name: str, mode: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ codecs
-def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
-    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/256*66], ggml's TQ2_0 layout):
-    per block of 256, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
-
-    The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
-    practice (the export recomputes it on the CPU from the same latent weights)."""
+def _ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [nb, 256] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks of 256."""
     f = get_format("tq2_0")
     if w.shape[-1] % f.block_size:
         raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
@@ -89,13 +85,29 @@ def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
     ratio = xb / torch.where(nz, d, torch.ones_like(d))[:, None]
     t = torch.trunc(ratio)
     q = t + torch.where((ratio - t).abs() >= 0.5, torch.sign(ratio), torch.zeros_like(ratio))
-    q = torch.where(nz[:, None], q.clamp(-1, 1), torch.zeros_like(q)).to(torch.int64) + 1   # -1, 0, 1 -> 0, 1, 2
-    nb = xb.shape[0]
-    q = q.view(nb, 2, 4, 32)  # element 128c + 32l + m -> byte 32c + m, bits 2l..2l+1 (felix.formats)
-    shifts = (2 * torch.arange(4, device=xb.device)).view(1, 1, 4, 1)
+    return torch.where(nz[:, None], q.clamp(-1, 1), torch.zeros_like(q)), d16
+
+
+def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
+    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/256*66], ggml's TQ2_0 layout):
+    per block of 256, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
+
+    The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
+    practice (the export recomputes it on the CPU from the same latent weights)."""
+    q, d16 = _ternary_absmean(w)
+    nb = q.shape[0]
+    q = (q.to(torch.int64) + 1).view(nb, 2, 4, 32)  # -1, 0, 1 -> 0, 1, 2; element 128c + 32l + m -> byte 32c + m,
+    shifts = (2 * torch.arange(4, device=q.device)).view(1, 1, 4, 1)                # bits 2l..2l+1 (felix.formats)
     qs = (q << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
     blocks = torch.cat([qs, d16.contiguous().view(torch.uint8).view(nb, 2)], dim=1)
     return blocks.reshape(*w.shape[:-1], -1)
+
+
+def ternary_absmean_values(w: torch.Tensor) -> torch.Tensor:
+    """What TQ2_0 decodes quantize_ternary_absmean(w) to (float32, w's shape), without packing the bytes: q * d16,
+    the same product ggml's and Felix's TQ2_0 decoders form (tests check the equality bit for bit)."""
+    q, d16 = _ternary_absmean(w)
+    return (q * d16.float()[:, None]).reshape(w.shape)
 
 
 def encode(w: torch.Tensor, type_name: str, mode: str, backend: str | None = None) -> torch.Tensor:
@@ -113,6 +125,8 @@ def fake_quant(w: torch.Tensor, type_name: str, mode: str, backend: str | None =
     """dequantize(encode(w)) as float32: the weights the exported file decodes to."""
     import felix
 
+    if codec_of(type_name, mode) == BITNET:
+        return ternary_absmean_values(w)
     blocks = encode(w, type_name, mode, backend)
     return felix.dequantize(blocks, type_name, tuple(w.shape), torch.float32, backend=backend)
 
