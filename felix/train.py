@@ -31,6 +31,7 @@ import torch
 from felix import data as felix_data
 from felix import distributed as felix_distributed
 from felix import model as felix_model
+from felix import qat as felix_qat
 from felix import spokes as spokes_lib
 from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
@@ -85,6 +86,7 @@ class TrainConfig:
     memorization_gap: float = 0.1     # val below train by this fraction of train loss ...
     memorization_min_wraps: int = 3   # ... after this many passes over the corpus
     parallel: str = "ddp"             # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/distributed.py
+    qat: str | None = None            # quantization-aware training: a felix.qat mode (rq4 ... tq2_0, bitnet)
 
     def __post_init__(self):
         problems = []
@@ -111,6 +113,12 @@ class TrainConfig:
         if unknown or not self.tasks:
             problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
                             f"{', '.join(felix_data._MAKERS)}")
+        if self.qat is not None and str(self.qat).lower() not in felix_qat.QAT_MODES:
+            problems.append(f"unknown qat mode {self.qat!r}; choose from {', '.join(felix_qat.QAT_MODES)}")
+        elif self.qat is not None and self.parallel == "fsdp":
+            problems.append("--qat does not run under --parallel fsdp: FSDP2 shards the latent weights in place, and "
+                            "the fake-quant parametrization (torch.nn.utils.parametrize) cannot read sharded storage; "
+                            "use --parallel ddp")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         if self.preset not in felix_model.PRESETS:
@@ -347,6 +355,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
+    if cfg.qat:  # fake-quant STE on what the export quantizes; checkpoints keep the latent weights (+ qat.json)
+        felix_qat.apply_qat(model, cfg.qat)
+        log(felix_qat.describe(model._felix_qat))
     module = par.wrap(model)  # the model itself, or its loss under DDP / FSDP2 (parameters sharded in place)
     optimizer = _optimizer(model, cfg)
     use_bf16 = device.type == "cuda"
@@ -399,6 +410,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
             extra = {STATE_FILE: write_state}
             if mcfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.spokes)
                 extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)
+            if cfg.qat:  # which codec the forward used, for felix export / fidelity (felix.qat)
+                extra[felix_qat.QAT_FILE] = lambda path: felix_qat.write_qat_config(path, model)
             felix_model.save_checkpoint(ckpt_dir, full, tokenizer, extra)
         par.barrier()
 
