@@ -184,7 +184,7 @@ def test_scores_select_real_groups_and_prune_to_target(method):
     batches = [(x, y) for x, y in [(t[:, :-1], t[:, 1:]) for t in
                                    [torch.randint(0, 97, (2, 17), generator=g) for _ in range(3)]]]
     target = P.Target(2, 2, 1, 96, 128)
-    result = P.prune(model, target, method, batches, hc_steps=30)
+    result = P.prune(model, target, method, batches, hc_steps=10)
     assert result.pruned_params < result.source_params
     assert {k: tuple(v.shape) for k, v in result.scores.items()} == P.mask_shapes(model.cfg)
     assert all(torch.isfinite(v).all() for v in result.scores.values())
