@@ -110,6 +110,10 @@ def target_from(source: FelixConfig, preset: str | None = None, **explicit) -> T
 
 def check_target(source: FelixConfig, t: Target, preset: str | None = None) -> None:
     """Every reason `t` cannot be pruned out of `source`, in one PruneError."""
+    if source.n_spokes:  # the masks do not reach the spokes' fused RMSNorm, and apply_plan does not cut spokes
+        raise PruneError(f"cannot prune: the source has spokes ({source.n_spokes} of rank {source.spoke_rank} per "
+                         "layer, felix.spokes); prune the hub without them, then train spokes on the pruned hub "
+                         "(felix train --init-from PRUNED --train-only spokes)")
     problems = []
     for f in SHAPE_FIELDS:
         if getattr(t, f) < 1:

@@ -239,6 +239,8 @@ def test_bad_targets_are_clear_errors():
         P.target_from(cfg, preset="huge")
     with pytest.raises(P.PruneError, match="unknown pruning method"):
         P.prune(_source(), P.Target(3, 4, 2, 192, 256), "magnitude", [None])
+    with pytest.raises(P.PruneError, match="the source has spokes"):  # refused before any scoring work
+        P.target_from(FelixConfig(n_layer=2, d_model=256, ffn_hidden=512, n_spokes=2), ffn_hidden=256)
 
 
 def test_prune_checkpoint_writes_a_loadable_checkpoint(tmp_path):
