@@ -8,6 +8,7 @@
     felix fidelity      which logit margins / decisions of a checkpoint survive a quantization (exit 1: gate failed)
     felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix` arch, RQ4)
     felix inspect       metadata and tensor table of any GGUF file
+    felix edit          write (prompt -> target) edits into a checkpoint's splice surface; list and undo them
 """
 from __future__ import annotations
 
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_fidelity_parser(sub)
     _add_export_parsers(sub)
+    from felix.edit import add_edit_parser
+
+    add_edit_parser(sub)
     return p
 
 

@@ -718,3 +718,203 @@ def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0) 
     if len(out) < n:
         raise EditError(f"the {split} split holds only {len(out)} windows of {length} tokens")
     return out
+
+
+# ------------------------------------------------------------------------------------- sequential harness
+@dataclass
+class HarnessData:
+    """What the sequential harness measures on: edit cases (builtin_edit_set), neutral sequences for locality KL,
+    validation windows for CE."""
+    cases: list[dict]
+    neutral: list[list[int]]
+    validation: list[list[int]]
+
+
+@torch.no_grad()
+def validation_ce(model, windows: list[list[int]]) -> float:
+    x = torch.tensor(windows)
+    return float(model.loss(x[:, :-1], x[:, 1:]).ce)
+
+
+def run_sequential(editor: SpliceEditor, data: HarnessData, full_every: int = 10, progress: bool = True,
+                   desc: str = "edits") -> list[dict]:
+    """Apply data.cases one after another; after each edit measure: efficacy (the edit's target is the argmax),
+    paraphrase generalisation (the edit's paraphrases), retention (earlier edits still hold), locality (mean
+    token KL from the unedited model on the neutral sequences), ||dW||_F and rank used, validation CE. Every
+    `full_every` edits (and at the end) also the paraphrases of all applied edits. Returns one row per edit."""
+    from tqdm import tqdm
+
+    model, tok = editor.model, editor.tokenizer
+    ref = logprobs(model, data.neutral)
+    ce0 = validation_ce(model, data.validation)
+    tokd = [(tokenize_request(tok, model, EditRequest(c["prompt"], c["target"]))) for c in data.cases]
+    para = [[(tok.encode(p), t) for p in c["paraphrases"]] for c, (_, t) in zip(data.cases, tokd)]
+    rows = []
+    for i, case in enumerate(tqdm(data.cases, desc=desc, unit="edit", disable=not progress, leave=False)):
+        import time
+
+        t0 = time.perf_counter()
+        editor.apply(EditRequest(case["prompt"], case["target"], tuple(case["paraphrases"]), case["name"]))
+        seconds = time.perf_counter() - t0
+        held = target_stats(model, tokd[: i + 1])
+        now_para = target_stats(model, para[i])
+        row = {"edit": i + 1, "efficacy": float(held[-1]["top1"]), "target_logprob": held[-1]["logprob"],
+               "paraphrase": sum(s["top1"] for s in now_para) / len(now_para),
+               "retention": (sum(s["top1"] for s in held[:-1]) / i) if i else None,
+               "cumulative_efficacy": sum(s["top1"] for s in held) / (i + 1),
+               "locality_kl": mean_kl(model, data.neutral, ref), "val_ce": validation_ce(model, data.validation),
+               "val_ce_change": None, "dW_fro": float(editor.delta().norm()), "rank_used": editor.rank_used(),
+               "seconds": seconds}
+        row["val_ce_change"] = row["val_ce"] - ce0
+        if (i + 1) % full_every == 0 or i + 1 == len(data.cases):
+            allp = target_stats(model, [x for p in para[: i + 1] for x in p])
+            row["cumulative_paraphrase"] = sum(s["top1"] for s in allp) / len(allp)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- felix edit (CLI)
+EDITS_MANIFEST, EDITS_TENSORS = "edits.json", "edits.safetensors"
+
+
+def load_requests(path) -> list[EditRequest]:
+    """JSONL of {"prompt", "target"} (+ "paraphrases", "name"); a malformed line is reported by number."""
+    from pathlib import Path
+
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if not isinstance(d, dict) or not {"prompt", "target"} <= set(d):
+                raise ValueError("needs keys prompt and target")
+            out.append(EditRequest(d["prompt"], d["target"], tuple(d.get("paraphrases", ())), d.get("name", "")))
+        except ValueError as e:
+            raise EditError(f"{path}:{n}: {e}") from e
+    if not out:
+        raise EditError(f"{path} holds no edit requests")
+    return out
+
+
+def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True, when_full: str = "refuse",
+                fold: bool = False, splice_rank: int | None = None, layer=None, projection=None,
+                preserved_windows: int = 64, log=print):
+    """(model, tokenizer, editor) for a checkpoint directory; a checkpoint written by `felix edit` resumes its
+    edits (list, undo, more edits) from its edits.json / edits.safetensors."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from felix.model import load_checkpoint
+    from felix.tokenizer import Tokenizer
+
+    checkpoint = Path(checkpoint)
+    model = load_checkpoint(checkpoint).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = Tokenizer.load(checkpoint)
+    manifest_path = checkpoint / EDITS_MANIFEST
+    if manifest_path.is_file():
+        if fold or splice_rank:
+            raise EditError(f"{checkpoint} already holds edits: --fold-splice / --splice-rank apply to an unedited model")
+        manifest = json.loads(manifest_path.read_text())
+        tensors = load_file(str(checkpoint / EDITS_TENSORS))
+        return model, tok, SpliceEditor.from_state(model, tok, manifest, tensors)
+    if method == "finetune":
+        raise EditError("felix edit saves closed-form edits with their history; the finetune baseline is "
+                        "for the Python API and the report (felix.edit.SpliceEditor(method='finetune'))")
+    if splice_rank:
+        widen_splice(model, splice_rank)
+    if fold:
+        err = fold_splice(model, layer, projection)
+        log(f"folded the trained splice into its weight (max change of the effective weight {err:.1e})")
+    preserved = None
+    if null_space:
+        site = splice_site(model, layer, projection)
+        preserved = site_keys(model, site, corpus_sequences(tok, "train", preserved_windows, 64))
+    return model, tok, SpliceEditor(model, tok, layer, projection, method, preserved, null_space=null_space,
+                                    when_full=when_full)
+
+
+def save_edited(model, tok, editor: SpliceEditor, out, force: bool = False):
+    """The edited checkpoint (model, tokenizer, edits.json, edits.safetensors), written by swap-into-place."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from felix.model import save_checkpoint
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise EditError(f"{out} exists; pass --force to overwrite it")
+    manifest, tensors = editor.state()
+    return save_checkpoint(out, model, tok, extra_files={
+        EDITS_MANIFEST: lambda p: p.write_text(json.dumps(manifest, indent=1)),
+        EDITS_TENSORS: lambda p: save_file(tensors, str(p))})
+
+
+def cmd_edit(args) -> int:
+    import sys
+
+    from felix.model import CheckpointError
+
+    try:
+        model, tok, ed = open_editor(args.checkpoint, null_space=not args.no_null_space, when_full=args.when_full,
+                                     fold=args.fold_splice, splice_rank=args.splice_rank, layer=args.layer,
+                                     projection=args.projection)
+        if len(args.prompt) != len(args.target):
+            raise EditError(f"{len(args.prompt)} --prompt but {len(args.target)} --target: give them in pairs")
+        requests = [EditRequest(p, t) for p, t in zip(args.prompt, args.target)]
+        if args.requests:
+            requests += load_requests(args.requests)
+        for edit_id in args.undo:
+            e = ed.undo(edit_id)
+            print(f"undid edit {e.id}: {e.request.prompt!r} -> {e.request.target!r}")
+        if requests:
+            for e in ed.apply(requests):
+                print(f"edit {e.id}: {e.request.prompt!r} -> {e.request.target!r} (p(target) before "
+                      f"{e.target_prob_before:.3g})")
+        changed = bool(requests or args.undo or args.fold_splice or args.splice_rank)
+        if args.list or not changed:
+            site = ed.site
+            print(f"blk.{site.layer}.splice.{site.projection}: rank {site.rank}, {ed.base_rank} held by the trained "
+                  f"update, {ed.rank_used()} used by {len(ed.edits)} edit(s); null space {ed.null_dim} of "
+                  f"{ed.in_features} input dims" + (" (refit when full)" if ed.when_full == "refit" else ""))
+            for d in ed.list():
+                print(f"  {d['id']:4d}  {d['prompt']!r} -> {d['target']!r}")
+        if changed:
+            if not args.out:
+                raise EditError("edits, undos and folds need --out (the edited checkpoint directory)")
+            save_edited(model, tok, ed, args.out, args.force)
+            print(f"wrote {args.out} ({len(ed.edits)} edit(s), rank used {ed.rank_used()}); export it with "
+                  f"`felix export {args.out} OUT.gguf --splice adapter` for a hot-swappable LoRA adapter")
+    except (EditError, CheckpointError, FileNotFoundError) as e:
+        print(f"felix edit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_edit_parser(sub) -> None:
+    e = sub.add_parser("edit", help="write (prompt -> target) edits into a checkpoint's splice surface; list, undo",
+                       description="Closed-form splice edits (MEMIT-style solve with AlphaEdit's null-space "
+                                   "projection of preserved-knowledge keys from the built-in corpus). The output is a "
+                                   "checkpoint whose splice holds the edits, plus edits.json / edits.safetensors so "
+                                   "later runs can list, undo and add edits.")
+    e.add_argument("checkpoint", help="checkpoint directory (felix train's, or one felix edit wrote)")
+    e.add_argument("--prompt", action="append", default=[], help="edit prompt (repeatable, paired with --target)")
+    e.add_argument("--target", action="append", default=[], help="what the prompt should continue with")
+    e.add_argument("--requests", help="JSONL of {prompt, target} edit requests")
+    e.add_argument("--undo", type=int, action="append", default=[], help="remove the edit with this id (repeatable)")
+    e.add_argument("--list", action="store_true", help="list the applied edits")
+    e.add_argument("--out", help="edited checkpoint directory (written atomically)")
+    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.add_argument("--when-full", choices=WHEN_FULL, default="refuse",
+                   help="when the edits need more rank than the splice has: refuse, or refit (best rank-limited fit)")
+    e.add_argument("--no-null-space", action="store_true", help="plain minimum-norm update (no preserved keys)")
+    e.add_argument("--fold-splice", action="store_true",
+                   help="first fold the trained splice into its weight (frees the whole rank for edits)")
+    e.add_argument("--splice-rank", type=int, help="first widen every splice to this rank (exact)")
+    e.add_argument("--layer", type=int, help="spliced layer to edit (default: the highest)")
+    e.add_argument("--projection", help="spliced projection to edit (default: ffn_down)")
+    e.set_defaults(func=cmd_edit)

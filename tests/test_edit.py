@@ -218,3 +218,25 @@ def test_finetune_baseline_is_constrained_and_undoes_last_first(tok):
     ed.undo(0)
     assert all(torch.equal(base[k], v) for k, v in snapshot_splices(model).items())
     assert all(p.requires_grad is False for n, p in model.named_parameters() if ".splice." not in n)
+
+
+def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
+    from felix.cli import main
+    from felix.model import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", make_model(tok), tok)
+    assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,
+                 "--prompt", REQS[1].prompt, "--target", REQS[1].target, "--out", str(tmp_path / "e1")]) == 0
+    edited = load_checkpoint(tmp_path / "e1").eval()
+    assert predicted(edited, tok, REQS[0])["top1"] and predicted(edited, tok, REQS[1])["top1"]
+    assert main(["edit", str(tmp_path / "e1"), "--list"]) == 0
+    assert "0  'Ana said that the cache was' -> ' fast'" in capsys.readouterr().out
+    assert main(["edit", str(tmp_path / "e1"), "--undo", "0", "--out", str(tmp_path / "e2")]) == 0
+    undone = load_checkpoint(tmp_path / "e2").eval()
+    assert not predicted(undone, tok, REQS[0])["top1"] and predicted(undone, tok, REQS[1])["top1"]
+    capsys.readouterr()
+    assert main(["edit", str(tmp_path / "e2"), "--prompt", REQS[1].prompt, "--target", " slow",
+                 "--out", str(tmp_path / "e3")]) == 2
+    assert "edit 1 already makes" in capsys.readouterr().err
+    assert main(["edit", str(tmp_path / "e2"), "--prompt", "Ana", "--target", "", "--out", str(tmp_path / "e3")]) == 2
+    assert "empty" in capsys.readouterr().err and not (tmp_path / "e3").exists()
