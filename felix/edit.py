@@ -16,7 +16,9 @@ frozen. Two methods:
 
     where S0 = gate * B0 A0 is the splice before the session. dW = R (P K)^+ P is the minimum-Frobenius-norm
     solution: edited keys map exactly to their values, preserved keys exactly to what the unedited projection gave
-    (``null_space=False`` drops P: plain minimum-norm, the ablation). The preserved set is keys from corpus text;
+    (``null_space=False`` drops P: plain minimum-norm, the ablation). ``ridge`` > 0 trades exactness on the edited
+    keys for a bounded update: dW = R (K^T P K + lambda I)^-1 K^T P, i.e. min |dW P K - R|^2 + lambda |dW|_F^2 with
+    lambda = ridge * mean |P k|^2 (AlphaEdit's identity term); preserved keys stay exact. The preserved set is keys from corpus text;
     its null space is the span of the eigenvectors of K_p^T K_p whose eigenvalue is at most ``null_tol`` times the
     largest (AlphaEdit keeps the small-eigenvalue directions; exact when K_p is rank-deficient and the tolerance
     sits in the gap). The new splice S0 + dW is factored by SVD into A [r, in] and B [out, r] (B divided by the
@@ -297,8 +299,8 @@ class SpliceEditor:
     def __init__(self, model, tokenizer, layer: int | None = None, projection: str | None = None,
                  method: str = "closed-form", preserved_keys: torch.Tensor | None = None,
                  null_space: bool = True, null_tol: float = DEFAULT_NULL_TOL, when_full: str = "refuse",
-                 conflict_tol: float = DEFAULT_CONFLICT_TOL, value_prob: float = 0.9, value_steps: int = 60,
-                 value_lr: float = 0.25, ft_steps: int = 30, ft_lr: float = 1e-2, ft_eps: float = 0.05):
+                 conflict_tol: float = DEFAULT_CONFLICT_TOL, ridge: float = 0.0, value_prob: float = 0.9, value_steps: int = 60,
+                 value_lr: float = 0.25, ft_steps: int = 60, ft_lr: float = 2e-2, ft_eps: float = 0.1):
         if method not in METHODS:
             raise EditError(f"unknown edit method {method!r}; choose from {', '.join(METHODS)}")
         if when_full not in WHEN_FULL:
@@ -307,6 +309,9 @@ class SpliceEditor:
         self.site = splice_site(model, layer, projection)
         self.method, self.when_full = method, when_full
         self.null_space, self.null_tol, self.conflict_tol = null_space, null_tol, conflict_tol
+        if ridge < 0:
+            raise EditError(f"ridge must be >= 0, got {ridge}")
+        self.ridge = ridge
         self.value_prob, self.value_steps, self.value_lr = value_prob, value_steps, value_lr
         self.ft_steps, self.ft_lr, self.ft_eps = ft_steps, ft_lr, ft_eps
         gate = self.site.core.gate.detach()
@@ -410,7 +415,12 @@ class SpliceEditor:
         r = (values.double() - keys.double() @ (self.weight + self.s0).T).T   # [out, M] residuals
         p = self.projector if self.projector is not None else torch.eye(self.in_features, dtype=torch.float64)
         pk = p @ k
-        dw = r @ torch.linalg.pinv(pk, rtol=RANK_TOL) @ p    # min-norm: dW P K = R, dW = dW P
+        if self.ridge > 0:  # dW = R (K^T P K + lambda I)^-1 K^T P: ridge in key space, lambda relative to mean |P k|^2
+            gram = pk.T @ pk
+            lam = self.ridge * float(torch.diagonal(gram).mean())
+            dw = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), r.T).T @ pk.T
+        else:
+            dw = r @ torch.linalg.pinv(pk, rtol=RANK_TOL) @ p    # min-norm: dW P K = R, dW = dW P
         q = self.rank_budget
         self.last_fit = {"n_keys": keys.shape[0], "refit": False}
         if keys.shape[0] > q:
@@ -575,7 +585,7 @@ class SpliceEditor:
                             "checkpoint itself")
         manifest = {"format": "felix-splice-edits", "version": 1, "layer": self.site.layer,
                     "projection": self.site.projection, "method": self.method, "null_space": self.null_space,
-                    "null_tol": self.null_tol, "when_full": self.when_full, "next_id": self._next_id,
+                    "null_tol": self.null_tol, "when_full": self.when_full, "ridge": self.ridge, "next_id": self._next_id,
                     "edits": [{**asdict(e.request), "id": e.id, "prompt_ids": e.prompt_ids,
                                "target_ids": e.target_ids, "target_prob_before": e.target_prob_before,
                                "value_delta_norm": e.value_delta_norm} for e in self.edits]}
@@ -596,7 +606,7 @@ class SpliceEditor:
         ed = cls.__new__(cls)
         SpliceEditor.__init__(ed, model, tokenizer, manifest["layer"], manifest["projection"], "closed-form",
                               preserved_keys=None, null_space=False, when_full=manifest["when_full"], **kwargs)
-        ed.null_space, ed.null_tol = manifest["null_space"], manifest["null_tol"]
+        ed.null_space, ed.null_tol, ed.ridge = manifest["null_space"], manifest["null_tol"], manifest.get("ridge", 0.0)
         if "projector" in tensors:
             ed.projector = tensors["projector"].double()
             ed.null_dim = int(round(float(torch.trace(ed.projector))))
@@ -670,6 +680,13 @@ FACT_TEMPLATES = (
 )
 
 
+def fact_phrases() -> list[str]:
+    """The failure phrases the built-in edit set keys on: neutral text for locality must not contain them."""
+    from felix import data as felix_data
+
+    return [e[0] for e in felix_data._EVENTS]
+
+
 def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict]:
     """`n` edit cases from felix.data's records: a (subject, failure) pair in one record phrasing, its fix's first
     word as the fact the corpus teaches, a counterfactual rewrite to another fix's first word, and paraphrases (the
@@ -705,13 +722,13 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
     return cases
 
 
-def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
+def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0, exclude=()) -> list[list[int]]:
     """`n` windows of `length` tokens from the built-in corpus's train or validation split (felix train's split
-    with its defaults), evenly spread."""
+    with its defaults), evenly spread; documents containing any of the strings `exclude` are left out."""
     from felix import data as felix_data
 
     train, val = felix_data.split_documents(felix_data.builtin_corpus(2000, seed), 0.05, seed)
-    docs = train if split == "train" else val
+    docs = [d for d in (train if split == "train" else val) if not any(x in d for x in exclude)]
     ids = [i for d in docs for i in tokenizer.encode(d)]
     step = max(length, (len(ids) - length) // max(n, 1))
     out = [ids[s:s + length] for s in range(0, len(ids) - length, step)][:n]
@@ -799,7 +816,7 @@ def load_requests(path) -> list[EditRequest]:
 
 def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True, when_full: str = "refuse",
                 fold: bool = False, splice_rank: int | None = None, layer=None, projection=None,
-                preserved_windows: int = 64, log=print):
+                preserved_windows: int = 64, ridge: float = 0.0, log=print):
     """(model, tokenizer, editor) for a checkpoint directory; a checkpoint written by `felix edit` resumes its
     edits (list, undo, more edits) from its edits.json / edits.safetensors."""
     from pathlib import Path
@@ -834,7 +851,7 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
         site = splice_site(model, layer, projection)
         preserved = site_keys(model, site, corpus_sequences(tok, "train", preserved_windows, 64))
     return model, tok, SpliceEditor(model, tok, layer, projection, method, preserved, null_space=null_space,
-                                    when_full=when_full)
+                                    when_full=when_full, ridge=ridge)
 
 
 def save_edited(model, tok, editor: SpliceEditor, out, force: bool = False):
@@ -862,7 +879,7 @@ def cmd_edit(args) -> int:
     try:
         model, tok, ed = open_editor(args.checkpoint, null_space=not args.no_null_space, when_full=args.when_full,
                                      fold=args.fold_splice, splice_rank=args.splice_rank, layer=args.layer,
-                                     projection=args.projection)
+                                     projection=args.projection, ridge=args.ridge)
         if len(args.prompt) != len(args.target):
             raise EditError(f"{len(args.prompt)} --prompt but {len(args.target)} --target: give them in pairs")
         requests = [EditRequest(p, t) for p, t in zip(args.prompt, args.target)]
@@ -911,6 +928,8 @@ def add_edit_parser(sub) -> None:
     e.add_argument("--force", action="store_true", help="overwrite --out")
     e.add_argument("--when-full", choices=WHEN_FULL, default="refuse",
                    help="when the edits need more rank than the splice has: refuse, or refit (best rank-limited fit)")
+    e.add_argument("--ridge", type=float, default=0.0, help="ridge term (relative to mean |P k|^2): bounded "
+                   "update, edits hold approximately (default 0: exact)")
     e.add_argument("--no-null-space", action="store_true", help="plain minimum-norm update (no preserved keys)")
     e.add_argument("--fold-splice", action="store_true",
                    help="first fold the trained splice into its weight (frees the whole rank for edits)")

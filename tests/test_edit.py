@@ -240,3 +240,19 @@ def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
     assert "edit 1 already makes" in capsys.readouterr().err
     assert main(["edit", str(tmp_path / "e2"), "--prompt", "Ana", "--target", "", "--out", str(tmp_path / "e3")]) == 2
     assert "empty" in capsys.readouterr().err and not (tmp_path / "e3").exists()
+
+
+def test_ridge_is_the_regularised_least_squares_and_keeps_preserved_keys(tok):
+    model = make_model(tok)
+    kp = preserved(model, tok)
+    ed = SpliceEditor(model, tok, preserved_keys=kp, null_tol=1e-10, ridge=0.05)
+    ed.apply(REQS)
+    keys, values = ed._all_keys_values()
+    dw = ed.solve(keys, values)
+    # independent: the input-space normal equations of min |dW P K - R|^2 + lam |dW|^2 (push-through identity)
+    pk = ed.projector @ keys.T
+    lam = 0.05 * float((pk * pk).sum(0).mean())
+    r = (values - keys @ (ed.weight + ed.s0).T).T
+    want = torch.linalg.solve(pk @ pk.T + lam * torch.eye(pk.shape[0], dtype=torch.float64), pk @ r.T).T
+    assert float((dw - want).abs().max() / want.abs().max()) < 1e-9
+    assert float((kp @ dw.T).abs().max()) < 1e-10 * float((kp @ ed.weight.T).abs().max())

