@@ -18,10 +18,10 @@ frozen. Two methods:
     solution: edited keys map exactly to their values, preserved keys exactly to what the unedited projection gave
     (``null_space=False`` drops P: plain minimum-norm, the ablation). ``ridge`` > 0 trades exactness on the edited
     keys for a bounded update: dW = R (K^T P K + lambda I)^-1 K^T P, i.e. min |dW P K - R|^2 + lambda |dW|_F^2 with
-    lambda = ridge * mean |P k|^2 (AlphaEdit's identity term); preserved keys stay exact. The preserved set is keys from corpus text;
-    its null space is the span of the eigenvectors of K_p^T K_p whose eigenvalue is at most ``null_tol`` times the
-    largest (AlphaEdit keeps the small-eigenvalue directions; exact when K_p is rank-deficient and the tolerance
-    sits in the gap). The new splice S0 + dW is factored by SVD into A [r, in] and B [out, r] (B divided by the
+    lambda = ridge * mean |P k|^2 (AlphaEdit's identity term); preserved keys stay exact. The preserved set is keys
+    from corpus text; its null space is the span of the eigenvectors of K_p^T K_p whose eigenvalue is at most
+    ``null_tol`` times the largest (AlphaEdit keeps the small-eigenvalue directions; exact when K_p is rank-deficient
+    and the tolerance sits in the gap). The new splice S0 + dW is factored by SVD into A [r, in] and B [out, r] (B divided by the
     gate) and written through felix.splice.write_splice.
 
     Rank: dW has one rank per key, the splice holds rank r in all, S0 takes rank(S0) of it. When the keys of all
@@ -230,7 +230,8 @@ def tokenize_request(tokenizer, model, req: EditRequest) -> tuple[list[int], lis
         if not isinstance(text, str):
             raise UntokenisableError(f"{role} must be a string, got {type(text).__name__}")
         if not text:
-            raise UntokenisableError(f"the {role} is empty: there is no token to {'condition on' if role == 'prompt' else 'write'}")
+            verb = "condition on" if role == "prompt" else "write"
+            raise UntokenisableError(f"the {role} is empty: there is no token to {verb}")
         specials = [s for s in SPECIAL_TOKENS if s in text] if role == "target" else []
         if specials:
             raise UntokenisableError(f"target {text!r} holds special-token text {specials}: a target must be plain "
@@ -299,7 +300,8 @@ class SpliceEditor:
     def __init__(self, model, tokenizer, layer: int | None = None, projection: str | None = None,
                  method: str = "closed-form", preserved_keys: torch.Tensor | None = None,
                  null_space: bool = True, null_tol: float = DEFAULT_NULL_TOL, when_full: str = "refuse",
-                 conflict_tol: float = DEFAULT_CONFLICT_TOL, ridge: float = 0.0, value_prob: float = 0.9, value_steps: int = 60,
+                 conflict_tol: float = DEFAULT_CONFLICT_TOL, ridge: float = 0.0, value_prob: float = 0.9,
+                 value_steps: int = 60,
                  value_lr: float = 0.25, ft_steps: int = 60, ft_lr: float = 2e-2, ft_eps: float = 0.1):
         if method not in METHODS:
             raise EditError(f"unknown edit method {method!r}; choose from {', '.join(METHODS)}")
@@ -500,7 +502,8 @@ class SpliceEditor:
                 f"the splice {self.site.name('a').rsplit('.', 1)[0]} has rank {self.site.rank}"
                 + (f", {self.base_rank} of it held by its trained update" if self.base_rank else "")
                 + f": {self.rank_budget} left for edits, and the applied and new edits need {n_keys} (one per target "
-                "token). Undo an edit, use when_full='refit' (--when-full refit: a best rank-limited fit of all edits), "
+                "token). Undo an edit, use when_full='refit' (--when-full refit: a best rank-limited fit of all "
+                "edits), "
                 + ("fold the trained splice into the weight (fold_splice / --fold-splice), " if self.base_rank else "")
                 + "or widen the splice (widen_splice / --splice-rank)")
         keys, values = self._all_keys_values([(e.keys, e.values) for e in new])
@@ -585,7 +588,8 @@ class SpliceEditor:
                             "checkpoint itself")
         manifest = {"format": "felix-splice-edits", "version": 1, "layer": self.site.layer,
                     "projection": self.site.projection, "method": self.method, "null_space": self.null_space,
-                    "null_tol": self.null_tol, "when_full": self.when_full, "ridge": self.ridge, "next_id": self._next_id,
+                    "null_tol": self.null_tol, "when_full": self.when_full, "ridge": self.ridge,
+                    "next_id": self._next_id,
                     "edits": [{**asdict(e.request), "id": e.id, "prompt_ids": e.prompt_ids,
                                "target_ids": e.target_ids, "target_prob_before": e.target_prob_before,
                                "value_delta_norm": e.value_delta_norm} for e in self.edits]}
@@ -834,7 +838,8 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
     manifest_path = checkpoint / EDITS_MANIFEST
     if manifest_path.is_file():
         if fold or splice_rank:
-            raise EditError(f"{checkpoint} already holds edits: --fold-splice / --splice-rank apply to an unedited model")
+            raise EditError(f"{checkpoint} already holds edits: --fold-splice / --splice-rank apply to an unedited "
+                            "model")
         manifest = json.loads(manifest_path.read_text())
         tensors = load_file(str(checkpoint / EDITS_TENSORS))
         return model, tok, SpliceEditor.from_state(model, tok, manifest, tensors)
