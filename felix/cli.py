@@ -9,6 +9,7 @@
     felix export        a checkpoint to GGUF: stock llama.cpp (`llama`) or the fork (`felix` arch, RQ4)
     felix inspect       metadata and tensor table of any GGUF file
     felix prune         structured pruning of a checkpoint to a smaller Felix config (recover: train --init-from)
+    felix edit          write (prompt -> target) edits into a checkpoint's splice surface; list and undo them
 """
 from __future__ import annotations
 
@@ -452,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fidelity_parser(sub)
     _add_export_parsers(sub)
     _add_prune_parser(sub)
+    from felix.edit import add_edit_parser
+
+    add_edit_parser(sub)
     return p
 
 
