@@ -162,6 +162,11 @@ def numerical_rank(m: torch.Tensor, tol: float = RANK_TOL) -> int:
 def fold_splice(model, layer: int | None = None, projection: str | None = None) -> float:
     """Move the site's trained splice into the projection's weight (W <- W + gate B A in float64, B <- 0), so the
     whole rank of the surface is free for edits. Returns max |change of the effective weight| (float32 rounding)."""
+    from felix.qat import qat_config_of
+
+    if qat_config_of(model) is not None:  # its .weight is computed from the latent weight: a write would be lost
+        raise EditError(f"the model is patched for quantization-aware training ({qat_config_of(model).mode}): folding "
+                        "the splice would re-quantize W + gate B A (as felix export refuses --splice merge)")
     site = splice_site(model, layer, projection)
     lin = getattr(site.block, site.projection)
     before = lin.weight.double() + splice_product(site)
@@ -307,6 +312,10 @@ class SpliceEditor:
             raise EditError(f"unknown edit method {method!r}; choose from {', '.join(METHODS)}")
         if when_full not in WHEN_FULL:
             raise EditError(f"unknown when_full {when_full!r}; choose from {', '.join(WHEN_FULL)}")
+        if getattr(model, "activation_rounding", None) is not None:
+            raise EditError("the model rounds or masks its matmul inputs (an activation seam is installed: fidelity "
+                            "simulation, QAT bitnet, pruning masks): the closed form needs the projection's input as "
+                            "its key; edit the plain model")
         self.model, self.tokenizer = model, tokenizer
         self.site = splice_site(model, layer, projection)
         self.method, self.when_full = method, when_full
@@ -828,9 +837,15 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
     from safetensors.torch import load_file
 
     from felix.model import load_checkpoint
+    from felix.qat import QAT_FILE, read_qat_config
     from felix.tokenizer import Tokenizer
 
     checkpoint = Path(checkpoint)
+    qat = read_qat_config(checkpoint)
+    if qat is not None:
+        raise EditError(f"{checkpoint} was trained quantization-aware ({qat.mode}, {QAT_FILE}): felix edit solves "
+                        "against the float weights and writes a checkpoint without the QAT record, so its export would "
+                        "no longer ship the bytes the model trained with; edit the checkpoint before the QAT phase")
     model = load_checkpoint(checkpoint).eval()
     for p in model.parameters():
         p.requires_grad_(False)

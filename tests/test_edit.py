@@ -242,6 +242,50 @@ def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err and not (tmp_path / "e3").exists()
 
 
+def test_edits_compose_with_spokes(tok):
+    """A model with trained-like spokes (felix.spokes, after each FFN residual): the closed form still holds at the
+    projection, and the edits take effect through the spokes downstream."""
+    from felix.spokes import add_spokes
+
+    model = make_model(tok, rank=8)
+    add_spokes(model, 2, 4)
+    with torch.no_grad():
+        for blk in model.blk:
+            blk.spoke.w_up_fused.weight.normal_(0, 0.2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert not any(predicted(model, tok, r)["top1"] for r in REQS[:2])
+    ed = SpliceEditor(model, tok, preserved_keys=preserved(model, tok), null_tol=1e-10)
+    ed.apply(REQS[:2])
+    keys, values = ed._all_keys_values()
+    w_new = ed.weight + splice_product(ed.site)
+    assert float((keys @ w_new.T - values).abs().max() / values.abs().max()) < 1e-5  # float32 A/B
+    assert all(predicted(model, tok, r)["top1"] for r in REQS[:2])
+
+
+def test_qat_models_are_refused_not_silently_edited(tok, tmp_path, capsys):
+    """felix.qat composes with edits only by refusal: a QAT checkpoint (edits would be solved on the float weights and
+    the QAT record dropped), folding into a fake-quantized weight (the write would land in a recomputed tensor), and
+    any model whose matmul inputs are rounded or masked (the closed form's keys would not be the inputs)."""
+    from felix import qat
+    from felix.cli import main
+    from felix.model import save_checkpoint
+
+    model = qat.apply_qat(make_model(tok), "rq4")  # the same edit on this model without qat.json succeeds (CLI test)
+    save_checkpoint(tmp_path / "ckpt", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
+    assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,
+                 "--out", str(tmp_path / "e1")]) == 2
+    assert "trained quantization-aware (rq4" in capsys.readouterr().err and not (tmp_path / "e1").exists()
+    model = qat.apply_qat(make_model(tok, trained_splice=True), "rq4")
+    before = splice_product(splice_site(model)).clone()
+    with pytest.raises(EditError, match="re-quantize"):
+        fold_splice(model)
+    assert torch.equal(splice_product(splice_site(model)), before)
+    seamed = qat.apply_qat(make_model(tok), "q8_0", activations="runtime")
+    with pytest.raises(EditError, match="activation seam"):
+        SpliceEditor(seamed, tok)
+
+
 def test_ridge_is_the_regularised_least_squares_and_keeps_preserved_keys(tok):
     model = make_model(tok)
     kp = preserved(model, tok)
