@@ -162,9 +162,10 @@ def cmd_train(args) -> int:
 
 def _add_train_parser(sub) -> None:
     from felix.data import _MAKERS
+    from felix.distributed import PARALLEL_MODES
     from felix.model import PRESETS
     from felix.qat import QAT_MODES
-    from felix.train import TrainConfig
+    from felix.train import TRAIN_ONLY, TrainConfig
 
     d = TrainConfig()
     t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume")
@@ -195,11 +196,11 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--spokes", type=int, help="spokes per layer (the fork's felix arch; W_up = 0 at init): from "
                    "scratch, or added to the --init-from hub (default: none; 4 with --train-only spokes)")
     t.add_argument("--spoke-rank", type=int, help="rank of each spoke (default: the preset's / checkpoint's)")
-    t.add_argument("--train-only", choices=["spokes"], help="freeze the hub (--init-from) and train only the "
+    t.add_argument("--train-only", choices=[m for m in TRAIN_ONLY if m], help="freeze the hub (--init-from) and train only the "
                    "spokes; the optimizer holds state for the spokes alone")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    t.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 (sharded)")
+    t.add_argument("--parallel", choices=list(PARALLEL_MODES), help="under torchrun: DDP (default) or FSDP2 (sharded)")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,
                    help="recompute each layer in the backward pass (less memory)")
     t.add_argument("--qat", choices=list(QAT_MODES), help="quantization-aware training (felix.qat): fake-quant STE "
