@@ -161,6 +161,7 @@ def cmd_train(args) -> int:
 def _add_train_parser(sub) -> None:
     from felix.data import _MAKERS
     from felix.model import PRESETS
+    from felix.qat import QAT_MODES
     from felix.train import TrainConfig
 
     d = TrainConfig()
@@ -193,6 +194,9 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,
                    help="recompute each layer in the backward pass (less memory)")
+    t.add_argument("--qat", choices=list(QAT_MODES), help="quantization-aware training (felix.qat): fake-quant STE "
+                   "with the export codec of this format on every tensor the export quantizes; bitnet = BitNet b1.58 "
+                   "ternary (absmean, int8 activations), shipped as TQ2_0. With --init-from: a QAT phase")
     t.set_defaults(func=cmd_train)
 
 

@@ -36,12 +36,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from felix import fork
+from felix import qat as felix_qat
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 
@@ -268,6 +270,7 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
                           "(stock llama.cpp cannot load it)")
     out = Path(out)
     _check_output(out, force)
+    model_given = model is not None
     if model is None:
         model = load_checkpoint(checkpoint)
     if tokenizer is None:
@@ -277,6 +280,19 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
             raise ExportError(f"{checkpoint} has no tokenizer.json; llama.cpp needs the vocabulary ({e})") from e
     cfg = model.cfg
     splices = _splices(model)
+    # a quantization-aware-trained model: its quantized tensors are written with the codec its forward used
+    # (a model passed in is exported as it is: patched by felix.qat.apply_qat or not; a checkpoint by its qat.json)
+    qat = felix_qat.qat_config_of(model) if model_given else felix_qat.read_qat_config(checkpoint)
+    if qat is not None and splice == "merge":
+        live = [f"blk.{layer}.{proj}" for layer, proj, _, b, gate in splices
+                if f"blk.{layer}.{proj}.weight" in qat.tensor_types and bool((_gated_b(b, gate) != 0).any())]
+        if live:
+            raise ExportError(f"{checkpoint} was trained quantization-aware ({qat.mode}): its forward quantizes the "
+                              f"base weight and adds the splice in F32, so --splice merge would re-quantize W + gate B A "
+                              f"(bytes the forward never saw) for {', '.join(live)}; export with --splice adapter")
+    if qat is not None and quant not in FLOAT_TYPES and quant != qat.export_type:
+        warnings.warn(f"{checkpoint} was trained quantization-aware for {qat.export_type} ({qat.mode}); exporting "
+                      f"{quant} is post-training quantization of its latent weights", RuntimeWarning, stacklevel=2)
     adapter_path = None
     if splice == "adapter":
         if not splices:
@@ -299,7 +315,10 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     choices: list[TensorChoice] = [choose_tensor_type(k, v.shape, quant, embedding_type) for k, v in tensors.items()]
     stored = []
     for c in tqdm(choices, desc=f"quantize {quant}", unit="tensor", disable=not progress, leave=False):
-        stored.append((c.name, encode_tensor(tensors[c.name], c.type, backend), c.type))
+        if qat is not None and qat.tensor_types.get(c.name) == c.type:
+            stored.append((c.name, felix_qat.encode(tensors[c.name], c.type, qat.mode, backend), c.type))
+        else:
+            stored.append((c.name, encode_tensor(tensors[c.name], c.type, backend), c.type))
     adapter = adapter_tensors(model) if adapter_path else {}
     adapter_stored = [(k, encode_tensor(v, "f32"), "f32") for k, v in adapter.items()]
     t2 = time.perf_counter()
@@ -333,7 +352,12 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
         raise
     t3 = time.perf_counter()
 
-    listed = [ExportedTensor(c.name, c.shape, c.type, st.numel() * st.element_size(), c.reason if c.fallback else "")
+    def note(c):
+        if qat is not None and qat.tensor_types.get(c.name) == c.type:
+            return f"QAT {qat.codec(c.name)}"
+        return c.reason if c.fallback else ""
+
+    listed = [ExportedTensor(c.name, c.shape, c.type, st.numel() * st.element_size(), note(c))
               for c, (_, st, _) in zip(choices, stored)]
     listed_adapter = [ExportedTensor(k, tuple(v.shape), "f32", v.numel() * 4) for k, v in adapter.items()]
     result = ExportResult(out, adapter_path, arch, quant, splice, listed, listed_adapter, out.stat().st_size,

@@ -660,16 +660,21 @@ def load_for_fidelity(checkpoint, tokenizer_path=None):
     return model, tok
 
 
-def quantized_state(state: dict, quant: str, embedding_type=None, only: str | None = None):
+def quantized_state(state: dict, quant: str, embedding_type=None, only: str | None = None, qat=None):
     """(state dict after the export policy's roundtrip, the policy's choices). `only`: quantize just that
-    tensor (per-tensor sensitivity), keep the rest exact."""
+    tensor (per-tensor sensitivity), keep the rest exact. `qat` (felix.qat.QATConfig of a quantization-aware
+    checkpoint): its tensors go through the codec its forward used, as the exporter writes them."""
+    from felix import qat as felix_qat
     from felix.quant_policy import plan_tensor_types, roundtrip
 
     plan = plan_tensor_types({k: tuple(v.shape) for k, v in state.items()}, quant, embedding_type)
     out = dict(state)
     for c in plan:
         if c.type != "f32" and (only is None or c.name == only):
-            out[c.name] = roundtrip(state[c.name].float(), c.type)
+            if qat is not None and qat.tensor_types.get(c.name) == c.type:
+                out[c.name] = felix_qat.fake_quant(state[c.name].float(), c.type, qat.mode)
+            else:
+                out[c.name] = roundtrip(state[c.name].float(), c.type)
     return out, plan
 
 
@@ -681,7 +686,7 @@ def _with_state(model, state):
     return m.eval()
 
 
-def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, progress=False) -> list[dict]:
+def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, progress=False, qat=None) -> list[dict]:
     """One tensor quantized at a time (simulated): margin cost at whitelisted positions, flips, KL; ranked by
     the mean margin lost (reference margin minus quantized margin), largest first."""
     from tqdm import tqdm
@@ -695,7 +700,7 @@ def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, pr
     work = model.__class__(model.cfg).eval()
     for c in tqdm([c for c in plan if c.type != "f32"], desc="per-tensor sensitivity", unit="tensor",
                   disable=not progress, leave=False):
-        qstate, _ = quantized_state(state, quant, embedding_type, only=c.name)
+        qstate, _ = quantized_state(state, quant, embedding_type, only=c.name, qat=qat)
         work.load_state_dict(qstate, strict=True)
         stats = compare_logits(ref_logits, score_probes(TorchSource(work), encoded), targets, whitelist)
         w = stats.whitelisted
@@ -798,7 +803,10 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     targets = all_targets(encoded)
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    qstate, plan = quantized_state(state, quant, opts.embedding_type)
+    from felix.qat import read_qat_config
+
+    qat = read_qat_config(checkpoint)  # a quantization-aware checkpoint ships the bytes its forward used
+    qstate, plan = quantized_state(state, quant, opts.embedding_type, qat=qat)
     report = {
         "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "checkpoint": str(checkpoint), "quant": quant,
         "embedding_type": opts.embedding_type, "paths": list(opts.paths),
@@ -807,6 +815,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
         "whitelist": {"size": int(wl.mask.sum()), "strings": wl.strings, "tokens": wl.tokens,
                       "problems": wl.problems, "unreachable": wl.unreachable,
                       "covered": len({t for e in encoded for j, t in enumerate(e.targets) if e.whitelisted[j]})},
+        "qat": None if qat is None else qat.mode,
         "tensor_types": [{"name": c.name, "shape": list(c.shape), "type": c.type, "reason": c.reason,
                           "fallback": c.fallback} for c in plan],
         "results": {}, "sensitivity": None, "agreement": None,
@@ -855,7 +864,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
                 sim_quant_logits = q_logits
                 if opts.sensitivity:
                     report["sensitivity"] = sensitivity(model, encoded, quant, opts.embedding_type, wl.mask,
-                                                        ref_logits, opts.progress)
+                                                        ref_logits, opts.progress, qat)
             elif sim_quant_logits is not None:
                 sim_ref_logits = cache[key, "simulated", "logits"]
                 rt_stats = compare_logits(ref_logits, q_logits, targets, wl.mask)

@@ -30,6 +30,7 @@ import torch
 
 from felix import data as felix_data
 from felix import model as felix_model
+from felix import qat as felix_qat
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
@@ -77,6 +78,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # overrides the device table for MFU
     memorization_gap: float = 0.1     # val below train by this fraction of train loss ...
     memorization_min_wraps: int = 3   # ... after this many passes over the corpus
+    qat: str | None = None            # quantization-aware training: a felix.qat mode (rq4 ... tq2_0, bitnet)
 
     def __post_init__(self):
         problems = []
@@ -99,6 +101,8 @@ class TrainConfig:
         if unknown or not self.tasks:
             problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
                             f"{', '.join(felix_data._MAKERS)}")
+        if self.qat is not None and str(self.qat).lower() not in felix_qat.QAT_MODES:
+            problems.append(f"unknown qat mode {self.qat!r}; choose from {', '.join(felix_qat.QAT_MODES)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         if self.preset not in felix_model.PRESETS:
@@ -298,6 +302,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         model = felix_model.FelixLM(mcfg).to(device)
     mcfg = model.cfg
     counts = felix_model.parameter_counts(mcfg)
+    if cfg.qat:  # fake-quant STE on what the export quantizes; checkpoints keep the latent weights (+ qat.json)
+        felix_qat.apply_qat(model, cfg.qat)
+        log(felix_qat.describe(model._felix_qat))
     optimizer = _optimizer(model, cfg)
     use_bf16 = device.type == "cuda"
 
@@ -339,7 +346,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
                         "step": step, "step_losses": step_losses, "metrics": metrics, "interval": interval,
                         "memorization_alerts": monitor.alerts, "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate(), "train_config": asdict(cfg)}, path)
-        felix_model.save_checkpoint(ckpt_dir, model, tokenizer, {STATE_FILE: write_state})
+        extra = {STATE_FILE: write_state}
+        if cfg.qat:
+            extra[felix_qat.QAT_FILE] = lambda path: felix_qat.write_qat_config(path, model)
+        felix_model.save_checkpoint(ckpt_dir, model, tokenizer, extra)
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint

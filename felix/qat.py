@@ -1,0 +1,376 @@
+"""Quantization-aware training: train the weights a GGUF export will hold, not weights it will round.
+
+    felix train --preset tiny-256 --qat bitnet        # BitNet b1.58 ternary from step 0, ships as TQ2_0
+    felix train --init-from runs/fp/checkpoint --qat rq4 --steps 100 --out-dir runs/qat   # a short QAT phase
+
+``apply_qat(model, mode)`` patches a model in place so that any training loop trains it quantization-aware:
+
+* Every tensor the export policy (felix.quant_policy, the one the exporter and the fidelity harness use) would
+  store in a block format gets a *fake-quant* parametrization: reading ``module.weight`` returns
+  ``dequantize(encode(latent))`` -- the exact values the exported file decodes to, from the same codec bytes
+  the exporter writes (``felix.quantize``: the C++ codecs on CPU, the Triton kernels on GPU, all byte-exact with
+  ggml). The backward is the straight-through estimator: the gradient of the quantized weight is applied to
+  the latent full-precision weight unchanged. Tensors the policy keeps in a float type (norms, splices, small
+  tensors) train as they are; the embedding / tied head gets the policy's embedding type (Q8_0 by default).
+* Modes: one per export format (``rq4``, ``iq4_nl``, ``q4_0``, ``q8_0``, ``tq2_0``: that format's own codec;
+  ``tq2_0`` is ggml's absmax ternary rounding, i.e. post-training quantization's codec) and ``bitnet``, BitNet
+  b1.58: per group of weights the scale is the mean |w| (absmean) and w -> clamp(round(w / scale), -1, 1) * scale,
+  written as TQ2_0 blocks (so the group is TQ2_0's block of 256 weights, the only grouping TQ2_0 can store; the
+  scale is stored as fp16 and the forward uses that fp16 value). In ``bitnet`` mode the matmul inputs are also
+  rounded to int8 the way llama.cpp rounds them for that weight type (``activations="runtime"``: Q8_K blocks of
+  256 for TQ2_0 weights, Q8_0 blocks of 32 for Q8_0 weights; felix.activation_rounding), with the STE -- the
+  runtime's own int8 activation blocks rather than the seed's blocks of 64, so what trains is what ships.
+* The latent weights stay the parameters (the optimizer updates them) and ``model.state_dict()`` keeps their
+  plain names (``blk.0.attn_q.weight``), so checkpoints hold the latent full-precision weights and load into an
+  unpatched model; ``qat.json`` beside them (``write_qat_config``) tells the exporter which codec the forward
+  used. ``felix export`` of a QAT checkpoint then writes ``encode(latent)``: the very bytes the forward decoded.
+
+What the exporter cannot reproduce is refused there: ``--splice merge`` would re-quantize W + gate B A, which the
+forward never saw (the forward quantizes W and adds the splice in F32, which is what ``--splice adapter`` ships).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from felix.formats import FORMATS, get_format
+from felix.quant_policy import FLOAT_TYPES, choose_tensor_type
+
+BITNET = "bitnet"
+QAT_MODES = tuple(FORMATS) + (BITNET,)
+ACTIVATION_MODES = (None, "runtime")
+QAT_FILE = "qat.json"
+QAT_SCHEMA = "felix-qat"
+
+
+def check_mode(mode: str) -> str:
+    m = str(mode).lower()
+    if m not in QAT_MODES:
+        raise ValueError(f"unknown QAT mode {mode!r}; choose from {', '.join(QAT_MODES)}")
+    return m
+
+
+def export_type(mode: str) -> str:
+    """The GGUF type a QAT mode ships as (``bitnet`` -> ``tq2_0``; a format mode -> itself)."""
+    mode = check_mode(mode)
+    return "tq2_0" if mode == BITNET else mode
+
+
+def codec_of(type_name: str, mode: str) -> str:
+    """The codec that writes a tensor stored as `type_name` in a `mode` QAT model: ``bitnet`` for the ternary
+    tensors of a bitnet model, else the format's own (ggml's) codec, named by the type."""
+    return BITNET if type_name == "tq2_0" and check_mode(mode) == BITNET else type_name
+
+
+# ------------------------------------------------------------------------------------------ codecs
+def _ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [nb, 256] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks of 256."""
+    f = get_format("tq2_0")
+    if w.shape[-1] % f.block_size:
+        raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
+                         f"{f.block_size} (shape {tuple(w.shape)})")
+    xb = w.detach().reshape(-1, f.block_size).float()
+    if not bool(torch.isfinite(xb).all()):
+        raise ValueError("bitnet: the weights hold non-finite values (NaN/Inf)")
+    d16 = (xb.double().abs().sum(1) / f.block_size).to(torch.float16)
+    if bool(torch.isinf(d16).any()):
+        raise ValueError("bitnet: a block's mean |w| overflows fp16")
+    d = d16.float()
+    nz = d > 0
+    ratio = xb / torch.where(nz, d, torch.ones_like(d))[:, None]
+    t = torch.trunc(ratio)
+    q = t + torch.where((ratio - t).abs() >= 0.5, torch.sign(ratio), torch.zeros_like(ratio))
+    return torch.where(nz[:, None], q.clamp(-1, 1), torch.zeros_like(q)), d16
+
+
+def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
+    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/256*66], ggml's TQ2_0 layout):
+    per block of 256, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
+
+    The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
+    practice (the export recomputes it on the CPU from the same latent weights)."""
+    q, d16 = _ternary_absmean(w)
+    nb = q.shape[0]
+    q = (q.to(torch.int64) + 1).view(nb, 2, 4, 32)  # -1, 0, 1 -> 0, 1, 2; element 128c + 32l + m -> byte 32c + m,
+    shifts = (2 * torch.arange(4, device=q.device)).view(1, 1, 4, 1)                # bits 2l..2l+1 (felix.formats)
+    qs = (q << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
+    blocks = torch.cat([qs, d16.contiguous().view(torch.uint8).view(nb, 2)], dim=1)
+    return blocks.reshape(*w.shape[:-1], -1)
+
+
+def ternary_absmean_values(w: torch.Tensor) -> torch.Tensor:
+    """What TQ2_0 decodes quantize_ternary_absmean(w) to (float32, w's shape), without packing the bytes: q * d16,
+    the same product ggml's and Felix's TQ2_0 decoders form (tests check the equality bit for bit)."""
+    q, d16 = _ternary_absmean(w)
+    return (q * d16.float()[:, None]).reshape(w.shape)
+
+
+def encode(w: torch.Tensor, type_name: str, mode: str, backend: str | None = None) -> torch.Tensor:
+    """The bytes a `mode` QAT model's tensor stored as `type_name` is written as (uint8 ggml blocks)."""
+    import felix
+
+    if type_name in FLOAT_TYPES:
+        raise ValueError(f"{type_name} is a float type: nothing to encode")
+    if codec_of(type_name, mode) == BITNET:
+        return quantize_ternary_absmean(w)
+    return felix.quantize(w.detach().float().contiguous(), type_name, backend=backend)
+
+
+def fake_quant(w: torch.Tensor, type_name: str, mode: str, backend: str | None = None) -> torch.Tensor:
+    """dequantize(encode(w)) as float32: the weights the exported file decodes to."""
+    import felix
+
+    if codec_of(type_name, mode) == BITNET:
+        return ternary_absmean_values(w)
+    blocks = encode(w, type_name, mode, backend)
+    return felix.dequantize(blocks, type_name, tuple(w.shape), torch.float32, backend=backend)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """forward: the exact fake-quantized weight; backward: the straight-through estimator (identity)."""
+
+    @staticmethod
+    def forward(ctx, w, type_name, mode, backend):
+        return fake_quant(w, type_name, mode, backend).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation_type):
+        from felix.activation_rounding import round_activations
+
+        return round_activations(x, activation_type)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class FakeQuant(nn.Module):
+    """A parametrization (torch.nn.utils.parametrize): latent weight -> its fake-quantized value, STE backward."""
+
+    def __init__(self, type_name: str, mode: str, backend: str | None = None):
+        super().__init__()
+        self.type_name, self.mode, self.backend = type_name, check_mode(mode), backend
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _FakeQuantSTE.apply(w, self.type_name, self.mode, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"type={self.type_name}, codec={codec_of(self.type_name, self.mode)}"
+
+
+class QATActivations:
+    """Matmul inputs rounded to int8 as llama.cpp's CPU matmul rounds them for each weight's type (vec_dot_type),
+    with the STE, for training: the `activation_rounding` seam of felix.model.FelixLM (attention stays Felix's
+    exact attention; felix.activation_rounding.ActivationRounding models the runtime's f16 attention for
+    inference-time comparisons)."""
+
+    def __init__(self, weight_types: dict[str, str], attention_backend: str | None = None):
+        from felix.activation_rounding import vec_dot_type
+
+        self.activation_types = {name: vec_dot_type(t) for name, t in weight_types.items()}
+        self.attention_backend = attention_backend
+
+    def attention(self, q, k, v):
+        import felix
+
+        return felix.attention(q, k, v, causal=True, backend=self.attention_backend)
+
+    def __call__(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        t = self.activation_types.get(site)
+        if t is None:
+            return x
+        return _RoundSTE.apply(x, t)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass
+class QATConfig:
+    """What a QAT model computes, recorded in ``qat.json`` beside a checkpoint's weights."""
+
+    mode: str
+    embedding_type: str | None = None
+    activations: str | None = None
+    tensor_types: dict[str, str] = field(default_factory=dict)  # tensor -> GGUF type (float types left out)
+
+    @property
+    def export_type(self) -> str:
+        return export_type(self.mode)
+
+    def codec(self, name: str) -> str | None:
+        t = self.tensor_types.get(name)
+        return None if t is None else codec_of(t, self.mode)
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": QAT_SCHEMA, **asdict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "qat.json") -> QATConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not JSON: {e}") from e
+        if not isinstance(d, dict) or d.pop("schema", None) != QAT_SCHEMA:
+            raise ValueError(f"{source} is not a Felix QAT record (schema {QAT_SCHEMA!r})")
+        try:
+            cfg = cls(**d)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from e
+        check_mode(cfg.mode)
+        return cfg
+
+
+def plan(model: nn.Module, mode: str, embedding_type: str | None = None) -> dict[str, str]:
+    """{parameter name: GGUF type} for every parameter the export policy stores in a block format."""
+    quant = export_type(mode)
+    out = {}
+    for name, p in model.named_parameters():
+        c = choose_tensor_type(name, tuple(p.shape), quant, embedding_type)
+        if c.type not in FLOAT_TYPES:
+            out[name] = c.type
+    return out
+
+
+def _rename_to_latent(module, state_dict, prefix, local_metadata):
+    """state_dict hook: ``X.parametrizations.weight.original`` -> ``X.weight`` (the latent weight, plain name), in
+    the unpatched model's key order (so an export's tensor order does not depend on the patch)."""
+    marker = "parametrizations."
+    for key in [k for k in state_dict if k.startswith(prefix) and marker in k and k.endswith(".original")]:
+        head, _, tail = key.rpartition(marker)
+        state_dict[head + tail[: -len(".original")]] = state_dict.pop(key)
+    order = getattr(module, "_felix_qat_key_order", None) if module is not None else None
+    if order:
+        for key in [prefix + k for k in order if prefix + k in state_dict]:
+            state_dict[key] = state_dict.pop(key)
+    return state_dict
+
+
+def _rename_to_parametrized(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    for name in getattr(module, "_felix_qat").tensor_types:
+        key = prefix + name
+        if key in state_dict:
+            owner, _, attr = name.rpartition(".")
+            state_dict[f"{prefix}{owner + '.' if owner else ''}parametrizations.{attr}.original"] = state_dict.pop(key)
+
+
+def apply_qat(model: nn.Module, mode: str, embedding_type: str | None = None, activations: str | None = "default",
+              backend: str | None = None) -> nn.Module:
+    """Patch `model` (in place; also returned) for quantization-aware training in `mode` (see the module doc).
+
+    `activations`: ``"default"`` (``"runtime"`` for bitnet, None otherwise), ``"runtime"`` (round matmul inputs
+    as llama.cpp does, STE; needs a model with ``set_activation_rounding``, as felix.model.FelixLM) or None.
+    `backend` forces the codec backend (None: automatic -- Triton on GPU, C++ on CPU). A model already patched is
+    refused; :func:`remove_qat` undoes the patch (keeping the latent weights)."""
+    mode = check_mode(mode)
+    if activations == "default":
+        activations = "runtime" if mode == BITNET else None
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"unknown activations {activations!r}; choose from None, 'runtime'")
+    if getattr(model, "_felix_qat", None) is not None:
+        raise ValueError(f"the model is already patched for QAT ({model._felix_qat.mode}); remove_qat it first")
+    types = plan(model, mode, embedding_type)
+    model._felix_qat_key_order = list(model.state_dict())
+    if not types:
+        raise ValueError(f"QAT {mode}: the export policy quantizes none of this model's tensors")
+    for name, type_name in types.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        parametrize.register_parametrization(owner, attr, FakeQuant(type_name, mode, backend), unsafe=True)
+    cfg = QATConfig(mode, embedding_type, activations, types)
+    model._felix_qat = cfg
+    model._felix_qat_hooks = [model._register_state_dict_hook(_rename_to_latent),
+                              model._register_load_state_dict_pre_hook(_rename_to_parametrized, with_module=True)]
+    if activations == "runtime":
+        if not hasattr(model, "set_activation_rounding"):
+            raise ValueError("activations='runtime' needs a model with set_activation_rounding (felix.model.FelixLM)")
+        all_types = {n: choose_tensor_type(n, tuple(p.shape), export_type(mode), embedding_type).type
+                     for n, p in model.named_parameters(remove_duplicate=True)}
+        all_types.update(types)
+        model.set_activation_rounding(QATActivations(all_types))
+    return model
+
+
+def remove_qat(model: nn.Module) -> nn.Module:
+    """Undo apply_qat: the latent weights become plain parameters again (the same Parameter objects)."""
+    cfg = getattr(model, "_felix_qat", None)
+    if cfg is None:
+        return model
+    for name in cfg.tensor_types:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+    for h in model._felix_qat_hooks:
+        h.remove()
+    if cfg.activations == "runtime":
+        model.set_activation_rounding(None)
+    model._felix_qat = None
+    return model
+
+
+def qat_config_of(model: nn.Module) -> QATConfig | None:
+    return getattr(model, "_felix_qat", None)
+
+
+def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: the weight the QAT forward computes with} for every fake-quantized tensor (float32, detached)."""
+    cfg = qat_config_of(model)
+    if cfg is None:
+        raise ValueError("the model is not patched for QAT (felix.qat.apply_qat)")
+    with torch.no_grad():
+        return {n: _read(model, n).detach().float() for n in cfg.tensor_types}
+
+
+def _read(model: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner_name) if owner_name else model, attr)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def write_qat_config(path, model: nn.Module) -> None:
+    """Write the model's QAT record (``qat.json``) to `path` (a file path; save_checkpoint's extra_files)."""
+    cfg = qat_config_of(model)
+    if cfg is None:
+        raise ValueError("the model is not patched for QAT (felix.qat.apply_qat)")
+    Path(path).write_text(cfg.to_json())
+
+
+def read_qat_config(checkpoint) -> QATConfig | None:
+    """The QAT record of a checkpoint directory, or None if it was not trained quantization-aware."""
+    path = Path(checkpoint) / QAT_FILE
+    if not path.is_file():
+        return None
+    return QATConfig.from_json(path.read_text(), str(path))
+
+
+def load_qat_checkpoint(checkpoint, device="cpu", backend: str | None = None) -> nn.Module:
+    """A checkpoint as its QAT forward computes (latent weights loaded, then patched as recorded in qat.json)."""
+    from felix.model import load_checkpoint
+
+    cfg = read_qat_config(checkpoint)
+    if cfg is None:
+        raise ValueError(f"{checkpoint} has no {QAT_FILE}: it was not trained quantization-aware")
+    model = load_checkpoint(checkpoint, device)
+    apply_qat(model, cfg.mode, cfg.embedding_type, cfg.activations, backend)
+    if model._felix_qat.tensor_types != cfg.tensor_types:
+        raise ValueError(f"{checkpoint}/{QAT_FILE} lists other quantized tensors than the policy gives this model")
+    return model
+
+
+def describe(cfg: QATConfig) -> str:
+    """One line: how many tensors train at which type/codec."""
+    counts: dict[str, int] = {}
+    for name, t in cfg.tensor_types.items():
+        key = f"{t}{' (bitnet absmean)' if codec_of(t, cfg.mode) == BITNET else ''}"
+        counts[key] = counts.get(key, 0) + 1
+    acts = ", int8 activations as llama.cpp rounds them (STE)" if cfg.activations == "runtime" else ""
+    return (f"QAT {cfg.mode}: fake-quant STE on " + ", ".join(f"{n} x {k}" for k, n in counts.items()) + acts)
