@@ -258,12 +258,12 @@ def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
     return [r for h, _ in HEDGES for r in out[h]]
 
 
-# Weighed principle abstraction: the second flip regime, with evidence spread over several tokens. Three reviewers
-# each leave a qualifier; the label (has_principle) is drawn with P(true) = sigmoid(sum of their log-odds weights), the
-# way independent noisy annotators combine. The evidence of a decision is graded, not a handful of discrete levels:
-# 8^3 ordered combinations give 106 distinct sums from -3.9 to +4.65 logits, about one in four within 0.5 of a tie, so
-# a model that learns the odds has a continuum of decision margins down to near zero and every probe is a distinct
-# prompt. (qualifier, log-odds weight); the qualifier words are those of HEDGES.
+# Weighed principle abstraction: the second flip regime, with the evidence for a decision spread over several tokens.
+# Three reviewers each leave a qualifier; the label (has_principle) is drawn with P(true) = sigmoid(sum of their
+# log-odds weights), the way independent noisy annotators combine. The evidence is graded, not a handful of discrete
+# levels: the 8^3 = 512 ordered combinations (every one a distinct prompt) give 106 distinct sums from -7.8 to +9.3
+# logits, 51 of the 512 within 0.5 of a tie and 121 within 1.0, so a model that learns the odds has a continuum of
+# decision margins down to near zero. (qualifier, log-odds weight); the qualifier words are those of HEDGES.
 REVIEW_WEIGHTS = (("unmistakably", 3.1), ("clearly", 2.2), ("likely", 1.4), ("probably", 0.7), ("arguably", 0.24),
                   ("loosely", -0.4), ("doubtfully", -1.2), ("hardly", -2.6))
 N_REVIEWERS = 3
