@@ -7,13 +7,14 @@ import torch
 
 import felix
 from felix.reference.qmatmul import QUANT_MATMUL_FORMATS
+from felix.reference.tolerances import tolerances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU on this machine")
 
 SHAPES = [(1, 1024, 1024), (3, 2816, 1024), (8, 1000, 2816), (37, 1024, 2816), (300, 517, 1024)]
 # relative-to-sum|x||w| bound per activation dtype: output rounding plus (GEMM path) the weights
 # rounded to the activation dtype before tl.dot / fp32 FMA sums in the HIP kernels
-BOUND = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+BOUND = tolerances("quant_matmul/gpu")
 
 
 def check(y, x, wd, dtype):
