@@ -48,6 +48,7 @@ import torch
 
 from felix import fork
 from felix import qat as felix_qat
+from felix.formats import FILE_TYPES  # llama_ftype per export type; the fork-only formats have none
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 
@@ -56,8 +57,6 @@ SPLICE_MODES = ("merge", "adapter")
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED = 1, 3, 5
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 split regex, which HF ByteLevel(use_regex=True) applies
 
-# llama_ftype per export type (llama.h); RQ4's is the fork's and not public, so it is left out
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "iq4_nl": 25, "bf16": 32, "tq2_0": 37}
 
 
 class ExportError(ValueError):
