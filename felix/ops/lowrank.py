@@ -15,8 +15,6 @@ frozen base weight costs no weight-gradient GEMM). Backends: ``reference`` (torc
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
