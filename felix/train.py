@@ -33,7 +33,7 @@ from felix import model as felix_model
 from felix import qat as felix_qat
 from felix import spokes as spokes_lib
 from felix.ops.loss import whitelist_mask
-from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
 TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
@@ -124,6 +124,15 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; available presets: {', '.join(felix_model.PRESETS)}")
         if self.margin_from is not None:  # the calibrated margin replaces the given one (CalibrationError otherwise)
             self.margin = margin_from_fidelity(self.margin_from, self.margin_quantile)
+        try:
+            QuailConfig(self.margin, self.lambda_q, self.margin_quantile)  # validates the three together
+        except ValueError as e:
+            raise ValueError(f"invalid TrainConfig: {e}") from None
+
+    @property
+    def quail(self) -> QuailConfig:
+        """This run's QUAIL settings as the one config object (felix.quail.QuailConfig)."""
+        return QuailConfig(self.margin, self.lambda_q, self.margin_quantile)
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:
@@ -472,7 +481,7 @@ def save_run_checkpoint(run: Run) -> None:
 def train_step(run: Run) -> float:
     """One optimizer step (grad_accum micro-batches, clipping, AdamW at the WSD learning rate); its losses stay on the
     device in run.pending until read_pending. Returns the learning rate used."""
-    cfg, par, device = run.cfg, run.par, run.device
+    cfg, par, device, quail = run.cfg, run.par, run.device, run.cfg.quail
     lr = wsd_lr(run.step, cfg.steps, cfg.lr, cfg.warmup_steps, run.decay_steps, cfg.final_lr_fraction)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -480,8 +489,8 @@ def train_step(run: Run) -> float:
     for i, (x, y) in enumerate(par.my_micro_batches(run.train_stream, cfg.batch_size, cfg.grad_accum)):
         with par.gradient_sync(run.module, last=i == cfg.grad_accum - 1):  # no_sync but on the last
             with run.autocast():
-                parts = run.module.loss(_to_device(x, device), _to_device(y, device), run.whitelist, cfg.margin,
-                                        cfg.lambda_q)
+                parts = run.module.loss(_to_device(x, device), _to_device(y, device), run.whitelist, quail.margin,
+                                        quail.lambda_q)
             (parts.loss / cfg.grad_accum).backward()
         sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
         run.interval["n"] += 1

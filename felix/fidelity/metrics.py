@@ -131,9 +131,9 @@ def summarize(stats: PositionStats, low_margin: float | None = None) -> dict:
     below it are also counted on their own: they are the decisions a 4-bit rounding can plausibly flip.
     ``margin.change_quantiles`` (felix.quail.NOISE_QUANTILES) is the measured margin noise that
     ``felix train --margin-from`` calibrates from."""
-    from felix.quail import DEFAULT_MARGIN, NOISE_QUANTILES, _quantile_key
+    from felix.quail import DEFAULT_QUAIL, NOISE_QUANTILES, _quantile_key
 
-    low_margin = DEFAULT_MARGIN if low_margin is None else low_margin
+    low_margin = DEFAULT_QUAIL.margin if low_margin is None else low_margin
     w = stats.whitelisted
     ref_m, q_m = stats.ref_margin[w], stats.quant_margin[w]
     change = q_m - ref_m
