@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from felix.oplib import _IMPLS, backends, triton_interpreting
+from felix.oplib import runnable_backends
 from felix.reference.attention import attention_textbook
 from felix.reference.lowrank import lowrank_textbook
 from felix.reference.spoke import spoke_textbook
@@ -50,22 +50,6 @@ def _timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
-def _runnable_backends(op: str, device: torch.device) -> list[str]:
-    status = backends()
-    names = []
-    for name in _IMPLS.get(op, {}):
-        if not status[name].available:
-            continue
-        if name == "cpu" and device.type != "cpu":
-            continue
-        if name == "hip" and device.type != "cuda":
-            continue
-        if name == "triton" and device.type == "cpu" and not triton_interpreting():
-            continue
-        names.append(name)
-    return names
-
-
 def _dtypes(backend: str, device: torch.device) -> list[torch.dtype]:
     """fp32, fp16, bf16 -- without bf16 for Triton on CPU: the interpreter's bf16 math is wrong
     (triton-lang/triton#11584)."""
@@ -93,7 +77,7 @@ def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
         x = (torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape[0], 1, generator=gen))).to(device)
         want = felix.quantize(x.cpu(), fmt, backend="reference")
         want_values = felix.dequantize(want, fmt, shape, backend="reference")
-        for backend in _runnable_backends("quantize", device):
+        for backend in runnable_backends("quantize", device):
             if backend == "reference":
                 continue
             got, dt = _timed(lambda: felix.quantize(x, fmt, backend=backend), device)
@@ -119,7 +103,7 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
     shapes = [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816),
                                                                      (300, 2816, 1024)]
     rows = []
-    for backend in _runnable_backends("quant_matmul", device):
+    for backend in runnable_backends("quant_matmul", device):
         dtypes = _dtypes(backend, device)
         for fmt in QUANT_MATMUL_FORMATS:
             for m, n, k in shapes:
@@ -153,7 +137,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
     cases = [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)] if small else \
             [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
     rows = []
-    for backend in _runnable_backends("attention_fwd", device):
+    for backend in runnable_backends("attention_fwd", device):
         dtypes = _dtypes(backend, device)
         for b, h, hkv, t, d, causal in cases:
             q32 = torch.randn(b, h, t, d, generator=gen)
@@ -190,7 +174,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
     small = device.type == "cpu"
     cases = [(37, 16, 301, 8)] if small else [(2048, 1024, 32000, 512)]
     rows = []
-    for backend in _runnable_backends("linear_ce_quail", device):
+    for backend in runnable_backends("linear_ce_quail", device):
         dtypes = _dtypes(backend, device)
         for n, d, v, chunk in cases:
             h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d ** 0.5
@@ -229,7 +213,7 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
     small = device.type == "cpu"
     cases = [(21, 37, 29, 8)] if small else [(4096, 1024, 2816, 64)]
     rows = []
-    for backend in _runnable_backends("lowrank_fwd", device):
+    for backend in runnable_backends("lowrank_fwd", device):
         dtypes = _dtypes(backend, device)
         for m, k, n, r in cases:
             base = [torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5,
@@ -265,7 +249,7 @@ def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Che
     small = device.type == "cpu"
     cases = [(21, 37, 4, 3)] if small else [(4096, 1024, 4, 64)]
     rows = []
-    for backend in _runnable_backends("spoke_fwd", device):
+    for backend in runnable_backends("spoke_fwd", device):
         for m, d, n, r in cases:
             base = [torch.randn(m, d, generator=gen), 1 + 0.3 * torch.randn(d, generator=gen),
                     torch.randn(n * r, d, generator=gen) / d ** 0.5, torch.randn(d, n * r, generator=gen) / (n * r) ** 0.5,
