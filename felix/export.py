@@ -48,7 +48,7 @@ import torch
 
 from felix import fork
 from felix import qat as felix_qat
-from felix.formats import FILE_TYPES  # llama_ftype per export type; the fork-only formats have none
+from felix.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 
@@ -271,9 +271,10 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
                           "--splice adapter (a LoRA adapter the fork applies, with a live scale) or --splice merge")
     if splice not in SPLICE_MODES:
         raise ExportError(f"unknown splice mode {splice!r}; choose from {', '.join(SPLICE_MODES)}")
-    if quant == "rq4" and arch != "felix":
-        raise ExportError("RQ4 (ggml type 42) exists only in the llama.cpp fork: use --arch felix "
-                          "(stock llama.cpp cannot load it)")
+    if quant in fork.FORK_ONLY_TYPES and arch != fork.ARCH:
+        f = FORMATS[quant]
+        raise ExportError(f"{f.ggml_name} (ggml type {f.ggml_type}) exists only in the llama.cpp fork: use --arch "
+                          f"{fork.ARCH} (stock llama.cpp cannot load it)")
     out = Path(out)
     _check_output(out, force)
     model_given = model is not None
