@@ -11,7 +11,7 @@ What goes in the file:
   specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), no automatic
   BOS, so llama.cpp tokenizes exactly as felix.tokenizer does.
 * Tensors under the model's own parameter names, which already ARE llama.cpp's (felix/model.py). The model
-  rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (FACTS §4).
+  rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (docs/platform-notes.md).
   Types come from :mod:`felix.quant_policy` (one policy for the exporter and the fidelity harness).
 * SpliceCore, per ``--splice``:
 

@@ -1,7 +1,7 @@
 """`felix selftest`: every Felix op on this machine's best device, against its torch reference, on random
 inputs. One row per (op, backend, case): the max error, the bound it must stay within, pass/fail and the
 time of one call. This is how a user learns in a minute that this machine's Triton / ROCm / CUDA stack
-computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
+computes correctly (docs/platform-notes.md lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
 
 Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
 reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the dequantized

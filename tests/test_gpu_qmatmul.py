@@ -1,6 +1,6 @@
 """GPU tier: the Triton kernels and the compiled HIP/CUDA extension (felix._C_gpu, when built) against a
 float64 reference on the dequantized weights, at decode (M 1-8) and prefill shapes with ragged M and N,
-for fp32/fp16/bf16 activations; NaN/Inf checks (known RDNA3 hazards, FACTS.md §1). Skipped without a GPU.
+for fp32/fp16/bf16 activations; NaN/Inf checks (known RDNA3 hazards, docs/platform-notes.md). Skipped without a GPU.
 """
 import pytest
 import torch
