@@ -175,7 +175,7 @@ def _add_train_parser(sub) -> None:
 
     d = TrainConfig()
     t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume")
-    t.add_argument("--preset", choices=list(PRESETS), default=d.preset)
+    t.add_argument("--preset", choices=list(PRESETS), help=f"model size (default {d.preset})")
     t.add_argument("--out-dir", help=f"run directory: checkpoint/, metrics.jsonl, loss_curve.png (default {d.out_dir})")
     t.add_argument("--data", action="append", default=[], help="JSONL ({text} or {prompt, response}) or text file; "
                    "repeatable; default: the built-in corpus")

@@ -817,8 +817,8 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_metrics.append({"step": step, "lr": lr, "loss": float(loss), "dpo_loss": float(dpo.loss),
-                             "hinge": float(hinge), **_pair_metrics(dpo, pc, pr)})
+        step_metrics.append({"step": step, "lr": lr, "loss": float(loss.detach()), "dpo_loss": float(dpo.loss.detach()),
+                             "hinge": float(hinge.detach()), **_pair_metrics(dpo, pc, pr)})
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             window = step_metrics[-cfg.eval_every:]

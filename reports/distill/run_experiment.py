@@ -45,7 +45,7 @@ def main() -> None:
     student, soda = work / "student", work / "soda"
     # 1. a weak student: the tiny preset on the task records alone, briefly (room left to learn)
     run(["train", "--preset", "tiny", "--no-prose", "--n-records", "2000", "--seq-len", str(a.seq_len),
-         "--batch-size", "8", "--steps", str(a.student_steps), "--warmup-steps", "10", "--eval-every", "50",
+         "--batch-size", "8", "--steps", str(a.student_steps), "--warmup-steps", str(min(10, a.student_steps // 2)), "--eval-every", "50",
          "--eval-batches", "2", "--device", "cpu", "--out-dir", str(student)])
     # 2. SODA from it, on the built-in teachers (exact, noisy, sloppy) over task records
     run(["train", "--soda", "--init-from", str(student / "checkpoint"), "--n-records", str(a.soda_records),
