@@ -337,7 +337,7 @@ def teacher_agreement(groups: list[TeacherGroup], selections: list[Selection] | 
             per_teacher[t] = {"responses": len(answered),
                               "valid": (sum(schema_check(g.task, g.responses[t])["compliant"] for g in answered)
                                         / len(answered)) if answered else None}
-        pairs = {f"{a} | {b}": _pair_stats(gs, a, b) for i, a in enumerate(teachers) for b in teachers[i + 1:]}
+        pairs = {f"{a} vs {b}": _pair_stats(gs, a, b) for i, a in enumerate(teachers) for b in teachers[i + 1:]}
         return {"prompts": len(gs), "teachers": per_teacher, "pairs": pairs}
 
     report = {"schema": "felix-teacher-agreement", "version": 1, "teachers": teachers, "tasks": tasks,
@@ -386,8 +386,8 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teachers = report["teachers"]
-    m = [[1.0 if a == b else (report["overall"]["pairs"].get(f"{a} | {b}") or
-                              report["overall"]["pairs"].get(f"{b} | {a}"))["word_f1"] or 0.0
+    m = [[1.0 if a == b else (report["overall"]["pairs"].get(f"{a} vs {b}") or
+                              report["overall"]["pairs"].get(f"{b} vs {a}"))["word_f1"] or 0.0
           for b in teachers] for a in teachers]
     fig, ax = plt.subplots(figsize=(1.2 * len(teachers) + 2, 1.0 * len(teachers) + 1.5))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
