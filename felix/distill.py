@@ -611,6 +611,7 @@ class SodaConfig:
     tasks: list[str] = field(default_factory=lambda: list(felix_data.TASKS))
     teacher_scorer: str = "consensus"
     beta: float = 0.1
+    nll_weight: float = 0.0        # + this x the chosen responses' mean token NLL (RPO's anchor; 0 = DPO alone)
     lambda_q: float = DEFAULT_LAMBDA_Q
     margin: float = DEFAULT_MARGIN
     seq_len: int | None = None     # None = the student's max_seq_len
@@ -635,6 +636,8 @@ class SodaConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.beta > 0 or not self.lr > 0:
             problems.append(f"beta and lr must be positive, got {self.beta} and {self.lr}")
+        if self.nll_weight < 0:
+            problems.append(f"nll_weight must be >= 0, got {self.nll_weight}")
         if self.lambda_q < 0 or self.margin < 0:
             problems.append(f"lambda_q and margin must be >= 0, got {self.lambda_q} and {self.margin}")
         if not 0 < self.val_fraction < 1:
@@ -757,7 +760,7 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
     ref = {name: (sequence_logps(model, e.chosen, e.chosen_learn), sequence_logps(model, e.rejected, e.rejected_learn))
            for name, e in (("train", enc_train), ("val", enc_val))}
     log(f"pairs: {enc_train.chosen.shape[0]} train / {enc_val.chosen.shape[0]} held-out (skipped {skipped}); "
-        f"beta {cfg.beta:g}, QUAIL lambda_q {cfg.lambda_q:g} margin {cfg.margin:g} on the chosen responses")
+        f"beta {cfg.beta:g}, NLL weight {cfg.nll_weight:g}, QUAIL lambda_q {cfg.lambda_q:g} margin {cfg.margin:g} on the chosen responses")
 
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), model.cfg.vocab_size, device)
     optimizer = _optimizer(model, cfg)
@@ -777,7 +780,8 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         logps = -ce.float().sum(-1)
         b = len(idx)
         dpo = dpo_loss(logps[:b], logps[b:], ref_c[idx].to(device), ref_r[idx].to(device), cfg.beta)
-        return dpo, hinge, logps[:b], logps[b:]
+        nll = ce[:b].float().sum() / (y[:b] != -100).sum().clamp_min(1)  # mean NLL per chosen response token
+        return dpo, hinge, nll, logps[:b], logps[b:]
 
     @torch.no_grad()
     def evaluate_val() -> dict:
@@ -786,7 +790,7 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         outs, pcs, prs = [], [], []
         for s in range(0, n, cfg.batch_size):
             idx = torch.arange(s, min(n, s + cfg.batch_size))
-            dpo, _, pc, pr = pair_forward(enc_val, idx, *ref["val"], with_hinge=False)
+            dpo, _, _, pc, pr = pair_forward(enc_val, idx, *ref["val"], with_hinge=False)
             outs.append(dpo)
             pcs.append(pc)
             prs.append(pr)
@@ -809,8 +813,8 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.tensor(cursor.next_indices(cfg.batch_size))
-        dpo, hinge, pc, pr = pair_forward(enc_train, idx, *ref["train"], with_hinge=True)
-        loss = dpo.loss + hinge
+        dpo, hinge, nll, pc, pr = pair_forward(enc_train, idx, *ref["train"], with_hinge=True)
+        loss = dpo.loss + hinge + cfg.nll_weight * nll
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SODA loss is {float(loss)} at step {step}; lower --lr or --beta")
         loss.backward()
@@ -818,12 +822,12 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_metrics.append({"step": step, "lr": lr, "loss": float(loss.detach()), "dpo_loss": float(dpo.loss.detach()),
-                             "hinge": float(hinge.detach()), **_pair_metrics(dpo, pc, pr)})
+                             "hinge": float(hinge.detach()), "nll": float(nll.detach()), **_pair_metrics(dpo, pc, pr)})
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             window = step_metrics[-cfg.eval_every:]
             record = {"step": step, "lr": lr, **{f"train_{k}": sum(m[k] for m in window) / len(window)
-                                                  for k in ("loss", "dpo_loss", "hinge", "reward_margin",
+                                                  for k in ("loss", "dpo_loss", "hinge", "nll", "reward_margin",
                                                             "reward_chosen", "reward_rejected", "accuracy",
                                                             "chosen_logp", "rejected_logp")}, **evaluate_val()}
             metrics.append(record)
@@ -851,7 +855,7 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
 
 # ================================================================================================== CLI
 # `felix train --soda` options of its own; the rest of `felix train`'s options it shares are SODA_SHARED.
-SODA_ARGS = ("soda", "beta", "teacher_scorer", "max_new_tokens", "snapshot_batch_size")
+SODA_ARGS = ("soda", "beta", "nll_weight", "teacher_scorer", "max_new_tokens", "snapshot_batch_size")
 SODA_SHARED = ("out_dir", "teacher_data", "init_from", "n_records", "tasks", "lambda_q", "margin", "seq_len",
                "batch_size", "steps", "lr", "warmup_steps", "decay_fraction", "weight_decay", "grad_clip",
                "val_fraction", "eval_every", "seed", "device")
@@ -869,6 +873,8 @@ def add_soda_arguments(parser) -> None:
                                   f"--teacher-data), out-dir {d.out_dir}")
     g.add_argument("--soda", action="store_true", help="semi-on-policy distillation (felix.distill.train_soda)")
     g.add_argument("--beta", type=float, help=f"DPO temperature (default {d.beta:g})")
+    g.add_argument("--nll-weight", type=float, help=f"+ this x the mean token NLL of the chosen (teacher) responses, "
+                   f"an anchor against DPO lowering both likelihoods (RPO; default {d.nll_weight:g} = DPO alone)")
     g.add_argument("--teacher-scorer", choices=list(SCORERS),
                    help=f"picks among the schema-valid teacher responses (default {d.teacher_scorer})")
     g.add_argument("--max-new-tokens", type=int, help=f"snapshot: response budget (default {d.max_new_tokens})")
