@@ -283,8 +283,9 @@ def _add_fidelity_parser(sub) -> None:
     f.add_argument("--probes", help="JSONL of {prompt, expected} (optional name, task, schema); default built-in")
     f.add_argument("--n-probes", type=int, default=24, help="number of built-in probes (default 24)")
     f.add_argument("--probe-set", choices=list(fidelity_probe_sets()), default="builtin",
-                   help="built-in probes: builtin (the seed task shapes) or hedged (the flip regime: hedged "
-                        "principle abstraction, felix.data.HEDGES)")
+                   help="built-in probes: builtin (the seed task shapes), hedged (flip regime: one qualifier, "
+                        "felix.data.HEDGES) or weighed (flip regime: three reviewers' evidence summed, "
+                        "felix.data.REVIEW_WEIGHTS)")
     f.add_argument("--whitelist-string", action="append", default=[],
                    help="protect the tokens of this string too (field name, refusal phrase); repeatable")
     f.add_argument("--whitelist-token", action="append", default=[],

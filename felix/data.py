@@ -258,8 +258,72 @@ def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
     return [r for h, _ in HEDGES for r in out[h]]
 
 
+# Weighed principle abstraction: the second flip regime, with the evidence for a decision spread over several tokens.
+# Three reviewers each leave a qualifier; the label (has_principle) is drawn with P(true) = sigmoid(sum of their
+# log-odds weights), the way independent noisy annotators combine. The evidence is graded, not a handful of discrete
+# levels: the 8^3 = 512 ordered combinations (every one a distinct prompt) give 106 distinct sums from -7.8 to +9.3
+# logits, 51 of the 512 within 0.5 of a tie and 121 within 1.0, so a model that learns the odds has a continuum of
+# decision margins down to near zero. (qualifier, log-odds weight); the qualifier words are those of HEDGES.
+REVIEW_WEIGHTS = (("unmistakably", 3.1), ("clearly", 2.2), ("likely", 1.4), ("probably", 0.7), ("arguably", 0.24),
+                  ("loosely", -0.4), ("doubtfully", -1.2), ("hardly", -2.6))
+N_REVIEWERS = 3
+PRINCIPLE_WEIGHED = "principle-weighed"
+
+
+def weighed_evidence(qualifiers) -> float:
+    """The log-odds of has_principle = true given the reviewers' qualifiers (the sum of REVIEW_WEIGHTS)."""
+    w = dict(REVIEW_WEIGHTS)
+    unknown = [q for q in qualifiers if q not in w]
+    if unknown:
+        raise ValueError(f"unknown reviewer qualifier(s) {unknown}; known: {list(w)}")
+    return float(sum(w[q] for q in qualifiers))
+
+
+def _weighed_principle_record(rng: random.Random, label: bool | None = None,
+                              qualifiers: tuple[str, ...] | None = None) -> dict:
+    """One weighed principle record (see REVIEW_WEIGHTS). `qualifiers` fixes the reviewers' words (drawn otherwise);
+    `label` forces has_principle (probes use the majority answer), None draws it from the evidence. The record
+    carries ``qualifiers``, ``evidence`` (log-odds) and ``p_true``."""
+    import math
+
+    if qualifiers is None:
+        qualifiers = tuple(rng.choice(REVIEW_WEIGHTS)[0] for _ in range(N_REVIEWERS))
+    evidence = weighed_evidence(qualifiers)
+    p_true = 1.0 / (1.0 + math.exp(-evidence))
+    shared = rng.choice(_EVENTS)
+    draw = rng.random()
+    has = (draw < p_true) if label is None else bool(label)
+    if has:
+        response = {"has_principle": True, "title": shared[2].capitalize(),
+                    "principle": f"Across these cases the lesson is to {shared[2]}.",
+                    "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
+                    "confidence": round(rng.uniform(0.5, 0.8), 2)}
+    else:
+        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
+                    "confidence": round(rng.uniform(0.2, 0.5), 2)}
+    notes = "; ".join(qualifiers)
+    prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewers: {notes}."
+    return {"task": PRINCIPLE_WEIGHED, "prompt": prompt, "response": json.dumps(response),
+            "qualifiers": list(qualifiers), "evidence": evidence, "p_true": p_true}
+
+
+def weighed_probe_records(n: int, seed: int = 2_000_029) -> list[dict]:
+    """`n` probe records with distinct reviewer combinations (n <= 8^3), each expecting the majority (Bayes)
+    answer of its evidence. Seeded apart from the trainer's records (which may contain the same combinations:
+    a combination is a point on the evidence scale, not a memorised example)."""
+    import itertools
+
+    combos = list(itertools.product([q for q, _ in REVIEW_WEIGHTS], repeat=N_REVIEWERS))
+    if not 1 <= n <= len(combos):
+        raise ValueError(f"the number of weighed probes must be in [1, {len(combos)}], got {n}")
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    return [_weighed_principle_record(rng, label=weighed_evidence(c) > 0, qualifiers=c) for c in combos[:n]]
+
+
 _MAKERS = {"encoding": _encoding_record, "episode": _episode_record, "principle": _principle_record,
-           "synthesis": _synthesis_record, PRINCIPLE_HEDGED: _hedged_principle_record}
+           "synthesis": _synthesis_record, PRINCIPLE_HEDGED: _hedged_principle_record,
+          PRINCIPLE_WEIGHED: _weighed_principle_record}
 
 
 def structured_records(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:

@@ -287,7 +287,7 @@ def builtin_probes(n: int = 24, seed: int = 1_000_003) -> list[Probe]:
     return [p for i in range(max(want.values())) for k in kinds if i < len(got[k]) for p in [got[k][i]]]
 
 
-PROBE_SETS = ("builtin", "hedged")
+PROBE_SETS = ("builtin", "hedged", "weighed")
 
 
 def hedged_probes(n: int = 48, seed: int = 2_000_003) -> list[Probe]:
@@ -309,12 +309,30 @@ def hedged_probes(n: int = 48, seed: int = 2_000_003) -> list[Probe]:
     return out
 
 
+def weighed_probes(n: int = 128, seed: int = 2_000_029) -> list[Probe]:
+    """The second flip regime's probes: `n` weighed principle-abstraction probes (felix.data.REVIEW_WEIGHTS), each
+    a distinct combination of reviewer qualifiers expecting the majority (Bayes) answer of its evidence. Probe
+    names are ``weighed-<q1>.<q2>.<q3>-<i>``; the decision is the ``has_principle`` value."""
+    from felix import data
+
+    try:
+        records = data.weighed_probe_records(n, seed)
+    except ValueError as e:
+        raise FidelityError(str(e)) from None
+    schema = builtin_schemas()["principle"]
+    return [Probe(f"weighed-{'.'.join(r['qualifiers'])}-{i}", data.chat_prompt(r["prompt"]), r["response"] + data.END,
+                  r["task"], schema) for i, r in enumerate(records)]
+
+
 def probe_set(name: str, n: int) -> list[Probe]:
-    """A built-in probe set by name (PROBE_SETS): ``builtin`` (builtin_probes) or ``hedged`` (hedged_probes)."""
+    """A built-in probe set by name (PROBE_SETS): ``builtin`` (builtin_probes), ``hedged`` (hedged_probes) or
+    ``weighed`` (weighed_probes)."""
     if name == "builtin":
         return builtin_probes(n)
     if name == "hedged":
         return hedged_probes(n)
+    if name == "weighed":
+        return weighed_probes(n)
     raise FidelityError(f"unknown probe set {name!r}; choose from {', '.join(PROBE_SETS)}")
 
 

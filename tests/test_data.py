@@ -174,6 +174,47 @@ def test_hedged_probe_records_expect_the_majority_answer():
         data.hedged_probe_records(0)
 
 
+def test_weighed_records_follow_the_summed_evidence():
+    """Labels drawn with P(true) = sigmoid(sum of the reviewers' weights): checked per evidence bin (binomial, 5 sd)
+    against the float64 logistic of the sum computed here from REVIEW_WEIGHTS."""
+    import math
+
+    records = data.structured_records(6000, seed=13, tasks=(data.PRINCIPLE_WEIGHED,))
+    assert records == data.structured_records(6000, seed=13, tasks=(data.PRINCIPLE_WEIGHED,))
+    weights = dict(data.REVIEW_WEIGHTS)
+    bins = {}
+    for r in records:
+        obj = json.loads(r["response"])
+        assert len(r["qualifiers"]) == data.N_REVIEWERS and r["prompt"].endswith(f"Reviewers: {'; '.join(r['qualifiers'])}.")
+        ev = sum(weights[q] for q in r["qualifiers"])
+        assert r["evidence"] == pytest.approx(ev, abs=1e-12)
+        p = 1.0 / (1.0 + math.exp(-ev))
+        b = bins.setdefault(round(p, 1), [0, 0.0, 0])
+        b[0] += 1
+        b[1] += p
+        b[2] += obj["has_principle"]
+        assert bool(obj["principle"]) == obj["has_principle"]
+    for key, (n, p_sum, n_true) in bins.items():
+        p_mean = p_sum / n  # expected count is the sum of the records' own probabilities
+        assert abs(n_true - p_sum) <= 5 * (n * p_mean * (1 - p_mean)) ** 0.5 + 1, key
+    assert data.PRINCIPLE_WEIGHED not in data.TASKS
+    with pytest.raises(ValueError, match="unknown reviewer qualifier"):
+        data.weighed_evidence(["clearly", "maybe"])
+
+
+def test_weighed_probes_are_distinct_combinations_expecting_the_majority_answer():
+    probes = data.weighed_probe_records(512)
+    assert probes == data.weighed_probe_records(512) and probes[:5] != data.weighed_probe_records(5, seed=3)
+    assert len({tuple(r["qualifiers"]) for r in probes}) == 512 == len({r["prompt"] for r in probes})
+    for r in probes:
+        assert json.loads(r["response"])["has_principle"] == (r["evidence"] > 0)
+    sums = [r["evidence"] for r in probes]
+    assert min(sums) == pytest.approx(-7.8) and max(sums) == pytest.approx(9.3)
+    assert sum(abs(x) < 0.5 for x in sums) == 51  # the near ties the regime is built for (see felix.data)
+    with pytest.raises(ValueError):
+        data.weighed_probe_records(513)
+
+
 def test_builtin_corpus_tasks_and_prose_switch():
     docs = data.builtin_corpus(n_records=12, seed=1, tasks=(data.PRINCIPLE_HEDGED,), prose=False)
     assert len(docs) == 12 and all("Reviewer note" in d for d in docs)

@@ -91,6 +91,19 @@ def test_hedged_probe_set():
         F.probe_set("nope", 4)
 
 
+def test_weighed_probe_set():
+    probes = F.probe_set("weighed", 40)
+    assert len(probes) == 40 and len({p.prompt for p in probes}) == 40
+    for p in probes:
+        qualifiers = p.name.split("-")[1].split(".")
+        body = json.loads(p.expected.removesuffix(data.END))
+        assert body["has_principle"] == (data.weighed_evidence(qualifiers) > 0)
+        assert "Reviewers: " + "; ".join(qualifiers) + "." in p.prompt
+        assert F.check_compliance(json.dumps(body), p.schema)["compliant"]
+    with pytest.raises(F.FidelityError, match="weighed probes"):
+        F.probe_set("weighed", 10_000)
+
+
 def test_kl_identical_is_zero_and_known_value(gen):
     z = torch.randn(20, 64, generator=gen) * 3
     assert F.kl_divergence(z, z).abs().max() == 0.0
