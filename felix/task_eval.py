@@ -416,9 +416,10 @@ def plot_report(report: dict, path: Path) -> None:
             ax.set_ylim(0, LIKERT_MAX + 0.2)
         else:
             ax.set_ylim(0, 105)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 7), fontsize=8)
     fig.suptitle("student vs teachers vs ensemble, per task")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
