@@ -144,8 +144,8 @@ def cmd_selftest(args) -> int:
 
 def cmd_train(args) -> int:
     from felix.data import DataError
-    from felix.model import CheckpointError
     from felix.distill import SODA_ARGS, cmd_soda
+    from felix.model import CheckpointError
     from felix.train import TrainConfig, train
 
     if args.soda:  # semi-on-policy distillation: its own loop (felix.distill.train_soda)
