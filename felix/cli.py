@@ -10,6 +10,8 @@
     felix inspect       metadata and tensor table of any GGUF file
     felix prune         structured pruning of a checkpoint to a smaller Felix config (recover: train --init-from)
     felix edit          write (prompt -> target) edits into a checkpoint's splice surface; list and undo them
+    felix teacher-data  multi-teacher JSONL from the built-in task records (+ checkpoints); teacher agreement report
+    felix eval-tasks    task-suite report: student checkpoints vs teachers vs the teacher ensemble, per task
 """
 from __future__ import annotations
 
@@ -144,10 +146,13 @@ def cmd_selftest(args) -> int:
 
 def cmd_train(args) -> int:
     from felix.data import DataError
+    from felix.distill import SODA_ARGS, cmd_soda
     from felix.model import CheckpointError
     from felix.train import TrainConfig, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "stop_at")}
+    if args.soda:  # semi-on-policy distillation: its own loop (felix.distill.train_soda)
+        return cmd_soda(args)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "stop_at", *SODA_ARGS)}
     if options.get("margin_from") is not None and options.get("margin") is not None:
         print("felix train: error: give --margin or --margin-from (which measures it), not both", file=sys.stderr)
         return 2
@@ -164,6 +169,7 @@ def cmd_train(args) -> int:
 
 def _add_train_parser(sub) -> None:
     from felix.data import _MAKERS
+    from felix.distill import add_soda_arguments
     from felix.distributed import PARALLEL_MODES
     from felix.model import PRESETS
     from felix.qat import QAT_MODES
@@ -171,8 +177,8 @@ def _add_train_parser(sub) -> None:
 
     d = TrainConfig()
     t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume")
-    t.add_argument("--preset", choices=list(PRESETS), default=d.preset)
-    t.add_argument("--out-dir", default=d.out_dir, help="run directory: checkpoint/, metrics.jsonl, loss_curve.png")
+    t.add_argument("--preset", choices=list(PRESETS), help=f"model size (default {d.preset})")
+    t.add_argument("--out-dir", help=f"run directory: checkpoint/, metrics.jsonl, loss_curve.png (default {d.out_dir})")
     t.add_argument("--data", action="append", default=[], help="JSONL ({text} or {prompt, response}) or text file; "
                    "repeatable; default: the built-in corpus")
     t.add_argument("--val-data", action="append", default=[], help="validation files (default: a held-out split)")
@@ -208,6 +214,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--qat", choices=list(QAT_MODES), help="quantization-aware training (felix.qat): fake-quant STE "
                    "with the export codec of this format on every tensor the export quantizes; bitnet = BitNet b1.58 "
                    "ternary (absmean, int8 activations), shipped as TQ2_0. With --init-from: a QAT phase")
+    add_soda_arguments(t)
     t.set_defaults(func=cmd_train)
 
 
@@ -461,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.edit import add_edit_parser
 
     add_edit_parser(sub)
+    from felix.distill import add_teacher_data_parser
+    from felix.task_eval import add_eval_tasks_parser
+
+    add_teacher_data_parser(sub)
+    add_eval_tasks_parser(sub)
     return p
 
 

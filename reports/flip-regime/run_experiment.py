@@ -175,25 +175,50 @@ def decision_class(task: str, bayes_margin: float) -> str:
 
 
 # ------------------------------------------------------------------------------------ statistics
-def bootstrap(per_seed: list[list[dict]], stat, rng: np.random.Generator, n_boot: int = N_BOOT,
+class RatioStat:
+    """A statistic of a list of rows that is a ratio of sums, sum(num(row)) / sum(den(row)) (a mean, a rate, a
+    conditional rate): the form that lets the bootstrap below resample by multinomial weights in numpy."""
+
+    def __init__(self, num, den=lambda r: 1.0):
+        self.num, self.den = num, den
+
+    def parts(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([float(self.num(r)) for r in rows], dtype=np.float64),
+                np.array([float(self.den(r)) for r in rows], dtype=np.float64))
+
+    def __call__(self, rows):
+        num, den = self.parts(rows)
+        return float(num.sum() / den.sum()) if den.sum() > 0 else math.nan
+
+
+def bootstrap(per_seed: list[list[dict]], stat: RatioStat, rng: np.random.Generator, n_boot: int = N_BOOT,
               within: bool = True) -> dict:
     """Point estimate and 95% percentile interval of stat(rows), resampling seeds with replacement and, when
-    `within`, the rows (probes) inside each resampled seed too."""
+    `within`, the rows (probes) inside each resampled seed too.
+
+    A seed drawn c times contributes c independent within-seed resamples of its n rows, i.e. c*n row indices
+    drawn uniformly; all resamples are drawn at once and summed with bincount (no Python loop over rows). Resamples whose denominator is 0 (e.g. no reference-correct rows) are left out of the interval."""
+    parts = [stat.parts(rows) for rows in per_seed]
     point = stat([r for rows in per_seed for r in rows])
-    vals = []
     k = len(per_seed)
-    for _ in range(n_boot):
-        rows = []
-        for s in rng.integers(0, k, k):
-            seed_rows = per_seed[s]
-            if within and seed_rows:
-                rows += [seed_rows[i] for i in rng.integers(0, len(seed_rows), len(seed_rows))]
-            else:
-                rows += seed_rows
-        v = stat(rows)
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            vals.append(v)
-    lo, hi = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if vals else (math.nan, math.nan)
+    picks = np.stack([np.bincount(rng.integers(0, k, k), minlength=k) for _ in range(n_boot)])  # [n_boot, k]
+    num = np.zeros(n_boot)
+    den = np.zeros(n_boot)
+    for s, (nu, de) in enumerate(parts):
+        n = len(nu)
+        if n == 0:
+            continue
+        if within:  # picks[b, s] * n row indices drawn for resample b, summed per resample
+            owner = np.repeat(np.arange(n_boot), picks[:, s] * n)
+            rows = rng.integers(0, n, owner.size)
+            num += np.bincount(owner, weights=nu[rows], minlength=n_boot)
+            den += np.bincount(owner, weights=de[rows], minlength=n_boot)
+        else:
+            num += picks[:, s] * nu.sum()
+            den += picks[:, s] * de.sum()
+    ok = den > 0
+    vals = num[ok] / den[ok]
+    lo, hi = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if ok.any() else (math.nan, math.nan)
     return {"value": point, "lo": lo, "hi": hi}
 
 
@@ -201,25 +226,14 @@ def flipped(r) -> bool:
     return (r["ref_margin"] > 0) != (r["quant_margin"] > 0)
 
 
-def survival(rows):
-    correct = [r for r in rows if r["ref_margin"] > 0]
-    return sum(r["quant_margin"] > 0 for r in correct) / len(correct) if correct else math.nan
+survival = RatioStat(lambda r: r["ref_margin"] > 0 and r["quant_margin"] > 0, lambda r: r["ref_margin"] > 0)
+flip_rate = RatioStat(flipped)
+ref_correct_rate = RatioStat(lambda r: r["ref_margin"] > 0)
+deployed_correct_rate = RatioStat(lambda r: r["quant_margin"] > 0)
 
 
-def flip_rate(rows):
-    return sum(map(flipped, rows)) / len(rows) if rows else math.nan
-
-
-def ref_correct_rate(rows):
-    return sum(r["ref_margin"] > 0 for r in rows) / len(rows) if rows else math.nan
-
-
-def deployed_correct_rate(rows):
-    return sum(r["quant_margin"] > 0 for r in rows) / len(rows) if rows else math.nan
-
-
-def mean_of(key):
-    return lambda rows: float(np.mean([r[key] for r in rows])) if rows else math.nan
+def mean_of(key) -> RatioStat:
+    return RatioStat(lambda r: r[key])
 
 
 def counts(rows_per_seed: list[list[dict]]) -> dict:
@@ -343,7 +357,8 @@ def markdown(summary: dict, meta: dict) -> str:
          f"the arm's flags ({'; '.join(f'{a}: `{chr(32).join(f)}`' for a, f in meta['arms'].items())}). "
          f"Fidelity: {meta['n_probes']} {TASKS[task]['probe_set']} probes per model, simulated path, activations "
          f"`{meta['sim_activations']}`; schema compliance on {meta['compliance_probes']} probes (rq4). Wall time "
-         f"{meta['wall_s'] / 60:.1f} min. Brackets: 95% bootstrap intervals ({N_BOOT} resamples of seeds, and of "
+         f"of train + fidelity in this invocation {meta['wall_s'] / 60:.1f} min ({meta['runs_reused']} of "
+         f"{meta['runs']} runs reused from an earlier invocation's --work-dir). Brackets: 95% bootstrap intervals ({N_BOOT} resamples of seeds, and of "
          f"probes within each seed; validation CE and KL over seeds only).", "",
          f"Decision classes by the Bayes margin of the majority answer (logits): "
          + ", ".join(f"{n} ({'< ' + format(edges[0], 'g') if i == 0 else ('>= ' + format(edges[-1], 'g') if i == len(names) - 1 else format(edges[i - 1], 'g') + '-' + format(edges[i], 'g'))})"
@@ -484,6 +499,13 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     plt.close(fig)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so an interrupted run never leaves a partial report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _clean(x):
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
@@ -527,7 +549,10 @@ def main() -> int:
     t0 = time.perf_counter()
     raw: dict = {}
     jobs = [(s, arm) for s in args.seeds for arm in arms]
+    reused = 0
     for seed, arm in tqdm(jobs, desc=f"flip regime, {args.task} (train + fidelity)", unit="run"):
+        run_dir = work / f"seed{seed}" / arm
+        reused += (run_dir / "fidelity" / "compliance" / "fidelity-rq4.json").exists()
         plain_report = work / f"seed{seed}" / "plain" / "fidelity" / "fidelity-rq4.json"
         ckpt = train(arm, seed, work, args, plain_report)
         reports = fidelity(ckpt, ckpt.parent / "fidelity", args, {})
@@ -539,15 +564,19 @@ def main() -> int:
     summary = analyse(raw, args.seeds, arms, args.task)
     meta = {"task": args.task, "seeds": args.seeds, "train_args": train_args(args), "n_probes": args.n_probes,
             "compliance_probes": args.compliance_probes, "sim_activations": task["sim_activations"], "wall_s": wall,
-            "arms_run": arms, "arms": {arm: arm_args(arm, Path("<plain fidelity-rq4.json>")) for arm in arms},
+            "runs_reused": reused, "runs": len(jobs), "arms_run": arms, "arms": {arm: arm_args(arm, Path("<plain fidelity-rq4.json>")) for arm in arms},
             "formats": FORMATS, "n_boot": N_BOOT, "classes": dict(zip(task["class_names"], task["class_edges"]))}
-    decisions = {s: {arm: {q: decision_rows(raw[s][arm]["reports"][q], args.task) for q in FORMATS} for arm in arms}
-                 for s in args.seeds}
-    (out / "summary.json").write_text(json.dumps(_clean({"meta": meta, "summary": summary,
+    # every decision of every run, as a table (columns once, then one row per decision) to keep the file small
+    columns = list(decision_rows(raw[args.seeds[0]][arms[0]]["reports"]["rq4"], args.task)[0])
+    decisions = {"columns": columns,
+                 "rows": {s: {arm: {q: [[d[c] for c in columns] for d in decision_rows(raw[s][arm]["reports"][q],
+                                                                                       args.task)]
+                                    for q in FORMATS} for arm in arms} for s in args.seeds}}
+    write_atomic(out / "summary.json", json.dumps(_clean({"meta": meta, "summary": summary,
                                                         "training": {s: {a: raw[s][a]["training"] for a in arms}
                                                                      for s in args.seeds},
-                                                        "decisions": decisions}), indent=1))
-    (out / "summary.md").write_text(markdown(summary, meta))
+                                                        "decisions": decisions}), separators=(",", ":")))
+    write_atomic(out / "summary.md", markdown(summary, meta))
     plots(raw, summary, args.seeds, arms, args.task, out)
     print(f"wrote {out / 'summary.md'} ({wall / 60:.1f} min)")
     return 0
