@@ -19,7 +19,7 @@ from felix.testing import ggml_c
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
 
 SHAPES = [(64, 512)] if QUICK else [(1024, 4096), (4096, 11008)]
-FORMATS = ["q8_0", "q4_0", "iq4_nl", "tq2_0", "rq4"]
+FORMATS = list(felix.FORMATS)
 THREADS = torch.get_num_threads()
 CPU = torch.device("cpu")
 

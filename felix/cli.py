@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from felix.formats import FORMATS, LARGEST_BLOCK
+
 
 def builtin_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
     """A weight-like matrix that needs no download: Student-t (heavy tails, like trained LLM weights)
@@ -433,12 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="codec demo on a built-in weight matrix: error and speed per format")
-    q.add_argument("--format", action="append", choices=["rq4", "iq4_nl", "q4_0", "q8_0", "tq2_0"],
+    q.add_argument("--format", action="append", choices=list(FORMATS),
                    help="format to run (repeatable; default: all)")
     q.add_argument("--backend", action="append", choices=["reference", "triton", "cpu"],
                    help="backend to run (repeatable; default: every available one)")
     q.add_argument("--rows", type=int, default=1024)
-    q.add_argument("--cols", type=int, default=4096, help="a multiple of 256 so every format applies")
+    q.add_argument("--cols", type=int, default=4096,
+                   help=f"a multiple of {LARGEST_BLOCK} (the largest block) so every format applies")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -475,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "quantize" and args.cols % 256:
-        build_parser().error(f"--cols {args.cols} must be a multiple of 256 (TQ2_0's block)")
+    if args.command == "quantize" and args.cols % LARGEST_BLOCK:
+        build_parser().error(f"--cols {args.cols} must be a multiple of {LARGEST_BLOCK} (the largest block)")
     if args.command == "fidelity":
         args.quant, args.path = args.quant or ["rq4"], args.path or ["simulated"]
     if args.command == "aot-report" and not args.target:

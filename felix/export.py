@@ -11,7 +11,7 @@ What goes in the file:
   specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), no automatic
   BOS, so llama.cpp tokenizes exactly as felix.tokenizer does.
 * Tensors under the model's own parameter names, which already ARE llama.cpp's (felix/model.py). The model
-  rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (FACTS §4).
+  rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (docs/platform-notes.md).
   Types come from :mod:`felix.quant_policy` (one policy for the exporter and the fidelity harness).
 * SpliceCore, per ``--splice``:
 
@@ -48,6 +48,7 @@ import torch
 
 from felix import fork
 from felix import qat as felix_qat
+from felix.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 
@@ -56,8 +57,6 @@ SPLICE_MODES = ("merge", "adapter")
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED = 1, 3, 5
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 split regex, which HF ByteLevel(use_regex=True) applies
 
-# llama_ftype per export type (llama.h); RQ4's is the fork's and not public, so it is left out
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "iq4_nl": 25, "bf16": 32, "tq2_0": 37}
 
 
 class ExportError(ValueError):
@@ -272,9 +271,10 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
                           "--splice adapter (a LoRA adapter the fork applies, with a live scale) or --splice merge")
     if splice not in SPLICE_MODES:
         raise ExportError(f"unknown splice mode {splice!r}; choose from {', '.join(SPLICE_MODES)}")
-    if quant == "rq4" and arch != "felix":
-        raise ExportError("RQ4 (ggml type 42) exists only in the llama.cpp fork: use --arch felix "
-                          "(stock llama.cpp cannot load it)")
+    if quant in fork.FORK_ONLY_TYPES and arch != fork.ARCH:
+        f = FORMATS[quant]
+        raise ExportError(f"{f.ggml_name} (ggml type {f.ggml_type}) exists only in the llama.cpp fork: use --arch "
+                          f"{fork.ARCH} (stock llama.cpp cannot load it)")
     out = Path(out)
     _check_output(out, force)
     model_given = model is not None

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from felix.formats import FORMATS
+from felix.formats import RUNTIME_TYPES
 
 ARCH = "felix"
 NUM_SPOKES_KEY = f"{ARCH}.num_spokes"
@@ -56,7 +56,7 @@ SPOKE_TENSOR_NAMES = {
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down")
 # ggml types that only the fork knows (stock llama.cpp rejects a file holding one): felix.formats' table says which
-FORK_ONLY_TYPES = tuple(name for name, f in FORMATS.items() if f.runtime == "fork")
+FORK_ONLY_TYPES = tuple(name for name in RUNTIME_TYPES["fork"] if name not in RUNTIME_TYPES["stock"])
 # (num_spokes, spoke_rank) of the exact no-op spoke written for a model without spokes
 NOOP_SPOKES = (1, 1)
 # The per-spoke form (w_down.S / w_up.S) lands in fixed arrays of 4 per layer (src/llama-model.h: spoke_w_down[4]);

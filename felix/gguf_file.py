@@ -1,6 +1,6 @@
 """GGUF files with Felix's extra ggml types, on top of gguf-py's writer and reader.
 
-gguf-py knows every stock ggml type but not the fork's RQ4 (ggml type 42, FACTS §5). Rather than patch
+gguf-py knows every stock ggml type but not the fork's RQ4 (ggml type 42, docs/fork.md). Rather than patch
 gguf-py's enums and size tables at import time (which would change gguf-py for every other user in the
 process), :class:`FelixGGUFWriter` and :class:`FelixGGUFReader` subclass gguf-py's and handle the types
 gguf-py does not know from Felix's format table (:data:`felix.formats.FORMATS`), the single source of truth

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIMES = ("stock", "fork")
+from felix.formats import RUNTIMES
 
 
 def available(runtime: str = "stock") -> tuple[bool, str]:

@@ -10,7 +10,7 @@ Layout decisions (so a GGUF export is a rename, not a transformation):
   when tied to the embedding), and the splices ``blk.N.splice.<projection>.a|b|gate``.
 * RoPE rotates ADJACENT pairs (2i, 2i+1) -- the "NORM" rope that llama.cpp's ``llama`` arch applies -- not
   HF's ``rotate_half`` (i, i + d/2, the NEOX style). A model trained this way exports q/k weights with NO row
-  permutation (FACTS §4: checked identical to 4e-15; HF-layout models need convert_hf_to_gguf's permute).
+  permutation (docs/platform-notes.md: checked identical to 4e-15; HF-layout models need convert_hf_to_gguf's permute).
 * Attention goes through ``felix.attention`` (causal, grouped-query when n_kv_head < n_head).
 """
 from __future__ import annotations

@@ -190,11 +190,27 @@ def resolve_backend(op: str, requested: str | None, device: torch.device) -> str
     implementation(op, requested)  # raises if the op lacks it
     if not backend_available(requested):
         raise ValueError(f"backend {requested!r} is not available: {backends()[requested].reason}")
-    if requested == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
-    if requested == "hip" and device.type != "cuda":
-        raise ValueError(f"backend 'hip' needs GPU tensors, got a tensor on {device}")
-    if requested == "triton" and device.type == "cpu" and not triton_interpreting():
-        raise ValueError("backend 'triton' needs GPU tensors; CPU tensors run only under the "
-                         "Triton interpreter (TRITON_INTERPRET=1)")
+    why = device_mismatch(requested, device)
+    if why:
+        raise ValueError(why)
     return requested
+
+
+def device_mismatch(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on tensors living on `device` (None: it can). The one rule resolve_backend and
+    runnable_backends (felix selftest, benchmarks) share."""
+    if backend == "cpu" and device.type != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got a tensor on {device}"
+    if backend == "hip" and device.type != "cuda":
+        return f"backend 'hip' needs GPU tensors, got a tensor on {device}"
+    if backend == "triton" and device.type == "cpu" and not triton_interpreting():
+        return ("backend 'triton' needs GPU tensors; CPU tensors run only under the "
+                "Triton interpreter (TRITON_INTERPRET=1)")
+    return None
+
+
+def runnable_backends(op: str, device: torch.device) -> list[str]:
+    """The backends implementing `op` that are available here and run on `device`, in registration order."""
+    status = backends()
+    return [name for name in _IMPLS.get(op, {})
+            if status[name].available and device_mismatch(name, device) is None]

@@ -69,7 +69,7 @@ def codec_of(type_name: str, mode: str) -> str:
 
 # ------------------------------------------------------------------------------------------ codecs
 def _ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [nb, 256] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks of 256."""
+    """(q [nb, block] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks."""
     f = get_format("tq2_0")
     if w.shape[-1] % f.block_size:
         raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
@@ -89,17 +89,15 @@ def _ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
-    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/256*66], ggml's TQ2_0 layout):
-    per block of 256, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
+    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/block*bytes_per_block], ggml's TQ2_0 layout):
+    per block, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
 
     The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
     practice (the export recomputes it on the CPU from the same latent weights)."""
+    from felix.reference.codecs import pack_blocks
+
     q, d16 = _ternary_absmean(w)
-    nb = q.shape[0]
-    q = (q.to(torch.int64) + 1).view(nb, 2, 4, 32)  # -1, 0, 1 -> 0, 1, 2; element 128c + 32l + m -> byte 32c + m,
-    shifts = (2 * torch.arange(4, device=q.device)).view(1, 1, 4, 1)                # bits 2l..2l+1 (felix.formats)
-    qs = (q << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
-    blocks = torch.cat([qs, d16.contiguous().view(torch.uint8).view(nb, 2)], dim=1)
+    blocks = pack_blocks("tq2_0", d16.float(), q.to(torch.int64) + 1)  # -1, 0, 1 -> 0, 1, 2, packed as the table says
     return blocks.reshape(*w.shape[:-1], -1)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -39,6 +40,36 @@ DEFAULT_LAMBDA_Q = 0.1
 # The lower-tail quantile of the measured margin change that a calibrated margin covers (1%: see margin_from_noise)
 DEFAULT_NOISE_QUANTILE = 0.01
 NOISE_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5)  # what the fidelity harness reports (summary.margin.change_quantiles)
+
+
+
+@dataclass(frozen=True)
+class QuailConfig:
+    """The QUAIL hinge's settings as one object: the margin (logits) protected decisions must keep, the hinge's
+    weight lambda_q, and the lower-tail quantile a calibrated margin covers. The trainer (TrainConfig.quail), the
+    op (felix.linear_ce_quail / LinearCEQuail take margin and lambda_q from it) and the fidelity harness (its
+    low-margin threshold) use it; DEFAULT_QUAIL holds the defaults above."""
+
+    margin: float = DEFAULT_MARGIN
+    lambda_q: float = DEFAULT_LAMBDA_Q
+    noise_quantile: float = DEFAULT_NOISE_QUANTILE
+
+    def __post_init__(self):
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"QUAIL margin must be a finite number >= 0, got {self.margin}")
+        if not (math.isfinite(self.lambda_q) and self.lambda_q >= 0):
+            raise ValueError(f"QUAIL lambda_q must be a finite number >= 0, got {self.lambda_q}")
+        if not 0 < self.noise_quantile < 1:
+            raise ValueError(f"QUAIL noise quantile must lie in (0, 1), got {self.noise_quantile}")
+
+    @classmethod
+    def calibrated(cls, report, quantile: float = DEFAULT_NOISE_QUANTILE,
+                   lambda_q: float = DEFAULT_LAMBDA_Q) -> QuailConfig:
+        """The margin measured in a `felix fidelity` report (margin_from_fidelity at `quantile`)."""
+        return cls(margin_from_fidelity(report, quantile), lambda_q, quantile)
+
+
+DEFAULT_QUAIL = QuailConfig()
 
 JSON_STRUCTURE_CHARS = '{}[]":,'
 JSON_LITERALS = ("true", "false", "null")

@@ -1,8 +1,8 @@
 """`QuantLinear`: an nn.Linear whose weight stays in 4-bit ggml blocks (rq4 / iq4_nl / q4_0) and runs
 through `felix.quant_matmul`, so a model can run quantized end to end without a dequantized copy of its
 weights; and `quantize_model_linears`, which swaps a model's eligible Linears following the llama.cpp
-fork's policy (2-D weights with >= 1024 elements whose inner dimension is a multiple of 32; norms and
-embeddings stay as they are unless asked).
+fork's policy, the exporter's (felix.quant_policy: 2-D weights with >= MIN_QUANT_ELEMENTS elements whose inner
+dimension divides into the format's blocks; norms and embeddings stay as they are unless asked).
 """
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ from torch import nn
 from felix.formats import get_format
 from felix.ops.codecs import dequantize, quantize
 from felix.ops.qmatmul import quant_matmul
+from felix.quant_policy import MIN_QUANT_ELEMENTS
 from felix.reference.qmatmul import QUANT_MATMUL_FORMATS
 
-MIN_ELEMENTS = 1024  # the fork quantizes 2-D tensors with at least this many elements
+MIN_ELEMENTS = MIN_QUANT_ELEMENTS  # the fork (and the exporter) quantize 2-D tensors with at least this many elements
 EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|token_embd|lm_head|output)($|\.)")
 NORM_NAME = re.compile(r"norm", re.I)
 
 
 class QuantLinear(nn.Module):
-    """y = x @ dequantize(blocks)^T + bias, with `blocks` a uint8 buffer of ggml blocks [out, in/32*18]."""
+    """y = x @ dequantize(blocks)^T + bias, with `blocks` a uint8 buffer of ggml blocks [out, in/block*bytes]."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "rq4", bias: bool = True,
                  device=None, dtype: torch.dtype = torch.float32, backend: str | None = None):
@@ -31,10 +32,11 @@ class QuantLinear(nn.Module):
         f = get_format(fmt)
         if f.name not in QUANT_MATMUL_FORMATS:
             raise ValueError(f"QuantLinear supports {', '.join(QUANT_MATMUL_FORMATS)}, not {f.name!r}")
-        if in_features % 32:
-            raise ValueError(f"QuantLinear: in_features ({in_features}) must be a multiple of 32 (the block size)")
+        if in_features % f.block_size:
+            raise ValueError(f"QuantLinear: in_features ({in_features}) must be a multiple of {f.block_size} "
+                             f"(the {f.name} block size)")
         self.in_features, self.out_features, self.fmt, self.backend = in_features, out_features, f.name, backend
-        self.register_buffer("blocks", torch.zeros(out_features, in_features // 32 * f.bytes_per_block,
+        self.register_buffer("blocks", torch.zeros(out_features, in_features // f.block_size * f.bytes_per_block,
                                                    dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -63,8 +65,10 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def fork_policy(name: str, module: nn.Module, tied: bool, include_embeddings: bool = False) -> str | None:
-    """None if `module` (called `name`) should be quantized, else the reason it is kept."""
+def fork_policy(name: str, module: nn.Module, tied: bool, include_embeddings: bool = False,
+                fmt: str = "rq4") -> str | None:
+    """None if `module` (called `name`) should be quantized to `fmt`, else the reason it is kept: the exporter's
+    rules (felix.quant_policy) on nn.Linear modules, without its fallback types (QuantLinear holds `fmt` only)."""
     if not isinstance(module, nn.Linear):
         return "not an nn.Linear"
     if NORM_NAME.search(name):
@@ -73,8 +77,9 @@ def fork_policy(name: str, module: nn.Module, tied: bool, include_embeddings: bo
         return "an embedding / output projection (kept unless include_embeddings=True)"
     if module.weight.numel() < MIN_ELEMENTS:
         return f"fewer than {MIN_ELEMENTS} weights"
-    if module.in_features % 32:
-        return f"in_features {module.in_features} is not a multiple of 32"
+    block = get_format(fmt).block_size
+    if module.in_features % block:
+        return f"in_features {module.in_features} is not a multiple of {block}"
     return None
 
 
@@ -89,7 +94,7 @@ def quantize_model_linears(model: nn.Module, fmt: str = "rq4", include_embedding
     """
     get_format(fmt)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decide = policy or (lambda n, m, t: fork_policy(n, m, t, include_embeddings))
+    decide = policy or (lambda n, m, t: fork_policy(n, m, t, include_embeddings, fmt))
     report: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):

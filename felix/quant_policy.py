@@ -3,7 +3,7 @@
 The GGUF exporter (felix.export) writes what this module chooses, and the RQ4 fidelity harness simulates
 exactly the same choices on PyTorch weights, so "the quantized model" means one thing everywhere.
 
-The rules, in order (like the fork's policy, FACTS §5):
+The rules, in order (like the fork's policy, docs/fork.md):
 
 1. 1-D tensors (RMSNorm weights, splice gates) stay F32: llama.cpp wants F32 norms, and they are tiny.
 2. SpliceCore tensors (``blk.N.splice.<proj>.a|b``) and the fork's spoke tensors (``blk.N.spoke.*``) stay F32:

@@ -1,13 +1,15 @@
 """`felix selftest`: every Felix op on this machine's best device, against its torch reference, on random
 inputs. One row per (op, backend, case): the max error, the bound it must stay within, pass/fail and the
 time of one call. This is how a user learns in a minute that this machine's Triton / ROCm / CUDA stack
-computes correctly (FACTS.md §1 lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
+computes correctly (docs/platform-notes.md lists the RDNA3 hazards it guards against: NaNs, bf16 truncation).
 
 Ops covered: the block codecs (quantize / dequantize: every non-reference backend must produce the
 reference's exact bytes and values), quant_matmul (each backend vs a float64 product on the dequantized
 weight), attention (output and dq/dk/dv vs float64 autograd), the fused CE + QUAIL loss (loss, dL/dh,
 dL/dW vs the float64 full-logits spec) and the fused low-rank GEMM (y and every gradient). On CPU the
 cpu and reference backends run; with TRITON_INTERPRET=1 the Triton kernels run too, on tiny shapes.
+The truths are the float64 textbook references of felix/reference/ and the bounds come from
+felix/reference/tolerances.py, the same ones the tests use.
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from felix.oplib import _IMPLS, backends, triton_interpreting
+from felix.oplib import runnable_backends
+from felix.reference.attention import attention_textbook
+from felix.reference.lowrank import lowrank_textbook
+from felix.reference.spoke import spoke_textbook
+from felix.reference.tolerances import tolerances
 
 
 @dataclass
@@ -42,22 +48,6 @@ def _timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - t0
-
-
-def _runnable_backends(op: str, device: torch.device) -> list[str]:
-    status = backends()
-    names = []
-    for name in _IMPLS.get(op, {}):
-        if not status[name].available:
-            continue
-        if name == "cpu" and device.type != "cpu":
-            continue
-        if name == "hip" and device.type != "cuda":
-            continue
-        if name == "triton" and device.type == "cpu" and not triton_interpreting():
-            continue
-        names.append(name)
-    return names
 
 
 def _dtypes(backend: str, device: torch.device) -> list[torch.dtype]:
@@ -87,7 +77,7 @@ def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
         x = (torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape[0], 1, generator=gen))).to(device)
         want = felix.quantize(x.cpu(), fmt, backend="reference")
         want_values = felix.dequantize(want, fmt, shape, backend="reference")
-        for backend in _runnable_backends("quantize", device):
+        for backend in runnable_backends("quantize", device):
             if backend == "reference":
                 continue
             got, dt = _timed(lambda: felix.quantize(x, fmt, backend=backend), device)
@@ -102,7 +92,7 @@ def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
 
 # max |y - ref| / max(sum |x||w|) per activation dtype: output rounding, plus (Triton GEMM) weights rounded
 # to the activation dtype for the matrix units
-QMM_BOUNDS = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+QMM_BOUNDS = tolerances("quant_matmul")
 
 
 def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -113,7 +103,7 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
     shapes = [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816),
                                                                      (300, 2816, 1024)]
     rows = []
-    for backend in _runnable_backends("quant_matmul", device):
+    for backend in runnable_backends("quant_matmul", device):
         dtypes = _dtypes(backend, device)
         for fmt in QUANT_MATMUL_FORMATS:
             for m, n, k in shapes:
@@ -136,19 +126,7 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
 
 
 # max |error| / max(|reference|, 1) of the output and of dq/dk/dv per input dtype (fp32 dots are IEEE, no tf32)
-ATTENTION_BOUNDS = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def _attention_float64(q, k, v, causal: bool):
-    """Plain float64 softmax(q kᵀ / sqrt(d)) v with K/V repeated per group: the independent truth."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if causal:
-        t = q.shape[2]
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+ATTENTION_BOUNDS = tolerances("attention")
 
 
 def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -159,7 +137,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
     cases = [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)] if small else \
             [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
     rows = []
-    for backend in _runnable_backends("attention_fwd", device):
+    for backend in runnable_backends("attention_fwd", device):
         dtypes = _dtypes(backend, device)
         for b, h, hkv, t, d, causal in cases:
             q32 = torch.randn(b, h, t, d, generator=gen)
@@ -175,7 +153,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
 
                 got, dt = _timed(fwd_bwd, device)
                 qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-                ref_out = _attention_float64(qd, kd, vd, causal)
+                ref_out, _ = attention_textbook(qd, kd, vd, causal)
                 want = (ref_out, *torch.autograd.grad(ref_out, (qd, kd, vd), dout.double()))
                 err = _max_rel_error(got, want, floor=1.0)
                 rows.append(Check("attention", backend, str(device),
@@ -185,7 +163,7 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
 
 
 # max relative error of the loss and of dL/dh, dL/dW per input dtype (logits and their gradient in fp32)
-LOSS_BOUNDS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LOSS_BOUNDS = tolerances("linear_ce_quail")
 
 
 def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -196,7 +174,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
     small = device.type == "cpu"
     cases = [(37, 16, 301, 8)] if small else [(2048, 1024, 32000, 512)]
     rows = []
-    for backend in _runnable_backends("linear_ce_quail", device):
+    for backend in runnable_backends("linear_ce_quail", device):
         dtypes = _dtypes(backend, device)
         for n, d, v, chunk in cases:
             h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d ** 0.5
@@ -225,7 +203,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
 
 
 # max |error| / max |reference| of y and of every gradient, per input dtype
-LOWRANK_BOUNDS = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+LOWRANK_BOUNDS = tolerances("lowrank_linear")
 
 
 def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -235,7 +213,7 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
     small = device.type == "cpu"
     cases = [(21, 37, 29, 8)] if small else [(4096, 1024, 2816, 64)]
     rows = []
-    for backend in _runnable_backends("lowrank_fwd", device):
+    for backend in runnable_backends("lowrank_fwd", device):
         dtypes = _dtypes(backend, device)
         for m, k, n, r in cases:
             base = [torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5,
@@ -252,12 +230,16 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
 
                 got, dt = _timed(fwd_bwd, device)
                 xd, wd, bd, ad, bbd = (t.detach().double().requires_grad_() for t in (x, w, bias, a, b))
-                yd = xd @ wd.t() + bd + 0.75 * ((xd @ ad.t()) @ bbd.t())
+                yd = lowrank_textbook(xd, wd, [ad], [bbd], [0.75], bd)
                 want = (yd, *torch.autograd.grad(yd, (xd, wd, bd, ad, bbd), dy.double()))
                 err = _max_rel_error(got, want)
                 rows.append(Check("lowrank", backend, str(device), f"M{m} in{k} out{n} r{r} "
                                   f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOWRANK_BOUNDS[dtype], dt))
     return rows
+
+
+# the spoke: two chained low-rank products behind a rounded rmsnorm (4x the low-rank bound below fp32)
+SPOKE_BOUNDS = tolerances("spoke_residual")
 
 
 def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -267,7 +249,7 @@ def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Che
     small = device.type == "cpu"
     cases = [(21, 37, 4, 3)] if small else [(4096, 1024, 4, 64)]
     rows = []
-    for backend in _runnable_backends("spoke_fwd", device):
+    for backend in runnable_backends("spoke_fwd", device):
         for m, d, n, r in cases:
             base = [torch.randn(m, d, generator=gen), 1 + 0.3 * torch.randn(d, generator=gen),
                     torch.randn(n * r, d, generator=gen) / d ** 0.5, torch.randn(d, n * r, generator=gen) / (n * r) ** 0.5,
@@ -284,14 +266,13 @@ def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Che
 
                 got, dt = _timed(fwd_bwd, device)
                 hd, gd, wdd, wud, gbd = (t.detach().double().requires_grad_() for t in (h, g, wd, wu, gb))
-                normed = hd / torch.sqrt((hd * hd).mean(-1, keepdim=True) + 1e-5) * gd
-                yd = hd + torch.sigmoid(gbd) * (torch.nn.functional.silu(normed @ wdd.t()) @ wud.t()) / n
+                yd = spoke_textbook(hd, gd, wdd, wud, gbd, n, 1e-5)
                 want = (yd - hd.detach(), *torch.autograd.grad(yd, (hd, gd, wdd, wud, gbd), dy.double()))
                 # the update (y - h) is compared, so y's own rounding of |h| is not counted against the op
                 err = _max_rel_error(got, want)
                 rows.append(Check("spoke", backend, str(device), f"M{m} d{d} {n}x{r} "
                                   f"{str(dtype).removeprefix('torch.')} fwd+bwd", err,
-                                  LOWRANK_BOUNDS[dtype] * (4 if dtype != torch.float32 else 1), dt))
+                                  SPOKE_BOUNDS[dtype], dt))
     return rows
 
 

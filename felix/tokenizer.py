@@ -1,7 +1,7 @@
 """Felix's tokenizer: byte-level BPE (GPT-2 style byte alphabet) trained with HF `tokenizers`.
 
 Byte-level means every string round-trips and the byte tokens are GPT-2's ``bytes_to_unicode`` symbols, which
-is what a GGUF ``tokenizer.ggml.model = "gpt2"`` export needs (see FACTS §4). Special tokens come first in the
+is what a GGUF ``tokenizer.ggml.model = "gpt2"`` export needs (see docs/platform-notes.md). Special tokens come first in the
 vocabulary (ids 0..): bos, eos, pad and the chat role markers of felix/data.py. Saved as ``tokenizer.json``
 beside a checkpoint.
 """

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import random
 import resource
 import sys
@@ -34,7 +33,7 @@ from felix import model as felix_model
 from felix import qat as felix_qat
 from felix import spokes as spokes_lib
 from felix.ops.loss import whitelist_mask
-from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, margin_from_fidelity
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
 TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
@@ -125,6 +124,15 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; available presets: {', '.join(felix_model.PRESETS)}")
         if self.margin_from is not None:  # the calibrated margin replaces the given one (CalibrationError otherwise)
             self.margin = margin_from_fidelity(self.margin_from, self.margin_quantile)
+        try:
+            QuailConfig(self.margin, self.lambda_q, self.margin_quantile)  # validates the three together
+        except ValueError as e:
+            raise ValueError(f"invalid TrainConfig: {e}") from None
+
+    @property
+    def quail(self) -> QuailConfig:
+        """This run's QUAIL settings as the one config object (felix.quail.QuailConfig)."""
+        return QuailConfig(self.margin, self.lambda_q, self.margin_quantile)
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:
@@ -284,9 +292,57 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None) -> TrainResult:
-    """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run. `stop_at` stops after that
-    many optimizer steps with a checkpoint, as an interruption would (used to test exact resume)."""
+@dataclass
+class Run:
+    """One training run between steps: what build_run prepared (data, model, optimizer, whitelist) and the state the
+    loop advances (step, losses, metrics, the logging interval). train() is a small loop over train_step,
+    evaluate_interval and save_run_checkpoint on it."""
+
+    cfg: TrainConfig
+    par: object                   # felix.distributed: one process, or this rank under torchrun
+    log: object
+    out: Path
+    ckpt_dir: Path
+    device: torch.device
+    distill: bool
+    train_items: list
+    val_items: list
+    tokenizer: Tokenizer
+    train_stream: object
+    val_batches: list
+    train_eval_batches: list
+    model: torch.nn.Module
+    module: torch.nn.Module       # the model, or its loss wrapped by DDP / FSDP2
+    optimizer: torch.optim.Optimizer
+    whitelist: torch.Tensor       # the QUAIL whitelist, a [V] bool mask on the device
+    counts: dict
+    hub_fp: str | None
+    monitor: MemorizationMonitor
+    flops_per_token: float
+    peak_flops: float | None
+    decay_steps: int
+    step: int = 0
+    step_losses: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+    interval: dict = field(default_factory=lambda: _new_interval())
+    pending: list = field(default_factory=list)  # per step, on the device: [mean loss, CE sum, hinge sum]
+    per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, 1] on the device, made at the first step
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else torch.autocast("cpu", enabled=False)
+
+
+def _new_interval() -> dict:
+    return {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
+
+
+def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
+    """Everything a run needs before its first step: data and tokenizer, model (new, --init-from or resumed),
+    spokes / QAT, optimizer, the QUAIL whitelist; with `resume`, the trainer state of ``out_dir/checkpoint``."""
     from tqdm import tqdm
 
     par = felix_distributed.from_environment(cfg.parallel)  # one process unless under torchrun
@@ -362,9 +418,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     optimizer = _optimizer(model, cfg)
     use_bf16 = device.type == "cuda"
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
-
     step, step_losses, metrics = 0, [], []
     interval = {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
     monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
@@ -397,104 +450,142 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
 
-    def checkpoint():  # consolidated: full tensors gathered from every rank, written by rank 0
-        full_model, full_optimizer = par.full_model_state(model, module), par.full_optimizer_state(module, optimizer)
+    return Run(cfg, par, log, out, ckpt_dir, device, distill, train_items, val_items, tokenizer, train_stream,
+               val_batches, train_eval_batches, model, module, optimizer, whitelist, counts, hub_fp, monitor, fpt, peak,
+               decay_steps, step, step_losses, metrics, interval)
 
-        def write_state(path):
-            torch.save({"optimizer": full_optimizer, "train_stream": train_stream.state_dict(),
-                        "step": step, "step_losses": step_losses, "metrics": metrics, "interval": interval,
-                        "memorization_alerts": monitor.alerts, "torch_rng": torch.get_rng_state(),
-                        "python_rng": random.getstate(), "train_config": asdict(cfg), "hub_fingerprint": hub_fp}, path)
-        if par.is_main:
-            full = felix_distributed._StateView(full_model, model.cfg)
-            extra = {STATE_FILE: write_state}
-            if mcfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.spokes)
-                extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)
-            if cfg.qat:  # which codec the forward used, for felix export / fidelity (felix.qat)
-                extra[felix_qat.QAT_FILE] = lambda path: felix_qat.write_qat_config(path, model)
-            felix_model.save_checkpoint(ckpt_dir, full, tokenizer, extra)
-        par.barrier()
 
+def save_run_checkpoint(run: Run) -> None:
+    """The model, tokenizer and trainer state (optimizer, data cursor, RNG, history) into ``out_dir/checkpoint``,
+    consolidated: full tensors gathered from every rank, written by rank 0."""
+    cfg, par, model = run.cfg, run.par, run.model
+    full_model, full_optimizer = par.full_model_state(model, run.module), par.full_optimizer_state(run.module,
+                                                                                                   run.optimizer)
+
+    def write_state(path):
+        torch.save({"optimizer": full_optimizer, "train_stream": run.train_stream.state_dict(),
+                    "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics, "interval": run.interval,
+                    "memorization_alerts": run.monitor.alerts, "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(), "train_config": asdict(cfg), "hub_fingerprint": run.hub_fp}, path)
+    if par.is_main:
+        full = felix_distributed._StateView(full_model, model.cfg)
+        extra = {STATE_FILE: write_state}
+        if model.cfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.spokes)
+            extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)
+        if cfg.qat:  # which codec the forward used, for felix export / fidelity (felix.qat)
+            extra[felix_qat.QAT_FILE] = lambda path: felix_qat.write_qat_config(path, model)
+        felix_model.save_checkpoint(run.ckpt_dir, full, run.tokenizer, extra)
+    par.barrier()
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step (grad_accum micro-batches, clipping, AdamW at the WSD learning rate); its losses stay on the
+    device in run.pending until read_pending. Returns the learning rate used."""
+    cfg, par, device, quail = run.cfg, run.par, run.device, run.cfg.quail
+    lr = wsd_lr(run.step, cfg.steps, cfg.lr, cfg.warmup_steps, run.decay_steps, cfg.final_lr_fraction)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    sums = torch.zeros(3, device=device)
+    for i, (x, y) in enumerate(par.my_micro_batches(run.train_stream, cfg.batch_size, cfg.grad_accum)):
+        with par.gradient_sync(run.module, last=i == cfg.grad_accum - 1):  # no_sync but on the last
+            with run.autocast():
+                parts = run.module.loss(_to_device(x, device), _to_device(y, device), run.whitelist, quail.margin,
+                                        quail.lambda_q)
+            (parts.loss / cfg.grad_accum).backward()
+        sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
+        run.interval["n"] += 1
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.per_step is None:  # made once (a host-to-device copy): the loss is the mean over micro-batches
+        run.per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)
+    run.pending.append(sums * run.per_step)
+    run.step += 1
+    return lr
+
+
+def read_pending(run: Run) -> None:
+    """The one host sync of an interval (also what makes its seconds honest on a GPU): the pending per-step losses,
+    averaged over ranks, into step_losses and the interval sums."""
+    for loss, ce, hinge in (run.par.mean_over_ranks(torch.stack(run.pending)).tolist() if run.pending else []):
+        run.step_losses.append(loss)
+        run.interval["ce"] += ce
+        run.interval["hinge"] += hinge
+    run.pending.clear()
+
+
+def evaluate_interval(run: Run, lr: float) -> dict:
+    """The metrics record of the interval that ends at this step: train/val losses (validation and fixed train
+    windows with the same weights), throughput, MFU, memory, corpus position and the memorization check; appended
+    to metrics.jsonl as it happens. Starts a new interval."""
+    cfg, par, device = run.cfg, run.par, run.device
+    interval, stream = run.interval, run.train_stream
+    tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
+    record = {"step": run.step, "lr": lr,
+              "train_loss": sum(run.step_losses[-cfg.eval_every:]) / min(cfg.eval_every, len(run.step_losses)),
+              "train_ce": interval["ce"] / interval["n"], "train_hinge": interval["hinge"] / interval["n"],
+              **evaluate(run.module, run.val_batches, device, run.whitelist, cfg, run.autocast),
+              "train_eval_ce": evaluate(run.module, run.train_eval_batches, device, run.whitelist, cfg,
+                                        run.autocast)["val_ce"],
+              "tokens_per_s": tokens_per_s,
+              "mfu": tokens_per_s * run.flops_per_token / (run.peak_flops * par.world_size) if run.peak_flops else None,
+              "peak_memory_mb": _peak_memory_mb(device),
+              "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
+              "corpus_wraps": stream.wraps,
+              "epoch_progress": stream.position / stream.n_windows}
+    alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps)
+    record["memorization"] = alert is not None
+    if alert and par.is_main:
+        banner = "!" * 100
+        run.log(f"{banner}\n{alert}\n{banner}")
+        warnings.warn(alert, RuntimeWarning, stacklevel=3)
+    run.metrics.append(record)
+    if par.is_main:
+        with open(run.out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
+            f.write(json.dumps(record) + "\n")
+    run.interval = _new_interval()
+    mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+    run.log(f"step {run.step}: train CE {record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}; now "
+            f"{record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s"
+            f"{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps {stream.wraps}")
+    return record
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None) -> TrainResult:
+    """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run. `stop_at` stops after that
+    many optimizer steps with a checkpoint, as an interruption would (used to test exact resume)."""
+    from tqdm import tqdm
+
+    run = build_run(cfg, resume, log)
+    par, out = run.par, run.out
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     if par.is_main:
         with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint
-            f.writelines(json.dumps(record) + "\n" for record in metrics)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
+            f.writelines(json.dumps(record) + "\n" for record in run.metrics)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step",
                disable=not (sys.stderr.isatty() and par.is_main))
-    model.train()
-    per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)  # loss: the mean over micro-batches
-    pending = []  # per step, on the device: [mean loss, CE sum, hinge sum] -- read once per logging interval
-
-    def read_pending():  # the one host sync of an interval (also what makes its seconds honest on a GPU)
-        for loss, ce, hinge in (par.mean_over_ranks(torch.stack(pending)).tolist() if pending else []):
-            step_losses.append(loss)
-            interval["ce"] += ce
-            interval["hinge"] += hinge
-        pending.clear()
-
-    while step < end:
+    run.model.train()
+    while run.step < end:
         t0 = time.perf_counter()
-        lr = wsd_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, decay_steps, cfg.final_lr_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = torch.zeros(3, device=device)
-        for i, (x, y) in enumerate(par.my_micro_batches(train_stream, cfg.batch_size, cfg.grad_accum)):
-            with par.gradient_sync(module, last=i == cfg.grad_accum - 1):  # no_sync but on the last
-                with autocast():
-                    parts = module.loss(_to_device(x, device), _to_device(y, device), whitelist, cfg.margin,
-                                        cfg.lambda_q)
-                (parts.loss / cfg.grad_accum).backward()
-            sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
-            interval["n"] += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(sums * per_step)
-        step += 1
+        lr = train_step(run)
+        step = run.step
         if step % cfg.eval_every == 0 or step in (cfg.steps, end) or (cfg.checkpoint_every and
                                                                        step % cfg.checkpoint_every == 0):
-            read_pending()
-        interval["seconds"] += time.perf_counter() - t0
-        interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
+            read_pending(run)
+        run.interval["seconds"] += time.perf_counter() - t0
+        run.interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
         bar.update(1)
-        if step_losses and not bar.disable:
-            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.2e}")
-
+        if run.step_losses and not bar.disable:
+            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
-            record = {"step": step, "lr": lr, "train_loss": sum(step_losses[-cfg.eval_every:]) / min(cfg.eval_every, len(step_losses)),
-                      "train_ce": interval["ce"] / interval["n"], "train_hinge": interval["hinge"] / interval["n"],
-                      **evaluate(module, val_batches, device, whitelist, cfg, autocast),
-                      "train_eval_ce": evaluate(module, train_eval_batches, device, whitelist, cfg, autocast)["val_ce"],
-                      "tokens_per_s": tokens_per_s,
-                      "mfu": tokens_per_s * fpt / (peak * par.world_size) if peak else None,
-                      "peak_memory_mb": _peak_memory_mb(device),
-                      "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
-                      "corpus_wraps": train_stream.wraps,
-                      "epoch_progress": train_stream.position / train_stream.n_windows}
-            alert = monitor.check(step, record["train_eval_ce"], record["val_ce"], train_stream.wraps)
-            record["memorization"] = alert is not None
-            if alert and par.is_main:
-                banner = "!" * 100
-                log(f"{banner}\n{alert}\n{banner}")
-                warnings.warn(alert, RuntimeWarning, stacklevel=2)
-            metrics.append(record)
-            if par.is_main:
-                with open(out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
-                    f.write(json.dumps(record) + "\n")
-            interval = {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
-            mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-            log(f"step {step}: train CE {record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}; now "
-                f"{record['train_eval_ce']:.4f}), val CE "
-                       f"{record['val_ce']:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s{mfu}, peak "
-                       f"{record['peak_memory_mb']:.0f} MB, corpus wraps {train_stream.wraps}")
+            evaluate_interval(run, lr)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
-            checkpoint()
+            save_run_checkpoint(run)
     bar.close()
-    checkpoint()
+    save_run_checkpoint(run)
     if par.is_main:
-        save_loss_curve(out / PLOT_FILE, step_losses, metrics)
+        save_loss_curve(out / PLOT_FILE, run.step_losses, run.metrics)
     par.close()
-    log(f"{'stopped' if step < cfg.steps else 'finished'} at step {step}; checkpoint {ckpt_dir}, metrics "
-        f"{out / METRICS_FILE}, plot {out / PLOT_FILE}")
-    return TrainResult(out, step_losses, metrics, list(monitor.alerts), counts)
+    run.log(f"{'stopped' if run.step < cfg.steps else 'finished'} at step {run.step}; checkpoint {run.ckpt_dir}, "
+            f"metrics {out / METRICS_FILE}, plot {out / PLOT_FILE}")
+    return TrainResult(out, run.step_losses, run.metrics, list(run.monitor.alerts), run.counts)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
+from felix.oplib import arch_key
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634

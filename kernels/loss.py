@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
+from felix.oplib import arch_key
 from felix.reference.loss import chunk_logits, finish_parts, logits_weight, row_weights
 
 # BLOCK_V: vocabulary elements per step of a row's sweep; chunk_logits_bytes: the fp32 logits of one

@@ -1,11 +1,12 @@
 """Triton W4A16 matmul: y[M, N] = x[M, K] @ dequantize(W[N, K])^T with W kept in 4-bit ggml blocks
-(q4_0, iq4_nl, rq4: an fp16 scale + 16 index bytes per 32 weights, 4.5 bits/weight), decoded in
+(the table's "halves" and "pairs" formats: an fp16 scale + QK/2 index bytes per QK weights), decoded in
 registers: packed bytes -> nibbles -> 16-entry value table (a kernel argument, from
-felix.reference.qmatmul.four_bit_layout, so formats.py stays the one source) -> times the fp16 scale.
+felix.reference.qmatmul.four_bit_layout) -> times the fp16 scale. The block geometry (QK, BLOCK_BYTES, the scale
+and index offsets) is read from felix/formats.py into module-level constexprs, so formats.py stays the one source.
 
 The two nibbles of a byte never have to be interleaved back into element order: the low nibbles of
-a tile form one [BN, NB*16] operand and the high nibbles another, and the activations are loaded in
-the matching order (element 32b + 2j / 32b + 2j + 1 for "pairs" layouts, 32b + j / 32b + j + 16 for
+a tile form one [BN, NB*HALF] operand and the high nibbles another, and the activations are loaded in
+the matching order (element QK b + 2j / QK b + 2j + 1 for "pairs" layouts, QK b + j / QK b + j + HALF for
 "halves"), so y = x_lo @ w_lo^T + x_hi @ w_hi^T.
 
 * GEMV (decode, M <= 8): bandwidth-bound. A program owns BN output columns and one K range (split-K
@@ -14,7 +15,7 @@ the matching order (element 32b + 2j / 32b + 2j + 1 for "pairs" layouts, 32b + j
 * GEMM (prefill): BM x BN tiles, weights dequantized to the activation dtype and fed to tl.dot
   (WMMA on RDNA3, mma on Hopper) with fp32 accumulation; fp32 activations use input_precision="ieee".
 
-Ragged M and N are masked; K must be a multiple of 32 (whole blocks; the op layer says so).
+Ragged M and N are masked; K must be a multiple of QK (whole blocks; the op layer says so).
 """
 from __future__ import annotations
 
@@ -22,14 +23,26 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key, triton_interpreting  # noqa: F401  (arch_key: one rule for every kernel family)
-from felix.reference.qmatmul import decode_table, four_bit_layout
+from felix.oplib import arch_key
+from felix.reference.qmatmul import QUANT_MATMUL_FORMATS, decode_table, four_bit_layout
 
-BYTES_PER_BLOCK = 18
+
+def _shared_geometry():
+    """(weights per block, bytes per block, scale offset, index offset), the same for every 4-bit format the
+    kernels take (they differ only in value table and nibble order, kernel arguments), read off the format table."""
+    geometries = {name: (lay.block_size, lay.bytes_per_block, lay.scale_offset, lay.qs_offset)
+                  for name, lay in ((n, four_bit_layout(n)) for n in QUANT_MATMUL_FORMATS)}
+    if len(set(geometries.values())) != 1:
+        raise ImportError(f"kernels/qmatmul.py decodes one block geometry; the 4-bit formats differ: {geometries}")
+    return tuple(tl.constexpr(v) for v in next(iter(geometries.values())))
+
+
+QK, BLOCK_BYTES, SCALE_OFFSET, QS_OFFSET = _shared_geometry()
+HALF = tl.constexpr(QK // 2)   # index bytes per block: one nibble per weight
 GEMV_MAX_M = 8  # decode: up to 8 tokens take the GEMV path
 
-# Launch configurations per architecture, as data. gemv: BN output columns x NB blocks (32 weights)
-# per step at M = 1 (NB shrinks as M grows, keeping the [M, BN, NB*16] product in registers).
+# Launch configurations per architecture, as data. gemv: BN output columns x NB blocks (QK weights each)
+# per step at M = 1 (NB shrinks as M grows, keeping the [M, BN, NB*HALF] product in registers).
 # gemm: BM x BN tiles, NB blocks per K step, GROUP_M for L2-friendly program order.
 LAUNCH_CONFIGS = {
     "interpreter": {"gemv": {"BN": 8, "NB": 2, "num_warps": 1},
@@ -49,27 +62,27 @@ PROGRAMS_PER_CU = 8
 @triton.jit
 def _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS: tl.constexpr,
                  BN: tl.constexpr, NB: tl.constexpr):
-    """Blocks kb0 .. kb0+NB-1 of rows `rn`, decoded to fp32: (w_lo, w_hi) [BN, NB*16] holding the low and
-    high nibbles' weights, their K offsets k_lo, k_hi [NB*16], and the K mask [NB*16]."""
-    j = tl.arange(0, 16)
+    """Blocks kb0 .. kb0+NB-1 of rows `rn`, decoded to fp32: (w_lo, w_hi) [BN, NB*HALF] holding the low and
+    high nibbles' weights, their K offsets k_lo, k_hi [NB*HALF], and the K mask [NB*HALF]."""
+    j = tl.arange(0, HALF)
     b = kb0 + tl.arange(0, NB)
     bmask = b < kb_end
     m3 = nmask[:, None, None] & bmask[None, :, None]
-    blk = w_ptr + rn.to(tl.int64)[:, None, None] * row_bytes + (b * 18)[None, :, None]   # [BN, NB, 1]
-    q = tl.load(blk + 2 + j[None, None, :], mask=m3, other=0).to(tl.int32)                # [BN, NB, 16]
-    lo16 = tl.load(blk, mask=m3, other=0).to(tl.uint16)
-    hi16 = tl.load(blk + 1, mask=m3, other=0).to(tl.uint16)
-    d = (lo16 | (hi16 << 8)).to(tl.float16, bitcast=True).to(tl.float32)                  # [BN, NB, 1]
-    w_lo = tl.reshape(tl.load(lut_ptr + (q & 0xF)) * d, (BN, NB * 16))
-    w_hi = tl.reshape(tl.load(lut_ptr + (q >> 4)) * d, (BN, NB * 16))
-    c = tl.arange(0, NB * 16)
-    kblk = kb0 + c // 16
+    blk = w_ptr + rn.to(tl.int64)[:, None, None] * row_bytes + (b * BLOCK_BYTES)[None, :, None]  # [BN, NB, 1]
+    q = tl.load(blk + QS_OFFSET + j[None, None, :], mask=m3, other=0).to(tl.int32)              # [BN, NB, HALF]
+    lo16 = tl.load(blk + SCALE_OFFSET, mask=m3, other=0).to(tl.uint16)
+    hi16 = tl.load(blk + SCALE_OFFSET + 1, mask=m3, other=0).to(tl.uint16)
+    d = (lo16 | (hi16 << 8)).to(tl.float16, bitcast=True).to(tl.float32)                         # [BN, NB, 1]
+    w_lo = tl.reshape(tl.load(lut_ptr + (q & 0xF)) * d, (BN, NB * HALF))
+    w_hi = tl.reshape(tl.load(lut_ptr + (q >> 4)) * d, (BN, NB * HALF))
+    c = tl.arange(0, NB * HALF)
+    kblk = kb0 + c // HALF
     if PAIRS:
-        k_lo = kblk * 32 + 2 * (c % 16)
+        k_lo = kblk * QK + 2 * (c % HALF)
         k_hi = k_lo + 1
     else:
-        k_lo = kblk * 32 + c % 16
-        k_hi = k_lo + 16
+        k_lo = kblk * QK + c % HALF
+        k_hi = k_lo + HALF
     return w_lo, w_hi, k_lo, k_hi, kblk < kb_end
 
 
@@ -84,9 +97,9 @@ def _qmm_gemv(x_ptr, w_ptr, lut_ptr, part_ptr, M, N, K, stride_xm, kb_per_split,
     nmask = rn < N
     rm = tl.arange(0, BM)
     mmask = rm < M
-    row_bytes = (K // 32) * 18
+    row_bytes = (K // QK) * BLOCK_BYTES
     kb_start = pid_k * kb_per_split
-    kb_end = tl.minimum(kb_start + kb_per_split, K // 32)
+    kb_end = tl.minimum(kb_start + kb_per_split, K // QK)
     acc = tl.zeros((BM, BN), tl.float32)
     for kb0 in range(kb_start, kb_end, NB):
         w_lo, w_hi, k_lo, k_hi, kmask = _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes,
@@ -117,8 +130,8 @@ def _qmm_gemm(x_ptr, w_ptr, lut_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
     nmask = rn < N
-    kb_total = K // 32
-    row_bytes = kb_total * 18
+    kb_total = K // QK
+    row_bytes = kb_total * BLOCK_BYTES
     xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BM, BN), tl.float32)
     for kb0 in range(0, kb_total, NB):
@@ -165,7 +178,7 @@ def choose_split_k(n_tiles: int, k_blocks: int, nb: int, device: torch.device) -
 
 def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int,
                  path: str | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [M, K] (fp32/fp16/bf16, K % 32 == 0) @ dequantize(blocks [N, K/32*18])^T -> [M, N], x's dtype.
+    """x [M, K] (fp32/fp16/bf16, K a multiple of the block) @ dequantize(blocks [N, K/QK*BLOCK_BYTES])^T -> [M, N].
 
     `path` ("gemv" or "gemm") and `split_k` override the automatic choice (M <= 8 -> gemv), for tests."""
     layout = four_bit_layout(fmt)
@@ -186,7 +199,7 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
             raise ValueError(f"the GEMV path takes at most {GEMV_MAX_M} rows, got {m}")
         cfg = gemv_config(m, key)
         n_tiles = triton.cdiv(n, cfg["BN"])
-        k_blocks = k // 32
+        k_blocks = k // QK
         split = split_k or choose_split_k(n_tiles, k_blocks, cfg["NB"], x.device)
         kb_per_split = triton.cdiv(triton.cdiv(k_blocks, split), cfg["NB"]) * cfg["NB"]
         split = triton.cdiv(k_blocks, kb_per_split)

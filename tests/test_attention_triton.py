@@ -8,6 +8,8 @@ the GPU tier. Each case runs in an isolated worker (an out-of-bounds access woul
 import pytest
 import torch
 
+from felix.reference.tolerances import tolerance
+
 # (B, H, H_kv, T_q, T_k, D, causal)
 CASES = [
     (1, 4, 2, 19, 19, 32, True),     # GQA, ragged, causal
@@ -20,20 +22,12 @@ CASES = [
 ]
 
 
-def float64_attention(q, k, v, causal, scale):
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = q @ k.transpose(-1, -2) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
-
-
 def case_errors(case, dtype_name: str, seed: int):
     """Runs in the interpreter worker: max |kernel - float64| for out, lse, dq, dk, dv, relative to the
     largest |reference| value of each (at least 1: with one key, dq and dk are exactly 0), through
     felix.attention(backend='triton') and autograd."""
     import felix
+    from felix.reference.attention import attention_textbook
 
     B, H, H_kv, T_q, T_k, D, causal = case
     dtype = getattr(torch, dtype_name)
@@ -48,7 +42,7 @@ def case_errors(case, dtype_name: str, seed: int):
     out.backward(dout.to(dtype))
     _, lse = felix.ops.attention._attention_fwd_op(q, k, v, causal, scale, "triton")
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = float64_attention(*ref_leaves, causal, scale)
+    ref_out, ref_lse = attention_textbook(*ref_leaves, causal, scale)
     ref_out.backward(dout.to(dtype).double())
     pairs = {"out": (out, ref_out), "lse": (lse, ref_lse)}
     pairs.update({f"d{n}": (t.grad, r.grad) for n, t, r in zip("qkv", leaves, ref_leaves)})
@@ -63,7 +57,7 @@ def case_errors(case, dtype_name: str, seed: int):
 # Relative max error bars (measured: fp32 <= 8e-7, fp16 <= 5.5e-4): fp32 math is exact to ~1e-6; fp16
 # inputs keep fp32 accumulation, and the fp16 rounding of P / dS before their dots and of the outputs
 # costs about one fp16 ulp (2^-11 = 4.9e-4).
-BARS = {"float32": 5e-6, "float16": 2e-3}
+BARS = {name: tolerance("attention/interpreter", getattr(torch, name)) for name in ("float32", "float16")}
 
 
 # Every case in fp32 and fp16, except head_dim 128 (fp32 only: one such case is enough under the slow interpreter)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import felix
-from loss_truth import make_case, naive_loss
+from felix.reference.loss import textbook_loss
+from felix.testing.loss_cases import make_case
 
 BF16 = torch.bfloat16
 U_BF16 = 2.0 ** -8  # bf16 unit roundoff: 8 significant bits
@@ -25,7 +26,7 @@ def _truth_with_dz(hb, wb, bb, t, wl, margin, lambda_q, z_loss):
     """float64 truth on the (already bf16-rounded) operands, and dL/dz for the rounding bounds."""
     z = (hb.double() @ wb.double().t() + (bb.double() if bb is not None else 0)).requires_grad_()
     eye = torch.eye(z.shape[1], dtype=torch.float64)
-    parts = naive_loss(z, eye, t, wl, margin, lambda_q, z_loss)  # z @ I = z: the truth as a function of logits
+    parts = textbook_loss(z, eye, t, wl, margin, lambda_q, z_loss)  # z @ I = z: the truth as a function of logits
     (dz,) = torch.autograd.grad(parts[0], z)
     return parts, dz
 

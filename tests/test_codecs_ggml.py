@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import felix
-from felix.formats import FORMATS, get_format
+from felix.formats import FORMATS, RUNTIME_TYPES, get_format
 from felix.testing import ggml_c
 
-STOCK = [n for n in FORMATS if n != "rq4"]
+STOCK = list(RUNTIME_TYPES["stock"])
 ALL = list(FORMATS)
 
 ok, why = ggml_c.available()

@@ -4,13 +4,13 @@ log-probabilities and the QUAIL term against full logits, and tiny SODA runs who
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from felix import data, distill
 from felix.model import FelixConfig, FelixLM, save_checkpoint
+from felix.reference.dpo import textbook_dpo
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
 COLOURS = ("red", "green", "blue", "amber", "violet", "grey")
@@ -141,23 +141,13 @@ def test_agreement_report_numbers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- DPO
-def _textbook_dpo(pc, pr, rc, rr, beta):
-    """-log sigmoid(x), x = beta((pc - rc) - (pr - rr)), in Python float64, and d loss / d pc (= -beta sigma(-x) / B)."""
-    losses, grads = [], []
-    for a, b, c, d in zip(pc, pr, rc, rr):
-        x = beta * ((a - c) - (b - d))
-        losses.append(math.log1p(math.exp(-x)) if x > 0 else -x + math.log1p(math.exp(x)))
-        grads.append(-beta / (1.0 + math.exp(x)) / len(pc))
-    return sum(losses) / len(losses), grads
-
-
 @pytest.mark.parametrize("beta", [0.05, 0.1, 1.0])
 def test_dpo_loss_matches_the_textbook_formula_in_float64(seed, beta):
     g = torch.Generator().manual_seed(seed)
     pc, pr, rc, rr = (-50 * torch.rand(16, generator=g, dtype=torch.float64) for _ in range(4))
     pc.requires_grad_(True)
     out = distill.dpo_loss(pc, pr, rc, rr, beta)
-    want, want_grad = _textbook_dpo(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), beta)
+    want, want_grad = textbook_dpo(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), beta)
     assert out.loss.dtype == torch.float64
     assert float(out.loss.detach()) == pytest.approx(want, rel=1e-12, abs=1e-14)
     out.loss.backward()

@@ -4,7 +4,8 @@ import torch
 
 import felix
 from felix import _ext
-from felix.formats import FORMATS, IQ4_NL_VALUES, RQ4_CODEBOOK, get_format
+from felix.formats import (FILE_TYPES, FORMATS, IQ4_NL_VALUES, LARGEST_BLOCK, RQ4_CODEBOOK, RUNTIME_TYPES,
+                           formats_with_packing, get_format)
 
 
 def test_table_matches_gguf_py():
@@ -12,11 +13,52 @@ def test_table_matches_gguf_py():
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     for f in FORMATS.values():
-        if f.name == "rq4":
-            continue  # type 42 exists only in the Felix llama.cpp fork
+        if f.runtime == "fork":
+            continue  # RQ4 (type 42) exists only in the Felix llama.cpp fork
         t = GGMLQuantizationType[f.ggml_name]
         assert int(t) == f.ggml_type
         assert GGML_QUANT_SIZES[t] == (f.block_size, f.bytes_per_block)
+
+
+def test_file_types_match_gguf_py():
+    """Each stock format's llama_ftype is gguf-py's LlamaFileType.MOSTLY_<NAME>; the float types' too."""
+    pytest.importorskip("gguf")
+    from gguf.constants import LlamaFileType
+
+    for f in FORMATS.values():
+        if f.runtime == "fork":
+            assert f.llama_file_type is None and f.name not in FILE_TYPES  # the fork's ftype is not public
+            continue
+        assert f.llama_file_type == int(LlamaFileType[f"MOSTLY_{f.ggml_name}"]) == FILE_TYPES[f.name]
+    assert [FILE_TYPES[t] for t in ("f32", "f16", "bf16")] == \
+        [int(LlamaFileType.ALL_F32), int(LlamaFileType.MOSTLY_F16), int(LlamaFileType.MOSTLY_BF16)]
+
+
+def test_derived_lists_follow_the_table():
+    assert RUNTIME_TYPES["stock"] == ("q8_0", "q4_0", "iq4_nl", "tq2_0") and set(RUNTIME_TYPES["fork"]) == set(FORMATS)
+    assert formats_with_packing("halves", "pairs") == ("q4_0", "iq4_nl", "rq4")
+    assert LARGEST_BLOCK == 256
+
+
+def test_scale_and_index_bytes_are_where_gguf_py_reads_them():
+    """Decode with gguf-py's own dequantizers blocks whose bytes are set through the table's slices: a block of
+    scale 1 whose every index byte is the same value decodes to the values gguf-py's layout implies."""
+    pytest.importorskip("gguf")
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    one = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    for f in FORMATS.values():
+        if f.runtime == "fork":
+            continue
+        block = torch.zeros(1, f.bytes_per_block, dtype=torch.uint8)
+        block[0, f.scale_slice] = one
+        block[0, f.qs_slice] = 0x01  # index 1 in the low bits of every byte (q8_0: the int8 value 1)
+        got = dequantize(block.numpy(), GGMLQuantizationType[f.ggml_name]).reshape(-1)
+        want = felix.dequantize(block, f.name, [f.block_size], backend="reference").numpy()
+        np.testing.assert_array_equal(got, want)
+        assert np.ptp(got) > 0 or f.packing == "int8", f.name  # the packing matters: not every element is equal
 
 
 def test_rq4_is_the_fork_type_and_codebook():

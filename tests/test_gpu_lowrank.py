@@ -4,11 +4,13 @@ import pytest
 import torch
 
 import felix
-from lowrank_truth import grad_errors, leaves_of, make_case, truth_grads
+from felix.reference.lowrank import grad_errors, leaves_of, truth_grads
+from felix.testing.lowrank_cases import make_case
+from felix.reference.tolerances import tolerances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU on this machine")
 
-BARS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BARS = tolerances("lowrank_linear/gpu")
 
 
 def to_cuda(case):

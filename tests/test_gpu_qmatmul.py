@@ -1,19 +1,20 @@
 """GPU tier: the Triton kernels and the compiled HIP/CUDA extension (felix._C_gpu, when built) against a
 float64 reference on the dequantized weights, at decode (M 1-8) and prefill shapes with ragged M and N,
-for fp32/fp16/bf16 activations; NaN/Inf checks (known RDNA3 hazards, FACTS.md §1). Skipped without a GPU.
+for fp32/fp16/bf16 activations; NaN/Inf checks (known RDNA3 hazards, docs/platform-notes.md). Skipped without a GPU.
 """
 import pytest
 import torch
 
 import felix
 from felix.reference.qmatmul import QUANT_MATMUL_FORMATS
+from felix.reference.tolerances import tolerances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU on this machine")
 
 SHAPES = [(1, 1024, 1024), (3, 2816, 1024), (8, 1000, 2816), (37, 1024, 2816), (300, 517, 1024)]
 # relative-to-sum|x||w| bound per activation dtype: output rounding plus (GEMM path) the weights
 # rounded to the activation dtype before tl.dot / fp32 FMA sums in the HIP kernels
-BOUND = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+BOUND = tolerances("quant_matmul/gpu")
 
 
 def check(y, x, wd, dtype):

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 import felix
-from spoke_truth import NAMES, make_case, rel, truth
+from felix.reference.spoke import SPOKE_INPUTS, truth_grads
+from felix.reference.tolerances import max_relative_error, tolerances
+from felix.testing.spoke_cases import make_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU on this machine")
 
-BARS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BARS = tolerances("spoke_residual/gpu")
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
@@ -18,14 +20,14 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfl
 def test_fused_spoke_on_gpu(seed, dtype, d, n_spokes, rank):
     case = make_case(seed, lead=(4, 509), d=d, n_spokes=n_spokes, rank=rank, dtype=dtype)
     cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    leaves = [cuda[k].detach().clone().requires_grad_() for k in NAMES]
+    leaves = [cuda[k].detach().clone().requires_grad_() for k in SPOKE_INPUTS]
     y = felix.spoke_residual(*leaves, n_spokes, case["eps"], backend="triton")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, dy)
-    want_y, want = truth(case, dy.cpu())
+    want_y, want = truth_grads(case, dy.cpu())
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     update = (want_y - case["h"].double()).abs().max()
     excess = ((y.detach().double().cpu() - want_y).abs() - UNIT_ROUNDOFF[dtype] * want_y.abs()).max() / update
     assert excess <= BARS[dtype]
-    for k, g in zip(NAMES, grads):
-        assert rel(g, want[k]) <= 4 * BARS[dtype], k
+    for k, g in zip(SPOKE_INPUTS, grads):
+        assert max_relative_error(g, want[k]) <= 4 * BARS[dtype], k

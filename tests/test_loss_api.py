@@ -1,5 +1,5 @@
 """felix.linear_ce_quail (reference backend = the chunked torch path) and the spec, against textbook
-float64 math (tests/loss_truth.py): loss parts and gradients of h, W, bias; exact margins and ties; huge
+float64 math (felix.reference.loss.textbook_loss): loss parts and gradients of h, W, bias; exact margins and ties; huge
 logits; bf16; clear errors; torch.library well-formedness; the whitelist helper."""
 import pytest
 import torch
@@ -8,7 +8,11 @@ import felix
 from felix.ops import loss as loss_ops
 from felix.quail import build_whitelist, describe_whitelist
 from felix.reference.loss import full_logits_loss
-from loss_truth import HUGE_LOGITS_TOL, clear_margin, cross_tile_tie_case, exact_case, make_case, naive_loss
+from felix.reference.loss import clear_margin, textbook_loss
+from felix.reference.tolerances import tolerance, tolerances
+from felix.testing.loss_cases import cross_tile_tie_case, exact_case, make_case
+
+HUGE_LOGITS_TOL = tolerance("linear_ce_quail/huge_logits", torch.float32)
 
 HP = dict(margin=2.0, lambda_q=0.3, z_loss=1e-2)
 
@@ -23,7 +27,7 @@ def run_felix(h, w, b, t, wl, backend="reference", chunk_size=None, **hp):
 
 def run_truth(h, w, b, t, wl, **hp):
     leaves = [x.detach().double().requires_grad_() for x in (h, w)] + ([b.detach().double().requires_grad_()] if b is not None else [])
-    parts = naive_loss(leaves[0], leaves[1], t, wl, hp["margin"], hp["lambda_q"], hp["z_loss"],
+    parts = textbook_loss(leaves[0], leaves[1], t, wl, hp["margin"], hp["lambda_q"], hp["z_loss"],
                        leaves[2] if b is not None else None)
     return parts, torch.autograd.grad(parts[0], leaves)
 
@@ -45,7 +49,7 @@ def assert_close(out, grads, truth, tgrads, tol):
     (29, 24, 301, "all", True, 5),
     (16, 8, 31, "empty", True, 16),
 ])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("dtype,tol", tolerances("linear_ce_quail/reference").items())
 def test_reference_backend_matches_float64_truth(seed, n, d, v, whitelist, bias, chunk, dtype, tol):
     h, w, b, t, wl = make_case(seed, n, d, v, whitelist, bias=bias, dtype=dtype)
     hp = HP | dict(margin=clear_margin(h, w, b, t))
@@ -57,7 +61,7 @@ def test_reference_backend_matches_float64_truth(seed, n, d, v, whitelist, bias,
 def test_the_spec_matches_textbook_math(seed):
     h, w, b, t, wl = make_case(seed, 23, 12, 41, "random", dtype=torch.float64)
     spec = full_logits_loss(h, w, t, wl, bias=b, **HP)
-    truth = naive_loss(h, w, t, wl, HP["margin"], HP["lambda_q"], HP["z_loss"], b)
+    truth = textbook_loss(h, w, t, wl, HP["margin"], HP["lambda_q"], HP["z_loss"], b)
     for got, want in zip(spec, truth):
         assert abs(float(got) - float(want)) < 1e-12
 

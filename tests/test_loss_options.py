@@ -1,13 +1,15 @@
 """The loss options peers offer (Liger-Kernel's fused linear cross-entropy): reduction mean / sum / none,
 label smoothing, logit softcap -- the spec (felix.reference.loss.full_logits_loss) and the chunked reference
-backend against textbook float64 math (tests/loss_truth.py: F.cross_entropy's own label smoothing, tanh
+backend against textbook float64 math (felix.reference.loss.textbook_loss: F.cross_entropy's own label smoothing, tanh
 softcap, the hinge one row at a time). The Triton backend's cases are in tests/test_loss_triton.py."""
 import pytest
 import torch
 
 import felix
 from felix.reference.loss import full_logits_loss
-from loss_truth import clear_margin, make_case, naive_loss
+from felix.reference.loss import clear_margin, textbook_loss
+from felix.testing.loss_cases import make_case
+from felix.reference.tolerances import tolerances
 
 OPTIONS = [(r, ls, cap) for r in ("mean", "sum", "none") for ls, cap in ((0.0, 0.0), (0.1, 0.0), (0.0, 3.0), (0.2, 4.0))]
 HP = dict(lambda_q=0.3, z_loss=1e-2)
@@ -15,8 +17,8 @@ HP = dict(lambda_q=0.3, z_loss=1e-2)
 
 def _truth(h, w, b, t, wl, margin, reduction, ls, cap, upstream=None):
     leaves = [x.double().requires_grad_() for x in (h, w, b)]
-    out = naive_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
-                     softcap=cap, **HP)
+    out = textbook_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
+                        softcap=cap, **HP)
     total = (out[0] * upstream).sum() if upstream is not None else out[0]
     return out, torch.autograd.grad(total, leaves)
 
@@ -29,7 +31,7 @@ def _capped_margin(h, w, b, t, cap):
 
 
 @pytest.mark.parametrize("reduction,ls,cap", OPTIONS, ids=lambda x: str(x))
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("dtype,tol", tolerances("linear_ce_quail/reference").items())
 def test_reference_backend_options_match_float64(seed, reduction, ls, cap, dtype, tol):
     h, w, b, t, wl = make_case(seed, 29, 12, 61, "random", dtype=dtype)
     h = h * 3  # logits of a few units: the softcap bites

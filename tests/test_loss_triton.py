@@ -1,4 +1,5 @@
-"""The Triton fused CE + QUAIL loss under the interpreter, against textbook float64 math (tests/loss_truth.py).
+"""The Triton fused CE + QUAIL loss under the interpreter, against textbook float64 math
+(felix.reference.loss.textbook_loss).
 
 Each case runs in an isolated worker (TRITON_INTERPRET=1) and returns the loss parts and gradients;
 the float64 truth is computed here. Shapes are tiny and ragged: V not a multiple of the vocabulary tile
@@ -9,7 +10,11 @@ wrong, so the kernel only ever sees fp32 logits there).
 import pytest
 import torch
 
-from loss_truth import HUGE_LOGITS_TOL, clear_margin, cross_tile_tie_case, exact_case, make_case, naive_loss
+from felix.reference.loss import clear_margin, textbook_loss
+from felix.reference.tolerances import tolerance, tolerances
+from felix.testing.loss_cases import cross_tile_tie_case, exact_case, make_case
+
+HUGE_LOGITS_TOL = tolerance("linear_ce_quail/huge_logits", torch.float32)
 
 HP = dict(lambda_q=0.3, z_loss=1e-2)
 
@@ -29,7 +34,7 @@ def triton_loss(h, w, b, t, wl, chunk_size, margin, lambda_q, z_loss):
 def check(result, h, w, b, t, wl, margin, lambda_q, z_loss, tol):
     parts, active, grads, _ = result
     leaves = [x.double().requires_grad_() for x in (h, w)] + ([b.double().requires_grad_()] if b is not None else [])
-    truth = naive_loss(leaves[0], leaves[1], t, wl, margin, lambda_q, z_loss, leaves[2] if b is not None else None)
+    truth = textbook_loss(leaves[0], leaves[1], t, wl, margin, lambda_q, z_loss, leaves[2] if b is not None else None)
     tgrads = torch.autograd.grad(truth[0], leaves)
     want = [float(truth[i].detach()) for i in (0, 1, 2, 3, 5)]
     for name, got, exp in zip(("loss", "ce", "hinge", "z_loss", "mean_margin"), parts, want):
@@ -50,7 +55,7 @@ CASES = [  # n, d, v, whitelist, bias, chunk
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}d{}V{}-{}-{}-c{}".format(*c))
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype,tol", tolerances("linear_ce_quail/interpreter").items())
 def test_triton_loss_matches_float64(interpret, seed, case, dtype, tol):
     n, d, v, whitelist, bias, chunk = case
     h, w, b, t, wl = make_case(seed, n, d, v, whitelist, bias=bias, dtype=dtype)
@@ -82,7 +87,7 @@ def test_triton_exact_margins_ties_and_huge_logits(interpret, seed):
 
 def triton_gradcheck(seed):
     import felix
-    from loss_truth import make_case as mk
+    from felix.testing.loss_cases import make_case as mk
 
     h, w, b, t, wl = mk(seed, 5, 3, 70, "all", dtype=torch.float64)
     fn = lambda h, w, b: felix.linear_ce_quail(h, w, t, wl, margin=2.0, lambda_q=0.3, z_loss=0.01,  # noqa: E731
@@ -112,7 +117,7 @@ def test_triton_under_autocast_computes_fp32_logits(interpret, seed):
     hb, wb, bb = (x.to(torch.bfloat16) for x in (h, w, b))
     check((parts, active, [g.to(torch.bfloat16) for g in grads], dtype), hb, wb, bb, t, wl, margin, tol=2e-2, **HP)
     leaves = [x.double() for x in (hb, wb, bb)]
-    truth = naive_loss(*leaves[:2], t, wl, margin, HP["lambda_q"], HP["z_loss"], leaves[2])
+    truth = textbook_loss(*leaves[:2], t, wl, margin, HP["lambda_q"], HP["z_loss"], leaves[2])
     for got, want in zip(parts[:4], [truth[i] for i in range(4)]):
         assert abs(got - float(want)) <= 2e-5 * max(1.0, abs(float(want)))
 
@@ -141,8 +146,8 @@ def test_triton_loss_options_match_float64(interpret, seed, reduction, ls, cap):
     upstream = torch.rand(27, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else None
     parts, active, grads = interpret(triton_loss_options, h, w, b, t, wl, 8, margin, reduction, ls, cap, upstream)
     leaves = [x.double().requires_grad_() for x in (h, w, b)]
-    truth = naive_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
-                       softcap=cap, **HP)
+    truth = textbook_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
+                          softcap=cap, **HP)
     total = (truth[0] * upstream.double()).sum() if upstream is not None else truth[0]
     tgrads = torch.autograd.grad(total, leaves)
     for name, got, want in zip(("loss", "ce", "hinge", "z_loss"), parts, truth[:4]):

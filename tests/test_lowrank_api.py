@@ -7,7 +7,8 @@ import torch
 import felix
 from felix import splice
 from felix.ops import lowrank as lr_ops
-from lowrank_truth import grad_errors, leaves_of, make_case, truth_grads
+from felix.reference.lowrank import grad_errors, leaves_of, truth_grads
+from felix.testing.lowrank_cases import make_case
 
 
 @pytest.mark.parametrize("kw", [dict(ranks=(8,)), dict(ranks=(1,), per_output_gate=(True,), frozen=True, bias=False),

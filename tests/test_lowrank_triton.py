@@ -6,7 +6,9 @@ is wrong, triton-lang/triton#11584). Plus a float64 gradcheck through the kernel
 import pytest
 import torch
 
-from lowrank_truth import grad_errors, leaves_of, make_case, truth_grads
+from felix.reference.lowrank import grad_errors, leaves_of, truth_grads
+from felix.testing.lowrank_cases import make_case
+from felix.reference.tolerances import tolerances
 
 CASES = {  # name: make_case kwargs
     "r8-scalar-gate-bias": dict(ranks=(8,), per_output_gate=(False,)),
@@ -14,7 +16,7 @@ CASES = {  # name: make_case kwargs
     "r64-scalar-frozen": dict(lead=(11,), in_f=70, out_f=45, ranks=(64,), per_output_gate=(False,), frozen=True),
     "two-terms-8+3": dict(ranks=(8, 3), per_output_gate=(True, False)),
 }
-BARS = {torch.float32: 2e-5, torch.float16: 4e-3}
+BARS = tolerances("lowrank_linear/interpreter")
 
 
 def run_triton(case, dy):

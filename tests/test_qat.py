@@ -16,7 +16,7 @@ from felix import qat
 from felix.model import FelixConfig, FelixLM, load_checkpoint, save_checkpoint
 from felix.quant_policy import choose_tensor_type
 
-FORMAT_MODES = ("rq4", "iq4_nl", "q4_0", "q8_0", "tq2_0")
+FORMAT_MODES = tuple(felix.FORMATS)
 
 
 def small_model(seed: int = SEED, splice: bool = False) -> FelixLM:

@@ -114,3 +114,22 @@ def test_train_config_and_cli_take_the_calibrated_margin(tmp_path, capsys):
 def _write(path, obj):
     path.write_text(json.dumps(obj))
     return path
+
+
+def test_one_quail_config_object():
+    """QuailConfig bundles the defaults, validates them, and is what the trainer, the op and the harness read."""
+    import torch
+
+    assert quail.DEFAULT_QUAIL == quail.QuailConfig(quail.DEFAULT_MARGIN, quail.DEFAULT_LAMBDA_Q,
+                                                    quail.DEFAULT_NOISE_QUANTILE)
+    assert TrainConfig(margin=1.5, lambda_q=0.3).quail == quail.QuailConfig(1.5, 0.3)
+    loss = loss_ops.LinearCEQuail.from_config(quail.QuailConfig(1.5, 0.3), z_loss=1e-3)
+    assert (loss.margin, loss.lambda_q, loss.z_loss) == (1.5, 0.3, 1e-3)
+    for bad in (dict(margin=-1.0), dict(lambda_q=float("nan")), dict(noise_quantile=1.5)):
+        with pytest.raises(ValueError, match="QUAIL"):
+            quail.QuailConfig(**bad)
+    with pytest.raises(ValueError, match="invalid TrainConfig: QUAIL lambda_q"):
+        TrainConfig(lambda_q=-0.1)
+    ref = torch.tensor([[1.5, 0.0]])
+    stats = F.compare_logits(ref, ref.clone(), torch.zeros(1, dtype=torch.long), torch.tensor([True, False]))
+    assert F.summarize(stats)["margin"]["low_threshold"] == quail.DEFAULT_QUAIL.margin

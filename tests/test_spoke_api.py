@@ -8,7 +8,9 @@ import felix
 from felix import spokes
 from felix.model import PRESETS, FelixConfig, FelixLM, parameter_counts, preset
 from felix.ops.spoke import _spoke_fwd_op
-from spoke_truth import NAMES, make_case, rel, truth
+from felix.reference.spoke import SPOKE_INPUTS, truth_grads
+from felix.reference.tolerances import max_relative_error
+from felix.testing.spoke_cases import make_case
 
 
 @pytest.mark.parametrize("shape", [dict(lead=(3, 7), d=37, n_spokes=4, rank=3), dict(lead=(1,), d=8, n_spokes=1,
@@ -17,21 +19,21 @@ from spoke_truth import NAMES, make_case, rel, truth
 def test_reference_matches_float64_truth(seed, shape, dtype):
     case = make_case(seed, dtype=dtype, **shape)
     dy = torch.randn(case["h"].shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    leaves = [case[k].detach().clone().requires_grad_() for k in NAMES]
+    leaves = [case[k].detach().clone().requires_grad_() for k in SPOKE_INPUTS]
     y = felix.spoke_residual(*leaves, case["n_spokes"], case["eps"], backend="reference")
     grads = torch.autograd.grad(y, leaves, dy)
-    want_y, want = truth(case, dy)
+    want_y, want = truth_grads(case, dy)
     # fp32: ~1e-7 per op, sums of <= 256 terms; fp64 input with fp32 norm weight / gate: those grads are fp32
     bar = 2e-6 if dtype == torch.float32 else 1e-12
-    assert rel(y, want_y) <= bar
-    for k, g in zip(NAMES, grads):
+    assert max_relative_error(y, want_y) <= bar
+    for k, g in zip(SPOKE_INPUTS, grads):
         assert g.dtype == case[k].dtype
-        assert rel(g, want[k]) <= (2e-6 if g.dtype == torch.float32 else bar), k
+        assert max_relative_error(g, want[k]) <= (2e-6 if g.dtype == torch.float32 else bar), k
 
 
 def test_opcheck_and_compile(seed):
     case = make_case(seed, lead=(6,), d=16, n_spokes=2, rank=4)
-    args = [case[k].detach().clone().requires_grad_() for k in NAMES]
+    args = [case[k].detach().clone().requires_grad_() for k in SPOKE_INPUTS]
     torch.library.opcheck(_spoke_fwd_op, (*args, 2, 1e-5, "reference"))
     compiled = torch.compile(lambda *t: felix.spoke_residual(*t, 2, 1e-5), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(*args), felix.spoke_residual(*args, 2, 1e-5), rtol=0, atol=0)
@@ -40,18 +42,18 @@ def test_opcheck_and_compile(seed):
 def test_zero_w_up_is_an_exact_no_op(seed):
     case = make_case(seed, lead=(4, 9), d=40)
     case["w_up"] = torch.zeros_like(case["w_up"])
-    y = felix.spoke_residual(*(case[k] for k in NAMES), case["n_spokes"], case["eps"])
+    y = felix.spoke_residual(*(case[k] for k in SPOKE_INPUTS), case["n_spokes"], case["eps"])
     assert torch.equal(y, case["h"])
 
 
 def test_bad_input_is_named(seed):
     c = make_case(seed, lead=(2,), d=16, n_spokes=2, rank=4)
-    args = {k: c[k] for k in NAMES}
+    args = {k: c[k] for k in SPOKE_INPUTS}
 
     def call(**kw):
         a = {**args, **kw}
         n = a.pop("n_spokes", 2)
-        return felix.spoke_residual(*(a[k] for k in NAMES), n)
+        return felix.spoke_residual(*(a[k] for k in SPOKE_INPUTS), n)
 
     with pytest.raises(ValueError, match="spoke shapes do not fit"):
         call(w_down=c["w_down"][:, :5])

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN  # the one QUAIL default (re-exported here)
+from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, QuailConfig  # the one QUAIL default (re-exported)
 from felix.reference import loss as reference
 from felix.reference.loss import LossParts
 
@@ -221,6 +221,12 @@ class LinearCEQuail(torch.nn.Module):
         self.margin, self.lambda_q, self.z_loss = margin, lambda_q, z_loss
         self.ignore_index, self.chunk_size, self.backend = ignore_index, chunk_size, backend
         self.reduction, self.label_smoothing, self.softcap = reduction, label_smoothing, softcap
+
+    @classmethod
+    def from_config(cls, config: QuailConfig, whitelist: torch.Tensor | None = None, **options) -> LinearCEQuail:
+        """The loss with margin and lambda_q from a QUAIL config object (felix.quail.QuailConfig, e.g. a
+        TrainConfig's ``.quail`` or a calibrated one); `options` as for the constructor."""
+        return cls(whitelist, config.margin, config.lambda_q, **options)
 
     def forward(self, h, weight, targets, bias=None) -> LossParts:
         return linear_ce_quail(h, weight, targets, self.whitelist, self.margin, self.lambda_q, self.z_loss, bias,

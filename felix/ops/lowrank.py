@@ -15,38 +15,13 @@ frozen base weight costs no weight-gradient GEMM). Backends: ``reference`` (torc
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
+from felix.reference.lowrank import reference_backward, reference_forward
 
 MAX_RANK = 64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ----------------------------------------------------------------------------------- reference
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def reference_forward(x, weight, bias, a, b):
-    acc = _acc(x.dtype)
-    u = x.to(acc) @ a.to(acc).t()
-    y = x.to(acc) @ weight.to(acc).t() + u.to(x.dtype).to(acc) @ b.to(acc).t()
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(x.dtype), u.to(x.dtype)
-
-
-def reference_backward(dy, x, weight, a, b, u, need_weight_grad, has_bias):
-    acc = _acc(x.dtype)
-    dy_, x_, w_, a_, b_, u_ = (t.to(acc) for t in (dy, x, weight, a, b, u))
-    p = dy_ @ b_
-    dx = dy_ @ w_ + p.to(x.dtype).to(acc) @ a_
-    dw = (dy_.t() @ x_).to(weight.dtype) if need_weight_grad else x.new_empty(0)
-    dbias = dy_.sum(0).to(dy.dtype) if has_bias else x.new_empty(0)
-    return dx.to(x.dtype), dw, dbias, (p.t() @ x_).to(a.dtype), (dy_.t() @ u_).to(b.dtype)
 
 
 # ---------------------------------------------------------------------------------- custom ops

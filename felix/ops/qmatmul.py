@@ -26,18 +26,20 @@ def _check_inputs(x, blocks, fmt: str, out_features) -> None:
     if x.dim() == 0:
         raise ValueError("quant_matmul expects activations with a last (input-feature) dimension, got a scalar")
     k = x.shape[-1]
-    if k % 32:
+    f = get_format(fmt)
+    if k % f.block_size:
         raise ValueError(f"quant_matmul: the input-feature dimension K = x.shape[-1] = {k} must be a multiple "
-                         f"of 32 (the {fmt} block size); x has shape {tuple(x.shape)}")
+                         f"of {f.block_size} (the {fmt} block size); x has shape {tuple(x.shape)}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ValueError(f"quant_matmul: out_features must be a non-negative int, got {out_features!r}")
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
         got = blocks.dtype if isinstance(blocks, torch.Tensor) else type(blocks).__name__
         raise ValueError(f"quant_matmul expects the weight as a uint8 tensor of ggml blocks, got {got}")
-    need = out_features * (k // 32) * 18
+    need = out_features * (k // f.block_size) * f.bytes_per_block
     if blocks.numel() != need:
         raise ValueError(f"quant_matmul: a [{out_features}, {k}] {fmt} weight needs {need} bytes "
-                         f"({out_features} rows x {k // 32} blocks x 18), the blocks tensor has {blocks.numel()} "
+                         f"({out_features} rows x {k // f.block_size} blocks x {f.bytes_per_block}), "
+                         f"the blocks tensor has {blocks.numel()} "
                          f"(shape {tuple(blocks.shape)})")
     if blocks.device != x.device:
         raise ValueError(f"quant_matmul: x is on {x.device} but the blocks are on {blocks.device}")
@@ -65,7 +67,8 @@ def _backward(ctx, grad):
     from felix.ops.codecs import dequantize
 
     (blocks,) = ctx.saved_tensors
-    k = blocks.numel() // 18 // max(ctx.out_features, 1) * 32
+    f = get_format(ctx.fmt)
+    k = blocks.numel() // f.bytes_per_block // max(ctx.out_features, 1) * f.block_size
     w = dequantize(blocks, ctx.fmt, [ctx.out_features, k], torch.float32)
     return (grad.to(torch.float32) @ w).to(grad.dtype), None, None, None, None
 
@@ -78,9 +81,9 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
                  backend: str | None = None) -> torch.Tensor:
     """y = x @ dequantize(blocks, fmt, [out_features, K])^T, without materializing the weight.
 
-    x: [..., K] float32/float16/bfloat16 with K a multiple of 32; blocks: uint8 holding
-    out_features x K/32 blocks of 18 bytes (as `felix.quantize(w, fmt)` returns for w [out_features, K]);
-    fmt: "rq4", "iq4_nl" or "q4_0". Returns [..., out_features] in x's dtype (fp32 accumulation).
+    x: [..., K] float32/float16/bfloat16 with K a multiple of the block size; blocks: uint8 holding
+    out_features x K/block blocks (as `felix.quantize(w, fmt)` returns for w [out_features, K]);
+    fmt: one of QUANT_MATMUL_FORMATS (the 4-bit formats of felix/formats.py). Returns [..., out_features] in x's dtype (fp32 accumulation).
     backend: "reference", "triton", "hip" or None (automatic: Triton on GPU, the reference on CPU).
     """
     f = get_format(fmt)

@@ -55,3 +55,18 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     dk = dk.view(B, H_kv, group, T_k, D).sum(2)
     dv = dv.view(B, H_kv, group, T_k, D).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_textbook(q, k, v, causal: bool, scale: float | None = None):
+    """The independent float64 truth: textbook softmax(q kᵀ * scale) v with K/V repeated per q head, written
+    with plain torch ops (no shared helper with the spec above) so autograd gives its gradients.
+    Returns (out, lse) in float64; scale defaults to 1/sqrt(head_dim). Tests, `felix selftest` and the GPU tier
+    all compare against this one function."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)

@@ -21,13 +21,14 @@ index 8, RQ4 d = 0 and index 7 (the fork's Python tool writes index 0; both deco
 TQ2_0 zeros.
 
 Functions take a float32 tensor whose last dimension is a multiple of the block size (callers
-validate) and work on any device.
+validate) and work on any device. Block geometry (block size, where the scale and the indices sit, how
+the indices are packed) is read from the format table, felix/formats.py; nothing here restates it.
 """
 from __future__ import annotations
 
 import torch
 
-from felix.formats import get_format
+from felix.formats import FORMATS, get_format
 
 F32 = torch.float32
 
@@ -78,8 +79,9 @@ def _first_absmax(xb: torch.Tensor):
 
 
 def _pack_halves(idx: torch.Tensor) -> torch.Tensor:
-    """[nb, 32] indices -> [nb, 16] bytes, byte j = idx[j] | idx[j+16] << 4 (Q4_0, IQ4_NL)."""
-    return (idx[:, :16] | (idx[:, 16:] << 4)).to(torch.uint8)
+    """[nb, block] 4-bit indices -> [nb, block/2] bytes, byte j = idx[j] | idx[j + block/2] << 4 (Q4_0, IQ4_NL)."""
+    half = idx.shape[1] // 2
+    return (idx[:, :half] | (idx[:, half:] << 4)).to(torch.uint8)
 
 
 def _unpack_halves(qs: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ def _unpack_halves(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_pairs(idx: torch.Tensor) -> torch.Tensor:
-    """[nb, 32] indices -> [nb, 16] bytes, byte j = idx[2j] | idx[2j+1] << 4 (RQ4)."""
+    """[nb, block] 4-bit indices -> [nb, block/2] bytes, byte j = idx[2j] | idx[2j+1] << 4 (RQ4)."""
     return (idx[:, 0::2] | (idx[:, 1::2] << 4)).to(torch.uint8)
 
 
@@ -97,39 +99,107 @@ def _unpack_pairs(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(qs.shape[0], -1)
 
 
+def _crumb_shape(f, nb: int) -> tuple[int, int, int, int]:
+    """"crumbs" packing as [block, group c, lane l, byte m]: element (lanes * stride) c + stride l + m sits in byte
+    stride c + m, bits index_bits * l (TQ2_0)."""
+    lanes = 8 // f.index_bits
+    return nb, f.block_size // (lanes * f.crumb_stride), lanes, f.crumb_stride
+
+
+def _pack_crumbs(idx: torch.Tensor, f) -> torch.Tensor:
+    nb, groups, lanes, stride = _crumb_shape(f, idx.shape[0])
+    shifts = (f.index_bits * torch.arange(lanes, device=idx.device)).view(1, 1, lanes, 1)
+    mask = (1 << f.index_bits) - 1
+    return ((idx.view(nb, groups, lanes, stride) & mask) << shifts).sum(dim=2).to(torch.uint8).view(nb, f.qs_bytes)
+
+
+def _unpack_crumbs(qs: torch.Tensor, f) -> torch.Tensor:
+    nb, groups, lanes, stride = _crumb_shape(f, qs.shape[0])
+    shifts = (f.index_bits * torch.arange(lanes, device=qs.device)).view(1, 1, lanes, 1)
+    mask = (1 << f.index_bits) - 1
+    return ((qs.to(torch.int64).view(nb, groups, 1, stride) >> shifts) & mask).view(nb, f.block_size)
+
+
+PACK = {"halves": _pack_halves, "pairs": _pack_pairs}
+UNPACK = {"halves": _unpack_halves, "pairs": _unpack_pairs}
+
+
+def _blocks_of(x: torch.Tensor, f) -> torch.Tensor:
+    """float [..., K] -> float32 [n_blocks, block_size]."""
+    return x.reshape(-1, f.block_size).to(F32)
+
+
+def _assemble(f, scale: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Blocks [nb, bytes_per_block] from fp32 scales [nb] and packed index bytes [nb, qs_bytes], each at its offset."""
+    out = torch.empty(qs.shape[0], f.bytes_per_block, dtype=torch.uint8, device=qs.device)
+    out[:, f.scale_slice] = _fp16_bytes(scale)
+    out[:, f.qs_slice] = qs
+    return out
+
+
+def pack_blocks(fmt: str, scale: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Blocks uint8 [nb, bytes_per_block] of format `fmt` from scales [nb] (rounded to fp16) and unsigned indices
+    [nb, block_size] in element order, laid out as the format table says (for codecs outside this module, e.g.
+    felix.qat's BitNet absmean ternary, that choose their own scale but share a format's bytes)."""
+    f = get_format(fmt)
+    if f.packing == "int8":
+        qs = idx.to(torch.int8).view(torch.uint8)
+    elif f.packing == "crumbs":
+        qs = _pack_crumbs(idx.to(torch.int64), f)
+    else:
+        qs = PACK[f.packing](idx.to(torch.int64))
+    return _assemble(f, scale.to(F32), qs)
+
+
+def _scale_of(blocks: torch.Tensor, f) -> torch.Tensor:
+    return _fp16_from_bytes(blocks[:, f.scale_slice])
+
+
+def _indices_of(blocks: torch.Tensor, f) -> torch.Tensor:
+    """The unpacked index of every weight, [nb, block_size], in element order."""
+    qs = blocks[:, f.qs_slice]
+    if f.packing == "crumbs":
+        return _unpack_crumbs(qs, f)
+    return UNPACK[f.packing](qs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Q8_0
+Q8_0 = FORMATS["q8_0"]
+
+
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    xb = x.reshape(-1, 32).to(F32)
+    xb = _blocks_of(x, Q8_0)
     amax = xb.abs().amax(dim=1)
-    d = amax / _const(127.0, amax)
+    d = amax / _const(Q8_0.range_divisor, amax)
     inv = _safe_reciprocal(d)
     q = _c_float_to_int(_round_half_away(xb * inv[:, None])).to(torch.int8)
-    return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=1)
+    return _assemble(Q8_0, d, q.view(torch.uint8))
 
 
 def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _fp16_from_bytes(blocks[:, 0:2])
-    q = blocks[:, 2:34].contiguous().view(torch.int8).to(F32)
-    return q * d[:, None]
+    q = blocks[:, Q8_0.qs_slice].contiguous().view(torch.int8).to(F32)
+    return q * _scale_of(blocks, Q8_0)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
 # Q4_0
+Q4_0 = FORMATS["q4_0"]
+
+
 def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
-    xb = x.reshape(-1, 32).to(F32)
+    xb = _blocks_of(x, Q4_0)
     _, mx = _first_absmax(xb)
     d = mx / _const(-8.0, mx)
     inv = _safe_reciprocal(d)
     v = xb * inv[:, None] + _const(8.5, xb)
     idx = torch.clamp(_c_float_to_int(torch.trunc(v)), max=15)  # (int8_t) cast truncates, MIN(15, .)
-    return torch.cat([_fp16_bytes(d), _pack_halves(idx)], dim=1)
+    return _assemble(Q4_0, d, PACK[Q4_0.packing](idx))
 
 
 def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _fp16_from_bytes(blocks[:, 0:2])
-    q = _unpack_halves(blocks[:, 2:18]).to(F32) - 8.0
-    return q * d[:, None]
+    q = _indices_of(blocks, Q4_0).to(F32) - 8.0
+    return q * _scale_of(blocks, Q4_0)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +231,12 @@ def _iq4nl_sums(xb, w, inv, vals):
     return sumqx, sumq2
 
 
+IQ4_NL = FORMATS["iq4_nl"]
+
+
 def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
-    fmt = get_format("iq4_nl")
-    xb = x.reshape(-1, 32).to(F32)
+    fmt = IQ4_NL
+    xb = _blocks_of(x, fmt)
     vals = fmt.codebook_tensor(xb.device)
     w = xb * xb
     amax, mx = _first_absmax(xb)
@@ -183,13 +256,12 @@ def quantize_iq4_nl(x: torch.Tensor) -> torch.Tensor:
 
     scale = torch.where(live, d, torch.zeros_like(d))
     idx = _best_index_int8(_safe_reciprocal(scale)[:, None] * xb, vals)
-    return torch.cat([_fp16_bytes(scale), _pack_halves(idx)], dim=1)
+    return _assemble(fmt, scale, PACK[fmt.packing](idx))
 
 
 def dequantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
-    vals = get_format("iq4_nl").codebook_tensor(blocks.device)
-    d = _fp16_from_bytes(blocks[:, 0:2])
-    return d[:, None] * vals[_unpack_halves(blocks[:, 2:18])]
+    vals = IQ4_NL.codebook_tensor(blocks.device)
+    return _scale_of(blocks, IQ4_NL)[:, None] * vals[_indices_of(blocks, IQ4_NL)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +269,12 @@ def dequantize_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
 RQ4_MIN_SCALE = 1e-10
 
 
+RQ4 = FORMATS["rq4"]
+
+
 def quantize_rq4(x: torch.Tensor) -> torch.Tensor:
-    fmt = get_format("rq4")
-    xb = x.reshape(-1, 32).to(F32)
+    fmt = RQ4
+    xb = _blocks_of(x, fmt)
     cb = fmt.codebook_tensor(xb.device)
     amax = xb.abs().amax(dim=1)
     d = amax / cb[-1].expand_as(amax)
@@ -213,36 +288,30 @@ def quantize_rq4(x: torch.Tensor) -> torch.Tensor:
         closer = dist < best
         best = torch.where(closer, dist, best)
         idx = torch.where(closer, torch.full_like(idx, c), idx)
-    return torch.cat([_fp16_bytes(d), _pack_pairs(idx)], dim=1)
+    return _assemble(fmt, d, PACK[fmt.packing](idx))
 
 
 def dequantize_rq4(blocks: torch.Tensor) -> torch.Tensor:
-    cb = get_format("rq4").codebook_tensor(blocks.device)
-    d = _fp16_from_bytes(blocks[:, 0:2])
-    return cb[_unpack_pairs(blocks[:, 2:18])] * d[:, None]
+    cb = RQ4.codebook_tensor(blocks.device)
+    return cb[_indices_of(blocks, RQ4)] * _scale_of(blocks, RQ4)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
-# TQ2_0 (ternary; 256 weights per block, scale last)
+# TQ2_0 (ternary, "crumbs" packing, scale after the indices)
+TQ2_0 = FORMATS["tq2_0"]
+
+
 def quantize_tq2_0(x: torch.Tensor) -> torch.Tensor:
-    xb = x.reshape(-1, 256).to(F32)
-    nb = xb.shape[0]
+    xb = _blocks_of(x, TQ2_0)
     amax = xb.abs().amax(dim=1)
     inv = _safe_reciprocal(amax)
     q = _c_float_to_int(_round_half_away(xb * inv[:, None])) + 1  # -1, 0, 1 -> 0, 1, 2
-    q = q.view(nb, 2, 4, 32)  # element 128c + 32l + m  ->  [c, l, m]
-    shifts = (2 * torch.arange(4, device=xb.device)).view(1, 1, 4, 1)
-    qs = ((q & 3) << shifts).sum(dim=2).to(torch.uint8).view(nb, 64)
-    return torch.cat([qs, _fp16_bytes(amax)], dim=1)
+    return _assemble(TQ2_0, amax, _pack_crumbs(q, TQ2_0))
 
 
 def dequantize_tq2_0(blocks: torch.Tensor) -> torch.Tensor:
-    nb = blocks.shape[0]
-    d = _fp16_from_bytes(blocks[:, 64:66])
-    qs = blocks[:, :64].to(torch.int64).view(nb, 2, 1, 32)
-    shifts = (2 * torch.arange(4, device=blocks.device)).view(1, 1, 4, 1)
-    q = ((qs >> shifts) & 3).to(F32) - 1.0  # [c, l, m] -> element 128c + 32l + m
-    return q.view(nb, 256) * d[:, None]
+    q = _indices_of(blocks, TQ2_0).to(F32) - 1.0
+    return q * _scale_of(blocks, TQ2_0)[:, None]
 
 
 QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "iq4_nl": quantize_iq4_nl,

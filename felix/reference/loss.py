@@ -15,6 +15,8 @@ pushes) and ``mean_margin`` (mean margin over the whitelisted positions, 0 when 
 
 :func:`full_logits_loss` is the spec: plain differentiable torch on the whole N x V logits. It is what
 every other implementation is tested against (in float64), and it is the memory baseline.
+:func:`textbook_loss` is the independent float64 truth (row-by-row textbook math, autograd gradients) that
+tests, the GPU tier and the spec itself are checked against.
 :func:`chunked_loss_and_grads` is the ``reference`` backend of ``felix.linear_ce_quail``: chunks of
 tokens, each chunk's logits computed, consumed and turned into gradients for h, W and b at once, so at
 most ``chunk_size x V`` logits exist at any time (the way the Triton backend works, in plain torch).
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
 
@@ -244,3 +247,45 @@ def clear_margin(h, weight, bias, targets, target: float = 2.0, gap: float = 0.0
             return m
     raise ValueError(f"no margin within +-1.3 of {target} keeps {gap} away from all {margins.numel()} margins")
 
+
+def textbook_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=None, ignore_index=-100,
+                  reduction="mean", label_smoothing=0.0, softcap=0.0):
+    """The independent float64 truth of the fused CE + QUAIL loss: textbook math, one row at a time for the hinge
+    (no scatter/argmax tricks shared with `full_logits_loss`), autograd for the gradients.
+    Returns (loss, ce, hinge, z_loss, active count, mean margin) as float64 tensors (loss differentiable).
+    reduction "none": loss, ce, hinge, z_loss are per-token [N] (0 at ignored positions). Label smoothing is
+    torch's F.cross_entropy's; the softcap is softcap * tanh(z / softcap) on the logits."""
+    z = h.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    valid = targets != ignore_index
+    n_valid = max(int(valid.sum()), 1)
+    ce_i = F.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z, dim=1)
+    z_i = z_loss * torch.where(valid, lse ** 2, 0)
+    hinge_i = [z.new_zeros(()) for _ in range(z.shape[0])]
+    margins = []
+    for i in range(z.shape[0]):
+        t = int(targets[i])
+        if t == ignore_index or whitelist is None or not bool(whitelist[t]):
+            continue
+        others = torch.cat([z[i, :t], z[i, t + 1:]])
+        # max over dim returns (and routes the gradient to) the first maximal index: the tie convention
+        m_i = z[i, t] - (others.max(dim=0).values if others.numel() else torch.tensor(float("-inf"), dtype=z.dtype))
+        margins.append(m_i)
+        # at exactly the margin the hinge is 0 and pushes nothing (the subgradient 0, as "active" is margin < m)
+        hinge_i[i] = margin - m_i if float(m_i.detach()) < margin else (margin - m_i) * 0
+    hinge_i = torch.stack(hinge_i)
+    n_h = len(margins)
+    active = sum(1 for m_i in margins if float(m_i.detach()) < margin)
+    mean_margin = torch.stack(margins).sum().detach() / n_h if n_h else z.new_zeros(())
+    if reduction == "none":
+        return ce_i + lambda_q * hinge_i + z_i, ce_i.detach(), hinge_i.detach(), z_i.detach(), active, mean_margin
+    if reduction == "sum":
+        ce, hinge, zl = ce_i.sum(), hinge_i.sum(), z_i.sum()
+    else:
+        ce, hinge, zl = ce_i.sum() / n_valid, hinge_i.sum() / max(n_h, 1), z_i.sum() / n_valid
+    return ce + lambda_q * hinge + zl, ce.detach(), hinge.detach(), zl.detach(), active, mean_margin

@@ -66,3 +66,23 @@ def spoke_backward(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes:
     dwu = c * (dyf.t() @ a)
     return (dh.to(h.dtype), dg.to(norm_weight.dtype), dwd.to(w_down.dtype), dwu.to(w_up.dtype),
             dgate.reshape(gate_bias.shape).to(gate_bias.dtype))
+
+
+# ------------------------------------------------------------------------------- the truth
+SPOKE_INPUTS = ("h", "norm_weight", "w_down", "w_up", "gate_bias")
+
+
+def spoke_textbook(h, norm_weight, w_down, w_up, gate_bias, n_spokes, eps):
+    """The independent truth: the fork's formula written naively (rms_norm * weight, mul_mat, silu, mul_mat,
+    scale 1/S, sigmoid gate; src/models/felix.cpp), no rounding and no hand-written backward: autograd in float64."""
+    normed = h / torch.sqrt((h * h).mean(-1, keepdim=True) + eps) * norm_weight
+    up = torch.nn.functional.silu(normed @ w_down.t()) @ w_up.t()
+    return h + torch.sigmoid(gate_bias) * up / n_spokes
+
+
+def truth_grads(case, dy):
+    """(y, {input name: gradient}) of `spoke_textbook` in float64 for a case dict (the SPOKE_INPUTS tensors plus
+    n_spokes and eps; felix.testing.spoke_cases.make_case) and output gradient dy."""
+    leaves = [case[k].detach().double().requires_grad_() for k in SPOKE_INPUTS]
+    y = spoke_textbook(*leaves, case["n_spokes"], case["eps"])
+    return y.detach(), dict(zip(SPOKE_INPUTS, torch.autograd.grad(y, leaves, dy.double())))

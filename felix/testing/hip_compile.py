@@ -1,6 +1,6 @@
 """Compile csrc/hip/ device code for the real targets on a machine without a GPU, and read the resource use.
 
-* gfx1101 (RX 7800 XT, RDNA3) with Debian's ROCm 5.2 `hipcc` (FACTS.md §3): ``HIP_PLATFORM=amd hipcc
+* gfx1101 (RX 7800 XT, RDNA3) with Debian's ROCm 5.2 `hipcc` (docs/platform-notes.md): ``HIP_PLATFORM=amd hipcc
   --offload-arch=gfx1101 -nogpulib --cuda-device-only -O3 -S`` gives the ISA plus per-kernel metadata
   (VGPRs, SGPRs, scratch, LDS, wavefront size). Full device objects for gfx1101 cannot be linked with
   ROCm 5.2, so the source calls no device-library function (the check fails if one appears).

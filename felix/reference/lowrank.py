@@ -1,24 +1,46 @@
-"""Independent float64 truth for the low-rank op tests: y = x Wᵀ + b + Σ_t g_t ⊙ (x A_tᵀ) B_tᵀ written
-term by term with autograd, and a random-case generator (ragged in/out, ranks 1 / 8 / 64, gates)."""
+"""SpliceCore low-rank add in torch: the spec of ``felix.lowrank_linear`` and its independent float64 truth.
+
+    y = x Wᵀ + bias + U B_effᵀ,   U = x A_catᵀ
+
+:func:`reference_forward` / :func:`reference_backward` are the ``reference`` backend (the spec the Triton kernel is
+tested against): the fused operands (A_cat, B_eff with the gates folded in, see felix/ops/lowrank.py), math in
+float32 (float64 for float64 input), U rounded to x's dtype where a kernel feeds it to matrix units.
+:func:`lowrank_textbook` is the independent truth: y = x Wᵀ + Σ_t g_t ⊙ (x A_tᵀ) B_tᵀ + b written term by term,
+differentiated by autograd in float64 (:func:`truth_grads`); tests, ``felix selftest`` and the GPU tier use it,
+and :func:`grad_errors` measures a backend's gradients against it.
+"""
 from __future__ import annotations
 
 import torch
 
 
-def make_case(seed: int, lead=(3, 7), in_f=37, out_f=29, ranks=(8,), per_output_gate=(False,), bias=True,
-              frozen=False, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, in_f, generator=g).to(dtype)
-    w = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype)
-    a = [(torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(dtype) for r in ranks]
-    b = [(torch.randn(out_f, r, generator=g) / r ** 0.5).to(dtype) for r in ranks]
-    gates = [torch.randn(out_f if po else 1, generator=g) for po in per_output_gate]
-    bb = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if bias else None
-    return dict(x=x, weight=w, a=a, b=b, gate=gates, bias=bb, frozen=frozen)
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def reference_forward(x, weight, bias, a, b):
+    acc = _acc(x.dtype)
+    u = x.to(acc) @ a.to(acc).t()
+    y = x.to(acc) @ weight.to(acc).t() + u.to(x.dtype).to(acc) @ b.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), u.to(x.dtype)
+
+
+def reference_backward(dy, x, weight, a, b, u, need_weight_grad, has_bias):
+    acc = _acc(x.dtype)
+    dy_, x_, w_, a_, b_, u_ = (t.to(acc) for t in (dy, x, weight, a, b, u))
+    p = dy_ @ b_
+    dx = dy_ @ w_ + p.to(x.dtype).to(acc) @ a_
+    dw = (dy_.t() @ x_).to(weight.dtype) if need_weight_grad else x.new_empty(0)
+    dbias = dy_.sum(0).to(dy.dtype) if has_bias else x.new_empty(0)
+    return dx.to(x.dtype), dw, dbias, (p.t() @ x_).to(a.dtype), (dy_.t() @ u_).to(b.dtype)
+
+
+# ------------------------------------------------------------------------------- the truth
 def leaves_of(case, dtype=None):
-    """Fresh leaf tensors (optionally cast) that require grad, in a fixed order, plus the names."""
+    """For a case dict (x, weight, a, b, gate, bias, frozen; felix.testing.lowrank_cases.make_case): fresh leaf
+    tensors (optionally cast) that require grad, in a fixed order, plus the names."""
     conv = (lambda t: t.detach().to(dtype)) if dtype else (lambda t: t.detach().clone())
     names, leaves = ["x"], [conv(case["x"]).requires_grad_()]
     w = conv(case["weight"]).requires_grad_(not case["frozen"])
@@ -37,7 +59,9 @@ def leaves_of(case, dtype=None):
     return dict(x=leaves[0], weight=w, a=a, b=b, gate=gates, bias=bias), names, leaves
 
 
-def naive(x, weight, a, b, gate, bias):
+def lowrank_textbook(x, weight, a, b, gate, bias):
+    """The independent truth: y = x Wᵀ + Σ_t g_t ⊙ (x A_tᵀ) B_tᵀ + b, term by term (no fold of the gates into B,
+    no concatenation of the terms), for autograd in float64."""
     y = x @ weight.t()
     for at, bt, g in zip(a, b, gate):
         y = y + g * ((x @ at.t()) @ bt.t())
@@ -45,8 +69,10 @@ def naive(x, weight, a, b, gate, bias):
 
 
 def truth_grads(case, dy):
+    """(y, {leaf name: gradient}) of `lowrank_textbook` in float64 for a case dict (felix.testing.lowrank_cases)
+    and output gradient dy."""
     t, names, leaves = leaves_of(case, torch.float64)
-    y = naive(**t)
+    y = lowrank_textbook(**t)
     return y.detach(), dict(zip(names, torch.autograd.grad(y, leaves, dy.double())))
 
 
