@@ -212,6 +212,18 @@ HEDGES = (("unmistakably", 0.99), ("clearly", 0.95), ("likely", 0.82), ("probabl
 PRINCIPLE_HEDGED = "principle-hedged"
 
 
+def _flip_regime_answer(rng: random.Random, shared: tuple[str, str, str], has: bool) -> dict:
+    """The principle answer of the flip-regime tasks (hedged and weighed): the shared event's lesson when `has`,
+    else the refusal; confidences in the middle ranges, so only the has_principle value carries the decision."""
+    if has:
+        return {"has_principle": True, "title": shared[2].capitalize(),
+                "principle": f"Across these cases the lesson is to {shared[2]}.",
+                "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
+                "confidence": round(rng.uniform(0.5, 0.8), 2)}
+    return {"has_principle": False, "title": "", "principle": "", "concepts": [],
+            "confidence": round(rng.uniform(0.2, 0.5), 2)}
+
+
 def hedge_bayes_margin(p_true: float) -> float:
     """The Bayes-optimal logit margin of the majority answer of a qualifier with P(true) = p_true."""
     import math
@@ -227,14 +239,7 @@ def _hedged_principle_record(rng: random.Random, label: bool | None = None) -> d
     shared, other = rng.sample(_EVENTS, 2)
     draw = rng.random()  # drawn even when the label is forced, so forced and free streams stay aligned
     has = (draw < p_true) if label is None else bool(label)
-    if has:
-        response = {"has_principle": True, "title": shared[2].capitalize(),
-                    "principle": f"Across these cases the lesson is to {shared[2]}.",
-                    "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
-                    "confidence": round(rng.uniform(0.5, 0.8), 2)}
-    else:
-        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
-                    "confidence": round(rng.uniform(0.2, 0.5), 2)}
+    response = _flip_regime_answer(rng, shared, has)
     prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewer note: these memories are " \
              f"{hedge} connected."
     return {"task": PRINCIPLE_HEDGED, "prompt": prompt, "response": json.dumps(response), "hedge": hedge,
@@ -293,14 +298,7 @@ def _weighed_principle_record(rng: random.Random, label: bool | None = None,
     shared = rng.choice(_EVENTS)
     draw = rng.random()
     has = (draw < p_true) if label is None else bool(label)
-    if has:
-        response = {"has_principle": True, "title": shared[2].capitalize(),
-                    "principle": f"Across these cases the lesson is to {shared[2]}.",
-                    "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
-                    "confidence": round(rng.uniform(0.5, 0.8), 2)}
-    else:
-        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
-                    "confidence": round(rng.uniform(0.2, 0.5), 2)}
+    response = _flip_regime_answer(rng, shared, has)
     notes = "; ".join(qualifiers)
     prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewers: {notes}."
     return {"task": PRINCIPLE_WEIGHED, "prompt": prompt, "response": json.dumps(response),

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from felix import data as felix_data
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
-from felix.task_eval import atomic_write_text, schema_check, word_f1
+from felix.files import atomic_write_text, save_figure
+from felix.task_eval import schema_check, word_f1
 
 BUILTIN_TEACHERS = ("exact", "noisy", "sloppy")
 METRICS_FILE, PLOT_FILE, SNAPSHOT_FILE, SODA_FILE = "metrics.jsonl", "soda_curve.png", "snapshot.jsonl", "soda.json"
@@ -381,7 +382,6 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from felix.task_eval import _atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +401,7 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
     fig.colorbar(im, ax=ax, label="word F1")
     ax.set_title("teacher agreement")
     fig.tight_layout()
-    png = _atomic(out / f"{stem}.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    png = save_figure(fig, out / f"{stem}.png", dpi=100)
     plt.close(fig)
     return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
             "markdown": atomic_write_text(out / f"{stem}.md", agreement_markdown(report, png.name)), "plot": png}
@@ -682,7 +682,6 @@ def save_soda_curve(path: Path, step_metrics: list[dict], metrics: list[dict]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from felix.task_eval import _atomic
 
     steps = [m["step"] for m in step_metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -702,7 +701,7 @@ def save_soda_curve(path: Path, step_metrics: list[dict], metrics: list[dict]) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from felix import data as felix_data
+from felix.files import atomic_write_text, jsonable, save_figure
 
 SCHEMA_NAME, SCHEMA_VERSION = "felix-task-eval", 1
 LIKERT_MIN, LIKERT_MAX = 1.0, 5.0
@@ -420,35 +420,8 @@ def plot_report(report: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 7), fontsize=8)
     fig.suptitle("student vs teachers vs ensemble, per task")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> Path:
-    """Write through a temp file in the same directory, then rename: never a partial file at `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return _atomic(Path(path), lambda tmp: tmp.write_text(text))
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def write_task_report(report: dict, out_dir, stem: str = "task-eval") -> dict[str, Path]:
@@ -457,7 +430,7 @@ def write_task_report(report: dict, out_dir, stem: str = "task-eval") -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{stem}.png"
     plot_report(report, png)
-    return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(_jsonable(report), indent=1)),
+    return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(jsonable(report), indent=1)),
             "markdown": atomic_write_text(out / f"{stem}.md", markdown_report(report, png.name)),
             "plot": png}
 

@@ -81,3 +81,33 @@ def test_benchmarks_still_run():
                            "--benchmark-disable"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from felix.files import atomic_write, atomic_write_text
+
+    path = tmp_path / "report.json"
+    atomic_write_text(path, "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("new, but only ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left behind
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_jsonable_replaces_non_finite_and_numpy_scalars():
+    import numpy as np
+
+    from felix.files import jsonable
+
+    x = {"a": float("nan"), "b": [1.5, float("inf"), (np.float32(2.5), np.int64(3))], "c": np.float64(-np.inf),
+         "d": "text"}
+    out = jsonable(x)
+    assert out == {"a": None, "b": [1.5, None, [2.5, 3]], "c": None, "d": "text"}
+    json.dumps(out, allow_nan=False)  # strict JSON

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from felix.files import atomic_write_text, jsonable, save_figure
+
 
 @dataclass
 class Gate:
@@ -66,7 +68,7 @@ def plot_margins(positions: list[dict], path: Path, title: str) -> None:
     ax.axvline(0, color="k", lw=0.5)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -78,7 +80,7 @@ def plot_margin_change(positions: list[dict], path: Path, title: str) -> None:
     ax.axvline(0, color="k", lw=0.8)
     ax.set(xlabel="margin change (quantized - reference)", ylabel="whitelisted positions", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -90,7 +92,7 @@ def plot_sensitivity(rows: list[dict], path: Path, title: str, top: int = 15) ->
     ax.set(xlabel="mean margin lost at whitelisted positions (logits)", title=title)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -171,16 +173,6 @@ def markdown_report(report: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def write_report(report: dict, out_dir, stem: str | None = None) -> dict[str, Path]:
     """report JSON (NaN -> null), Markdown and PNG plots into `out_dir`; returns their paths."""
     out = Path(out_dir)
@@ -201,8 +193,8 @@ def write_report(report: dict, out_dir, stem: str | None = None) -> dict[str, Pa
         plot_sensitivity(report["sensitivity"], f, f"per-tensor sensitivity, {report['quant']}")
         plots["sensitivity"] = f.name
     files["json"] = out / f"{stem}.json"
-    files["json"].write_text(json.dumps(_jsonable(report), indent=1))
+    atomic_write_text(files["json"], json.dumps(jsonable(report), indent=1))
     files["markdown"] = out / f"{stem}.md"
-    files["markdown"].write_text(markdown_report(report, plots))
+    atomic_write_text(files["markdown"], markdown_report(report, plots))
     files.update({k: out / v for k, v in plots.items()})
     return files

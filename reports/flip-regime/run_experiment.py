@@ -438,6 +438,8 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from felix.files import save_figure
+
     rng = np.random.default_rng(7)
     # 1. flip rate vs |reference margin| at the decisions, per arm and format, binned
     fig, axes = plt.subplots(1, len(FORMATS), figsize=(5 * len(FORMATS), 4.2), sharey=True)
@@ -461,7 +463,7 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     axes[0].set_ylabel("flip rate (95% bootstrap)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "flips_vs_margin.png", dpi=100)
+    save_figure(fig, out / "flips_vs_margin.png", dpi=100)
     plt.close(fig)
     # 2. cost (validation CE) vs benefit (rq4 flip rate; deployed correct)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -478,7 +480,7 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     axes[0].legend()
     fig.suptitle("cost vs benefit (95% bootstrap intervals)")
     fig.tight_layout()
-    fig.savefig(out / "cost_benefit.png", dpi=100)
+    save_figure(fig, out / "cost_benefit.png", dpi=100)
     plt.close(fig)
     # 3. plain-arm decision margins against the measured decision-margin change
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -495,27 +497,8 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "margins_vs_noise.png", dpi=100)
+    save_figure(fig, out / "margins_vs_noise.png", dpi=100)
     plt.close(fig)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so an interrupted run never leaves a partial report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _clean(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
 
 
 def main() -> int:
@@ -542,6 +525,8 @@ def main() -> int:
         ap.error("the quail-cal arm reads the plain arm's fidelity report: run plain too")
     arms = [a for a in ARMS if a in args.arms]  # in ARMS order: the first (plain, when run) is the baseline
     from tqdm import tqdm
+
+    from felix.files import atomic_write_text, jsonable
 
     work = Path(args.work_dir or f"runs/flip-regime/{args.task}")
     out = Path(args.out_dir or HERE / args.task)
@@ -572,11 +557,11 @@ def main() -> int:
                  "rows": {s: {arm: {q: [[d[c] for c in columns] for d in decision_rows(raw[s][arm]["reports"][q],
                                                                                        args.task)]
                                     for q in FORMATS} for arm in arms} for s in args.seeds}}
-    write_atomic(out / "summary.json", json.dumps(_clean({"meta": meta, "summary": summary,
+    atomic_write_text(out / "summary.json", json.dumps(jsonable({"meta": meta, "summary": summary,
                                                         "training": {s: {a: raw[s][a]["training"] for a in arms}
                                                                      for s in args.seeds},
                                                         "decisions": decisions}), separators=(",", ":")))
-    write_atomic(out / "summary.md", markdown(summary, meta))
+    atomic_write_text(out / "summary.md", markdown(summary, meta))
     plots(raw, summary, args.seeds, arms, args.task, out)
     print(f"wrote {out / 'summary.md'} ({wall / 60:.1f} min)")
     return 0

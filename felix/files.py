@@ -1,0 +1,49 @@
+"""Writing report and data files: never a partial file at the destination, and JSON without NaN/Inf.
+
+Every report writer in Felix (fidelity, task evaluation, teacher data, SODA, the experiment scripts) goes through
+these, so an interrupted or failing run leaves either the previous file or nothing, never half of a new one.
+Checkpoint directories have their own atomic writer (felix.model.save_checkpoint), as does the GGUF exporter."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside `path`, then rename it over `path`. On any error the temporary
+    file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """`text` to `path` (UTF-8), atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path, dpi: int = 100) -> Path:
+    """A matplotlib figure as PNG, atomically (the format is explicit: the temporary name has no .png suffix)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
+def jsonable(x):
+    """`x` with every non-finite float replaced by None (JSON has no NaN/Inf) and numpy scalars made Python
+    numbers; dicts, lists and tuples are walked."""
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy / torch scalars
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
