@@ -16,6 +16,7 @@ is there to compare the tokenizers themselves.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import itertools
 import os
@@ -288,21 +289,41 @@ class ForkWorker:
         raise _ERRORS.get(kind, RuntimeError)(message)
 
     def close(self) -> None:
+        """End the worker (closing its stdin ends serve()), then release the pipes and the log file."""
         if self.alive():
             self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        os.unlink(self.log.name)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe and not pipe.closed:
+                pipe.close()
+        self.log.close()
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
 
 
 _WORKER: ForkWorker | None = None
 
 
 def fork_worker() -> ForkWorker:
-    """The session's fork worker, started on first use and again after a crash."""
+    """The session's fork worker, started on first use and again after a crash; ended at interpreter exit."""
     global _WORKER
     if _WORKER is None or not _WORKER.alive():
+        if _WORKER is not None:
+            _WORKER.close()  # a crashed worker: release its pipes and log
         _WORKER = ForkWorker()
     return _WORKER
+
+
+@atexit.register
+def _close_fork_worker() -> None:
+    global _WORKER
+    if _WORKER is not None:
+        _WORKER.close()
+        _WORKER = None
 
 
 def fork_quantize_rq4(x: np.ndarray) -> np.ndarray:

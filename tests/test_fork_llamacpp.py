@@ -275,3 +275,24 @@ def test_an_f32_write_into_an_rq4_tensor_is_requantized_to_felix_bytes(ckpt, tmp
             llm.write_tensor_f32(name, np.full(shape, np.nan, np.float32))
         with pytest.raises(KeyError, match="no tensor"):
             llm.write_tensor_f32("blk.0.nothing.weight", new.numpy())
+
+
+def test_fork_worker_ends_with_the_interpreter(tmp_path):
+    """The session's worker process is ended at exit, with its pipes and log file released (no leaked process or
+    ResourceWarning, which the full suite used to print)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, warnings; warnings.simplefilter('error', ResourceWarning)\n"
+            "from felix import llamacpp\n"
+            "llamacpp.fork_quantize_rq4(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32))\n"
+            "w = llamacpp.fork_worker(); print(w.proc.pid, w.log.name)\n")
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert "ResourceWarning" not in out.stderr, out.stderr
+    pid, log = out.stdout.split()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)  # the worker is gone (the parent waited for it, so no zombie either)
+    assert not os.path.exists(log)
