@@ -129,6 +129,9 @@ class ActivationRounding:
     as its CPU graph does (f16 KV cache and probabilities). `weight_types`: tensor name -> GGUF type
     (felix.quant_policy's plan)."""
 
+    # a live splice is deployed as a LoRA adapter, whose F32 matmuls take the unrounded input (felix.model.Block.proj)
+    splice_takes_raw_input = True
+
     def __init__(self, weight_types: dict[str, str], kv_cache_type: str | None = KV_CACHE_TYPE):
         self.activation_types = {name: vec_dot_type(t) for name, t in weight_types.items()}
         self.kv_cache_type = kv_cache_type

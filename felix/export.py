@@ -297,7 +297,7 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     # a quantization-aware-trained model: its quantized tensors are written with the codec its forward used
     # (a model passed in is exported as it is: patched by felix.qat.apply_qat or not; a checkpoint by its qat.json)
     qat = felix_qat.qat_config_of(model) if model_given else felix_qat.read_qat_config(checkpoint)
-    if qat is not None and splice == "merge":
+    if qat is not None and splice == "merge" and quant not in FLOAT_TYPES:  # a float file is the latent model: exact
         live = [f"blk.{layer}.{proj}" for layer, proj, _, b, gate in splices
                 if f"blk.{layer}.{proj}.weight" in qat.tensor_types and bool((_gated_b(b, gate) != 0).any())]
         if live:

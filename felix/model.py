@@ -271,7 +271,13 @@ class Block(nn.Module):
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name).weight
         if self.activation_rounding is not None:
-            x = self.activation_rounding(f"blk.{self.layer}.{name}.weight", x)
+            xr = self.activation_rounding(f"blk.{self.layer}.{name}.weight", x)
+            if name in self.splice and getattr(self.activation_rounding, "splice_takes_raw_input", False):
+                # llama.cpp runs a live splice as a LoRA adapter: its F32 matmuls take the unrounded input, only the
+                # quantized base weight's matmul takes the rounded one (a merged splice is inside w, with B = 0 here)
+                s = self.splice[name]
+                return F.linear(xr, w) + F.linear(F.linear(x, s.a), s.b) * s.gate
+            x = xr  # any other transform of the input (felix.prune's masks) feeds the splice too
         if name in self.splice:
             s = self.splice[name]
             return _splice_linear(x, w, s.a, s.b, s.gate)

@@ -173,6 +173,9 @@ class QATActivations:
     exact attention; felix.activation_rounding.ActivationRounding models the runtime's f16 attention for
     inference-time comparisons)."""
 
+    # a QAT model's live splices ship as a LoRA adapter, whose F32 matmuls take the unrounded input
+    splice_takes_raw_input = True
+
     def __init__(self, weight_types: dict[str, str], attention_backend: str | None = None):
         from felix.activation_rounding import vec_dot_type
 

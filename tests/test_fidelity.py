@@ -352,3 +352,34 @@ def test_cli_writes_reports_and_gates(checkpoint, tmp_path, capsys):
     bad.write_text('{"prompt": "x"}\n')
     rc = main(["fidelity", str(checkpoint), "--probes", str(bad), "--out-dir", str(out)])
     assert rc == 2 and "bad.jsonl:1:" in capsys.readouterr().err
+
+
+def test_simulation_quantizes_merged_splices_as_the_exported_file_holds_them(tok, tmp_path):
+    """A plain checkpoint ships its splices merged (--splice merge): the file holds quantized(W + gate B A). The
+    simulated deployment must quantize the same merged weight, not W alone with the splice added in f32 after.
+    Truth: the exported q4_0 file, decoded tensor by tensor (felix.export.model_from_gguf)."""
+    from felix.export import export_gguf, model_from_gguf
+    from felix.fidelity.harness import deployed_state, quantized_state
+
+    torch.manual_seed(0)
+    model = M.FelixLM(M.preset("tiny", vocab_size=tok.vocab_size, n_layer=2, max_seq_len=32, splice_layers=[1],
+                               splice_projections=["attn_q", "ffn_down"]))
+    spliced = [(i, p) for i, blk in enumerate(model.blk) for p in blk.splice]
+    assert spliced
+    with torch.no_grad():
+        for i, p in spliced:
+            model.blk[i].splice[p].b.normal_(0, 0.05)  # live splices
+    ck = M.save_checkpoint(tmp_path / "ck", model.eval(), tok)
+    export_gguf(ck, tmp_path / "m.gguf", quant="q4_0")
+    decoded = model_from_gguf(tmp_path / "m.gguf").state_dict()
+    qstate, _ = quantized_state(deployed_state(model), "q4_0")
+    for i, p in spliced:
+        name = f"blk.{i}.{p}.weight"
+        assert torch.equal(qstate[name], decoded[name]), name
+        assert not torch.equal(qstate[name], quantized_state(model.state_dict(), "q4_0")[0][name])  # W alone differs
+        assert not qstate[f"blk.{i}.splice.{p}.b"].any()  # the splice is inside the weight now
+    # and the simulated model computes what the file computes (exact activations): the decoded model's logits
+    x = torch.randint(0, tok.vocab_size, (1, 16))
+    sim = F.simulated_model(model, qstate, None, "exact")
+    with torch.no_grad():
+        torch.testing.assert_close(sim(x), model_from_gguf(tmp_path / "m.gguf")(x), rtol=1e-5, atol=1e-5)

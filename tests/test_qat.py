@@ -211,6 +211,7 @@ def test_export_refuses_merging_a_live_splice_into_a_qat_weight(tmp_path):
     ck = save_checkpoint(tmp_path / "ck", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
     with pytest.raises(ExportError, match="--splice adapter"):
         export_gguf(ck, tmp_path / "m.gguf", quant="q4_0")
+    export_gguf(ck, tmp_path / "latent.gguf", quant="f32")  # a float file holds the latent model: merging is exact
     res = export_gguf(ck, tmp_path / "m.gguf", quant="q4_0", splice="adapter")
     assert res.adapter_path.is_file()
     with pytest.warns(RuntimeWarning, match="post-training quantization"):

@@ -97,3 +97,56 @@ def test_exported_qat_model_matches_its_forward_in_llamacpp(tmp_path, mode):
         with LlamaCppModel(ptq) as llm:
             ptq_err = rel_err_per_position(llm.logits(prompt), runtime_numerics).max()
         assert ptq_err > 10 * activation_effect, (ptq_err, activation_effect)
+
+
+def test_fidelity_runtime_path_on_a_qat_checkpoint_with_live_splices(tmp_path):
+    """A quantization-aware RQ4 checkpoint with a live splice cannot be a merged file (the exporter refuses to
+    re-quantize W + gate B A). The harness's runtime path runs it as the base file plus the splice adapter at scale
+    1, which is what its forward computes: llama.cpp's LoRA matmuls are F32 on the unrounded input, the base RQ4
+    matmul takes Q8_0 activations, and the simulation models exactly that. Bounds as in the test above: position 0
+    within GAMMA_K of the forward with runtime numerics, every position within the activation-rounding effect.
+    Contrast: the same file without the adapter is far outside them (the splice is live; the adapter carries it)."""
+    from felix import fidelity as F
+    from felix.fidelity.sources import LlamaCppSource
+
+    ok, why = available("fork")
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(SEED)
+    texts = builtin_corpus(300, seed=SEED)
+    tok = train_tokenizer(texts, 1024)
+    cfg = FelixConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512,
+                      max_seq_len=128, splice_layers=[1], init_std=0.08)
+    model = qat.apply_qat(FelixLM(cfg), "rq4")
+    with torch.no_grad():  # a live, non-trivial splice
+        for core in model.blk[1].splice.values():
+            core.b.normal_(0, 0.3)
+            core.gate.fill_(1.0)
+    model.eval()
+    ck = save_checkpoint(tmp_path / "ck", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
+    gguf_dir = tmp_path / "gguf"
+    report = F.run_fidelity(ck, F.FidelityOptions(quant="rq4", paths=("simulated", "runtime"), n_probes=2,
+                                                  sensitivity=False, compliance=False, gguf_dir=str(gguf_dir),
+                                                  sim_activations="runtime"))
+    base, adapter = gguf_dir / "quantized-rq4.gguf", gguf_dir / "quantized-rq4.splice-lora.gguf"
+    assert adapter.is_file()
+    a = report["agreement"]
+    # the harness's own view over its probes (a random-init model has near-tied top-2 tokens, so top-1 agreement is
+    # not a bound here; the per-position logit bounds below are): same decisions, the quantization effect predicted
+    assert a["decision_disagreements"] == 0, a
+    assert abs(report["agreement_by_sim_activations"]["runtime"]["kl_mean_ratio"] - 1) < 0.02, a
+
+    prompt = tok.encode(texts[150][:400])[:100]
+    plan = plan_tensor_types({k: tuple(v.shape) for k, v in model.state_dict().items()}, "rq4")
+    runtime_numerics = forward(model, prompt, ActivationRounding.from_plan(plan))
+    activation_effect = float(rel_err_per_position(runtime_numerics, forward(model, prompt, None)).max())
+    sources = LlamaCppSource(base, 128, adapter=adapter), LlamaCppSource(base, 128)
+    try:
+        got, without = (src.logits([prompt])[0].double().numpy() for src in sources)
+    finally:
+        for src in sources:
+            src.close()
+    err = rel_err_per_position(got, runtime_numerics)
+    assert err[0] <= GAMMA_K, (err[0], GAMMA_K)
+    assert err.max() <= activation_effect, (float(err.max()), activation_effect)
+    assert rel_err_per_position(without, runtime_numerics)[0] > 10 * activation_effect

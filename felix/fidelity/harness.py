@@ -48,6 +48,24 @@ def quantized_state(state: dict, quant: str, embedding_type=None, only: str | No
     return out, plan
 
 
+def deployed_state(model, qat=None) -> dict:
+    """The model's state as the exporter deploys it, before quantization: a plain checkpoint's live splices are
+    merged into their weights (``--splice merge``: the file quantizes W + gate B A, so must the simulation) and
+    their B zeroed; a quantization-aware checkpoint keeps them live, since its file carries them as a LoRA
+    adapter beside the base weights its forward quantized (see _export_pair)."""
+    from felix.export import base_tensors
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if qat is None:
+        for name, w in base_tensors(model, "merge").items():
+            if name in state and not torch.equal(state[name].float(), w):
+                state[name] = w.to(state[name].dtype)
+        for name in state:
+            if ".splice." in name and name.endswith(".b"):
+                state[name] = torch.zeros_like(state[name])
+    return state
+
+
 def _with_state(model, state):
     import copy
 
@@ -63,7 +81,7 @@ def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, pr
 
     from felix.quant_policy import plan_tensor_types
 
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = deployed_state(model, qat)
     plan = plan_tensor_types({k: tuple(v.shape) for k, v in state.items()}, quant, embedding_type)
     targets = all_targets(encoded)
     rows = []
@@ -117,17 +135,30 @@ def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
     return rows
 
 
-def _export_pair(checkpoint, quant, embedding_type, directory: Path) -> tuple[Path, Path]:
+def _export_pair(checkpoint, quant, embedding_type, directory: Path, model) -> tuple[Path, Path, Path | None]:
     """The f32 reference and the quantized file, both in the arch of the runtime that serves `quant` (so the
-    reference and the quantized model run in the same llama.cpp and differ only by quantization)."""
-    from felix.export import export_gguf
+    reference and the quantized model run in the same llama.cpp and differ only by quantization), and the quantized
+    file's splice adapter when it needs one.
+
+    A quantization-aware checkpoint with SpliceCore tensors computes quantized(W) x + gate B A x with the splice in
+    F32, which a merged file cannot hold (the exporter refuses to re-quantize W + gate B A): its quantized file keeps
+    the base weights and carries the splices as a LoRA adapter applied at scale 1, which is that computation. The
+    f32 reference merges them (exact at f32)."""
+    from felix.export import _splices, export_gguf
+    from felix.qat import read_qat_config
 
     directory.mkdir(parents=True, exist_ok=True)
     arch = arch_of(quant)
     ref, q = directory / f"reference-f32-{arch}.gguf", directory / f"quantized-{quant}.gguf"
     export_gguf(checkpoint, ref, arch=arch, quant="f32", force=True)
-    export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type)
-    return ref, q
+    adapter = None
+    if read_qat_config(checkpoint) is not None and _splices(model):
+        adapter = directory / f"quantized-{quant}.splice-lora.gguf"
+        export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type,
+                    splice="adapter", adapter_out=adapter)
+    else:
+        export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type)
+    return ref, q, adapter
 
 
 def simulated_model(model, qstate: dict, plan, sim_activations: str):
@@ -172,11 +203,10 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     encoded = encode_probes(probes, tok, wl.mask)
     targets = all_targets(encoded)
 
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     from felix.qat import read_qat_config
 
     qat = read_qat_config(checkpoint)  # a quantization-aware checkpoint ships the bytes its forward used
-    qstate, plan = quantized_state(state, quant, opts.embedding_type, qat=qat)
+    qstate, plan = quantized_state(deployed_state(model, qat), quant, opts.embedding_type, qat=qat)
     report = {
         "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "checkpoint": str(checkpoint), "quant": quant,
         "embedding_type": opts.embedding_type, "paths": list(opts.paths),
@@ -252,9 +282,10 @@ def _run_path(s: _Setup, path: str) -> PathRun:
         cleanup = []
     else:
         tmp = None if opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-")
-        ref_path, q_path = _export_pair(s.checkpoint, quant, opts.embedding_type, Path(opts.gguf_dir or tmp.name))
+        ref_path, q_path, q_adapter = _export_pair(s.checkpoint, quant, opts.embedding_type,
+                                                   Path(opts.gguf_dir or tmp.name), s.model)
         ref_src = LlamaCppSource(ref_path, s.model.cfg.max_seq_len)
-        q_src = LlamaCppSource(q_path, s.model.cfg.max_seq_len)
+        q_src = LlamaCppSource(q_path, s.model.cfg.max_seq_len, adapter=q_adapter)
         cleanup = [ref_src.close, q_src.close] + ([tmp.cleanup] if tmp else [])
         if ref_src.n_vocab != s.model.cfg.vocab_size:
             for fn in cleanup:

@@ -32,10 +32,11 @@ class TorchSource:
 class LlamaCppSource:
     """Logits from a GGUF file in llama.cpp (felix.llamacpp over llama-cpp-python), one sequence at a time."""
 
-    def __init__(self, gguf_path, n_ctx: int):
+    def __init__(self, gguf_path, n_ctx: int, adapter=None):
+        """`adapter`: a LoRA adapter GGUF (the splices of a quantization-aware file), applied at scale 1."""
         from felix.llamacpp import LlamaCppModel
 
-        self.runtime = LlamaCppModel(gguf_path, n_ctx=n_ctx)
+        self.runtime = LlamaCppModel(gguf_path, n_ctx=n_ctx, adapter=adapter)
         self.n_ctx, self.n_vocab = n_ctx, self.runtime.n_vocab
 
     def logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
