@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from felix.files import jsonl_lines, read_text
+
 # Chat role markers. The tokenizer registers them as special tokens (felix/tokenizer.py).
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 
@@ -358,24 +360,15 @@ def load_user_data(paths, max_bad_fraction: float = 0.5) -> LoadedData:
     numbers; if more than `max_bad_fraction` of a file's non-empty lines are bad, raises :class:`DataError`."""
     documents, records, skipped = [], [], []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read {path} as UTF-8 text: {e}") from e
+        text = read_text(path, DataError, "data file")
         if path.suffix != ".jsonl":
             if text.strip():
                 documents.append(text)
             continue
         bad, good = [], 0
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        for where, obj, problem in jsonl_lines(text, path):
+            if problem:
+                bad.append(f"{where}: {problem}")
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
                 documents.append(obj["text"])
@@ -384,7 +377,7 @@ def load_user_data(paths, max_bad_fraction: float = 0.5) -> LoadedData:
                 records.append(obj)
                 documents.append(chat_text(obj["prompt"], obj["response"]))
             else:
-                bad.append(f"{path}:{lineno}: expected an object with a non-empty string 'text', or string "
+                bad.append(f"{where}: expected an object with a non-empty string 'text', or string "
                            f"'prompt' and 'response'")
                 continue
             good += 1
@@ -496,22 +489,16 @@ def load_teacher_records(paths, max_bad_fraction: float = 0.5) -> tuple[list[dic
     exceed `max_bad_fraction` raises :class:`DataError` listing them."""
     records, skipped = [], []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"teacher file {path} does not exist")
         bad, good = [], []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        for where, obj, problem in jsonl_lines(read_text(path, DataError, "teacher file"), path):
+            if problem:
+                bad.append(f"{where}: {problem}")
                 continue
             if isinstance(obj, dict) and all(isinstance(obj.get(k), str) and obj[k] for k in
                                              ("prompt", "response", "teacher")):
                 good.append(obj)
             else:
-                bad.append(f"{path}:{lineno}: expected non-empty strings 'prompt', 'response' and 'teacher'")
+                bad.append(f"{where}: expected non-empty strings 'prompt', 'response' and 'teacher'")
         if bad and len(bad) > max_bad_fraction * (len(bad) + len(good)):
             raise DataError(f"{path}: {len(bad)} of {len(bad) + len(good)} non-empty lines are malformed; refusing "
                             f"to train on the rest:\n  " + "\n  ".join(bad[:10]))

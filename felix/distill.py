@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import math
 import random
 import sys
 import time
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 from felix import data as felix_data
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
-from felix.files import atomic_write_text, save_figure
+from felix.files import atomic_write_text, jsonl_lines, read_text, save_figure
 from felix.task_eval import schema_check, word_f1
 
 BUILTIN_TEACHERS = ("exact", "noisy", "sloppy")
@@ -74,20 +73,9 @@ def load_teacher_groups(paths) -> list[TeacherGroup]:
     if not paths:
         raise DistillError("no teacher files given")
     for path in paths:
-        if not path.is_file():
-            raise DistillError(f"teacher file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DistillError(f"cannot read {path} as UTF-8 text: {e}") from e
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not valid JSON ({e.msg})")
+        for where, obj, problem in jsonl_lines(read_text(path, DistillError, "teacher file"), path):
+            if problem:
+                problems.append(f"{where}: {problem}")
                 continue
             if not isinstance(obj, dict) or not _nonempty_str(obj.get("prompt")):
                 problems.append(f"{where}: expected an object with a non-empty string 'prompt'")

@@ -5,6 +5,7 @@ these, so an interrupted or failing run leaves either the previous file or nothi
 Checkpoint directories have their own atomic writer (felix.model.save_checkpoint), as does the GGUF exporter."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -47,3 +48,29 @@ def jsonable(x):
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
     return x
+
+
+def read_text(path, error: type[Exception] = ValueError, kind: str = "file") -> str:
+    """The UTF-8 text of `path`; a missing or unreadable file raises `error` naming it ("<kind> <path> does not
+    exist", "cannot read <path> as UTF-8 text: ...")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{kind} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {path} as UTF-8 text: {e}") from e
+
+
+def jsonl_lines(text: str, path):
+    """(where, object, problem) for every non-empty line of JSONL `text` read from `path`: where is "path:line",
+    object the parsed value (None when the line is not JSON) and problem None or "not valid JSON (...)". The
+    callers check the objects' shape and report every bad line with its `where`."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield where, None, f"not valid JSON ({e.msg})"

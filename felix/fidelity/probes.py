@@ -144,18 +144,13 @@ def load_probes(path) -> list[Probe]:
     marker) gets a schema inferred from it. Every malformed line is reported with its line number."""
     from felix.data import END
 
+    from felix.files import jsonl_lines, read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise FidelityError(f"probe file {path} does not exist")
     probes, bad = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"{where}: not valid JSON ({e.msg})")
+    for where, obj, problem in jsonl_lines(read_text(path, FidelityError, "probe file"), path):
+        if problem:
+            bad.append(f"{where}: {problem}")
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"] \
                 or not isinstance(obj.get("expected"), str) or not obj["expected"]:
@@ -174,7 +169,7 @@ def load_probes(path) -> list[Probe]:
                 schema = schema_from_example(example) if isinstance(example, dict) else None
             except json.JSONDecodeError:
                 schema = None
-        probes.append(Probe(str(obj.get("name", f"line-{lineno}")), obj["prompt"], obj["expected"],
+        probes.append(Probe(str(obj.get("name", f"line-{where.rsplit(':', 1)[1]}")), obj["prompt"], obj["expected"],
                             obj.get("task"), schema))
     if bad:
         raise FidelityError(f"{path}: {len(bad)} malformed probe line(s):\n  " + "\n  ".join(bad))
