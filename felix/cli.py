@@ -168,7 +168,7 @@ def cmd_train(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from felix.data import _MAKERS
+    from felix.tasks import MAKERS
     from felix.distill import add_soda_arguments
     from felix.distributed import PARALLEL_MODES
     from felix.model import PRESETS
@@ -190,7 +190,7 @@ def _add_train_parser(sub) -> None:
     for name in ("val_fraction", "lr", "decay_fraction", "final_lr_fraction", "weight_decay", "grad_clip",
                  "lambda_q", "margin", "peak_tflops", "memorization_gap"):
         t.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(d, name)}")
-    t.add_argument("--task", dest="tasks", action="append", choices=list(_MAKERS),
+    t.add_argument("--task", dest="tasks", action="append", choices=list(MAKERS),
                    help=f"structured record task of the built-in corpus (repeatable; default: {', '.join(d.tasks)})")
     t.add_argument("--no-prose", dest="prose", action="store_false", default=None,
                    help="built-in corpus without the prose: structured records only")

@@ -5,10 +5,11 @@ Everything here works offline on any machine:
 * :func:`builtin_corpus` -- English prose shipped with Python itself (the ``pydoc_data`` help topics) plus
   docstrings and source of a few stdlib modules, together with :func:`structured_records` rendered as chat
   text. No download, same text everywhere (for a given Python version).
-* :func:`structured_records` -- a seeded generator of records in the shapes of the seed project's task suite:
-  memory *encoding* (JSON), *episode summarization* (JSON), *principle abstraction* (JSON; ``has_principle:
-  false`` is the refusal path) and *retrieval synthesis* (2-5 sentences of prose). These are what gives the
-  QUAIL whitelist (JSON structure tokens) something real to protect.
+* :func:`structured_records` (felix.tasks.records, the task world's home; re-exported here) -- a seeded generator
+  of records in the shapes of the seed project's task suite: memory *encoding* (JSON), *episode summarization*
+  (JSON), *principle abstraction* (JSON; ``has_principle: false`` is the refusal path) and *retrieval synthesis*
+  (2-5 sentences of prose). These are what gives the QUAIL whitelist (JSON structure tokens) something real to
+  protect.
 * :func:`load_user_data` -- ``--data`` files: ``.jsonl`` (``{"text"}`` or ``{"prompt", "response"}`` per line,
   extra keys such as ``teacher`` allowed) or plain text. Malformed lines are reported by line number; a file in
   which most lines are bad is an error rather than silently training on the few good ones.
@@ -21,19 +22,20 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydoc_data.topics import topics
 
 from felix.files import jsonl_lines, read_text
+# the task world's records live in felix.tasks; re-exported here, where the corpus and older callers find them
+from felix.tasks.records import (  # noqa: F401 (re-exported)
+    HEDGES, MAKERS, N_REVIEWERS, PRINCIPLE_HEDGED, PRINCIPLE_WEIGHED, REVIEW_WEIGHTS, TASKS, hedge_bayes_margin,
+    hedged_probe_records, structured_records, weighed_evidence, weighed_probe_records)
 
 # Chat role markers. The tokenizer registers them as special tokens (felix/tokenizer.py).
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-
-TASKS = ("encoding", "episode", "principle", "synthesis")
 
 
 class DataError(ValueError):
@@ -78,8 +80,6 @@ def builtin_prose() -> list[str]:
     """Text that ships with Python: every pydoc help topic, docstrings of common stdlib modules and their
     public members, and the full source of a few small pure-Python modules, in paragraph chunks of about
     2,000 characters (so that prose and short structured records weigh in a split by their size)."""
-    from pydoc_data.topics import topics
-
     docs = [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
     for mod_name in _STDLIB_MODULES:
         mod = importlib.import_module(mod_name)
@@ -95,246 +95,6 @@ def builtin_prose() -> list[str]:
     for mod_name in _SOURCE_MODULES:
         docs.append(inspect.getsource(importlib.import_module(mod_name)))
     return [chunk for doc in docs for chunk in paragraph_chunks(doc)]
-
-
-# ----------------------------------------------------------------------- structured records
-_SUBJECTS = ["the build pipeline", "the billing service", "the search index", "the mobile app release",
-             "the database migration", "the onboarding flow", "the cache layer", "the payment retry job",
-             "the nightly backup", "the recommendation model", "the API gateway", "the login page",
-             "the analytics dashboard", "the email scheduler", "the config loader", "the GPU cluster",
-             "the garden irrigation timer", "the team offsite", "the quarterly budget", "the reading group"]
-_ACTORS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Maya",
-           "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tomas"]
-_EVENTS = [("failed after a dependency upgrade", "rolled the dependency back and pinned its version",
-            "pin dependencies and upgrade them deliberately"),
-           ("slowed down under peak load", "added an index and a read replica",
-            "measure the hot path before scaling hardware"),
-           ("lost data during a restart", "made the writer flush before acknowledging",
-            "acknowledge only what is durable"),
-           ("produced duplicate records", "made the handler idempotent with a request key",
-            "design retries to be idempotent"),
-           ("timed out for users abroad", "moved static assets to a CDN", "serve content close to the user"),
-           ("crashed on an empty input", "added validation with a clear error message",
-            "validate inputs at the boundary"),
-           ("drifted from the documentation", "generated the docs from the schema",
-            "keep one source of truth"),
-           ("ran over its deadline", "split the work into weekly milestones", "small steps expose delays early"),
-           ("confused new users", "rewrote the first screen with one clear action",
-            "reduce choices at the start"),
-           ("used twice the expected memory", "streamed the file instead of loading it whole",
-            "stream large data")]
-_MOODS = ["frustrating", "routine", "tense", "satisfying", "surprising", "tiring"]
-_KINDS = ["incident", "decision", "lesson", "observation", "plan"]
-
-
-def _concepts(rng: random.Random, subject: str, event: tuple[str, str, str]) -> list[str]:
-    words = [w for w in (subject.split()[-1], event[0].split()[-1], max(event[1].split(), key=len)) if w.isalpha()]
-    extra = rng.sample(["reliability", "performance", "testing", "communication", "planning", "debugging",
-                        "data integrity", "user experience", "operations", "learning"], 2)
-    return list(dict.fromkeys(w.lower() for w in words + extra))
-
-
-def _encoding_record(rng: random.Random) -> dict:
-    subject, actor, event = rng.choice(_SUBJECTS), rng.choice(_ACTORS), rng.choice(_EVENTS)
-    mood, kind = rng.choice(_MOODS), rng.choice(_KINDS)
-    day = rng.randint(1, 28)
-    observation = (f"On day {day}, {actor} noticed that {subject} {event[0]}. After some investigation the team "
-                   f"{event[1]}. It was a {mood} afternoon.")
-    salience = round(rng.uniform(0.2, 0.95), 2)
-    response = {
-        "gist": f"{subject.removeprefix('the ').capitalize()} {event[0]}; fixed by a change.",
-        "summary": f"{actor} found that {subject} {event[0]}; the team {event[1]}.",
-        "concepts": _concepts(rng, subject, event),
-        "structured_concepts": {"people": [actor], "systems": [subject.removeprefix("the ")],
-                                "actions": [event[1]], "kind": kind},
-        "significance": f"Shows that teams should {event[2]}.",
-        "salience": salience,
-        "emotional_tone": mood,
-    }
-    prompt = f"Encode this observation as a memory (JSON).\nObservation: {observation}"
-    return {"task": "encoding", "prompt": prompt, "response": json.dumps(response)}
-
-
-def _episode_record(rng: random.Random) -> dict:
-    n = rng.randint(2, 4)
-    subject = rng.choice(_SUBJECTS)
-    steps = [(rng.choice(_ACTORS), rng.choice(_EVENTS)) for _ in range(n)]
-    lines = [f"- {a} reported that {subject} {e[0]}; they {e[1]}." for a, e in steps]
-    response = {
-        "title": f"Week of fixes on {subject.removeprefix('the ')}",
-        "summary": " ".join(f"{a} handled a case where it {e[0]} and {e[1]}." for a, e in steps),
-        "concepts": list(dict.fromkeys(c for _, e in steps for c in _concepts(rng, subject, e)))[:6],
-        "salience": round(rng.uniform(0.3, 0.9), 2),
-    }
-    prompt = "Summarize this episode (JSON with title, summary, concepts, salience).\n" + "\n".join(lines)
-    return {"task": "episode", "prompt": prompt, "response": json.dumps(response)}
-
-
-def _principle_record(rng: random.Random) -> dict:
-    subject = rng.choice(_SUBJECTS)
-    if rng.random() < 0.35:  # the refusal path: unrelated memories carry no shared principle
-        picks = rng.sample(_EVENTS, 3)
-        memories = [f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {e[0]}." for e in picks]
-        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
-                    "confidence": round(rng.uniform(0.05, 0.3), 2)}
-    else:
-        event = rng.choice(_EVENTS)
-        memories = [f"- {rng.choice(_ACTORS)}: {rng.choice(_SUBJECTS)} {event[0]}; the fix: {event[1]}."
-                    for _ in range(3)]
-        response = {"has_principle": True, "title": event[2].capitalize(),
-                    "principle": f"Across these cases the lesson is to {event[2]}.",
-                    "concepts": _concepts(rng, subject, event), "confidence": round(rng.uniform(0.6, 0.95), 2)}
-    prompt = ("Abstract a principle from these memories if one is shared (JSON with has_principle, title, "
-              "principle, concepts, confidence).\n" + "\n".join(memories))
-    return {"task": "principle", "prompt": prompt, "response": json.dumps(response)}
-
-
-def _synthesis_record(rng: random.Random) -> dict:
-    subject = rng.choice(_SUBJECTS)
-    found = [(rng.choice(_ACTORS), rng.choice(_EVENTS)) for _ in range(rng.randint(2, 4))]
-    question = f"What do we know about problems with {subject}?"
-    memories = [f"[{i + 1}] {a}: {subject} {e[0]}; {e[1]}." for i, (a, e) in enumerate(found)]
-    sentences = [f"{subject.capitalize()} has had {len(found)} recorded problems."]
-    sentences += [f"{a} saw it {e[0]}, and the team {e[1]}." for a, e in found[: rng.randint(1, 3)]]
-    sentences = sentences[:5]
-    prompt = f"Answer from these memories in 2-5 sentences.\nQuestion: {question}\n" + "\n".join(memories)
-    return {"task": "synthesis", "prompt": prompt, "response": " ".join(sentences)}
-
-
-# Hedged principle abstraction: the flip regime. The memories themselves are not shown, only a reviewer's note
-# with one qualifier word, and the label (has_principle) follows that qualifier only with the reliability below, as
-# annotators disagree on borderline cases. A model that learns these records well sets the has_principle decision to
-# the log-odds log(p / (1 - p)): 0.4-0.85 logits for the borderline qualifiers, decisions 4-bit rounding can move.
-# The prompt is short on purpose: with the memories spelled out (three lines, or a one-line summary) a 0.8M-parameter
-# model did not pick up the qualifier at all in 400-600 steps (it answered the marginal 0.6 for every qualifier), and
-# a developer session on 2 CPU cores cannot give 15 runs many more steps.
-# (qualifier, P(has_principle = true)).
-HEDGES = (("unmistakably", 0.99), ("clearly", 0.95), ("likely", 0.82), ("probably", 0.7), ("arguably", 0.6),
-          ("loosely", 0.4), ("doubtfully", 0.3), ("hardly", 0.08))
-PRINCIPLE_HEDGED = "principle-hedged"
-
-
-def _flip_regime_answer(rng: random.Random, shared: tuple[str, str, str], has: bool) -> dict:
-    """The principle answer of the flip-regime tasks (hedged and weighed): the shared event's lesson when `has`,
-    else the refusal; confidences in the middle ranges, so only the has_principle value carries the decision."""
-    if has:
-        return {"has_principle": True, "title": shared[2].capitalize(),
-                "principle": f"Across these cases the lesson is to {shared[2]}.",
-                "concepts": _concepts(rng, rng.choice(_SUBJECTS), shared),
-                "confidence": round(rng.uniform(0.5, 0.8), 2)}
-    return {"has_principle": False, "title": "", "principle": "", "concepts": [],
-            "confidence": round(rng.uniform(0.2, 0.5), 2)}
-
-
-def hedge_bayes_margin(p_true: float) -> float:
-    """The Bayes-optimal logit margin of the majority answer of a qualifier with P(true) = p_true."""
-    import math
-
-    p = max(p_true, 1.0 - p_true)
-    return math.log(p / (1.0 - p))
-
-
-def _hedged_principle_record(rng: random.Random, label: bool | None = None) -> dict:
-    """One hedged principle record (see HEDGES). `label`: force has_principle (probes use the majority answer);
-    None draws it from the qualifier's reliability. The record carries ``hedge`` and ``p_true``."""
-    hedge, p_true = rng.choice(HEDGES)
-    shared, other = rng.sample(_EVENTS, 2)
-    draw = rng.random()  # drawn even when the label is forced, so forced and free streams stay aligned
-    has = (draw < p_true) if label is None else bool(label)
-    response = _flip_regime_answer(rng, shared, has)
-    prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewer note: these memories are " \
-             f"{hedge} connected."
-    return {"task": PRINCIPLE_HEDGED, "prompt": prompt, "response": json.dumps(response), "hedge": hedge,
-            "p_true": p_true}
-
-
-def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
-    """`per_hedge` probe records for every qualifier of HEDGES, the expected answer being the majority (Bayes)
-    decision of its qualifier. Seeded apart from the trainer's records; ordered hedge by hedge."""
-    if per_hedge < 1:
-        raise ValueError(f"per_hedge must be >= 1, got {per_hedge}")
-    rng = random.Random(seed)
-    out: dict[str, list[dict]] = {h: [] for h, _ in HEDGES}
-    while any(len(v) < per_hedge for v in out.values()):
-        state = rng.getstate()
-        hedge, p_true = rng.choice(HEDGES)
-        rng.setstate(state)  # replay the same draw with the label forced to the majority answer
-        r = _hedged_principle_record(rng, label=p_true > 0.5)
-        if len(out[hedge]) < per_hedge:
-            out[hedge].append(r)
-    return [r for h, _ in HEDGES for r in out[h]]
-
-
-# Weighed principle abstraction: the second flip regime, with the evidence for a decision spread over several tokens.
-# Three reviewers each leave a qualifier; the label (has_principle) is drawn with P(true) = sigmoid(sum of their
-# log-odds weights), the way independent noisy annotators combine. The evidence is graded, not a handful of discrete
-# levels: the 8^3 = 512 ordered combinations (every one a distinct prompt) give 106 distinct sums from -7.8 to +9.3
-# logits, 51 of the 512 within 0.5 of a tie and 121 within 1.0, so a model that learns the odds has a continuum of
-# decision margins down to near zero. (qualifier, log-odds weight); the qualifier words are those of HEDGES.
-REVIEW_WEIGHTS = (("unmistakably", 3.1), ("clearly", 2.2), ("likely", 1.4), ("probably", 0.7), ("arguably", 0.24),
-                  ("loosely", -0.4), ("doubtfully", -1.2), ("hardly", -2.6))
-N_REVIEWERS = 3
-PRINCIPLE_WEIGHED = "principle-weighed"
-
-
-def weighed_evidence(qualifiers) -> float:
-    """The log-odds of has_principle = true given the reviewers' qualifiers (the sum of REVIEW_WEIGHTS)."""
-    w = dict(REVIEW_WEIGHTS)
-    unknown = [q for q in qualifiers if q not in w]
-    if unknown:
-        raise ValueError(f"unknown reviewer qualifier(s) {unknown}; known: {list(w)}")
-    return float(sum(w[q] for q in qualifiers))
-
-
-def _weighed_principle_record(rng: random.Random, label: bool | None = None,
-                              qualifiers: tuple[str, ...] | None = None) -> dict:
-    """One weighed principle record (see REVIEW_WEIGHTS). `qualifiers` fixes the reviewers' words (drawn otherwise);
-    `label` forces has_principle (probes use the majority answer), None draws it from the evidence. The record
-    carries ``qualifiers``, ``evidence`` (log-odds) and ``p_true``."""
-    import math
-
-    if qualifiers is None:
-        qualifiers = tuple(rng.choice(REVIEW_WEIGHTS)[0] for _ in range(N_REVIEWERS))
-    evidence = weighed_evidence(qualifiers)
-    p_true = 1.0 / (1.0 + math.exp(-evidence))
-    shared = rng.choice(_EVENTS)
-    draw = rng.random()
-    has = (draw < p_true) if label is None else bool(label)
-    response = _flip_regime_answer(rng, shared, has)
-    notes = "; ".join(qualifiers)
-    prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewers: {notes}."
-    return {"task": PRINCIPLE_WEIGHED, "prompt": prompt, "response": json.dumps(response),
-            "qualifiers": list(qualifiers), "evidence": evidence, "p_true": p_true}
-
-
-def weighed_probe_records(n: int, seed: int = 2_000_029) -> list[dict]:
-    """`n` probe records with distinct reviewer combinations (n <= 8^3), each expecting the majority (Bayes)
-    answer of its evidence. Seeded apart from the trainer's records (which may contain the same combinations:
-    a combination is a point on the evidence scale, not a memorised example)."""
-    import itertools
-
-    combos = list(itertools.product([q for q, _ in REVIEW_WEIGHTS], repeat=N_REVIEWERS))
-    if not 1 <= n <= len(combos):
-        raise ValueError(f"the number of weighed probes must be in [1, {len(combos)}], got {n}")
-    rng = random.Random(seed)
-    rng.shuffle(combos)
-    return [_weighed_principle_record(rng, label=weighed_evidence(c) > 0, qualifiers=c) for c in combos[:n]]
-
-
-_MAKERS = {"encoding": _encoding_record, "episode": _episode_record, "principle": _principle_record,
-           "synthesis": _synthesis_record, PRINCIPLE_HEDGED: _hedged_principle_record,
-          PRINCIPLE_WEIGHED: _weighed_principle_record}
-
-
-def structured_records(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
-    """`n` seeded records ``{"task", "prompt", "response"}``, cycling through `tasks` (TASKS by default;
-    ``principle-hedged`` is opt-in, see HEDGES). JSON tasks have a ``json.dumps`` response; synthesis has 2-5
-    sentences of prose."""
-    unknown = set(tasks) - set(_MAKERS)
-    if unknown:
-        raise ValueError(f"unknown structured task(s) {sorted(unknown)}; known: {list(_MAKERS)}")
-    rng = random.Random(seed)
-    return [_MAKERS[tasks[i % len(tasks)]](rng) for i in range(n)]
 
 
 def builtin_corpus(n_records: int = 2000, seed: int = 0, tasks: tuple[str, ...] = TASKS,

@@ -1,21 +1,23 @@
 """Distillation as the seed planned it: multi-teacher data, per-prompt selection, teacher agreement, and SODA.
 
-* **Teacher data** (:func:`load_teacher_groups`): JSONL with several teachers per prompt, either one line per
-  prompt ``{"prompt", "task"?, "responses": {teacher: response, ...}}`` or one line per teacher response
-  ``{"prompt", "response", "teacher", "task"?}`` (felix.data.load_teacher_records' format), grouped by prompt.
-  Any malformed line is an error naming ``path:line``; so is one teacher giving two different responses to a prompt.
-* **Selection** (:func:`select_responses`): per prompt, the schema-valid responses first (felix.task_eval's
-  schema check of the prompt's task), then the best of that tier by a swappable scorer (``consensus``: agreement
+* **Teacher data** (felix.teachers, re-exported here: :func:`load_teacher_groups`): JSONL with several teachers per
+  prompt, either one line per prompt ``{"prompt", "task"?, "responses": {teacher: response, ...}}`` or one line per
+  teacher response ``{"prompt", "response", "teacher", "task"?}`` (felix.data.load_teacher_records' format),
+  grouped by prompt. Any malformed line is an error naming ``path:line``; so is one teacher giving two different
+  responses to a prompt.
+* **Selection** (:func:`select_responses`): per prompt, the schema-valid responses first (felix.tasks' schema
+  check of the prompt's task), then the best of that tier by a swappable scorer (``consensus``: agreement
   with the other teachers; ``shortest``; or any callable ``(group, teacher) -> float``); ties go to the teacher
   listed first.
 * **Agreement** (:func:`teacher_agreement`): per teacher validity and how often it was selected; per teacher pair
   exact agreement, word F1, and agreement on the principle task's ``has_principle`` decision; overall and per task.
-* **Built-in teachers** (:func:`builtin_teacher_groups`): made from felix.data's task records, no download:
+* **Built-in teachers** (:func:`builtin_teacher_groups`; felix.tasks.perturbations): made from the task records, no
+  download:
   ``exact`` (the record's own response: the strong teacher), ``noisy`` (content perturbed, format kept, the
   refusal decision sometimes flipped) and ``sloppy`` (half of its answers break the format). A trained Felix
   checkpoint is a teacher too (:func:`checkpoint_teacher`: its greedy responses).
 * **SODA** (:func:`train_soda`, ``felix train --soda``): semi-on-policy distillation. The student's greedy
-  responses are snapshotted once (:func:`greedy_responses`, batched, with progress); pairs (prompt, chosen = the
+  responses are snapshotted once (felix.generate.greedy_responses, batched, with progress); pairs (prompt, chosen = the
   selected teacher response, rejected = the student's snapshot response) train with the DPO loss
   (:func:`dpo_loss`), the reference model being the snapshot's weights, frozen (its log-probabilities are computed
   once, before the first step), plus the QUAIL hinge on the chosen responses' whitelisted targets. Metrics: reward
@@ -24,9 +26,7 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,205 +34,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from felix import data as felix_data
+from felix import model as felix_model
+from felix.files import atomic_write_text, named_path, save_figure
+from felix.generate import greedy_responses
+from felix.ops.loss import linear_ce_quail, whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
-from felix.files import atomic_write_text, jsonl_lines, read_text, save_figure
-from felix.task_eval import schema_check, word_f1
+from felix.tasks import MAKERS, SUITE_SEED, TASKS, builtin_task_suite, schema_check, word_f1
+from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
+from felix.teachers import (
+    DistillError, TeacherGroup, builtin_teacher_groups, checkpoint_teacher, load_teacher_groups, write_teacher_groups)
+from felix.tokenizer import Tokenizer, json_structure_whitelist
+from felix.train import _device, _optimizer, wsd_lr
 
-BUILTIN_TEACHERS = ("exact", "noisy", "sloppy")
 METRICS_FILE, PLOT_FILE, SNAPSHOT_FILE, SODA_FILE = "metrics.jsonl", "soda_curve.png", "snapshot.jsonl", "soda.json"
 AGREEMENT_STEM = "teacher-agreement"
-
-
-class DistillError(ValueError):
-    """Teacher data or a SODA setup that cannot be used (the message names the file:line or the problem)."""
-
-
-# ======================================================================================= teacher data
-@dataclass
-class TeacherGroup:
-    """One prompt and every teacher's response to it (teachers in the order first seen)."""
-
-    prompt: str
-    task: str | None
-    responses: dict[str, str]
-    sources: dict[str, str] = field(default_factory=dict)  # teacher -> "path:line"
-
-
-def _nonempty_str(x) -> bool:
-    return isinstance(x, str) and bool(x.strip())
-
-
-def load_teacher_groups(paths) -> list[TeacherGroup]:
-    """Read teacher JSONL files (see the module docstring for the two line formats) into one group per prompt, in
-    first-seen order. Every malformed line, and every conflict, raises :class:`DistillError` naming ``path:line``."""
-    groups: dict[str, TeacherGroup] = {}
-    problems = []
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise DistillError("no teacher files given")
-    for path in paths:
-        for where, obj, problem in jsonl_lines(read_text(path, DistillError, "teacher file"), path):
-            if problem:
-                problems.append(f"{where}: {problem}")
-                continue
-            if not isinstance(obj, dict) or not _nonempty_str(obj.get("prompt")):
-                problems.append(f"{where}: expected an object with a non-empty string 'prompt'")
-                continue
-            task = obj.get("task")
-            if task is not None and not _nonempty_str(task):
-                problems.append(f"{where}: 'task' must be a non-empty string when given")
-                continue
-            if "responses" in obj:
-                resp = obj["responses"]
-                if not (isinstance(resp, dict) and resp and all(_nonempty_str(k) and _nonempty_str(v)
-                                                                for k, v in resp.items())):
-                    problems.append(f"{where}: 'responses' must map teacher names to non-empty response strings")
-                    continue
-                pairs = list(resp.items())
-            elif _nonempty_str(obj.get("response")) and _nonempty_str(obj.get("teacher")):
-                pairs = [(obj["teacher"], obj["response"])]
-            else:
-                problems.append(f"{where}: expected 'responses' {{teacher: response}}, or non-empty strings "
-                                f"'response' and 'teacher'")
-                continue
-            g = groups.setdefault(obj["prompt"], TeacherGroup(obj["prompt"], task, {}, {}))
-            if task is not None and g.task is not None and task != g.task:
-                problems.append(f"{where}: task {task!r} for a prompt that {next(iter(g.sources.values()))} gave "
-                                f"task {g.task!r}")
-                continue
-            g.task = g.task or task
-            for teacher, response in pairs:
-                if teacher in g.responses and g.responses[teacher] != response:
-                    problems.append(f"{where}: teacher {teacher!r} already gave a different response to this prompt "
-                                    f"at {g.sources[teacher]}")
-                    continue
-                g.responses.setdefault(teacher, response)
-                g.sources.setdefault(teacher, where)
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DistillError(f"{len(problems)} malformed teacher line(s):\n  {shown}")
-    if not groups:
-        raise DistillError(f"no teacher records in {', '.join(map(str, paths))}")
-    return list(groups.values())
-
-
-def write_teacher_groups(groups: list[TeacherGroup], path) -> Path:
-    """Write groups as one-line-per-prompt JSONL (atomically)."""
-    lines = [json.dumps({"prompt": g.prompt, **({"task": g.task} if g.task else {}), "responses": g.responses})
-             for g in groups]
-    return atomic_write_text(Path(path), "\n".join(lines) + "\n")
-
-
-# -------------------------------------------------------------------------------- built-in teachers
-def _rng(*parts) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "big"))
-
-
-def _perturb_json(obj: dict, rng: random.Random) -> dict:
-    """Content changes that keep the schema: concepts dropped / shuffled, numbers moved, text words dropped, the
-    principle decision sometimes flipped."""
-    out = json.loads(json.dumps(obj))
-    if "has_principle" in out and rng.random() < 0.3:
-        out["has_principle"] = not out["has_principle"]
-    for key, v in list(out.items()):
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)) and rng.random() < 0.7:
-            out[key] = round(min(1.0, max(0.0, v + rng.choice((-1, 1)) * rng.uniform(0.15, 0.4))), 2)
-        elif isinstance(v, list) and v and rng.random() < 0.7:
-            kept = v[:]
-            rng.shuffle(kept)
-            out[key] = kept[:max(1, len(kept) - 1 - rng.randint(0, 1))]
-        elif isinstance(v, str) and len(v.split()) > 3 and rng.random() < 0.5:
-            w = v.split()
-            drop = rng.randrange(len(w))
-            out[key] = " ".join(w[:drop] + w[drop + 1:])
-    return out
-
-
-def _perturb_prose(text: str, rng: random.Random) -> str:
-    from felix.task_eval import sentences
-
-    parts = sentences(text)
-    if len(parts) > 2 and rng.random() < 0.6:
-        del parts[rng.randrange(1, len(parts))]
-    for i, s in enumerate(parts):
-        if rng.random() < 0.4:
-            names = [n for n in felix_data._ACTORS if n in s]
-            if names:
-                parts[i] = s.replace(names[0], rng.choice(felix_data._ACTORS))
-    return " ".join(parts)
-
-
-def _noisy(record: dict, rng: random.Random) -> str:
-    try:
-        obj = json.loads(record["response"])
-    except json.JSONDecodeError:
-        return _perturb_prose(record["response"], rng)
-    return json.dumps(_perturb_json(obj, rng))
-
-
-def _sloppy(record: dict, rng: random.Random) -> str:
-    base = _noisy(record, rng)
-    if rng.random() >= 0.5:
-        return base
-    try:
-        obj = json.loads(base)
-    except json.JSONDecodeError:  # prose: one run-on sentence, or far too many
-        words = base.replace(".", "").split()
-        return " ".join(words) + "." if rng.random() < 0.5 else " ".join(f"{w.capitalize()}." for w in words[:9])
-    how = rng.choice(("drop-field", "truncate", "wrong-type"))
-    if how == "drop-field":
-        obj.pop(rng.choice(sorted(obj)))
-        return json.dumps(obj)
-    if how == "wrong-type":
-        key = rng.choice(sorted(obj))
-        obj[key] = str(obj[key]) if not isinstance(obj[key], str) else [obj[key]]
-        return json.dumps(obj)
-    text = json.dumps(obj)
-    return text[:max(1, int(len(text) * rng.uniform(0.4, 0.9)))]
-
-
-_BUILTIN = {"exact": lambda r, rng: r["response"], "noisy": _noisy, "sloppy": _sloppy}
-
-
-def builtin_teacher_responses(records: list[dict], teacher: str, seed: int = 0) -> list[str]:
-    """One built-in teacher's responses to felix.data task records (deterministic per seed, teacher and prompt)."""
-    if teacher not in _BUILTIN:
-        raise DistillError(f"unknown built-in teacher {teacher!r}; choose from {', '.join(BUILTIN_TEACHERS)}")
-    return [_BUILTIN[teacher](r, _rng(seed, teacher, r["prompt"])) for r in records]
-
-
-def builtin_teacher_groups(n: int, seed: int = 0, tasks=felix_data.TASKS,
-                           teachers=BUILTIN_TEACHERS) -> list[TeacherGroup]:
-    """`n` task records (felix.data.structured_records(n, seed, tasks)) with every built-in teacher's response."""
-    records = felix_data.structured_records(n, seed, tuple(tasks))
-    by_teacher = {t: builtin_teacher_responses(records, t, seed) for t in teachers}
-    groups: dict[str, TeacherGroup] = {}
-    for i, r in enumerate(records):  # a repeated prompt (rare) keeps its first record
-        groups.setdefault(r["prompt"], TeacherGroup(r["prompt"], r["task"], {t: by_teacher[t][i] for t in teachers},
-                                                    {t: f"builtin:{seed}:{i}" for t in teachers}))
-    return list(groups.values())
-
-
-def checkpoint_teacher(name: str, checkpoint, groups: list[TeacherGroup], max_new_tokens: int = 192,
-                       batch_size: int = 16, device="cpu", progress: bool = False) -> list[TeacherGroup]:
-    """Add a trained Felix checkpoint as teacher `name`: its greedy responses to every group's prompt."""
-    from felix.model import load_checkpoint
-    from felix.tokenizer import Tokenizer
-
-    model, tok = load_checkpoint(checkpoint, device), Tokenizer.load(checkpoint)
-    outs = greedy_responses(model, tok, [g.prompt for g in groups], max_new_tokens, batch_size, progress,
-                            desc=f"teacher {name}")
-    for g, out in zip(groups, outs):
-        if name in g.responses:
-            raise DistillError(f"teacher {name!r} already answers prompt {g.prompt[:60]!r}")
-        if out.strip():
-            g.responses[name] = out
-            g.sources[name] = f"checkpoint:{checkpoint}"
-    return groups
 
 
 # ========================================================================================== selection
@@ -396,50 +214,6 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
 
 
 # ===================================================================================== the snapshot
-@torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                     progress: bool = False, desc: str = "snapshot") -> list[str]:
-    """Greedy responses of `model` to chat prompts, batched (right padding: causal attention keeps it out of the
-    real positions), each stopping at END / EOS or when prompt + response would not fit the context (so its
-    log-probability is later computed on exactly the context it was generated in). Deterministic."""
-    from tqdm import tqdm
-
-    if max_new_tokens < 1 or batch_size < 1:
-        raise DistillError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stop = {tokenizer.eos_id, tokenizer.token_id(felix_data.END)}
-    encoded = [[tokenizer.bos_id, *tokenizer.encode(felix_data.chat_prompt(p))] for p in prompts]
-    n_ctx = model.cfg.max_seq_len
-    # room for the response, its END and EOS within max_seq_len + 1 tokens (a pair row, see encode_pairs)
-    budgets = [max(0, min(max_new_tokens, n_ctx - 1 - len(e))) for e in encoded]
-    outs: list[list[int]] = [[] for _ in prompts]
-    starts = range(0, len(prompts), batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        seqs = [list(e) for e in encoded[s:s + batch_size]]
-        active = [i for i in range(len(seqs)) if budgets[s + i] > 0]
-        while active:
-            width = max(len(seqs[i]) for i in active)
-            batch = torch.full((len(active), width), tokenizer.pad_id, dtype=torch.long)
-            for row, i in enumerate(active):
-                batch[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            logits = model(batch.to(device))
-            last = torch.tensor([len(seqs[i]) - 1 for i in active], device=logits.device)
-            nxt = logits[torch.arange(len(active), device=logits.device), last].float().argmax(-1).tolist()
-            still = []
-            for i, t in zip(active, nxt):
-                if t in stop:
-                    continue
-                seqs[i].append(t)
-                outs[s + i].append(t)
-                if len(outs[s + i]) < budgets[s + i]:
-                    still.append(i)
-            active = still
-    model.train(was_training)
-    return [tokenizer.decode(o) for o in outs]
-
-
 def write_snapshot(path, prompts: list[str], responses: list[str], meta: dict) -> Path:
     lines = [json.dumps({"meta": meta})] + [json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses)]
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
@@ -524,18 +298,16 @@ def token_losses(model, x: torch.Tensor, y: torch.Tensor, whitelist=None, margin
     """Per-token -log p(target) [B, T] (0 at ignored targets, differentiable) through felix.linear_ce_quail (the
     logits never exist), and the QUAIL hinge term on the first `chosen_rows` rows: lambda_q times the mean over
     their whitelisted targets of max(0, margin - (z_target - max other z)), differentiable (0 when off)."""
-    import felix
-
     h = model.hidden_states(x)
     d = h.shape[-1]
     flat = h.reshape(-1, d)
-    ce = felix.linear_ce_quail(flat, model.head_weight, y.reshape(-1), None, margin=margin, lambda_q=0.0,
+    ce = linear_ce_quail(flat, model.head_weight, y.reshape(-1), None, margin=margin, lambda_q=0.0,
                                reduction="none").loss.reshape(y.shape)
     hinge = ce.new_zeros(())
     if lambda_q and whitelist is not None and chosen_rows:
         yc = y[:chosen_rows]
         hc = h[:chosen_rows].reshape(-1, d)
-        with_hinge = felix.linear_ce_quail(hc, model.head_weight, yc.reshape(-1), whitelist, margin=margin,
+        with_hinge = linear_ce_quail(hc, model.head_weight, yc.reshape(-1), whitelist, margin=margin,
                                            lambda_q=lambda_q, reduction="none").loss.reshape(yc.shape)
         n_wl = int((whitelist[yc.clamp_min(0)] & (yc != -100)).sum())
         if n_wl:
@@ -596,7 +368,7 @@ class SodaConfig:
     out_dir: str = "runs/soda"
     teacher_data: list[str] = field(default_factory=list)   # teacher JSONL; empty = the built-in teachers
     n_records: int = 256           # built-in teachers: this many task records
-    tasks: list[str] = field(default_factory=lambda: list(felix_data.TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     teacher_scorer: str = "consensus"
     beta: float = 0.1
     nll_weight: float = 0.0        # + this x the chosen responses' mean token NLL (RPO's anchor; 0 = DPO alone)
@@ -635,9 +407,9 @@ class SodaConfig:
                             f" exceed steps {self.steps}")
         if not callable(self.teacher_scorer) and self.teacher_scorer not in SCORERS:
             problems.append(f"unknown teacher scorer {self.teacher_scorer!r}; choose from {', '.join(SCORERS)}")
-        unknown = [t for t in self.tasks if t not in felix_data._MAKERS]
+        unknown = [t for t in self.tasks if t not in MAKERS]
         if unknown:
-            problems.append(f"unknown task(s) {unknown}; known: {', '.join(felix_data._MAKERS)}")
+            problems.append(f"unknown task(s) {unknown}; known: {', '.join(MAKERS)}")
         if not self.init_from:
             problems.append("SODA trains an existing student: give --init-from CHECKPOINT")
         if problems:
@@ -697,13 +469,6 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
     """Run SODA (see the module docstring). Writes into ``out_dir``: ``checkpoint/`` (the trained student),
     ``snapshot.jsonl`` (the student's one-time responses), ``teacher-agreement.{json,md,png}``, ``metrics.jsonl``,
     ``soda_curve.png`` and ``soda.json`` (config, pair counts, final metrics)."""
-    from tqdm import tqdm
-
-    from felix import model as felix_model
-    from felix.ops.loss import whitelist_mask
-    from felix.tokenizer import Tokenizer, json_structure_whitelist
-    from felix.train import _device, _optimizer, wsd_lr
-
     log = log or tqdm.write
     progress = sys.stderr.isatty() if progress is None else progress
     out = Path(cfg.out_dir)
@@ -732,7 +497,8 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
     # 2. the one-time snapshot of the student's greedy responses
     t0 = time.perf_counter()
     prompts = [s.prompt for s in selections]
-    student = greedy_responses(model, tokenizer, prompts, cfg.max_new_tokens, cfg.snapshot_batch_size, progress)
+    student = greedy_responses(model, tokenizer, prompts, cfg.max_new_tokens, cfg.snapshot_batch_size, progress,
+                               desc="snapshot")
     write_snapshot(out / SNAPSHOT_FILE, prompts, student, {"init_from": str(init), "max_new_tokens": cfg.max_new_tokens})
     log(f"snapshot: {len(student)} student responses in {time.perf_counter() - t0:.1f}s "
         f"({sum(schema_check(s.task, r)['compliant'] for s, r in zip(selections, student))} schema-valid)")
@@ -886,22 +652,9 @@ def cmd_soda(args) -> int:
     return 0
 
 
-def _named_path(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
-    return name, path
-
-
 def cmd_teacher_data(args) -> int:
-    from felix.task_eval import builtin_task_suite
-
     args.builtin_teacher = args.builtin_teacher or list(BUILTIN_TEACHERS)
     if args.seed is None:
-        from felix.task_eval import SUITE_SEED
-
         args.seed = SUITE_SEED if args.suite else 0
     try:
         if args.suite:  # the prompts of the task-suite evaluation (felix eval-tasks), so teachers can be compared
@@ -911,7 +664,7 @@ def cmd_teacher_data(args) -> int:
                                    {t: builtin_teacher_responses([r], t, args.seed)[0] for t in args.builtin_teacher},
                                    {}) for r in records]
         else:
-            groups = builtin_teacher_groups(args.n_records, args.seed, tuple(args.task or felix_data.TASKS),
+            groups = builtin_teacher_groups(args.n_records, args.seed, tuple(args.task or TASKS),
                                             args.builtin_teacher)
         for name, ckpt in args.teacher_checkpoint:
             checkpoint_teacher(name, ckpt, groups, args.max_new_tokens, progress=sys.stderr.isatty())
@@ -934,12 +687,12 @@ def add_teacher_data_parser(sub) -> None:
                                    "noisy, sloppy) and/or trained Felix checkpoints, plus the teacher-agreement report.")
     p.add_argument("out", help="output JSONL (written atomically)")
     p.add_argument("--n-records", type=int, default=256, help="task records (prompts) to answer")
-    p.add_argument("--task", action="append", choices=list(felix_data._MAKERS), help="task kinds (default: all four)")
+    p.add_argument("--task", action="append", choices=list(MAKERS), help="task kinds (default: all four)")
     p.add_argument("--seed", type=int, help="record seed (default 0; with --suite: the suite's seed, as felix "
                    "eval-tasks uses)")
     p.add_argument("--builtin-teacher", action="append", choices=list(BUILTIN_TEACHERS),
                    help="built-in teachers to include (repeatable; default: all)")
-    p.add_argument("--teacher-checkpoint", action="append", type=_named_path, default=[], metavar="NAME=DIR",
+    p.add_argument("--teacher-checkpoint", action="append", type=named_path, default=[], metavar="NAME=DIR",
                    help="a trained Felix checkpoint as teacher NAME (its greedy responses)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="checkpoint teachers: response budget")
     p.add_argument("--teacher-scorer", choices=list(SCORERS), default="consensus")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from felix.splice import SPLICE_TENSOR_NAMES, read_splice, restore_splices, snapshot_splices, write_splice
+from felix.tasks.records import ACTORS, EVENTS, SUBJECTS
 
 METHODS = ("closed-form", "finetune")
 WHEN_FULL = ("refuse", "refit")
@@ -684,7 +686,7 @@ def logprobs(model, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------- built-in edit set
-# Facts the built-in corpus teaches (felix.data's _EVENTS): after "<subject> <failure>", records go on with the
+# Facts the built-in corpus teaches (felix.tasks.records.EVENTS): after "<subject> <failure>", records go on with the
 # fix. The templates are the phrasings felix.data's records use.
 FACT_TEMPLATES = (
     "- {actor} reported that {subject} {failure}; they",
@@ -695,9 +697,7 @@ FACT_TEMPLATES = (
 
 def fact_phrases() -> list[str]:
     """The failure phrases the built-in edit set keys on: neutral text for locality must not contain them."""
-    from felix import data as felix_data
-
-    return [e[0] for e in felix_data._EVENTS]
+    return [e[0] for e in EVENTS]
 
 
 def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict]:
@@ -705,18 +705,14 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
     word as the fact the corpus teaches, a counterfactual rewrite to another fix's first word, and paraphrases (the
     same pair in the other phrasings, with other people). Each case: prompt, target, true (the corpus answer),
     learned (whether the model's greedy next token is the true one), paraphrases. Targets are single tokens."""
-    import random
-
-    from felix import data as felix_data
-
     rng = random.Random(seed)
-    events = felix_data._EVENTS
+    events = EVENTS
     first_words = sorted({" " + e[1].split()[0] for e in events})
     single = [w for w in first_words if len(tokenizer.encode(w)) == 1]
     if len(single) < 2:
         raise EditError("the tokenizer splits the fixes' first words into several tokens; the built-in edit set "
                         "needs single-token targets")
-    pairs = [(s, e) for s in felix_data._SUBJECTS for e in events if " " + e[1].split()[0] in single]
+    pairs = [(s, e) for s in SUBJECTS for e in events if " " + e[1].split()[0] in single]
     rng.shuffle(pairs)
     if n > len(pairs):
         raise EditError(f"the built-in edit set has {len(pairs)} distinct (subject, failure) cases, fewer than {n}")
@@ -725,7 +721,7 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
         true = " " + event[1].split()[0]
         target = rng.choice([w for w in single if w != true])
         t = i % len(FACT_TEMPLATES)
-        actors = rng.sample(felix_data._ACTORS, len(FACT_TEMPLATES))
+        actors = rng.sample(ACTORS, len(FACT_TEMPLATES))
         fill = lambda k: FACT_TEMPLATES[k].format(actor=actors[k], subject=subject, failure=event[0])  # noqa: E731
         cases.append({"name": f"{subject.removeprefix('the ')} / {event[0]}", "prompt": fill(t), "target": target,
                       "true": true, "paraphrases": [fill(k) for k in range(len(FACT_TEMPLATES)) if k != t]})

@@ -5,6 +5,7 @@ these, so an interrupted or failing run leaves either the previous file or nothi
 Checkpoint directories have their own atomic writer (felix.model.save_checkpoint), as does the GGUF exporter."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -74,3 +75,11 @@ def jsonl_lines(text: str, path):
             yield where, json.loads(line), None
         except json.JSONDecodeError as e:
             yield where, None, f"not valid JSON ({e.msg})"
+
+
+def named_path(text: str) -> tuple[str, str]:
+    """An argparse type for ``NAME=PATH`` options (a system or teacher named by its checkpoint directory)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
+    return name, path

@@ -1,13 +1,14 @@
 """The task-suite evaluation harness: student vs teachers vs the teacher ensemble, per task (`felix eval-tasks`).
 
-The seed's headline comparison, on Felix's built-in task suite (felix.data's record shapes: memory encoding,
-episode summarization, principle abstraction with its ``has_principle: false`` refusal path, retrieval synthesis):
+The seed's headline comparison, on Felix's built-in task suite (felix.tasks: memory encoding, episode
+summarization, principle abstraction with its ``has_principle: false`` refusal path, retrieval synthesis). The suite,
+the compliance check and the graders live in felix.tasks (re-exported here); this module is the harness:
 
 * **Systems**: any number of named output lists over the same suite items -- a student checkpoint's greedy
-  generations (:func:`felix.distill.greedy_responses`), teachers' responses (a teacher JSONL, the built-in
-  synthetic teachers of :mod:`felix.distill`, or a bigger Felix checkpoint), and the **ensemble**: per item, the
-  teacher output the graders score best (best-of by the rubric, ties to the first teacher listed).
-* **Schema compliance** per output (:func:`schema_check`): the JSON tasks through felix.fidelity's checker
+  generations (:func:`felix.generate.greedy_responses`), teachers' responses (a teacher JSONL, the built-in
+  synthetic teachers of :mod:`felix.tasks.perturbations`, or a bigger Felix checkpoint), and the **ensemble**: per
+  item, the teacher output the graders score best (best-of by the rubric, ties to the first teacher listed).
+* **Schema compliance** per output (:func:`schema_check`): the JSON tasks through felix.tasks' checker
   (valid JSON object, required fields, types, enum values); synthesis is prose of 2-5 sentences.
 * **Rubric scores** (Likert 1-5) from pluggable graders (:class:`Grader`): :class:`RuleGrader` is built in
   (deterministic, needs the item's reference answer); :class:`LLMGrader` is the interface for a judge model --
@@ -23,256 +24,23 @@ episode summarization, principle abstraction with its ``has_principle: false`` r
 from __future__ import annotations
 
 import json
-import math
-import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from felix import data as felix_data
-from felix.files import atomic_write_text, jsonable, save_figure
+from felix.files import atomic_write_text, jsonable, named_path, save_figure
+from felix.generate import greedy_responses
+from felix.model import CheckpointError, load_checkpoint
+from felix.tasks import (  # noqa: F401 (re-exported: the suite, compliance and graders lived here)
+    LIKERT_MAX, LIKERT_MIN, LLM_RUBRIC, SUITE_SEED, SYNTHESIS_SENTENCES, Grade, Grader, LLMGrader, RuleGrader,
+    TaskEvalError, TaskItem, builtin_task_suite, schema_check, sentences, task_schema, value_match, word_f1, words)
+from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
+from felix.teachers import load_teacher_groups
+from felix.tokenizer import Tokenizer
+from felix.train import _device
 
 SCHEMA_NAME, SCHEMA_VERSION = "felix-task-eval", 1
-LIKERT_MIN, LIKERT_MAX = 1.0, 5.0
-SYNTHESIS_SENTENCES = (2, 5)  # the retrieval-synthesis task asks for 2-5 sentences (felix.data._synthesis_record)
-SUITE_SEED = 3_000_017        # the built-in suite: a seed away from the trainer's records and the fidelity probes
 ENSEMBLE = "ensemble"
-
-
-class TaskEvalError(ValueError):
-    """Bad input to the harness: unknown task, outputs that do not cover the suite, an unusable grader reply."""
-
-
-# ============================================================================================ the suite
-@dataclass(frozen=True)
-class TaskItem:
-    """One suite item: a prompt of a task, and its reference answer (None when the suite has none)."""
-
-    id: str
-    task: str
-    prompt: str
-    reference: str | None = None
-
-
-def builtin_task_suite(per_task: int = 8, seed: int = SUITE_SEED,
-                       tasks: tuple[str, ...] = felix_data.TASKS) -> list[TaskItem]:
-    """`per_task` items of each task from felix.data.structured_records (seed `seed`, apart from training data),
-    with the record's response as the reference."""
-    if per_task < 1:
-        raise TaskEvalError(f"per_task must be >= 1, got {per_task}")
-    records = felix_data.structured_records(per_task * len(tasks), seed, tuple(tasks))
-    counts: dict[str, int] = {}
-    items = []
-    for r in records:
-        i = counts[r["task"]] = counts.get(r["task"], -1) + 1
-        items.append(TaskItem(f"{r['task']}-{i}", r["task"], r["prompt"], r["response"]))
-    return items
-
-
-# =================================================================================== schema compliance
-def task_schema(task: str | None) -> dict | None:
-    """The JSON schema of a built-in JSON task (felix.fidelity.builtin_schemas), None for prose or unknown tasks."""
-    from felix.fidelity import builtin_schemas
-
-    return builtin_schemas().get(task) if task else None
-
-
-def sentences(text: str) -> list[str]:
-    """Sentences of a prose answer: pieces ending in . ! or ? (a trailing piece without one counts too)."""
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
-
-
-def schema_check(task: str | None, text: str) -> dict:
-    """Compliance of one output with its task's format: ``{"compliant": bool, "checked": bool, "problems": [...]}``.
-    JSON tasks: felix.fidelity.check_compliance (valid JSON object, required fields, types, enums). Synthesis:
-    prose (not JSON) of 2-5 sentences. Tasks without a known format are not checked (compliant, checked False)."""
-    from felix.fidelity import check_compliance
-
-    schema = task_schema(task)
-    if schema is not None:
-        r = check_compliance(text, schema)
-        return {"compliant": r["compliant"], "checked": True, "problems": r["problems"]}
-    if task == "synthesis":
-        problems = []
-        stripped = text.strip()
-        if not stripped:
-            problems.append("empty answer")
-        elif stripped[0] in "{[":
-            problems.append("JSON where prose was asked for")
-        n = len(sentences(stripped))
-        lo, hi = SYNTHESIS_SENTENCES
-        if stripped and not lo <= n <= hi:
-            problems.append(f"{n} sentences, want {lo}-{hi}")
-        return {"compliant": not problems, "checked": True, "problems": problems}
-    return {"compliant": True, "checked": False, "problems": []}
-
-
-# ========================================================================================= similarity
-_WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(str(text).lower())
-
-
-def word_f1(a: str, b: str) -> float:
-    """Bag-of-words F1 between two texts (1.0 for two empty texts)."""
-    wa, wb = words(a), words(b)
-    if not wa and not wb:
-        return 1.0
-    if not wa or not wb:
-        return 0.0
-    from collections import Counter
-
-    common = sum((Counter(wa) & Counter(wb)).values())
-    if not common:
-        return 0.0
-    p, r = common / len(wa), common / len(wb)
-    return 2 * p * r / (p + r)
-
-
-def value_match(got, want) -> float:
-    """How well a JSON value matches the reference value, in [0, 1]: booleans exactly, numbers by closeness (within
-    0.5 absolute), strings by word F1, lists as sets of their items' texts (F1), objects field by field."""
-    if isinstance(want, bool) or isinstance(got, bool):
-        return float(got is want)
-    if isinstance(want, (int, float)):
-        if not isinstance(got, (int, float)) or not math.isfinite(got):
-            return 0.0
-        return max(0.0, 1.0 - abs(float(got) - float(want)) / 0.5)
-    if isinstance(want, str):
-        return word_f1(got, want) if isinstance(got, str) else 0.0
-    if isinstance(want, list):
-        if not isinstance(got, list):
-            return 0.0
-        sa, sb = {json.dumps(x).lower() for x in got}, {json.dumps(x).lower() for x in want}
-        if not sa and not sb:
-            return 1.0
-        common = len(sa & sb)
-        return 0.0 if not common else 2 * common / (len(sa) + len(sb))
-    if isinstance(want, dict):
-        if not isinstance(got, dict):
-            return 0.0
-        if not want:
-            return float(not got)
-        return sum(value_match(got.get(k), v) if k in got else 0.0 for k, v in want.items()) / len(want)
-    return float(got == want)
-
-
-# ============================================================================================ graders
-@dataclass
-class Grade:
-    """A grader's verdict on one output: `score` on the Likert scale (1-5) and the per-criterion scores it is the
-    minimum of (for an LLM grader: its one score)."""
-
-    score: float
-    criteria: dict = field(default_factory=dict)
-    notes: str = ""
-
-
-class Grader:
-    """A pluggable grader: ``grade(item, output) -> Grade`` with a Likert score in [1, 5]. Subclasses set `name`."""
-
-    name = "grader"
-
-    def grade(self, item: TaskItem, output: str) -> Grade:
-        raise NotImplementedError
-
-
-def _likert(fraction: float) -> float:
-    return LIKERT_MIN + (LIKERT_MAX - LIKERT_MIN) * min(1.0, max(0.0, fraction))
-
-
-class RuleGrader(Grader):
-    """Deterministic rubric against the item's reference answer. Criteria (each Likert 1-5); the grade is their
-    minimum (a response is as good as its weakest criterion):
-
-    * ``format``: 5 schema-compliant; 3 valid JSON with schema problems (JSON tasks) or prose with the wrong number
-      of sentences (synthesis); 1 otherwise.
-    * ``content``: 1 + 4 x the match with the reference (JSON: the mean over the reference's fields of
-      :func:`value_match`; prose: word F1).
-    * ``decision`` (principle abstraction only): 5 when ``has_principle`` agrees with the reference, 1 when not (the
-      refusal path is the decision that matters).
-    """
-
-    name = "rule"
-
-    def grade(self, item: TaskItem, output: str) -> Grade:
-        if item.reference is None:
-            raise TaskEvalError(f"the rule grader needs a reference answer; item {item.id} has none")
-        check = schema_check(item.task, output)
-        schema = task_schema(item.task)
-        criteria = {}
-        if schema is not None or _looks_json(item.reference):
-            try:
-                got = json.loads(output.strip())
-            except json.JSONDecodeError:
-                got = None
-            want = json.loads(item.reference)
-            if not isinstance(got, dict):
-                criteria["format"] = 1.0
-                criteria["content"] = 1.0
-            else:
-                criteria["format"] = 5.0 if check["compliant"] else 3.0
-                criteria["content"] = _likert(value_match(got, want))
-            if isinstance(want, dict) and "has_principle" in want:
-                agree = isinstance(got, dict) and got.get("has_principle") is want["has_principle"]
-                criteria["decision"] = 5.0 if agree else 1.0
-        else:
-            stripped = output.strip()
-            criteria["format"] = 5.0 if check["compliant"] else (3.0 if stripped and stripped[0] not in "{[" else 1.0)
-            criteria["content"] = _likert(word_f1(output, item.reference))
-        return Grade(min(criteria.values()), criteria, "; ".join(check["problems"]))
-
-
-def _looks_json(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except (json.JSONDecodeError, TypeError):
-        return False
-
-
-LLM_RUBRIC = """You are grading one answer of a small language model on a structured-output task.
-Task kind: {task}
-Prompt given to the model:
-{prompt}
-{reference_block}Answer to grade:
-{output}
-
-Rubric (Likert 1-5): 5 = follows the requested format exactly and every statement is supported by the prompt;
-4 = format right, minor content gaps; 3 = format right but content partly wrong or unsupported, or small format
-slips; 2 = major format problems or mostly wrong content; 1 = unusable (wrong format, wrong refusal decision, or
-invented facts). Reply with one line: "Score: N" (N an integer 1-5), then one line of justification."""
-
-_SCORE_LINE = re.compile(r"score\s*[:=]\s*([1-5](?:\.\d+)?)", re.IGNORECASE)
-
-
-class LLMGrader(Grader):
-    """The interface for a judge model: :meth:`prompt` renders the rubric (LLM_RUBRIC) for an item and output,
-    `complete` (a callable str -> str supplied by the caller: an API client, a local llama.cpp model) answers it,
-    and :meth:`parse` reads ``Score: N`` from the reply. Felix ships no judge and calls nothing itself."""
-
-    def __init__(self, complete, name: str = "llm", show_reference: bool = True):
-        if not callable(complete):
-            raise TaskEvalError("LLMGrader needs a completion function (prompt str -> reply str); none can be called "
-                                "from here, so bring your own (an API client, a local model)")
-        self.complete, self.name, self.show_reference = complete, name, show_reference
-
-    def prompt(self, item: TaskItem, output: str) -> str:
-        ref = (f"Reference answer (for comparison):\n{item.reference}\n"
-               if self.show_reference and item.reference is not None else "")
-        return LLM_RUBRIC.format(task=item.task, prompt=item.prompt, reference_block=ref, output=output)
-
-    def parse(self, reply: str) -> float:
-        m = _SCORE_LINE.search(reply or "")
-        if not m:
-            raise TaskEvalError(f"grader {self.name!r} replied without a 'Score: N' line (N in 1-5): {reply!r:.200}")
-        return float(m.group(1))
-
-    def grade(self, item: TaskItem, output: str) -> Grade:
-        reply = self.complete(self.prompt(item, output))
-        score = self.parse(reply)
-        return Grade(score, {"likert": score}, str(reply).strip().splitlines()[-1] if reply else "")
 
 
 # ========================================================================================= the harness
@@ -437,7 +205,7 @@ def write_task_report(report: dict, out_dir, stem: str = "task-eval") -> dict[st
 
 # ================================================================================================== CLI
 def teacher_outputs_from_groups(items: list[TaskItem], groups) -> dict[str, list[str]]:
-    """Each teacher's response to every suite item, from felix.distill teacher groups matched by prompt. A teacher
+    """Each teacher's response to every suite item, from felix.teachers teacher groups matched by prompt. A teacher
     that misses suite prompts is refused (naming how many and one of them)."""
     by_prompt = {g.prompt: g for g in groups}
     teachers = list(dict.fromkeys(t for g in groups for t in g.responses))
@@ -452,11 +220,6 @@ def teacher_outputs_from_groups(items: list[TaskItem], groups) -> dict[str, list
 
 
 def cmd_eval_tasks(args) -> int:
-    from felix import distill
-    from felix.model import CheckpointError, load_checkpoint
-    from felix.tokenizer import Tokenizer
-    from felix.train import _device
-
     try:
         items = builtin_task_suite(args.per_task, args.seed)
         outputs: dict[str, list[str]] = {}
@@ -467,19 +230,19 @@ def cmd_eval_tasks(args) -> int:
             if name in outputs:
                 raise TaskEvalError(f"two systems are named {name!r}")
             model, tok = load_checkpoint(ckpt, device), Tokenizer.load(ckpt)
-            outputs[name] = distill.greedy_responses(model, tok, [i.prompt for i in items], args.max_new_tokens,
+            outputs[name] = greedy_responses(model, tok, [i.prompt for i in items], args.max_new_tokens,
                                                      args.batch_size, sys.stderr.isatty(), desc=name)
 
         for name, ckpt in args.student:
             generate(name, ckpt)
         if args.teacher_data:
-            for name, outs in teacher_outputs_from_groups(items, distill.load_teacher_groups(args.teacher_data)).items():
+            for name, outs in teacher_outputs_from_groups(items, load_teacher_groups(args.teacher_data)).items():
                 outputs[name] = outs
                 teachers.append(name)
         if args.builtin_teachers or not (args.teacher_data or args.teacher_checkpoint):
             records = [{"prompt": i.prompt, "response": i.reference, "task": i.task} for i in items]
-            for t in distill.BUILTIN_TEACHERS:
-                outputs[t] = distill.builtin_teacher_responses(records, t, args.seed)
+            for t in BUILTIN_TEACHERS:
+                outputs[t] = builtin_teacher_responses(records, t, args.seed)
                 teachers.append(t)
         for name, ckpt in args.teacher_checkpoint:
             generate(name, ckpt)
@@ -500,17 +263,15 @@ def cmd_eval_tasks(args) -> int:
 
 
 def add_eval_tasks_parser(sub) -> None:
-    from felix.distill import _named_path
-
     p = sub.add_parser("eval-tasks", help="task-suite report: student checkpoints vs teachers vs the teacher ensemble",
                        description="Per task of the built-in suite: schema compliance and the rubric score (rule "
                                    "grader, joint min) of each system's outputs; the ensemble is the best teacher "
                                    "output per item. Writes task-eval.json, .md and .png.")
-    p.add_argument("--student", action="append", type=_named_path, default=[], metavar="NAME=DIR",
+    p.add_argument("--student", action="append", type=named_path, default=[], metavar="NAME=DIR",
                    help="a checkpoint evaluated by its greedy generations (repeatable)")
     p.add_argument("--teacher-data", action="append", default=[], help="teacher JSONL answering the suite prompts "
                    "(felix teacher-data --suite); each teacher in it is a system")
-    p.add_argument("--teacher-checkpoint", action="append", type=_named_path, default=[], metavar="NAME=DIR",
+    p.add_argument("--teacher-checkpoint", action="append", type=named_path, default=[], metavar="NAME=DIR",
                    help="a trained Felix checkpoint as a teacher (repeatable)")
     p.add_argument("--builtin-teachers", action="store_true", help="add the built-in teachers (exact, noisy, sloppy; "
                    "the default when no other teacher is given)")

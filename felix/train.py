@@ -108,10 +108,10 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.margin < 0:
             problems.append(f"margin must be >= 0, got {self.margin}")
-        unknown = [t for t in self.tasks if t not in felix_data._MAKERS]
+        unknown = [t for t in self.tasks if t not in felix_data.MAKERS]
         if unknown or not self.tasks:
             problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
-                            f"{', '.join(felix_data._MAKERS)}")
+                            f"{', '.join(felix_data.MAKERS)}")
         if self.qat is not None and str(self.qat).lower() not in felix_qat.QAT_MODES:
             problems.append(f"unknown qat mode {self.qat!r}; choose from {', '.join(felix_qat.QAT_MODES)}")
         elif self.qat is not None and self.parallel == "fsdp":

@@ -1,5 +1,6 @@
 """Probes (prompt + expected continuation, optional output schema): the built-in sets, JSONL files, the
-whitelist of protected tokens, and the probes encoded for scoring."""
+whitelist of protected tokens, and the probes encoded for scoring. The task schemas are felix.tasks.schemas'
+(re-exported here)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import torch
 
+from felix import data
 from felix.fidelity.common import FidelityError
+from felix.files import jsonl_lines, read_text
+from felix.tasks.schemas import JSON_TYPES, builtin_schemas, schema_from_example  # noqa: F401 (re-exported)
+from felix.tokenizer import json_structure_whitelist
 
 
 @dataclass
@@ -23,34 +28,10 @@ class Probe:
     schema: dict | None = None
 
 
-def _field(required: dict, enums: dict | None = None) -> dict:
-    return {"required": required, "enums": enums or {}}
-
-
-def builtin_schemas() -> dict[str, dict]:
-    """The seed task shapes of felix.data.structured_records: required fields (dotted paths into nested
-    objects), their JSON types, and the enum-valued fields."""
-    from felix.data import _KINDS, _MOODS
-
-    return {
-        "encoding": _field({"gist": "string", "summary": "string", "concepts": "array",
-                            "structured_concepts": "object", "structured_concepts.people": "array",
-                            "structured_concepts.systems": "array", "structured_concepts.actions": "array",
-                            "structured_concepts.kind": "string", "significance": "string", "salience": "number",
-                            "emotional_tone": "string"},
-                           {"structured_concepts.kind": list(_KINDS), "emotional_tone": list(_MOODS)}),
-        "episode": _field({"title": "string", "summary": "string", "concepts": "array", "salience": "number"}),
-        "principle": _field({"has_principle": "boolean", "title": "string", "principle": "string",
-                             "concepts": "array", "confidence": "number"}),
-    }
-
-
 def builtin_probes(n: int = 24, seed: int = 1_000_003) -> list[Probe]:
     """`n` structured-output and refusal probes from felix.data's record generator (a seed away from the
     trainer's): memory encoding, episode summaries, principles with ``has_principle: true`` and the refusal
     path ``has_principle: false``, in equal shares, as chat prompt + JSON response + END."""
-    from felix import data
-
     if n < 1:
         raise FidelityError(f"the number of built-in probes must be >= 1, got {n}")
     kinds = ("encoding", "episode", "principle-true", "principle-refusal")
@@ -76,8 +57,6 @@ def hedged_probes(n: int = 48, seed: int = 2_000_003) -> list[Probe]:
     """The flip-regime probes: about `n` hedged principle-abstraction probes (felix.data.HEDGES), the same number
     per qualifier, each expecting its qualifier's majority (Bayes) answer. Probe names are
     ``hedged-<qualifier>-<i>``; the decision is the ``has_principle`` value."""
-    from felix import data
-
     if n < 1:
         raise FidelityError(f"the number of hedged probes must be >= 1, got {n}")
     per = max(1, round(n / len(data.HEDGES)))
@@ -95,8 +74,6 @@ def weighed_probes(n: int = 128, seed: int = 2_000_029) -> list[Probe]:
     """The second flip regime's probes: `n` weighed principle-abstraction probes (felix.data.REVIEW_WEIGHTS), each
     a distinct combination of reviewer qualifiers expecting the majority (Bayes) answer of its evidence. Probe
     names are ``weighed-<q1>.<q2>.<q3>-<i>``; the decision is the ``has_principle`` value."""
-    from felix import data
-
     try:
         records = data.weighed_probe_records(n, seed)
     except ValueError as e:
@@ -118,34 +95,20 @@ def probe_set(name: str, n: int) -> list[Probe]:
     raise FidelityError(f"unknown probe set {name!r}; choose from {', '.join(PROBE_SETS)}")
 
 
-_TYPES = {"string": str, "number": (int, float), "boolean": bool, "array": list, "object": dict, "null": type(None)}
-
-
 def _check_schema_spec(schema, where: str) -> None:
     if not isinstance(schema, dict) or not isinstance(schema.get("required", {}), dict) \
             or not isinstance(schema.get("enums", {}), dict):
         raise FidelityError(f"{where}: 'schema' must be an object {{\"required\": {{field: type}}, \"enums\": "
                             f"{{field: [values]}}}}")
-    bad = {k: v for k, v in schema.get("required", {}).items() if v not in _TYPES}
+    bad = {k: v for k, v in schema.get("required", {}).items() if v not in JSON_TYPES}
     if bad:
-        raise FidelityError(f"{where}: unknown schema type(s) {bad}; choose from {', '.join(_TYPES)}")
-
-
-def schema_from_example(obj: dict) -> dict:
-    """A schema whose required fields are the example object's top-level keys with their JSON types."""
-    def type_name(v):
-        return next(n for n, t in _TYPES.items() if isinstance(v, t) and not (n == "number" and isinstance(v, bool)))
-    return {"required": {k: type_name(v) for k, v in obj.items()}, "enums": {}}
+        raise FidelityError(f"{where}: unknown schema type(s) {bad}; choose from {', '.join(JSON_TYPES)}")
 
 
 def load_probes(path) -> list[Probe]:
     """Probes from a JSONL file: one object per line with string ``prompt`` and ``expected`` (optional
     ``name``, ``task``, ``schema``). An ``expected`` that is a JSON object (optionally followed by the END
     marker) gets a schema inferred from it. Every malformed line is reported with its line number."""
-    from felix.data import END
-
-    from felix.files import jsonl_lines, read_text
-
     path = Path(path)
     probes, bad = [], []
     for where, obj, problem in jsonl_lines(read_text(path, FidelityError, "probe file"), path):
@@ -165,7 +128,7 @@ def load_probes(path) -> list[Probe]:
             continue
         if schema is None:
             try:
-                example = json.loads(obj["expected"].removesuffix(END))
+                example = json.loads(obj["expected"].removesuffix(data.END))
                 schema = schema_from_example(example) if isinstance(example, dict) else None
             except json.JSONDecodeError:
                 schema = None
@@ -194,8 +157,6 @@ def build_probe_whitelist(tokenizer, vocab_size: int, strings=(), tokens=()) -> 
     tokens of `strings` (field names, refusal phrases) and the single vocabulary tokens `tokens`. A token entry
     that is not exactly one token, and whitelisted vocabulary tokens the tokenizer never produces when encoding
     their own text (so no probe can expect them), are reported."""
-    from felix.tokenizer import json_structure_whitelist
-
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[torch.tensor(json_structure_whitelist(tokenizer, strings=list(strings)), dtype=torch.long)] = True
     problems = []

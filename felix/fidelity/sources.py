@@ -1,32 +1,14 @@
-"""Logit sources: a FelixLM in PyTorch or a GGUF in llama.cpp, behind one `logits(seqs)` interface, and probes
-scored through one in context-sized windows."""
+"""Logit sources: a FelixLM in PyTorch (felix.generate.TorchSource) or a GGUF in llama.cpp, behind one `logits(seqs)`
+interface, and probes scored through one in context-sized windows."""
 from __future__ import annotations
 
 import torch
 
+from tqdm import tqdm
+
 from felix.fidelity.common import FidelityError
 from felix.fidelity.probes import EncodedProbe
-
-
-class TorchSource:
-    """Logits of a FelixLM (any weights) for a batch of token-id sequences, each <= the context window."""
-
-    def __init__(self, model, batch_size: int = 16):
-        self.model, self.batch_size = model.eval(), batch_size
-        self.n_ctx, self.n_vocab = model.cfg.max_seq_len, model.cfg.vocab_size
-
-    @torch.no_grad()
-    def logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        out = []
-        for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
-            width = max(len(x) for x in chunk)
-            batch = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, x in enumerate(chunk):  # right padding: causal attention keeps it out of real positions
-                batch[i, :len(x)] = torch.tensor(x)
-            z = self.model(batch).float()
-            out += [z[i, :len(x)].clone() for i, x in enumerate(chunk)]
-        return out
+from felix.generate import TorchSource  # noqa: F401 (re-exported: the PyTorch logit source lives with the decoder)
 
 
 class LlamaCppSource:
@@ -75,8 +57,6 @@ def score_probes(source, encoded: list[EncodedProbe], progress: bool = False, de
             if lo < end:
                 jobs.append((k, start, lo, end))
                 scored = end
-    from tqdm import tqdm
-
     chunks: dict[int, list] = {k: [] for k in range(len(encoded))}
     step = 16
     for s in tqdm(range(0, len(jobs), step), desc=desc, unit="batch", disable=not progress, leave=False):
