@@ -337,10 +337,8 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     choices: list[TensorChoice] = [choose_tensor_type(k, v.shape, quant, embedding_type) for k, v in tensors.items()]
     stored = []
     for c in tqdm(choices, desc=f"quantize {quant}", unit="tensor", disable=not progress, leave=False):
-        if qat is not None and qat.tensor_types.get(c.name) == c.type:
-            stored.append((c.name, felix_qat.encode(tensors[c.name], c.type, qat.mode, backend), c.type))
-        else:
-            stored.append((c.name, encode_tensor(tensors[c.name], c.type, backend), c.type))
+        codec = qat.codec(c.name) if qat is not None and qat.tensor_types.get(c.name) == c.type else None
+        stored.append((c.name, encode_tensor(tensors[c.name], c.type, backend, codec), c.type))
     adapter = adapter_tensors(model) if adapter_path else {}
     adapter_stored = [(k, encode_tensor(v, "f32"), "f32") for k, v in adapter.items()]
     t2 = time.perf_counter()

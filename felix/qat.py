@@ -16,7 +16,8 @@
   ``tq2_0`` is ggml's absmax ternary rounding, i.e. post-training quantization's codec) and ``bitnet``, BitNet
   b1.58: per group of weights the scale is the mean |w| (absmean) and w -> clamp(round(w / scale), -1, 1) * scale,
   written as TQ2_0 blocks (so the group is TQ2_0's block of 256 weights, the only grouping TQ2_0 can store; the
-  scale is stored as fp16 and the forward uses that fp16 value). In ``bitnet`` mode the matmul inputs are also
+  scale is stored as fp16 and the forward uses that fp16 value; the codec is felix.reference.codecs'
+  quantize_tq2_0_absmean, which the exporter reaches through felix.quant_policy.encode_tensor). In ``bitnet`` mode the matmul inputs are also
   rounded to int8 the way llama.cpp rounds them for that weight type (``activations="runtime"``: Q8_K blocks of
   256 for TQ2_0 weights, Q8_0 blocks of 32 for Q8_0 weights; felix.activation_rounding), with the STE -- the
   runtime's own int8 activation blocks rather than the seed's blocks of 64, so what trains is what ships.
@@ -38,10 +39,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from felix.formats import FORMATS, get_format
-from felix.quant_policy import FLOAT_TYPES, choose_tensor_type
+from felix.activation_rounding import round_activations, vec_dot_type
+from felix.formats import FORMATS
+from felix.model import load_checkpoint
+from felix.ops.attention import attention
+from felix.quant_policy import BITNET_CODEC, FLOAT_TYPES, choose_tensor_type, decode_tensor, encode_tensor
+from felix.reference.codecs import quantize_tq2_0_absmean, tq2_0_absmean_values
 
-BITNET = "bitnet"
+BITNET = BITNET_CODEC  # the mode is named after the codec its ternary tensors are written with
 QAT_MODES = tuple(FORMATS) + (BITNET,)
 ACTIVATION_MODES = (None, "runtime")
 QAT_FILE = "qat.json"
@@ -68,65 +73,23 @@ def codec_of(type_name: str, mode: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ codecs
-def _ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [nb, block] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks."""
-    f = get_format("tq2_0")
-    if w.shape[-1] % f.block_size:
-        raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
-                         f"{f.block_size} (shape {tuple(w.shape)})")
-    xb = w.detach().reshape(-1, f.block_size).float()
-    if not bool(torch.isfinite(xb).all()):
-        raise ValueError("bitnet: the weights hold non-finite values (NaN/Inf)")
-    d16 = (xb.double().abs().sum(1) / f.block_size).to(torch.float16)
-    if bool(torch.isinf(d16).any()):
-        raise ValueError("bitnet: a block's mean |w| overflows fp16")
-    d = d16.float()
-    nz = d > 0
-    ratio = xb / torch.where(nz, d, torch.ones_like(d))[:, None]
-    t = torch.trunc(ratio)
-    q = t + torch.where((ratio - t).abs() >= 0.5, torch.sign(ratio), torch.zeros_like(ratio))
-    return torch.where(nz[:, None], q.clamp(-1, 1), torch.zeros_like(q)), d16
-
-
-def quantize_ternary_absmean(w: torch.Tensor) -> torch.Tensor:
-    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/block*bytes_per_block], ggml's TQ2_0 layout):
-    per block, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
-
-    The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
-    practice (the export recomputes it on the CPU from the same latent weights)."""
-    from felix.reference.codecs import pack_blocks
-
-    q, d16 = _ternary_absmean(w)
-    blocks = pack_blocks("tq2_0", d16.float(), q.to(torch.int64) + 1)  # -1, 0, 1 -> 0, 1, 2, packed as the table says
-    return blocks.reshape(*w.shape[:-1], -1)
-
-
-def ternary_absmean_values(w: torch.Tensor) -> torch.Tensor:
-    """What TQ2_0 decodes quantize_ternary_absmean(w) to (float32, w's shape), without packing the bytes: q * d16,
-    the same product ggml's and Felix's TQ2_0 decoders form (tests check the equality bit for bit)."""
-    q, d16 = _ternary_absmean(w)
-    return (q * d16.float()[:, None]).reshape(w.shape)
+# BitNet's codec lives in the codec layer with the format's own (felix.reference.codecs); its names here predate that
+quantize_ternary_absmean = quantize_tq2_0_absmean
+ternary_absmean_values = tq2_0_absmean_values
 
 
 def encode(w: torch.Tensor, type_name: str, mode: str, backend: str | None = None) -> torch.Tensor:
     """The bytes a `mode` QAT model's tensor stored as `type_name` is written as (uint8 ggml blocks)."""
-    import felix
-
     if type_name in FLOAT_TYPES:
         raise ValueError(f"{type_name} is a float type: nothing to encode")
-    if codec_of(type_name, mode) == BITNET:
-        return quantize_ternary_absmean(w)
-    return felix.quantize(w.detach().float().contiguous(), type_name, backend=backend)
+    return encode_tensor(w, type_name, backend, codec_of(type_name, mode))
 
 
 def fake_quant(w: torch.Tensor, type_name: str, mode: str, backend: str | None = None) -> torch.Tensor:
     """dequantize(encode(w)) as float32: the weights the exported file decodes to."""
-    import felix
-
     if codec_of(type_name, mode) == BITNET:
-        return ternary_absmean_values(w)
-    blocks = encode(w, type_name, mode, backend)
-    return felix.dequantize(blocks, type_name, tuple(w.shape), torch.float32, backend=backend)
+        return tq2_0_absmean_values(w)
+    return decode_tensor(encode(w, type_name, mode, backend), type_name, tuple(w.shape), torch.float32, backend)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -144,8 +107,6 @@ class _FakeQuantSTE(torch.autograd.Function):
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation_type):
-        from felix.activation_rounding import round_activations
-
         return round_activations(x, activation_type)
 
     @staticmethod
@@ -177,15 +138,11 @@ class QATActivations:
     splice_takes_raw_input = True
 
     def __init__(self, weight_types: dict[str, str], attention_backend: str | None = None):
-        from felix.activation_rounding import vec_dot_type
-
         self.activation_types = {name: vec_dot_type(t) for name, t in weight_types.items()}
         self.attention_backend = attention_backend
 
     def attention(self, q, k, v):
-        import felix
-
-        return felix.attention(q, k, v, causal=True, backend=self.attention_backend)
+        return attention(q, k, v, causal=True, backend=self.attention_backend)
 
     def __call__(self, site: str, x: torch.Tensor) -> torch.Tensor:
         t = self.activation_types.get(site)
@@ -355,8 +312,6 @@ def read_qat_config(checkpoint) -> QATConfig | None:
 
 def load_qat_checkpoint(checkpoint, device="cpu", backend: str | None = None) -> nn.Module:
     """A checkpoint as its QAT forward computes (latent weights loaded, then patched as recorded in qat.json)."""
-    from felix.model import load_checkpoint
-
     cfg = read_qat_config(checkpoint)
     if cfg is None:
         raise ValueError(f"{checkpoint} has no {QAT_FILE}: it was not trained quantization-aware")

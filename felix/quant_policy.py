@@ -22,12 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from felix.formats import FORMATS, get_format
+from felix.ops.codecs import dequantize, quantize
+from felix.reference.codecs import quantize_tq2_0_absmean
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 EXPORT_TYPES = FLOAT_TYPES + tuple(FORMATS)
 MIN_QUANT_ELEMENTS = 1024
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 _TORCH_FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# the quantizers a block type can be written with besides its own (ggml's): BitNet b1.58's absmean TQ2_0
+# (felix.reference.codecs.quantize_tq2_0_absmean), what a quantization-aware `bitnet` model ships as (felix.qat)
+BITNET_CODEC = "bitnet"
+ALTERNATIVE_CODECS = {("tq2_0", BITNET_CODEC): quantize_tq2_0_absmean}
 
 
 @dataclass(frozen=True)
@@ -100,25 +106,29 @@ def plan_tensor_types(named_shapes, quant: str, embedding_type: str | None = Non
     return [choose_tensor_type(n, s, quant, embedding_type) for n, s in items]
 
 
-def encode_tensor(t: torch.Tensor, type_name: str, backend: str | None = None) -> torch.Tensor:
-    """`t` as stored under `type_name`: a float tensor for f32/f16/bf16, else uint8 ggml blocks (felix.quantize)."""
-    import felix
-
+def encode_tensor(t: torch.Tensor, type_name: str, backend: str | None = None,
+                  codec: str | None = None) -> torch.Tensor:
+    """`t` as stored under `type_name`: a float tensor for f32/f16/bf16, else uint8 ggml blocks (felix.quantize).
+    `codec` picks another quantizer of the type (ALTERNATIVE_CODECS: ``"bitnet"`` for tq2_0); None or the type's
+    own name is ggml's."""
     type_name = check_type(type_name)
     if type_name in FLOAT_TYPES:
         return t.detach().to(_TORCH_FLOAT[type_name]).contiguous()
-    return felix.quantize(t.detach().float().contiguous(), type_name, backend=backend)
+    if codec is not None and codec != type_name:
+        if (type_name, codec) not in ALTERNATIVE_CODECS:
+            raise ValueError(f"no codec {codec!r} for {type_name}; its codecs: {type_name} (ggml's)"
+                             + "".join(f", {c}" for t, c in ALTERNATIVE_CODECS if t == type_name))
+        return ALTERNATIVE_CODECS[type_name, codec](t)
+    return quantize(t.detach().float().contiguous(), type_name, backend=backend)
 
 
 def decode_tensor(stored: torch.Tensor, type_name: str, shape, dtype=torch.float32,
                   backend: str | None = None) -> torch.Tensor:
     """Inverse of encode_tensor: the weights a runtime computes with, as `dtype`."""
-    import felix
-
     type_name = check_type(type_name)
     if type_name in FLOAT_TYPES:
         return stored.to(dtype).reshape(tuple(shape))
-    return felix.dequantize(stored, type_name, tuple(shape), dtype, backend=backend)
+    return dequantize(stored, type_name, tuple(shape), dtype, backend=backend)
 
 
 def roundtrip(t: torch.Tensor, type_name: str, backend: str | None = None) -> torch.Tensor:

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from felix.oplib import arch_key
+from felix.reference.attention import SUPPORTED_HEAD_DIMS
 
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
 
 # Launch configurations per architecture and head_dim, as data. Tile constraints: fwd and dq need

@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from felix.oplib import arch_key
-
-MAX_RANK = 64
+from felix.reference.lowrank import MAX_RANK
 
 # Launch configurations per architecture, as data (tiles for the big GEMMs; the rank-sized products
 # use the same kernel with their own small N or M, masked).

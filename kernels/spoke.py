@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.kernels.lowrank import gemm
 from felix.oplib import arch_key
+from felix.reference.spoke import MAX_WIDTH  # n_spokes * rank: the bottleneck is held in one register tile
 
-MAX_WIDTH = 256  # n_spokes * rank: the bottleneck is held in one register tile
+from .lowrank import gemm  # relative: kernels/ installs as felix.kernels, and a source checkout has it as kernels
+
 RK_CHUNK = 64    # the dh sweep's K-chunk over the bottleneck
 
 LAUNCH_CONFIGS = {

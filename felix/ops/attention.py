@@ -17,8 +17,7 @@ import torch
 
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.reference import attention as reference
-
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+from felix.reference.attention import SUPPORTED_HEAD_DIMS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.reference.lowrank import reference_backward, reference_forward
+from felix.reference.lowrank import MAX_RANK, reference_backward, reference_forward
 
-MAX_RANK = 64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -19,8 +19,8 @@ import torch
 
 from felix.oplib import implementation, register_impl, resolve_backend
 from felix.reference import spoke as ref
+from felix.reference.spoke import MAX_WIDTH
 
-MAX_WIDTH = 256  # n_spokes * rank the Triton kernel holds in one register tile (kernels/spoke.py)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+# the head dims felix.attention accepts: the op layer checks them, the Triton kernels have launch configs for each
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -314,6 +314,46 @@ def dequantize_tq2_0(blocks: torch.Tensor) -> torch.Tensor:
     return q * _scale_of(blocks, TQ2_0)[:, None]
 
 
+# ---------------------------------------------------------------------------------------------
+# TQ2_0 with BitNet b1.58's absmean scale: not ggml's quantizer (that is quantize_tq2_0's absmax above) but the one
+# a BitNet-trained model ships with: same blocks, same decoder, a different choice of scale and therefore of indices.
+def _tq2_0_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [nb, block] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks."""
+    f = TQ2_0
+    if w.shape[-1] % f.block_size:
+        raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
+                         f"{f.block_size} (shape {tuple(w.shape)})")
+    xb = w.detach().reshape(-1, f.block_size).float()
+    if not bool(torch.isfinite(xb).all()):
+        raise ValueError("bitnet: the weights hold non-finite values (NaN/Inf)")
+    d16 = (xb.double().abs().sum(1) / f.block_size).to(torch.float16)
+    if bool(torch.isinf(d16).any()):
+        raise ValueError("bitnet: a block's mean |w| overflows fp16")
+    d = d16.float()
+    nz = d > 0
+    q = _round_half_away(xb / torch.where(nz, d, torch.ones_like(d))[:, None])
+    return torch.where(nz[:, None], q.clamp(-1, 1), torch.zeros_like(q)), d16
+
+
+def quantize_tq2_0_absmean(w: torch.Tensor) -> torch.Tensor:
+    """BitNet b1.58's ternary weights as TQ2_0 blocks (uint8 [..., K/block*bytes_per_block], ggml's TQ2_0 layout):
+    per block, d = fp16(mean |w|), q = clamp(round(w / d), -1, 1) (round half away from zero), x = q * d.
+
+    The mean is summed in float64, so no device's reduction order moves it across an fp16 rounding boundary in
+    practice (the export recomputes it on the CPU from the same latent weights). felix.qat's ``bitnet`` mode
+    trains through it and the exporter writes its tensors with it (felix.quant_policy.encode_tensor, codec "bitnet")."""
+    q, d16 = _tq2_0_absmean(w)
+    blocks = pack_blocks("tq2_0", d16.float(), q.to(torch.int64) + 1)  # -1, 0, 1 -> 0, 1, 2, packed as the table says
+    return blocks.reshape(*w.shape[:-1], -1)
+
+
+def tq2_0_absmean_values(w: torch.Tensor) -> torch.Tensor:
+    """What TQ2_0 decodes quantize_tq2_0_absmean(w) to (float32, w's shape), without packing the bytes: q * d16,
+    the same product ggml's and Felix's TQ2_0 decoders form (tests check the equality bit for bit)."""
+    q, d16 = _tq2_0_absmean(w)
+    return (q * d16.float()[:, None]).reshape(w.shape)
+
+
 QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "iq4_nl": quantize_iq4_nl,
             "rq4": quantize_rq4, "tq2_0": quantize_tq2_0}
 DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "iq4_nl": dequantize_iq4_nl,

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# the largest total rank of felix.lowrank_linear's low-rank terms: the op layer checks it, the Triton kernel relies on it
+MAX_RANK = 64
+
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32

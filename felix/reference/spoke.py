@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import torch
 
+# n_spokes * rank the Triton kernel holds in one register tile (kernels/spoke.py); the op layer checks it for that
+# backend, the model and the exporter for every Felix-LM
+MAX_WIDTH = 256
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -12,7 +12,7 @@ import re
 
 from felix.tasks.schemas import JSON_TYPES, task_schema
 
-SYNTHESIS_SENTENCES = (2, 5)  # the retrieval-synthesis task asks for 2-5 sentences (felix.tasks.records.synthesis_record)
+SYNTHESIS_SENTENCES = (2, 5)  # retrieval synthesis asks for 2-5 sentences (felix.tasks.records.synthesis_record)
 
 
 def _lookup(obj, dotted: str):

@@ -94,7 +94,8 @@ BUILTIN_MAKERS = {"exact": lambda r, rng: r["response"], "noisy": noisy_response
 
 
 def builtin_teacher_responses(records: list[dict], teacher: str, seed: int = 0) -> list[str]:
-    """One built-in teacher's responses to task records (felix.tasks.records) (deterministic per seed, teacher and prompt)."""
+    """One built-in teacher's responses to task records (felix.tasks.records), deterministic per seed, teacher and
+    prompt."""
     if teacher not in BUILTIN_MAKERS:
         raise ValueError(f"unknown built-in teacher {teacher!r}; choose from {', '.join(BUILTIN_TEACHERS)}")
     return [BUILTIN_MAKERS[teacher](r, teacher_rng(seed, teacher, r["prompt"])) for r in records]

@@ -29,8 +29,8 @@ class TaskItem:
 
 def builtin_task_suite(per_task: int = 8, seed: int = SUITE_SEED,
                        tasks: tuple[str, ...] = TASKS) -> list[TaskItem]:
-    """`per_task` items of each task from felix.tasks.records.structured_records (seed `seed`, apart from training data),
-    with the record's response as the reference."""
+    """`per_task` items of each task from felix.tasks.records.structured_records (seed `seed`, apart from training
+    data), with the record's response as the reference."""
     if per_task < 1:
         raise TaskEvalError(f"per_task must be >= 1, got {per_task}")
     records = structured_records(per_task * len(tasks), seed, tuple(tasks))
