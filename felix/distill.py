@@ -183,7 +183,7 @@ def agreement_markdown(report: dict, plot_name: str | None = None) -> str:
 
 def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) -> dict[str, Path]:
     """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (pairwise word-F1 heatmap), each written atomically."""
-    import matplotlib
+    import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -437,7 +437,7 @@ def _pair_metrics(out: DPOOutput, pc, pr) -> dict:
 
 
 def save_soda_curve(path: Path, step_metrics: list[dict], metrics: list[dict]) -> None:
-    import matplotlib
+    import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -48,14 +48,24 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from felix import data as felix_data
+from felix.model import CheckpointError, load_checkpoint, save_checkpoint
+from felix.ops.lowrank import MAX_RANK
+from felix.qat import QAT_FILE, qat_config_of, read_qat_config
 from felix.splice import SPLICE_TENSOR_NAMES, read_splice, restore_splices, snapshot_splices, write_splice
 from felix.tasks.records import ACTORS, EVENTS, SUBJECTS
+from felix.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 METHODS = ("closed-form", "finetune")
 WHEN_FULL = ("refuse", "refit")
@@ -164,8 +174,6 @@ def numerical_rank(m: torch.Tensor, tol: float = RANK_TOL) -> int:
 def fold_splice(model, layer: int | None = None, projection: str | None = None) -> float:
     """Move the site's trained splice into the projection's weight (W <- W + gate B A in float64, B <- 0), so the
     whole rank of the surface is free for edits. Returns max |change of the effective weight| (float32 rounding)."""
-    from felix.qat import qat_config_of
-
     if qat_config_of(model) is not None:  # its .weight is computed from the latent weight: a write would be lost
         raise EditError(f"the model is patched for quantization-aware training ({qat_config_of(model).mode}): folding "
                         "the splice would re-quantize W + gate B A (as felix export refuses --splice merge)")
@@ -181,8 +189,6 @@ def fold_splice(model, layer: int | None = None, projection: str | None = None) 
 def widen_splice(model, rank: int, seed: int = 0) -> None:
     """Give every splice of `model` rank `rank` (>= its current rank): new rows of A are drawn like the model's
     init, new columns of B are zero, so the model computes exactly what it did. Updates model.cfg.splice_rank."""
-    from felix.ops.lowrank import MAX_RANK
-
     if not model.cfg.splice_rank <= rank <= MAX_RANK:
         raise EditError(f"splice rank must grow within [{model.cfg.splice_rank}, {MAX_RANK}], got {rank}")
     g = torch.Generator().manual_seed(seed)
@@ -230,8 +236,6 @@ def _tap(site: SpliceSite, captured: list, delta: dict | None = None):
 def tokenize_request(tokenizer, model, req: EditRequest) -> tuple[list[int], list[int]]:
     """(prompt ids, target ids), each text tokenized on its own and concatenated; refused when a text is empty,
     holds special-token text, does not round-trip, or has ids outside the model's vocabulary."""
-    from felix.tokenizer import SPECIAL_TOKENS
-
     out = []
     for role, text in (("prompt", req.prompt), ("target", req.target)):
         if not isinstance(text, str):
@@ -734,8 +738,6 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
 def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0, exclude=()) -> list[list[int]]:
     """`n` windows of `length` tokens from the built-in corpus's train or validation split (felix train's split
     with its defaults), evenly spread; documents containing any of the strings `exclude` are left out."""
-    from felix import data as felix_data
-
     train, val = felix_data.split_documents(felix_data.builtin_corpus(2000, seed), 0.05, seed)
     docs = [d for d in (train if split == "train" else val) if not any(x in d for x in exclude)]
     ids = [i for d in docs for i in tokenizer.encode(d)]
@@ -768,8 +770,6 @@ def run_sequential(editor: SpliceEditor, data: HarnessData, full_every: int = 10
     paraphrase generalisation (the edit's paraphrases), retention (earlier edits still hold), locality (mean
     token KL from the unedited model on the neutral sequences), ||dW||_F and rank used, validation CE. Every
     `full_every` edits (and at the end) also the paraphrases of all applied edits. Returns one row per edit."""
-    from tqdm import tqdm
-
     model, tok = editor.model, editor.tokenizer
     ref = logprobs(model, data.neutral)
     ce0 = validation_ce(model, data.validation)
@@ -777,8 +777,6 @@ def run_sequential(editor: SpliceEditor, data: HarnessData, full_every: int = 10
     para = [[(tok.encode(p), t) for p in c["paraphrases"]] for c, (_, t) in zip(data.cases, tokd)]
     rows = []
     for i, case in enumerate(tqdm(data.cases, desc=desc, unit="edit", disable=not progress, leave=False)):
-        import time
-
         t0 = time.perf_counter()
         editor.apply(EditRequest(case["prompt"], case["target"], tuple(case["paraphrases"]), case["name"]))
         seconds = time.perf_counter() - t0
@@ -828,13 +826,6 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
                 preserved_windows: int = 64, ridge: float = 0.0, log=print):
     """(model, tokenizer, editor) for a checkpoint directory; a checkpoint written by `felix edit` resumes its
     edits (list, undo, more edits) from its edits.json / edits.safetensors."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from felix.model import load_checkpoint
-    from felix.qat import QAT_FILE, read_qat_config
-    from felix.tokenizer import Tokenizer
 
     checkpoint = Path(checkpoint)
     qat = read_qat_config(checkpoint)
@@ -872,12 +863,6 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
 
 def save_edited(model, tok, editor: SpliceEditor, out, force: bool = False):
     """The edited checkpoint (model, tokenizer, edits.json, edits.safetensors), written by swap-into-place."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from felix.model import save_checkpoint
-
     out = Path(out)
     if out.exists() and not force:
         raise EditError(f"{out} exists; pass --force to overwrite it")
@@ -888,10 +873,6 @@ def save_edited(model, tok, editor: SpliceEditor, out, force: bool = False):
 
 
 def cmd_edit(args) -> int:
-    import sys
-
-    from felix.model import CheckpointError
-
     try:
         model, tok, ed = open_editor(args.checkpoint, null_space=not args.no_null_space, when_full=args.when_full,
                                      fold=args.fold_splice, splice_rank=args.splice_rank, layer=args.layer,

@@ -161,7 +161,7 @@ def markdown_report(report: dict, plot_name: str | None = None) -> str:
 
 
 def plot_report(report: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from felix.fidelity.common import FidelityError
 from felix.fidelity.probes import EncodedProbe
 from felix.generate import TorchSource  # noqa: F401 (re-exported: the PyTorch logit source lives with the decoder)
+from felix.llamacpp import LlamaCppModel  # light: llama_cpp itself is imported only when a model is loaded
 
 
 class LlamaCppSource:
@@ -16,8 +17,6 @@ class LlamaCppSource:
 
     def __init__(self, gguf_path, n_ctx: int, adapter=None):
         """`adapter`: a LoRA adapter GGUF (the splices of a quantization-aware file), applied at scale 1."""
-        from felix.llamacpp import LlamaCppModel
-
         self.runtime = LlamaCppModel(gguf_path, n_ctx=n_ctx, adapter=adapter)
         self.n_ctx, self.n_vocab = n_ctx, self.runtime.n_vocab
 

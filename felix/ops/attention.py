@@ -126,13 +126,13 @@ register_impl("attention_bwd", "reference")(reference.attention_backward)
 
 @register_impl("attention_fwd", "triton")
 def _attention_fwd_triton(q, k, v, causal, scale):
-    from felix.kernels import attention as kernels
+    from felix.kernels import attention as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(q, k, v, causal, scale)
 
 
 @register_impl("attention_bwd", "triton")
 def _attention_bwd_triton(dout, q, k, v, out, lse, causal, scale):
-    from felix.kernels import attention as kernels
+    from felix.kernels import attention as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dout, q, k, v, out, lse, causal, scale)

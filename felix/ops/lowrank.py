@@ -142,13 +142,13 @@ register_impl("lowrank_bwd", "reference")(reference_backward)
 
 @register_impl("lowrank_fwd", "triton")
 def _lowrank_fwd_triton(x, weight, bias, a, b):
-    from felix.kernels import lowrank as kernels
+    from felix.kernels import lowrank as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(x, weight, bias, a, b)
 
 
 @register_impl("lowrank_bwd", "triton")
 def _lowrank_bwd_triton(dy, x, weight, a, b, u, need_weight_grad, has_bias):
-    from felix.kernels import lowrank as kernels
+    from felix.kernels import lowrank as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dy, x, weight, a, b, u, need_weight_grad, has_bias)

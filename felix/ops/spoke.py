@@ -114,13 +114,13 @@ register_impl("spoke_bwd", "reference")(ref.spoke_backward)
 
 @register_impl("spoke_fwd", "triton")
 def _spoke_fwd_triton(h, norm_weight, w_down, w_up, gate_bias, n_spokes, eps):
-    from felix.kernels import spoke as kernels
+    from felix.kernels import spoke as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(h, norm_weight, w_down, w_up, gate_bias, n_spokes, eps)
 
 
 @register_impl("spoke_bwd", "triton")
 def _spoke_bwd_triton(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes):
-    from felix.kernels import spoke as kernels
+    from felix.kernels import spoke as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes)
