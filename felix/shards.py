@@ -21,6 +21,7 @@ Reader API (what the trainer uses): :class:`PreparedCorpus` (``open``, ``split``
 objects)."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import multiprocessing
@@ -111,15 +112,16 @@ class TokenArray:
         self._counts = np.asarray(counts, dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
         self.n_tokens = int(self._starts[-1])
-        self._maps: list[np.memmap | None] = [None] * len(paths)
+        self._start_list = self._starts.tolist()
+        self._maps: list[np.ndarray | None] = [None] * len(paths)
 
     def __len__(self) -> int:
         return self.n_tokens
 
     def _map(self, i: int) -> np.ndarray:
-        if self._maps[i] is None:
+        if self._maps[i] is None:  # a plain ndarray view of the memmap: slicing it skips np.memmap's bookkeeping
             self._maps[i] = (np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                                       shape=(int(self._counts[i]),)) if self._counts[i] else
+                                       shape=(int(self._counts[i]),)).view(np.ndarray) if self._counts[i] else
                              np.empty(0, dtype=self.dtype))
         return self._maps[i]
 
@@ -128,8 +130,11 @@ class TokenArray:
         start, length = int(start), int(length)
         if start < 0 or length < 0 or start + length > self.n_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) are outside this split's {self.n_tokens} tokens")
+        i = bisect.bisect_right(self._start_list, start) - 1
+        offset = start - self._start_list[i] if i < len(self.paths) else 0
+        if i < len(self.paths) and offset + length <= self._start_list[i + 1] - self._start_list[i]:
+            return self._map(i)[offset:offset + length].copy()  # the common case: inside one shard
         out = np.empty(length, dtype=self.dtype)
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
         done = 0
         while done < length:
             offset = start + done - int(self._starts[i])
@@ -258,21 +263,19 @@ def _init_worker(tokenizer_path: str, dtype: str, val_fraction: float) -> None:
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens of every document as bos ids eos, concatenated; each document's token count; its split flag)."""
     tok, dtype = _WORKER["tok"], _WORKER["dtype"]
-    encodings = tok.hf.encode_batch(texts)
-    lengths = np.fromiter((len(e.ids) + 2 for e in encodings), dtype=np.int64, count=len(encodings))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
+    ids = [e.ids for e in tok.hf.encode_batch(texts)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    out = np.empty(int(lengths.sum()), dtype=np.int64 if dtype.itemsize > 2 else np.int32)
     pos = 0
-    top = 0
-    for e, n in zip(encodings, lengths):
-        ids = e.ids
+    for doc, n in zip(ids, lengths.tolist()):
         out[pos] = tok.bos_id
-        out[pos + 1:pos + n - 1] = ids
+        out[pos + 1:pos + n - 1] = doc
         out[pos + n - 1] = tok.eos_id
-        if ids:
-            top = max(top, max(ids))
         pos += n
-    if top >= tok.vocab_size:
-        raise ShardError(f"token id {top} >= the vocabulary size {tok.vocab_size}: the tokenizer file is inconsistent")
+    if len(out) and (out.max() >= tok.vocab_size or out.min() < 0):
+        raise ShardError(f"token id {int(out.max())} >= the vocabulary size {tok.vocab_size}: the tokenizer file "
+                         f"is inconsistent")
+    out = out.astype(dtype)
     is_val = np.fromiter((document_is_val(t, _WORKER["val_fraction"]) for t in texts), dtype=bool, count=len(texts))
     return out, lengths, is_val
 
