@@ -344,3 +344,12 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_file, capsys):
     assert main(["data", "prepare", str(src), "--tokenizer", str(tmp_path / "none.json"), "--out",
                  str(tmp_path / "o3")]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_token_id_outside_the_vocabulary_is_refused(tmp_path, tokenizer_file, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(10)])
+    # a tokenizer whose stated vocabulary is smaller than the ids it produces (an inconsistent file)
+    monkeypatch.setattr(Tokenizer, "vocab_size", property(lambda self: 270))
+    with pytest.raises(ShardError, match=r"token id \d+ >= the vocabulary size 270"):
+        prepare_corpus([src], tokenizer_file, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
