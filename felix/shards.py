@@ -22,6 +22,7 @@ objects)."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -32,6 +33,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; prepares of one directory must not overlap
+    fcntl = None
 
 import numpy as np
 from tqdm import tqdm
@@ -430,6 +436,32 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _prepare_locked(out, files, inputs, tok, tokenizer_path, dtype, workers, val_fraction, shard_tokens,
+                               text_field, force, progress, log)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """Hold an exclusive lock on `directory` (flock; POSIX) so two prepares never write the same directory."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise ShardError(f"another `felix data prepare` is writing {directory}") from e
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, dtype: np.dtype, workers: int,
+                    val_fraction: float, shard_tokens: int, text_field: str, force: bool, progress: bool,
+                    log) -> PreparedCorpus:
+    vocab_size = tok.vocab_size
     ours, other = _our_files(out)
     if other:
         raise ShardError(f"{out} holds files that are not part of a prepared corpus ({', '.join(sorted(p.name for p in other)[:5])}); "

@@ -353,3 +353,13 @@ def test_token_id_outside_the_vocabulary_is_refused(tmp_path, tokenizer_file, mo
     with pytest.raises(ShardError, match=r"token id \d+ >= the vocabulary size 270"):
         prepare_corpus([src], tokenizer_file, tmp_path / "out", workers=1, progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_two_prepares_never_write_one_directory(tmp_path, tokenizer_file):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(10)])
+    out = tmp_path / "out"
+    out.mkdir()
+    with shards._exclusive(out):  # as a running prepare holds it
+        with pytest.raises(ShardError, match="another `felix data prepare` is writing"):
+            prepare_corpus([src], tokenizer_file, out, workers=1, progress=False)
+    prepare_corpus([src], tokenizer_file, out, workers=1, progress=False)
