@@ -465,14 +465,14 @@ def cmd_data_prepare(args) -> int:
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"felix data prepare: error: {e}", file=sys.stderr)
         return 2
-    m = corpus.manifest
-    tokens = sum(m["splits"][s]["tokens"] for s in ("train", "val"))
-    seconds = max(time.perf_counter() - t0, 1e-9)
+    m, run = corpus.manifest, corpus.manifest["last_run"]
     print(f"{args.out}: {len(m['sources'])} source file(s), dtype {m['dtype']} ({m['bytes_per_token']} bytes/token)")
     for split in ("train", "val"):
         info = m["splits"][split]
         print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
-    print(f"  {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s); fingerprint {corpus.fingerprint[:16]}")
+    print(f"  {time.perf_counter() - t0:.1f} s; the run that finished it encoded {run['tokens_encoded']:,} tokens in "
+          f"{run['seconds']:.1f} s ({run['tokens_encoded'] / max(run['seconds'], 1e-9):,.0f} tokens/s, "
+          f"{run['workers']} worker(s)); fingerprint {corpus.fingerprint[:16]}")
     if m["splits"]["val"]["documents"] == 0:
         print("felix data prepare: warning: the validation split is empty (few documents for --val-fraction "
               f"{args.val_fraction}); raise it for a validation loss", file=sys.stderr)

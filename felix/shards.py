@@ -625,7 +625,9 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
                               "vocab_size": vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
                 "val_fraction": val_fraction, "split_rule": "sha256(document text)[:8] / 2**64 < val_fraction",
                 "shard_tokens": shard_tokens, "text_field": text_field, "sources": source_info, "splits": splits,
-                "inputs": inputs, "prepare_seconds": round(elapsed, 3)}
+                "inputs": inputs,
+                "last_run": {"seconds": round(elapsed, 3), "tokens_encoded": n_tokens, "workers": workers,
+                             "continued_after_documents": skip}}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     (out / STATE).unlink(missing_ok=True)
     return PreparedCorpus.open(out)

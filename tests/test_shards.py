@@ -174,6 +174,9 @@ def test_killed_prepare_is_not_complete_and_rerun_continues(tmp_path, tokenizer_
                           progress=False, log=log.append)
     assert any("continuing" in line for line in log)
     assert done.fingerprint == clean.fingerprint
+    run = done.manifest["last_run"]
+    assert run["continued_after_documents"] > 0
+    assert 0 < run["tokens_encoded"] < done.split("train").n_tokens + done.split("val").n_tokens
     assert not (out / "prepare-state.json").exists() and not list(out.glob(".*partial"))
     # a third run on the complete directory is a no-op
     again = prepare_corpus([src], tokenizer_file, out, workers=1, val_fraction=0.1, shard_tokens=500,
@@ -327,6 +330,8 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_file, capsys):
     printed = capsys.readouterr().out
     corpus = PreparedCorpus.open(out)
     assert f"{corpus.split('train').n_tokens:,} tokens" in printed
+    total = corpus.split("train").n_tokens + corpus.split("val").n_tokens
+    assert f"encoded {total:,} tokens" in printed and corpus.manifest["last_run"]["tokens_encoded"] == total
     (tmp_path / "bad.jsonl").write_text("x\ny\n")
     for argv, message in [
         ([str(tmp_path / "bad.jsonl")], "bad.jsonl: 2 of 2"),
