@@ -469,7 +469,8 @@ def cmd_data_prepare(args) -> int:
     print(f"{args.out}: {len(m['sources'])} source file(s), dtype {m['dtype']} ({m['bytes_per_token']} bytes/token)")
     for split in ("train", "val"):
         info = m["splits"][split]
-        print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
+        print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
+              f"{len(info['shards'])} shard(s)")
     print(f"  {time.perf_counter() - t0:.1f} s; the run that finished it encoded {run['tokens_encoded']:,} tokens in "
           f"{run['seconds']:.1f} s ({run['tokens_encoded'] / max(run['seconds'], 1e-9):,.0f} tokens/s, "
           f"{run['workers']} worker(s)); fingerprint {corpus.fingerprint[:16]}")

@@ -464,8 +464,9 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
     vocab_size = tok.vocab_size
     ours, other = _our_files(out)
     if other:
-        raise ShardError(f"{out} holds files that are not part of a prepared corpus ({', '.join(sorted(p.name for p in other)[:5])}); "
-                         f"choose an empty or new directory")
+        names = ", ".join(sorted(p.name for p in other)[:5])
+        raise ShardError(f"{out} holds files that are not part of a prepared corpus ({names}); choose an empty or "
+                         f"new directory")
     manifest = _read_json(out / MANIFEST) if (out / MANIFEST).exists() else None
     if (out / MANIFEST).exists():
         if manifest is not None and manifest.get("inputs") == inputs:
@@ -496,14 +497,16 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
                     if not (out / e["file"]).is_file() or (out / e["file"]).stat().st_size != e["bytes"]:
                         raise KeyError(e["file"])
                 partial = out / f".{shard_name(split, len(s['closed']))}.partial"
+                committed = HEADER_BYTES + s["open_tokens"] * dtype.itemsize
                 if (s["open_tokens"] or s["open_documents"]) and (
-                        not partial.is_file() or partial.stat().st_size < HEADER_BYTES + s["open_tokens"] * dtype.itemsize):
+                        not partial.is_file() or partial.stat().st_size < committed):
                     raise KeyError(partial.name)
         except (KeyError, TypeError):
             resume = None
     if resume is None:
         if ours:
-            log(f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: starting over")
+            log(f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: "
+                "starting over")
         _clear(out)
         resume = {"documents_done": 0, "splits": {s: {"closed": [], "open_tokens": 0, "open_documents": 0}
                                                   for s in SPLITS}}
