@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -157,6 +157,7 @@ class PreparedCorpus:
     """A complete prepared corpus directory (see the module docstring), validated on open."""
     path: Path
     manifest: dict
+    _arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, directory) -> PreparedCorpus:
@@ -189,7 +190,6 @@ class PreparedCorpus:
                     corpus._check_shard(directory / entry["file"], entry, split, dtype)
         except (KeyError, TypeError) as e:
             raise ShardError(f"{manifest_path} is malformed (missing or bad field {e})") from e
-        corpus._arrays = {}
         return corpus
 
     def _check_shard(self, path: Path, entry: dict, split: str, dtype: np.dtype) -> None:
