@@ -569,6 +569,9 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
     closed_at_checkpoint = sum(len(w.closed) for w in writers.values())
     try:
         if workers > 1:
+            # set before forking: the workers then encode on one thread each, and HF tokenizers does not warn about
+            # a fork after this process used its thread pool (e.g. to train the tokenizer); restored below
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             pool = ctx.Pool(workers, initializer=_init_worker,
                             initargs=(str(tokenizer_path), dtype.name, val_fraction))
