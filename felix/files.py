@@ -6,6 +6,7 @@ Checkpoint directories have their own atomic writer (felix.model.save_checkpoint
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -83,3 +84,24 @@ def named_path(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
     return name, path
+def jsonl_stream(lines, path):
+    """:func:`jsonl_lines` over an iterable of lines (an open text file read lazily, so a large file is never one
+    string in memory): the same (where, object, problem) triples. Open the file with ``newline="\\n"`` so that
+    lines split on "\\n" only (JSON strings may hold U+2028 and other characters str.splitlines() breaks on)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield where, None, f"not valid JSON ({e.msg})"
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (how tokenizers, sources and shards are identified)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
