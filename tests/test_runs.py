@@ -125,6 +125,14 @@ def test_a_planted_pickle_payload_never_runs_on_resume(tmp_path, finished):
         if name == "trainer_state.pt":
             assert "--init-from" in str(err.value) and "no longer loads" in str(err.value)
         assert files_of(out)[f"checkpoints/step-00000002/{name}"] == payload  # refused, left as it was
+    # the lock record and metrics.jsonl are read as bytes (the lock holder, the record count), never unpickled
+    out = tmp_path / "planted-lock"
+    shutil.copytree(base, out, symlinks=True)
+    for name in (".lock", "metrics.jsonl"):
+        (out / name).write_bytes(payload)
+    logs = []
+    train(cfg_for(out, steps=2, eval_every=2), resume=True, log=logs.append)
+    assert not marker.exists() and any("taking over the stale lock" in line for line in logs)
 
 
 def test_a_directory_holding_a_run_is_refused_and_left_intact(tmp_path, capsys, finished):
