@@ -99,6 +99,7 @@ setup(
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
             "llama-cpp-python==0.3.36",
         ],
+        "tensorboard": ["tensorboard>=2.14"],  # felix train --tensorboard (torch.utils.tensorboard)
     },
     entry_points={"console_scripts": ["felix=felix.cli:main"]},
     zip_safe=False,

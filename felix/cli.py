@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -150,22 +151,29 @@ def cmd_train(args) -> int:
     from felix.data import DataError
     from felix.distill import SODA_ARGS, cmd_soda
     from felix.model import CheckpointError
-    from felix.train import TrainConfig, train
+    from felix.train import TrainConfig, TrainingHalted, train
 
     if args.soda:  # semi-on-policy distillation: its own loop (felix.distill.train_soda)
         return cmd_soda(args)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume", "stop_at", *SODA_ARGS)}
+    run_actions = ("resume", "stop_at", "overwrite", "auto_resume")  # train() arguments, not TrainConfig fields
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", *run_actions, *SODA_ARGS)}
     if options.get("margin_from") is not None and options.get("margin") is not None:
         print("felix train: error: give --margin or --margin-from (which measures it), not both", file=sys.stderr)
         return 2
     try:
         cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
-        result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+        result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite,
+                       auto_resume=args.auto_resume)
     except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"felix train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingHalted as e:
+        print(f"felix train: halted: {e}", file=sys.stderr)
+        return 1
     if result.memorization_alerts:
         print(f"felix train: {len(result.memorization_alerts)} memorization warning(s); see above", file=sys.stderr)
+    if result.stop_signal == signal.SIGINT:
+        return 130  # the shell's code for an interrupted command; SIGTERM (a scheduler's stop) is a clean exit
     return 0
 
 
@@ -186,11 +194,16 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--val-data", action="append", default=[], help="validation files (default: a held-out split)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly")
     t.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this many steps")
+    t.add_argument("--auto-resume", action="store_true", help="continue OUT_DIR's latest checkpoint if it has "
+                   "one, else start fresh (for a job scheduler that restarts the same command)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in OUT_DIR (checkpoints, metrics), "
+                   "saying what is replaced; without it (or --resume) a directory holding a run is refused")
     for name in ("n_records", "vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "warmup_steps",
-                 "eval_every", "eval_batches", "checkpoint_every", "seed", "memorization_min_wraps"):
+                 "eval_every", "eval_batches", "checkpoint_every", "seed", "memorization_min_wraps", "keep_last",
+                 "milestone_every", "max_skipped_in_a_row", "loss_spike_window"):
         t.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(d, name)}")
     for name in ("val_fraction", "lr", "decay_fraction", "final_lr_fraction", "weight_decay", "grad_clip",
-                 "lambda_q", "margin", "peak_tflops", "memorization_gap"):
+                 "lambda_q", "margin", "peak_tflops", "memorization_gap", "loss_spike_threshold"):
         t.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(d, name)}")
     t.add_argument("--task", dest="tasks", action="append", choices=list(MAKERS),
                    help=f"structured record task of the built-in corpus (repeatable; default: {', '.join(d.tasks)})")
@@ -211,6 +224,11 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
     t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--parallel", choices=list(PARALLEL_MODES), help="under torchrun: DDP (default) or FSDP2 (sharded)")
+    t.add_argument("--skip-loss-spikes", action="store_true", default=None, help="skip the update of a step whose "
+                   "loss is a spike (z-score over --loss-spike-window steps above --loss-spike-threshold); "
+                   "spikes are always logged")
+    t.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics to "
+                   "OUT_DIR/tensorboard (needs the tensorboard package: pip install felix[tensorboard])")
     t.add_argument("--checkpoint-activations", action="store_true", default=None,
                    help="recompute each layer in the backward pass (less memory)")
     t.add_argument("--qat", choices=list(QAT_MODES), help="quantization-aware training (felix.qat): fake-quant STE "

@@ -15,8 +15,9 @@ Under torchrun (``WORLD_SIZE`` > 1), :class:`Distributed`:
   ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``);
 * averages the logged loss parts over ranks once per logging interval;
 * writes consolidated checkpoints: the full model state dict (gathered from the shards) as the same
-  ``model.safetensors`` a single-process run writes, and the full optimizer state in ``trainer_state.pt``,
-  by rank 0 only; resume loads them on every rank and re-shards. A checkpoint is interchangeable between
+  ``model.safetensors`` a single-process run writes, and the full optimizer state in the trainer state
+  (``trainer_state.safetensors`` + ``.json``, felix.runs), by rank 0 only (rank 0 also holds the run directory's
+  lock); resume loads them on every rank and re-shards. A checkpoint is interchangeable between
   1 process, DDP and FSDP2.
 
 Equivalence: with W ranks, per-rank batch B and accumulation A, one step sees W·A micro-batches of B rows
@@ -78,6 +79,10 @@ class SingleProcess:
 
     def load_optimizer_state(self, module, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """True when `flag` is true on any rank (a run-directory claim failed, a stop signal arrived)."""
+        return flag
 
     def barrier(self) -> None:
         pass
@@ -163,6 +168,11 @@ class Distributed(SingleProcess):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        t = torch.tensor([float(flag)], device=device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def barrier(self) -> None:
         self.dist.barrier()

@@ -15,6 +15,7 @@ Layout decisions (so a GGUF export is a rename, not a transformation):
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -382,30 +383,83 @@ class CheckpointError(ValueError):
     """A checkpoint directory cannot be loaded (missing files, corrupt data, tensors that do not fit)."""
 
 
-def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + `extra_files` {name: callable(path)})
-    into a fresh temporary directory beside `directory`, then swap it into place, so a crash mid-write never
-    leaves a half-written checkpoint under the final name."""
+def _exchange_directories(a: Path, b: Path) -> bool:
+    """Atomically swap the names `a` and `b` (Linux renameat2 RENAME_EXCHANGE). False where the system or the
+    filesystem cannot (the caller falls back to two renames)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_files(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> None:
+    """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + `extra_files` {name: callable(path)}) into
+    the existing directory `directory` (felix.runs writes a training run's step directories with this)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "felix-lm"})
+    (directory / CONFIG_FILE).write_text(model.cfg.to_json())
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    for name, writer in (extra_files or {}).items():
+        writer(directory / name)
+
+
+def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Write a checkpoint (:func:`write_checkpoint_files`) into a fresh temporary directory beside `directory`,
+    fsync it, then put it in place: renamed to a new name, or atomically exchanged with an existing directory
+    (renameat2) whose old copy is removed only afterwards. A crash at any point leaves the old checkpoint or the
+    new one under the final name, never neither. (Without renameat2 -- not Linux -- the old copy is first renamed
+    to ``.NAME.old-PID``: a crash in between leaves it there.) A training run's checkpoints use versioned step
+    directories instead (felix.runs)."""
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "felix-lm"})
-        (tmp / CONFIG_FILE).write_text(model.cfg.to_json())
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
+        write_checkpoint_files(tmp, model, tokenizer, extra_files)
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp, directory=True)
+        if directory.is_dir() and not directory.is_symlink() and _exchange_directories(tmp, directory):
+            _fsync(directory.parent, directory=True)
+            shutil.rmtree(tmp)  # now the old checkpoint
+            return directory
         old = None
-        if directory.exists():
+        if directory.exists() or directory.is_symlink():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old is not None:
+                os.replace(old, directory)  # the old copy back under its name
+            raise
+        _fsync(directory.parent, directory=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                os.unlink(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,8 +3,11 @@ and the memorization-signature monitor. `felix train` (felix/cli.py) is a thin w
 
 One run directory holds:
 
-* ``checkpoint/`` -- model.safetensors, config.json, tokenizer.json, trainer_state.pt (optimizer, step, data
-  cursor, RNG, loss history), written atomically (felix.model.save_checkpoint);
+* ``checkpoints/step-NNNNNNNN/`` -- model.safetensors, config.json, tokenizer.json, trainer_state.json +
+  trainer_state.safetensors (optimizer, step, data cursor, RNG, loss history; no pickle), one directory per save
+  (the last --keep-last and the --milestone-every milestones are kept), and ``checkpoint`` -> the latest, a
+  symlink replaced atomically (felix.runs: crash-safe at every filesystem operation);
+* ``.lock`` -- the live trainer's lock (felix.runs.RunLock): a second process on the directory is refused;
 * ``metrics.jsonl`` -- one JSON object per evaluation: step, lr, train/val loss, CE and hinge parts, tokens/s,
   MFU estimate, peak memory, corpus wraps, memorization flag;
 * ``loss_curve.png`` -- train loss per step and validation loss per evaluation.
@@ -16,10 +19,14 @@ duplicates the training text), not learning -- the run warns loudly and flags th
 from __future__ import annotations
 
 import collections
+import datetime
 import json
+import math
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,13 +38,19 @@ from felix import data as felix_data
 from felix import distributed as felix_distributed
 from felix import model as felix_model
 from felix import qat as felix_qat
+from felix import runs as felix_runs
 from felix import spokes as spokes_lib
+from felix.files import atomic_write_text, jsonable, save_figure
 from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
 TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
-CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE = "checkpoint", "metrics.jsonl", "loss_curve.png", "trainer_state.pt"
+CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE = felix_runs.POINTER, "metrics.jsonl", "loss_curve.png"
+STATE_FILE, STATE_TENSORS_FILE = felix_runs.STATE_JSON, felix_runs.STATE_TENSORS  # trainer state: JSON + safetensors
+TENSORBOARD_DIR = "tensorboard"
+# settings that change how a run is kept and guarded, not its curve: no warning when they change on resume
+RUN_KEEPING = ("keep_last", "milestone_every", "max_skipped_in_a_row", "tensorboard")
 
 # Dense bf16 peak FLOP/s for MFU estimates, by substring of the CUDA device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
@@ -86,6 +99,14 @@ class TrainConfig:
     memorization_min_wraps: int = 3   # ... after this many passes over the corpus
     parallel: str = "ddp"             # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/distributed.py
     qat: str | None = None            # quantization-aware training: a felix.qat mode (rq4 ... tq2_0, bitnet)
+    # the weeks-long run (felix.runs): checkpoint retention, the on-device step guard, an experiment logger
+    keep_last: int = 3                # step checkpoints kept (newest first; 0 = every one); the latest always stays
+    milestone_every: int = 0          # checkpoints at steps divisible by this are never removed (0 = none)
+    max_skipped_in_a_row: int = 8     # stop (with a checkpoint) after this many skipped steps in a row
+    loss_spike_window: int = 128      # loss spike = z-score of the step loss over this many previous steps ...
+    loss_spike_threshold: float = 5.0  # ... above this many standard deviations (llm.c's outlier detector)
+    skip_loss_spikes: bool = False    # skip the update of a spiking step (else only logged)
+    tensorboard: bool = False         # also log the metrics to OUT/tensorboard (torch.utils.tensorboard)
 
     def __post_init__(self):
         problems = []
@@ -104,6 +125,13 @@ class TrainConfig:
             problems.append(f"spokes must be >= 0 and spoke_rank >= 1, got {self.spokes} and {self.spoke_rank}")
         if self.train_only not in TRAIN_ONLY:
             problems.append(f"train_only must be one of {[t for t in TRAIN_ONLY if t]}, got {self.train_only!r}")
+        for name in ("keep_last", "milestone_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_skipped_in_a_row < 1 or self.loss_spike_window < 2 or not self.loss_spike_threshold > 0:
+            problems.append(f"max_skipped_in_a_row must be >= 1, loss_spike_window >= 2 and loss_spike_threshold "
+                            f"> 0, got {self.max_skipped_in_a_row}, {self.loss_spike_window}, "
+                            f"{self.loss_spike_threshold}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.margin < 0:
@@ -168,6 +196,46 @@ class MemorizationMonitor:
         return msg
 
 
+class StepGuard:
+    """The step guard of a long run, all on the device (no host sync): a step whose loss or gradient norm is not
+    finite -- or, with `skip_spikes`, whose loss spikes -- is skipped through fused AdamW's ``found_inf`` (no
+    update and no step count, as under a GradScaler: torch.optim.adam._fused_adam). A spike is a loss more than
+    `threshold` standard deviations above the mean of the last `window` kept step losses (llm.c's outlier
+    detector); nothing is flagged before the window is full. The trainer reads the per-step flags and z-scores
+    with the interval's losses (read_pending)."""
+
+    def __init__(self, device: torch.device, window: int = 128, threshold: float = 5.0, skip_spikes: bool = False):
+        self.window, self.threshold, self.skip_spikes = window, threshold, skip_spikes
+        self.losses = torch.zeros(window, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # losses kept so far
+
+    def __call__(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip, z): 0-d float tensors for a step's mean loss and total gradient norm."""
+        loss, grad_norm = loss.float(), grad_norm.float()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        std, mean = torch.std_mean(self.losses, correction=0)
+        valid = finite & (self.count >= self.window) & (std > 0)
+        z = torch.where(valid, (loss - mean) / std, torch.zeros_like(loss))
+        skip = ~finite | (valid & (z > self.threshold)) if self.skip_spikes else ~finite
+        slot = (self.count % self.window).view(1)
+        self.losses.index_copy_(0, slot, torch.where(skip, self.losses.index_select(0, slot), loss.view(1)))
+        self.count += (~skip).long()
+        return skip.float(), z
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["losses"].shape != self.losses.shape:  # --loss-spike-window changed: the window starts over
+            return
+        self.losses.copy_(state["losses"])
+        self.count.copy_(state["count"])
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (too many skipped steps in a row), after saving a checkpoint of its last good state."""
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -175,6 +243,7 @@ class TrainResult:
     metrics: list[dict]
     memorization_alerts: list[str]
     parameter_counts: dict
+    stop_signal: int | None = None  # signal.SIGTERM / SIGINT when a signal stopped the run (with a checkpoint)
 
 
 def _device(name: str) -> torch.device:
@@ -230,8 +299,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and ".splice." not in n]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and ".splice." not in n)]
+    # fused: one kernel, and it honours found_inf (StepGuard): a skipped step changes no weight and no step count
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=True)
 
 
 def _setup_spokes(model, cfg: TrainConfig, resume: bool, log) -> str | None:
@@ -277,7 +348,8 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.6, label="train loss (per step)")
-    ax.plot([m["step"] for m in metrics], [m["train_ce"] for m in metrics], "o-", ms=3, label="train CE (interval mean)")
+    ax.plot([m["step"] for m in metrics], [math.nan if m["train_ce"] is None else m["train_ce"] for m in metrics], "o-",
+            ms=3, label="train CE (interval mean)")
     ax.plot([m["step"] for m in metrics], [m["train_eval_ce"] for m in metrics], "^-", ms=3, label="train CE (at eval)")
     ax.plot([m["step"] for m in metrics], [m["val_ce"] for m in metrics], "s-", ms=3, label="validation CE")
     for m in metrics:
@@ -288,7 +360,7 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -325,8 +397,16 @@ class Run:
     step_losses: list = field(default_factory=list)
     metrics: list = field(default_factory=list)
     interval: dict = field(default_factory=lambda: _new_interval())
-    pending: list = field(default_factory=list)  # per step, on the device: [mean loss, CE sum, hinge sum]
+    pending: list = field(default_factory=list)  # per step, on the device: [mean loss, CE sum, hinge sum,
+    #                                              skipped, loss z-score, gradient norm]
     per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, 1] on the device, made at the first step
+    lock: object = None                          # felix.runs.RunLock on the run directory (rank 0)
+    guard: StepGuard | None = None
+    skip_streak: int = 0                         # skipped steps in a row, as of the last read
+    skipped_steps: int = 0                       # skipped steps in the whole run, as of the last read
+    halted: str | None = None                    # why the run stops itself (too many skipped steps in a row)
+    saved_step: int | None = None                # the step of the last checkpoint written or resumed from
+    tensorboard: object = None                   # a torch.utils.tensorboard SummaryWriter (rank 0, --tensorboard)
 
     @property
     def use_bf16(self) -> bool:
@@ -337,12 +417,15 @@ class Run:
 
 
 def _new_interval() -> dict:
-    return {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
+    return {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "skipped": 0, "spikes": []}
 
 
-def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
-    """Everything a run needs before its first step: data and tokenizer, model (new, --init-from or resumed),
-    spokes / QAT, optimizer, the QUAIL whitelist; with `resume`, the trainer state of ``out_dir/checkpoint``."""
+def build_run(cfg: TrainConfig, resume: bool = False, log=None, overwrite: bool = False,
+              auto_resume: bool = False) -> Run:
+    """Everything a run needs before its first step: the run directory (locked and claimed: felix.runs), data and
+    tokenizer, model (new, --init-from or resumed), spokes / QAT, optimizer, the QUAIL whitelist; with `resume`
+    (or `auto_resume` finding a checkpoint), the trainer state of ``out_dir/checkpoint``. The caller releases
+    ``run.lock`` (train() does)."""
     from tqdm import tqdm
 
     par = felix_distributed.from_environment(cfg.parallel)  # one process unless under torchrun
@@ -351,6 +434,25 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / CHECKPOINT_DIR
     device = par.device(_device(cfg.device))
+    lock, claim_error = None, None
+    if par.is_main:  # rank 0 locks and claims the directory; every rank learns whether it could
+        try:
+            lock, resume = felix_runs.claim_run_directory(out, resume, overwrite, auto_resume, log)
+        except (ValueError, OSError) as e:
+            claim_error = e
+    if par.any_rank(claim_error is not None, device):
+        raise claim_error or felix_runs.RunDirectoryError(f"rank 0 could not claim run directory {out}")
+    if not par.is_main and auto_resume and not overwrite:
+        resume = felix_runs.pointer_target(out) is not None
+    try:
+        return _build_run(cfg, resume, log, par, out, ckpt_dir, device, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Path, device, lock) -> Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -369,8 +471,7 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
         train_items, val_items = _documents(cfg, log)
         texts = train_items
     if resume:
-        if not (ckpt_dir / STATE_FILE).is_file():
-            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_DIR}/{STATE_FILE} in {out}")
+        felix_runs.check_trainer_state(ckpt_dir)  # a pickled trainer_state.pt is refused, never loaded
         tokenizer = Tokenizer.load(ckpt_dir)
     elif cfg.init_from:
         tokenizer = Tokenizer.load(cfg.init_from)
@@ -419,16 +520,23 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
     use_bf16 = device.type == "cuda"
 
     step, step_losses, metrics = 0, [], []
-    interval = {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0}
+    interval = _new_interval()
     monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
+    guard = StepGuard(device, cfg.loss_spike_window, cfg.loss_spike_threshold, cfg.skip_loss_spikes)
+    skip_streak = skipped_steps = 0
     if resume:
-        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        state = felix_runs.load_trainer_state(ckpt_dir)  # safetensors + JSON: nothing in it can run code
+        missing = sorted({"optimizer", "train_stream", "step", "step_losses", "metrics", "interval",
+                          "memorization_alerts", "torch_rng", "python_rng", "train_config"} - set(state))
+        if missing:
+            raise felix_model.CheckpointError(f"{ckpt_dir / STATE_FILE} is not a Felix trainer state: missing "
+                                              f"{', '.join(missing)}")
         par.load_optimizer_state(module, optimizer, state["optimizer"])
         train_stream.load_state_dict(state["train_stream"])
         step, step_losses, metrics, interval = state["step"], state["step_losses"], state["metrics"], state["interval"]
         monitor.alerts = state["memorization_alerts"]
         changed = {k: (v, getattr(cfg, k)) for k, v in state["train_config"].items()
-                   if k not in ("out_dir", "device") and getattr(cfg, k) != v}
+                   if k not in ("out_dir", "device", *RUN_KEEPING) and hasattr(cfg, k) and getattr(cfg, k) != v}
         if changed:
             log("WARNING: resuming with settings that differ from the checkpoint's (the curve will not match an "
                 "uninterrupted run): " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
@@ -437,6 +545,9 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
                              "(hub fingerprint changed)")
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        guard.load_state_dict(state.get("guard", guard.state_dict()))
+        skip_streak, skipped_steps = state.get("skip_streak", 0), state.get("skipped_steps", 0)
+        interval = {**_new_interval(), **interval}
         log(f"resumed {out} at step {step}")
 
     log(f"felix-lm {cfg.init_from or cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
@@ -450,31 +561,53 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
 
+    tensorboard = None
+    if cfg.tensorboard and par.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
+        tensorboard = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if resume else None)
+
     return Run(cfg, par, log, out, ckpt_dir, device, distill, train_items, val_items, tokenizer, train_stream,
                val_batches, train_eval_batches, model, module, optimizer, whitelist, counts, hub_fp, monitor, fpt, peak,
-               decay_steps, step, step_losses, metrics, interval)
+               decay_steps, step, step_losses, metrics, interval, lock=lock, guard=guard, skip_streak=skip_streak,
+               skipped_steps=skipped_steps, saved_step=step if resume else None, tensorboard=tensorboard)
+
+
+def trainer_state(run: Run, full_optimizer: dict) -> dict:
+    """Everything besides the model that an exact resume needs, as a nested dict of tensors and plain values
+    (stored by felix.runs.save_trainer_state: tensors -> safetensors, the rest -> JSON; add keys freely)."""
+    return {"optimizer": full_optimizer, "train_stream": run.train_stream.state_dict(),
+            "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics, "interval": run.interval,
+            "memorization_alerts": run.monitor.alerts, "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(), "train_config": asdict(run.cfg), "hub_fingerprint": run.hub_fp,
+            "guard": run.guard.state_dict(), "skip_streak": run.skip_streak, "skipped_steps": run.skipped_steps}
 
 
 def save_run_checkpoint(run: Run) -> None:
-    """The model, tokenizer and trainer state (optimizer, data cursor, RNG, history) into ``out_dir/checkpoint``,
+    """The model, tokenizer and trainer state (optimizer, data cursor, RNG, history) as a new step directory of
+    the run, pointed at by ``out_dir/checkpoint`` (felix.runs.commit_checkpoint: crash-safe, with retention),
     consolidated: full tensors gathered from every rank, written by rank 0."""
     cfg, par, model = run.cfg, run.par, run.model
+    t0 = time.perf_counter()
     full_model, full_optimizer = par.full_model_state(model, run.module), par.full_optimizer_state(run.module,
                                                                                                    run.optimizer)
-
-    def write_state(path):
-        torch.save({"optimizer": full_optimizer, "train_stream": run.train_stream.state_dict(),
-                    "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics, "interval": run.interval,
-                    "memorization_alerts": run.monitor.alerts, "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "train_config": asdict(cfg), "hub_fingerprint": run.hub_fp}, path)
     if par.is_main:
         full = felix_distributed._StateView(full_model, model.cfg)
-        extra = {STATE_FILE: write_state}
+        extra = {}
         if model.cfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.spokes)
             extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)
         if cfg.qat:  # which codec the forward used, for felix export / fidelity (felix.qat)
             extra[felix_qat.QAT_FILE] = lambda path: felix_qat.write_qat_config(path, model)
-        felix_model.save_checkpoint(run.ckpt_dir, full, run.tokenizer, extra)
+        state = trainer_state(run, full_optimizer)
+
+        def write(directory):
+            felix_model.write_checkpoint_files(directory, full, run.tokenizer, extra)
+            felix_runs.save_trainer_state(directory, state)
+        where = felix_runs.commit_checkpoint(run.out, run.step, write, cfg.keep_last, cfg.milestone_every, run.log)
+        run.log(f"checkpoint {where.relative_to(run.out)} ({time.perf_counter() - t0:.2f}s)")
+    run.saved_step = run.step
     par.barrier()
 
 
@@ -494,23 +627,56 @@ def train_step(run: Run) -> float:
             (parts.loss / cfg.grad_accum).backward()
         sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
         run.interval["n"] += 1
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     if run.per_step is None:  # made once (a host-to-device copy): the loss is the mean over micro-batches
         run.per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)
-    run.pending.append(sums * run.per_step)
+    parts = sums * run.per_step
+    # the same decision on every rank: the gradient norm is global, the loss averaged over ranks (a collective,
+    # no host sync); a skipped step leaves weights and optimizer state as they were
+    skip, z = run.guard(par.mean_over_ranks(parts[0]) if par.world_size > 1 else parts[0], grad_norm)
+    run.optimizer.found_inf = skip
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.pending.append(torch.cat([parts, torch.stack([skip, z, grad_norm.float()])]))
     run.step += 1
     return lr
 
 
 def read_pending(run: Run) -> None:
     """The one host sync of an interval (also what makes its seconds honest on a GPU): the pending per-step losses,
-    averaged over ranks, into step_losses and the interval sums."""
-    for loss, ce, hinge in (run.par.mean_over_ranks(torch.stack(run.pending)).tolist() if run.pending else []):
+    averaged over ranks, into step_losses and the interval sums; skipped steps and loss spikes are logged here,
+    and a run with --max-skipped-in-a-row skipped steps in a row is marked to halt."""
+    cfg = run.cfg
+    rows = run.par.mean_over_ranks(torch.stack(run.pending)).tolist() if run.pending else []
+    first = run.step - len(rows) + 1
+    for i, (loss, ce, hinge, skipped, z, grad_norm) in enumerate(rows):
+        step = first + i
         run.step_losses.append(loss)
-        run.interval["ce"] += ce
-        run.interval["hinge"] += hinge
+        run.interval["steps"] += 1
+        if z > cfg.loss_spike_threshold:
+            run.interval["spikes"].append({"step": step, "loss": loss, "z": z, "skipped": bool(skipped)})
+            run.log(f"step {step}: loss spike: {loss:.4f} is {z:.1f} standard deviations above the mean of the last "
+                    f"{cfg.loss_spike_window} steps ({'update skipped' if skipped else 'kept'})")
+        if skipped:
+            run.skip_streak += 1
+            run.skipped_steps += 1
+            run.interval["skipped"] += 1
+            run.interval["n"] -= cfg.grad_accum  # the interval means leave skipped steps out
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                run.log(f"step {step}: update skipped: loss {loss:.4g}, gradient norm {grad_norm:.4g} "
+                        f"({run.skip_streak} in a row, {run.skipped_steps} in the run)")
+            if run.skip_streak >= cfg.max_skipped_in_a_row and run.halted is None:
+                run.halted = (f"{run.skip_streak} steps in a row skipped (non-finite loss or gradient norm, or loss "
+                              f"spikes) up to step {step}: stopping with a checkpoint of the last good state "
+                              f"(skipped steps change no weight); lower --lr, check the data, or resume to retry")
+        else:
+            run.skip_streak = 0
+            run.interval["ce"] += ce
+            run.interval["hinge"] += hinge
+        if run.tensorboard is not None:
+            run.tensorboard.add_scalar("train/step_loss", loss, step)
     run.pending.clear()
 
 
@@ -521,9 +687,11 @@ def evaluate_interval(run: Run, lr: float) -> dict:
     cfg, par, device = run.cfg, run.par, run.device
     interval, stream = run.interval, run.train_stream
     tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
+    recent = [x for x in run.step_losses[-cfg.eval_every:] if math.isfinite(x)]
+    n = interval["n"]
     record = {"step": run.step, "lr": lr,
-              "train_loss": sum(run.step_losses[-cfg.eval_every:]) / min(cfg.eval_every, len(run.step_losses)),
-              "train_ce": interval["ce"] / interval["n"], "train_hinge": interval["hinge"] / interval["n"],
+              "train_loss": sum(recent) / len(recent) if recent else None,
+              "train_ce": interval["ce"] / n if n else None, "train_hinge": interval["hinge"] / n if n else None,
               **evaluate(run.module, run.val_batches, device, run.whitelist, cfg, run.autocast),
               "train_eval_ce": evaluate(run.module, run.train_eval_batches, device, run.whitelist, cfg,
                                         run.autocast)["val_ce"],
@@ -532,8 +700,11 @@ def evaluate_interval(run: Run, lr: float) -> dict:
               "peak_memory_mb": _peak_memory_mb(device),
               "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
               "corpus_wraps": stream.wraps,
-              "epoch_progress": stream.position / stream.n_windows}
-    alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps)
+              "epoch_progress": stream.position / stream.n_windows,
+              "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size,
+              "skipped_steps": interval["skipped"], "loss_spikes": interval["spikes"]}
+    alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps) \
+        if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"]) else None
     record["memorization"] = alert is not None
     if alert and par.is_main:
         banner = "!" * 100
@@ -542,50 +713,117 @@ def evaluate_interval(run: Run, lr: float) -> dict:
     run.metrics.append(record)
     if par.is_main:
         with open(run.out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
+        if run.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    run.tensorboard.add_scalar(f"metrics/{key}", value, run.step)
+            run.tensorboard.flush()
+    seconds_per_step = interval["seconds"] / max(interval["steps"], 1)
+    eta = datetime.timedelta(seconds=round(seconds_per_step * (cfg.steps - run.step)))
     run.interval = _new_interval()
     mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-    run.log(f"step {run.step}: train CE {record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}; now "
-            f"{record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s"
-            f"{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps {stream.wraps}")
+    ce = ("n/a (every step skipped" if record["train_ce"] is None else
+          f"{record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}")
+    skipped = f", {record['skipped_steps']} step(s) skipped" if record["skipped_steps"] else ""
+    run.log(f"step {run.step}: train CE {ce}; now {record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr "
+            f"{lr:.2e}, {tokens_per_s:,.0f} tok/s{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps "
+            f"{stream.wraps}, tokens seen {record['tokens_seen']:,}, ETA {eta}{skipped}")
     return record
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None) -> TrainResult:
+def _stop_on_signals(log):
+    """SIGTERM / SIGINT set a flag the loop reads after each step (finish it, save, exit); the first signal puts
+    the previous handlers back, so a second one acts as usual. Returns (flag dict, restore callable)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+        restore()
+        log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
+            f"(send it again to stop at once)")
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, handler)
+    return flag, restore
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None, overwrite: bool = False,
+          auto_resume: bool = False) -> TrainResult:
     """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run. `stop_at` stops after that
-    many optimizer steps with a checkpoint, as an interruption would (used to test exact resume)."""
+    many optimizer steps with a checkpoint, as an interruption would (used to test exact resume). A directory
+    holding a run needs `resume`, `auto_resume` (continue it when it has a checkpoint, else start fresh) or
+    `overwrite`; a directory another process is training in is refused (felix.runs). SIGTERM / SIGINT finish the
+    step, save a checkpoint and return (TrainResult.stop_signal); too many skipped steps in a row save a
+    checkpoint and raise TrainingHalted."""
     from tqdm import tqdm
 
-    run = build_run(cfg, resume, log)
+    run = build_run(cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume)
     par, out = run.par, run.out
+    stop, restore_signals = _stop_on_signals(run.log)
+    try:
+        return _train_loop(run, stop, stop_at, tqdm)
+    finally:
+        restore_signals()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+        if run.lock is not None:
+            run.lock.release()
+        par.close()
+
+
+def _train_loop(run: Run, stop: dict, stop_at: int | None, tqdm) -> TrainResult:
+    cfg, par, out = run.cfg, run.par, run.out
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    if par.is_main:
-        with open(out / METRICS_FILE, "w") as f:  # a resumed run keeps the records up to its checkpoint
-            f.writelines(json.dumps(record) + "\n" for record in run.metrics)
+    if par.is_main:  # a resumed run keeps the records up to its checkpoint (rewritten atomically)
+        atomic_write_text(out / METRICS_FILE, "".join(json.dumps(jsonable(r)) + "\n" for r in run.metrics))
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step",
                disable=not (sys.stderr.isatty() and par.is_main))
+    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
     run.model.train()
     while run.step < end:
         t0 = time.perf_counter()
         lr = train_step(run)
         step = run.step
-        if step % cfg.eval_every == 0 or step in (cfg.steps, end) or (cfg.checkpoint_every and
-                                                                       step % cfg.checkpoint_every == 0):
+        # one process reads the stop flag every step (a host flag: no sync); ranks agree on it when they sync anyway
+        signalled = stop["signal"] is not None if par.world_size == 1 else False
+        read_now = step % cfg.eval_every == 0 or step in (cfg.steps, end) or signalled or (
+            cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if read_now:
             read_pending(run)
+            if par.world_size > 1:
+                signalled = par.any_rank(stop["signal"] is not None, run.device)
         run.interval["seconds"] += time.perf_counter() - t0
-        run.interval["tokens"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
+        run.interval["tokens"] += tokens_per_step
         bar.update(1)
         if run.step_losses and not bar.disable:
-            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}",
+                            tokens=f"{run.step * tokens_per_step / 1e6:.1f}M")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate_interval(run, lr)
+        if signalled or run.halted:
+            break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
             save_run_checkpoint(run)
     bar.close()
-    save_run_checkpoint(run)
+    if run.pending:
+        read_pending(run)
+    if run.saved_step != run.step:  # nothing new since the checkpoint resumed from: it stays as it is
+        save_run_checkpoint(run)
     if par.is_main:
         save_loss_curve(out / PLOT_FILE, run.step_losses, run.metrics)
-    par.close()
-    run.log(f"{'stopped' if run.step < cfg.steps else 'finished'} at step {run.step}; checkpoint {run.ckpt_dir}, "
-            f"metrics {out / METRICS_FILE}, plot {out / PLOT_FILE}")
-    return TrainResult(out, run.step_losses, run.metrics, list(run.monitor.alerts), run.counts)
+    if run.halted:
+        run.log(f"HALTED: {run.halted}; checkpoint {run.ckpt_dir}")
+        raise TrainingHalted(run.halted)
+    signum = stop["signal"]
+    how = f"stopped by {signal.Signals(signum).name}" if signum else "stopped" if run.step < cfg.steps else "finished"
+    run.log(f"{how} at step {run.step}; checkpoint {run.ckpt_dir}, metrics {out / METRICS_FILE}, plot "
+            f"{out / PLOT_FILE}")
+    return TrainResult(out, run.step_losses, run.metrics, list(run.monitor.alerts), run.counts, signum)

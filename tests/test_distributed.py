@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from felix.runs import load_trainer_state
 from felix.train import TrainConfig, train
 
 BOUND = 1e-4
@@ -61,7 +62,7 @@ def _torchrun(tmp_path, out, args: dict, extra=()):
 
 
 def _losses(out) -> list[float]:
-    return torch.load(Path(out) / "checkpoint" / "trainer_state.pt", weights_only=False)["step_losses"]
+    return load_trainer_state(Path(out) / "checkpoint")["step_losses"]
 
 
 def _weights(out):

@@ -65,3 +65,30 @@ def test_backend_implementations_do_not_sync(seed):
         felix.lowrank_linear(h, w, torch.randn(4, 16, generator=g), torch.randn(70, 4, generator=g), 0.5,
                              backend="reference")
     assert rec.syncs == []
+
+
+def test_step_guard_adds_no_host_sync(seed):
+    """The long-run guard (felix.train.StepGuard + fused AdamW's found_inf) decides to skip a step on the device:
+    the guarded step has no sync the plain step lacks, and a NaN step is really skipped."""
+    from felix.train import StepGuard
+
+    torch.manual_seed(seed)
+    model = FelixLM(preset("tiny", vocab_size=300))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    guard = StepGuard(torch.device("cpu"), window=2, threshold=3.0, skip_spikes=True)
+    wl = whitelist_mask([1, 2, 3, 40], 300, torch.device("cpu"))
+    x = torch.randint(0, 300, (2, 24))
+    for poison in (1.0, 1.0, 1.0, float("nan")):
+        before = [p.detach().clone() for p in model.parameters()]
+        with HostSyncRecorder() as rec:
+            parts = model.loss(x, torch.roll(x, -1, 1), wl, 2.0, 0.1)
+            (parts.loss * poison).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            skip, z = guard(parts.loss.detach() * poison, norm)
+            opt.found_inf = skip
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            logged = torch.stack([parts.loss.detach(), parts.ce, parts.hinge, skip, z, norm])  # kept on the device
+        assert _unexpected(rec.syncs) == [], rec.syncs
+    assert logged[3] == 1.0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert int(guard.count) == 3 and all(int(s["step"]) == 3 for s in opt.state.values())

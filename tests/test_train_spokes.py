@@ -9,7 +9,8 @@ from test_train import tiny_run
 
 from felix import spokes
 from felix.model import load_checkpoint
-from felix.train import STATE_FILE, train
+from felix.runs import load_trainer_state
+from felix.train import STATE_FILE, STATE_TENSORS_FILE, train
 
 QUIET = dict(log=lambda *_: None)
 
@@ -41,7 +42,7 @@ def test_spokes_train_on_a_frozen_hub_and_resume_exactly(tmp_path, hub_dir):
     with torch.no_grad():
         assert (trained(x) - hub(x)).abs().max() > 1e-3          # the spokes change the logits
     # optimizer state only for what trains
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    state = load_trainer_state(ckpt)
     n_state = sum(s["exp_avg"].numel() for s in state["optimizer"]["state"].values())
     assert n_state == sum(v.numel() for k, v in trained.state_dict().items() if ".spoke." in k)
     assert state["hub_fingerprint"] == spokes.hub_fingerprint(hub)
@@ -77,9 +78,8 @@ def test_spokes_from_scratch_and_refusals(tmp_path, hub_dir):
     with torch.no_grad():
         model.blk[0].attn_q.weight[0, 0] += 1.0
     import shutil
-    keep = tmp_path / "state.pt"
-    shutil.copy(ck / STATE_FILE, keep)
-    save_checkpoint(ck, model, None, {STATE_FILE: lambda p: shutil.copy(keep, p), "tokenizer.json":
-                                      lambda p: shutil.copy(hub_dir / "tokenizer.json", p)})
+    keep = {name: (ck / name).read_bytes() for name in (STATE_FILE, STATE_TENSORS_FILE)}
+    save_checkpoint(ck.resolve(), model, None, {**{name: (lambda p, b=b: p.write_bytes(b)) for name, b in keep.items()},
+                                                "tokenizer.json": lambda p: shutil.copy(hub_dir / "tokenizer.json", p)})
     with pytest.raises(ValueError, match="hub fingerprint"):
         train(cfg, resume=True, **QUIET)

@@ -94,11 +94,9 @@ def train(arm: str, seed: int, work: Path, args, plain_report: Path) -> Path:
 
 def training_record(run_dir: Path) -> dict:
     """The last evaluation of a run, and the QUAIL settings it trained with (the calibrated margin included)."""
-    import torch
-
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = [r for r in rows if r.get("val_ce") is not None][-1]
-    cfg = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)["train_config"]
+    cfg = json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())["train_config"]
     return {"val_ce": last["val_ce"], "val_hinge": last["val_hinge"], "train_ce": last["train_ce"],
             "step": last["step"], "margin": cfg["margin"], "lambda_q": cfg["lambda_q"]}
 
