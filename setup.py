@@ -94,9 +94,11 @@ setup(
                       "matplotlib>=3.7",
                       "gguf==0.19.0"],  # felix export / inspect / fidelity write and read GGUF with gguf-py
     extras_require={
+        # `felix serve`: llama-cpp-python's OpenAI-compatible server (fastapi, uvicorn, sse-starlette, ...)
+        "serve": ["llama-cpp-python[server]==0.3.36"],
         "test": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
-            "llama-cpp-python==0.3.36",
+            "llama-cpp-python[server]==0.3.36",
         ],
     },
     entry_points={"console_scripts": ["felix=felix.cli:main"]},
