@@ -15,8 +15,9 @@ token (END) ends the answer. A file in the fork's ``felix`` arch or holding RQ4 
 Requests: ``temperature: 0`` is greedy decoding (serve_child sets llama-cpp-python's repeat-penalty default to 1.0,
 as llama-server has it). ``response_format`` ``{"type": "json_object"}`` (any JSON), ``{"type": "json_object",
 "schema": {...}}`` or OpenAI's ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` constrain decoding with
-the GBNF grammar llama-cpp-python derives from the schema; a schema it cannot convert gets HTTP 400. A prompt plus
-``max_tokens`` beyond the context gets HTTP 400 ``context_length_exceeded`` (llama-cpp-python's own check).
+the GBNF grammar llama-cpp-python derives from the schema; a schema it cannot convert gets HTTP 400. A prompt that
+does not fit the context gets HTTP 400 ``context_length_exceeded`` (llama-cpp-python's own check); a ``max_tokens``
+beyond what the context leaves is capped to it (``finish_reason: "length"``).
 LoRA adapters (``--lora``, e.g. an export's ``--splice adapter`` file) load with the model at ``--lora-scale``
 (default 1); llama-cpp-python's server has no per-request adapter scale.
 
@@ -30,6 +31,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -302,7 +304,12 @@ def _stop_all() -> None:
 
 
 # ------------------------------------------------------------------------------------ the CLI
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, cleaning up
+
+
 def cmd_serve(args) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         server = Server(args.model, quant=args.quant, host=args.host, port=args.port, lora=args.lora,
                         lora_scale=args.lora_scale, n_ctx=args.n_ctx, n_threads=args.threads,

@@ -169,6 +169,14 @@ def test_served_chat_equals_greedy_in_felix_format(trained, truth, server):
         assert reply["usage"]["prompt_tokens"] == 1 + len(trained["tok"].encode(p.prompt))
 
 
+def test_temperature_zero_is_greedy_by_default(server):
+    """llama-cpp-python's server defaults repeat_penalty to 1.1, which is not greedy decoding; felix serve's default
+    is 1.0 (llama-server's), as its published request schema says."""
+    schemas = server.request("/openapi.json")["components"]["schemas"]
+    assert schemas["CreateChatCompletionRequest"]["properties"]["repeat_penalty"]["default"] == 1.0
+    assert schemas["CreateCompletionRequest"]["properties"]["repeat_penalty"]["default"] == 1.0
+
+
 def test_served_json_schema_constrained(trained, truth, server):
     """response_format json_schema (OpenAI's form) and json_object + schema (llama-cpp-python's): the grammar lets
     the learned answer through unchanged (every greedy token is allowed), and the answer is schema-compliant."""
