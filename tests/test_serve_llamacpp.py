@@ -15,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+import gguf
 import pytest
 from conftest import SEED
 from serve_fixtures import memorized_checkpoint
@@ -240,6 +241,15 @@ def test_unservable_files_fail_cleanly(trained, tmp_path):
     corrupt.write_bytes(trained["gguf"].read_bytes()[: trained["gguf"].stat().st_size // 2])
     with pytest.raises(serve.ServeError, match="corrupt|truncated|exited|cannot serve"):
         serve.Server(corrupt)
+    empty = tmp_path / "no-tensors.gguf"  # a well-formed GGUF that llama.cpp itself refuses to load
+    w = gguf.GGUFWriter(str(empty), "llama")
+    w.add_context_length(64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(serve.ServeError, match="cannot serve .*no-tensors.gguf: ValueError: Failed to load model"):
+        serve.Server(empty)
     assert cli.main(["serve", str(text), "--port", "0"]) == 2
     assert cli.main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert children() == before
