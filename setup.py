@@ -95,9 +95,11 @@ setup(
                       "pyarrow>=14", "zstandard>=0.22",  # felix data prepare / tokenizer train: parquet, .jsonl.zst
                       "gguf==0.19.0"],  # felix export / inspect / fidelity write and read GGUF with gguf-py
     extras_require={
+        # `felix serve`: llama-cpp-python's OpenAI-compatible server (fastapi, uvicorn, sse-starlette, ...)
+        "serve": ["llama-cpp-python[server]==0.3.36"],
         "test": [
             "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
-            "llama-cpp-python==0.3.36",
+            "llama-cpp-python[server]==0.3.36",
         ],
         "tensorboard": ["tensorboard>=2.14"],  # felix train --tensorboard (torch.utils.tensorboard)
     },

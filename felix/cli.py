@@ -14,6 +14,7 @@
     felix eval-tasks    task-suite report: student checkpoints vs teachers vs the teacher ensemble, per task
     felix tokenizer     train a byte-level BPE tokenizer on a bounded sample of pretraining sources
     felix data          prepare pretraining sources once into memory-mappable token shards
+    felix serve         a checkpoint or GGUF on llama.cpp's OpenAI-compatible chat API (127.0.0.1 by default)
 """
 from __future__ import annotations
 
@@ -251,7 +252,8 @@ def cmd_fidelity(args) -> int:
             n_probes=args.n_probes, probe_set=args.probe_set, whitelist_strings=tuple(args.whitelist_string),
             whitelist_tokens=tuple(args.whitelist_token), sensitivity=not args.no_sensitivity,
             compliance=not args.no_compliance, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
-            gguf_dir=args.gguf_dir, progress=sys.stderr.isatty(), sim_activations=args.sim_activations)
+            gguf_dir=args.gguf_dir, progress=sys.stderr.isatty(), sim_activations=args.sim_activations,
+            constrained=args.constrained)
         try:
             report = fidelity.run_fidelity(args.checkpoint, opts, cache)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
@@ -274,6 +276,12 @@ def cmd_fidelity(args) -> int:
             print(f"{quant} simulated ({sim} activations) vs runtime ({report['runtime']}): top-1 agreement "
                   f"{a['top1_agreement']:.4f}, max rel err {a['max_rel_err']:.4f}, KL mean {a['kl_mean']:.2e}, "
                   f"|margin diff| mean {a['margin_abs_diff_mean']:.4f} max {a['margin_abs_diff_max']:.4f}")
+        if report.get("constrained"):
+            c = report["constrained"]
+            print(f"{quant} served: schema-compliant free {c['free']['compliant']} / constrained "
+                  f"{c['constrained']['compliant']} of {c['free']['probes']}, task score "
+                  f"{c['free']['task_score_mean']:.2f} / {c['constrained']['task_score_mean']:.2f}, "
+                  f"{c['changed_by_grammar']} answers changed by the grammar")
         print(f"report: {files['markdown']} (+ {files['json'].name}, plots)")
         for f in failures:
             print(f"GATE FAILED: {quant} {f}", file=sys.stderr)
@@ -316,6 +324,9 @@ def _add_fidelity_parser(sub) -> None:
     f.add_argument("--no-sensitivity", action="store_true", help="skip per-tensor sensitivity")
     f.add_argument("--no-compliance", action="store_true", help="skip greedy generations / schema compliance")
     f.add_argument("--max-new-tokens", type=int, default=160)
+    f.add_argument("--constrained", action="store_true",
+                   help="also serve the quantized export (felix serve) and report schema compliance and task scores "
+                        "of its answers free and constrained by each probe's JSON-schema grammar")
     f.add_argument("--gguf-dir", help="runtime path: keep the exported GGUF files here (default: a temp dir)")
     f.add_argument("--out-dir", default="fidelity", help="where the JSON / Markdown / PNG report goes")
     f.add_argument("--min-margin-survival", type=float, help="gate: fail below this fraction (0..1)")
@@ -589,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_teacher_data_parser(sub)
     add_eval_tasks_parser(sub)
     _add_data_parsers(sub)
+    from felix.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -8,8 +8,11 @@ What goes in the file:
 * Metadata llama.cpp needs (``<arch>.context_length`` ... ``<arch>.attention.layer_norm_rms_epsilon``, rope
   base and dimensions), ``general.file_type``, and the tokenizer: the byte-level BPE vocabulary (GPT-2
   ``bytes_to_unicode`` strings, which is what HF ``ByteLevel`` stores), its merges, token types (Felix's
-  specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), no automatic
-  BOS, so llama.cpp tokenizes exactly as felix.tokenizer does.
+  specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), so llama.cpp
+  tokenizes exactly as felix.tokenizer does; BOS added in front of a prompt (``add_bos_token``, as Felix's token
+  streams begin), END as the end-of-turn token (``eot_token_id``: generation stops there), and
+  ``tokenizer.chat_template``: felix.data.CHAT_TEMPLATE, the Jinja form of Felix's chat format, so a runtime's chat
+  API (``/v1/chat/completions``, ``create_chat_completion``) prompts the model as it was trained.
 * Tensors under the model's own parameter names, which already ARE llama.cpp's (felix/model.py). The model
   rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (docs/platform-notes.md).
   Types come from :mod:`felix.quant_policy` (one policy for the exporter and the fidelity harness).
@@ -48,6 +51,7 @@ import torch
 
 from felix import fork
 from felix import qat as felix_qat
+from felix.data import CHAT_TEMPLATE, END
 from felix.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
@@ -151,7 +155,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     if not merges:
         raise ExportError("the tokenizer has no merges; llama.cpp's gpt2 tokenizer needs at least one")
     return {"tokens": tokens, "types": types, "merges": merges, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-            "pad": tokenizer.hf.token_to_id(PAD)}
+            "pad": tokenizer.hf.token_to_id(PAD), "eot": tokenizer.token_id(END)}
 
 
 def _add_tokenizer(w: FelixGGUFWriter, tok: dict) -> None:
@@ -163,8 +167,12 @@ def _add_tokenizer(w: FelixGGUFWriter, tok: dict) -> None:
     w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
     w.add_pad_token_id(tok["pad"])
-    w.add_add_bos_token(False)  # felix.tokenizer adds no BOS; the chat template carries its own markers
+    w.add_eot_token_id(tok["eot"])  # END closes a turn: llama.cpp stops generating there (an end-of-generation token)
+    # Felix's token streams are BOS + text (felix.data): llama.cpp adds BOS to a raw prompt; the chat template writes
+    # {{ bos_token }} itself (llama-cpp-python then adds none; llama-server strips a doubled one)
+    w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)  # felix.data's chat format, so /v1/chat/completions speaks it
 
 
 def _add_hparams(w: FelixGGUFWriter, cfg, quant: str, name: str) -> None:

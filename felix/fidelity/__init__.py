@@ -43,6 +43,8 @@ The package, one job per module (everything below is re-exported here, so ``from
 * ``harness``    FidelityOptions, load_for_fidelity, quantized_state, sensitivity, run_fidelity (paths run on their
   own, PathRun; agreement computed afterwards)
 * ``report``     Gate, markdown_report, the plots, write_report
+* ``constrained`` json_schema (a probe schema as JSON Schema), response_format, constrained_run (``--constrained``:
+  the quantized export served by felix.serve, each schema probe answered free and under its schema's grammar)
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from felix.fidelity.harness import (
     load_for_fidelity, quantized_state, sensitivity, FidelityOptions, simulated_model, run_fidelity, PathRun)
 from felix.fidelity.report import (
     Gate, plot_margins, plot_margin_change, plot_sensitivity, markdown_report, write_report)
+from felix.fidelity.constrained import json_schema, response_format, constrained_run
 
 __all__ = [
     "SCHEMA_NAME", "SCHEMA_VERSION", "PATHS", "SIM_ACTIVATIONS", "runtime_of", "arch_of", "FidelityError",
@@ -72,4 +75,5 @@ __all__ = [
     "windows", "score_probes", "greedy_generate", "check_compliance", "compliance_run", "compliance_summary",
     "load_for_fidelity", "quantized_state", "sensitivity", "FidelityOptions", "simulated_model", "run_fidelity",
     "PathRun", "Gate", "plot_margins", "plot_margin_change", "plot_sensitivity", "markdown_report", "write_report",
+    "json_schema", "response_format", "constrained_run",
 ]

@@ -116,6 +116,7 @@ class FidelityOptions:
     progress: bool = False
     compliance_paths: tuple[str, ...] | None = None  # paths that generate (None: all of `paths`)
     sim_activations: str = "exact"  # simulated path: "exact" activations, or "runtime" (rounded as llama.cpp does)
+    constrained: bool = False  # serve the quantized export (felix.serve) and compare free vs grammar-constrained answers
 
 
 def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
@@ -188,7 +189,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
         raise FidelityError(f"unknown sim_activations {opts.sim_activations!r}; choose from "
                             f"{', '.join(SIM_ACTIVATIONS)}")
     runtime = runtime_of(quant)
-    if "runtime" in opts.paths:
+    if "runtime" in opts.paths or opts.constrained:
         from felix.llamacpp import available
 
         ok, why = available(runtime)
@@ -236,7 +237,32 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
         by_sim = _agreement_by_sim_activations(setup, runs["simulated"], runs["runtime"])
         report["agreement"] = by_sim[opts.sim_activations]
         report["agreement_by_sim_activations"] = by_sim
+    if opts.constrained:
+        report["constrained"] = _constrained(setup)
     return report
+
+
+def _constrained(s: _Setup) -> dict:
+    """The quantized export served (felix.serve, the path clients call), each schema probe answered free and under
+    its schema's grammar (felix.fidelity.constrained)."""
+    import tempfile
+
+    from felix.fidelity.constrained import constrained_run
+    from felix.serve import Server, ServeError
+
+    tmp = None if s.opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-served-")
+    try:
+        _, q_path, adapter = _export_pair(s.checkpoint, s.quant, s.opts.embedding_type,
+                                          Path(s.opts.gguf_dir or tmp.name), s.model)
+        try:
+            with Server(q_path, lora=adapter, n_ctx=s.model.cfg.max_seq_len) as server:
+                out = constrained_run(server, s.encoded, s.tokenizer, s.opts.max_new_tokens, s.opts.progress)
+        except ServeError as e:
+            raise FidelityError(f"--constrained could not serve the {s.quant} export: {e}") from None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"quant": s.quant, "runtime": s.runtime, **out}
 
 
 @dataclass

@@ -154,6 +154,18 @@ def markdown_report(report: dict, plots: dict[str, str]) -> str:
         lines += ["", f"Simulated vs runtime ({q}): top-1 agreement {_f(a['top1_agreement'])}, max relative logit "
                       f"error {_f(a['max_rel_err'])}, max |margin difference| {_f(a['margin_abs_diff_max'])}, "
                       f"{a['decision_disagreements']} whitelisted decisions differ."]
+    if report.get("constrained"):
+        c = report["constrained"]
+        lines += ["", f"Served ({c['quant']} through felix serve's /v1/chat/completions, greedy): free vs constrained by "
+                      f"the schema's grammar (response_format json_schema); the grammar changed "
+                      f"{c['changed_by_grammar']} of {c['free']['probes']} answers"
+                  + (f"; {len(c['skipped'])} probes skipped" if c["skipped"] else "") + ":", "",
+                  "| decoding | probes | valid JSON | required fields | field types | enum values | compliant | "
+                  "task score (1-5) |", "|---|---|---|---|---|---|---|---|"]
+        for side in ("free", "constrained"):
+            x = c[side]
+            lines.append(f"| {side} | {x['probes']} | {x['valid_json']} | {x['required_fields']} | {x['field_types']} "
+                         f"| {x['enum_values']} | {x['compliant']} | {_f(x['task_score_mean'], 2)} |")
     for path, res in report["results"].items():
         flips = [p for p in res["positions"] if p["flipped"]]
         if flips:
