@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from felix.formats import FORMATS, get_format
-from felix.quant_policy import FLOAT_TYPES, choose_tensor_type
+from felix.files import read_text
+from felix.quant_policy import FLOAT_TYPES, check_type, choose_tensor_type
 
 BITNET = "bitnet"
 QAT_MODES = tuple(FORMATS) + (BITNET,)
@@ -217,9 +218,10 @@ class QATConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "qat.json") -> QATConfig:
+        """The record in `text`, every field checked; a problem raises ValueError naming `source` and the field."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{source} is not JSON: {e}") from e
         if not isinstance(d, dict) or d.pop("schema", None) != QAT_SCHEMA:
             raise ValueError(f"{source} is not a Felix QAT record (schema {QAT_SCHEMA!r})")
@@ -227,7 +229,18 @@ class QATConfig:
             cfg = cls(**d)
         except TypeError as e:
             raise ValueError(f"{source}: {e}") from e
-        check_mode(cfg.mode)
+        try:
+            check_mode(cfg.mode)
+            if cfg.embedding_type is not None:
+                check_type(cfg.embedding_type, "embedding_type")
+            if cfg.activations not in ACTIVATION_MODES:
+                raise ValueError(f"unknown activations {cfg.activations!r}")
+            if not isinstance(cfg.tensor_types, dict):
+                raise ValueError(f"tensor_types must be an object, got a JSON {type(cfg.tensor_types).__name__}")
+            for name, t in cfg.tensor_types.items():
+                check_type(t, f"type of tensor {name!r}")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from e
         return cfg
 
 
@@ -350,7 +363,7 @@ def read_qat_config(checkpoint) -> QATConfig | None:
     path = Path(checkpoint) / QAT_FILE
     if not path.is_file():
         return None
-    return QATConfig.from_json(path.read_text(), str(path))
+    return QATConfig.from_json(read_text(path, ValueError, "QAT record"), str(path))
 
 
 def load_qat_checkpoint(checkpoint, device="cpu", backend: str | None = None) -> nn.Module:
