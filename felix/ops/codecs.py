@@ -121,9 +121,9 @@ def quantize(x: torch.Tensor, fmt: str, backend: str | None = None) -> torch.Ten
     """
     f = get_format(fmt)
     _check_quantize_input(x, f)
+    chosen = resolve_backend("quantize", backend, x.device)
     if x.numel() == 0:  # nothing to encode: the empty blocks of the right shape, on every backend
         return torch.empty(block_shape(x.shape, f), dtype=torch.uint8, device=x.device)
-    chosen = resolve_backend("quantize", backend, x.device)
     return _quantize_op(x.contiguous(), f.name, chosen)
 
 
@@ -133,9 +133,9 @@ def dequantize(blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torc
     f = get_format(fmt)
     shape = [int(s) for s in (shape if isinstance(shape, (list, tuple, torch.Size)) else [shape])]
     _check_dequantize_input(blocks, f, shape, dtype)
+    chosen = resolve_backend("dequantize", backend, blocks.device)
     if math.prod(shape) == 0:  # nothing to decode: the empty tensor of the right shape, on every backend
         return torch.empty(shape, dtype=dtype, device=blocks.device)
-    chosen = resolve_backend("dequantize", backend, blocks.device)
     return _dequantize_op(blocks, f.name, shape, dtype, chosen)
 
 

@@ -93,11 +93,11 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
         raise ValueError(f"quant_matmul supports the 4-bit formats {', '.join(QUANT_MATMUL_FORMATS)}, not {f.name!r}")
     (x,) = autocast_operands(x)  # under autocast: activations in the autocast dtype, as F.linear (oplib)
     _check_inputs(x, blocks, f.name, out_features)
+    chosen = resolve_backend("quant_matmul", backend, x.device)
     lead = x.shape[:-1]
     if x.numel() == 0 or out_features == 0:  # K = 0 sums nothing (zeros, as x @ w with K = 0); M or N = 0: empty
         weight_t = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape[-1], out_features)
         return torch.matmul(x, weight_t)  # zeros [..., N] (no memory for the zero weight), with x's autograd
-    chosen = resolve_backend("quant_matmul", backend, x.device)
     y = _quant_matmul_op(x.reshape(-1, x.shape[-1]), blocks.reshape(-1), f.name, int(out_features), chosen)
     return y.reshape(*lead, out_features)
 
