@@ -262,6 +262,7 @@ class RuntimeWorker:
         else:
             env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort reports at once (ggml would first run gdb for a minute)
         self.runtime = runtime
         self.log = tempfile.NamedTemporaryFile(prefix=f"felix-{runtime}-worker-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([sys.executable, "-c", "from felix.llamacpp import serve; serve()"],
