@@ -488,6 +488,17 @@ def check_stored_shapes(cfg: FelixConfig, stored: dict[str, tuple[int, ...]], so
     """Refuse, before a model is built, a weights file whose tensor table (`stored`: name -> shape, read from its
     header) is not the model `cfg` describes: the file says what the model is, so a config that asks for more
     layers, a larger vocabulary or other widths than its tensors hold is corrupt or forged."""
+    # first what costs nothing: the layer count and the embedding (a meta model's construction time grows with
+    # n_layer, so the config's layer count must be the file's before one is built)
+    layers = sorted({int(k.split(".")[1]) for k in stored if k.startswith("blk.") and k.split(".")[1].isdigit()})
+    if layers != list(range(cfg.n_layer)):
+        held = f"blk.{layers[0]}..blk.{layers[-1]} ({len(layers)} layers)" if layers else "no blk.N tensors"
+        raise CheckpointError(f"{source} does not fit the model: its config says n_layer {cfg.n_layer}, the file "
+                              f"holds {held}")
+    embd = tuple(stored.get("token_embd.weight", ()))
+    if embd != (cfg.vocab_size, cfg.d_model):
+        raise CheckpointError(f"{source} does not fit the model: token_embd.weight is {embd}, its config says "
+                              f"vocab_size {cfg.vocab_size} x d_model {cfg.d_model}")
     load_state_into(None, stored, source=source, expected=expected_shapes(cfg))
 
 

@@ -85,7 +85,14 @@ def test_config_that_its_weights_do_not_hold_is_refused_before_building(tmp_path
                                                      "n_head": 512, "n_kv_head": 256, "n_layer": 1024}))
     with pytest.raises(CheckpointError, match="does not fit the model") as e:
         load_checkpoint(directory)
-    assert str(directory / WEIGHTS_FILE) in str(e.value) and "token_embd.weight: (64, 32)" in str(e.value)
+    assert str(directory / WEIGHTS_FILE) in str(e.value) and "n_layer 1024, the file holds blk.0..blk.1" in str(e.value)
+    (directory / CONFIG_FILE).write_text(json.dumps({**cfg, "vocab_size": 4_000_000, "d_model": 65536,
+                                                     "n_head": 512, "n_kv_head": 256}))
+    with pytest.raises(CheckpointError, match=r"token_embd.weight is \(64, 32\), its config says vocab_size 4000000"):
+        load_checkpoint(directory)
+    (directory / CONFIG_FILE).write_text(json.dumps({**cfg, "ffn_hidden": 262144}))
+    with pytest.raises(CheckpointError, match=r"blk.0.ffn_gate.weight: \(64, 32\) in .*, model wants \(262144, 32\)"):
+        load_checkpoint(directory)
 
 
 def test_config_json_that_is_not_json_or_not_utf8(tmp_path, capsys):
