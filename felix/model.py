@@ -472,12 +472,19 @@ def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict
 def load_config(directory) -> FelixConfig:
     """The checked FelixConfig in ``config.json``; a missing, non-UTF-8, non-JSON or invalid one (a field of the
     wrong type, out of CONFIG_LIMITS, not divisible) raises CheckpointError naming the file and the field."""
-    from felix.files import read_json
+    from felix.files import read_text
 
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a Felix checkpoint: {CONFIG_FILE} is missing")
-    d = read_json(path, CheckpointError, "config")
+    text = read_text(path, CheckpointError, "config")
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a Felix config: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is corrupt or not a Felix config: it holds a JSON {type(d).__name__}, not "
+                              "an object")
     try:
         return FelixConfig.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -97,7 +97,7 @@ def test_config_that_its_weights_do_not_hold_is_refused_before_building(tmp_path
 
 def test_config_json_that_is_not_json_or_not_utf8(tmp_path, capsys):
     directory = _tiny_checkpoint(tmp_path / "ck")
-    for data, fragment in [(b"\xff\xfe\x00binary", "as UTF-8 text"), (b'{"n_layer": ', "as JSON"),
+    for data, fragment in [(b"\xff\xfe\x00binary", "as UTF-8 text"), (b'{"n_layer": ', "is corrupt or not a Felix"),
                            (b"[1, 2, 3]", "holds a JSON list")]:
         (directory / CONFIG_FILE).write_bytes(data)
         with pytest.raises(CheckpointError, match=fragment):

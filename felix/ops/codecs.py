@@ -74,16 +74,18 @@ def block_shape(shape: Sequence[int], f: QuantFormat) -> tuple[int, ...]:
 
 
 def check_blocks_layout(blocks: torch.Tensor, expected: tuple[int, ...], fmt: str) -> None:
-    """Blocks are bytes in ggml's order: a contiguous uint8 tensor of the `expected` shape (or a flat contiguous
-    buffer). A transposed or strided view has the right byte count but not ggml's byte order, and would decode to
-    garbage without a word: refused."""
+    """Blocks are bytes in ggml's order: a contiguous uint8 tensor of whole blocks per row -- the `expected` shape
+    quantize returns, a flat buffer, or any other contiguous view of the same bytes whose rows hold whole blocks. A
+    transposed or strided view has the right byte count but not ggml's byte order, and would decode to garbage
+    without a word: refused."""
     if not blocks.is_contiguous():
         raise ValueError(f"{fmt}: the blocks tensor (shape {tuple(blocks.shape)}, strides {blocks.stride()}) is not "
                          "contiguous: a transposed or strided view of ggml blocks is not in ggml's byte order; pass "
                          "the tensor quantize returned (or .contiguous() of a view whose logical order is ggml's)")
-    if blocks.dim() != 1 and tuple(blocks.shape) != tuple(expected):
-        raise ValueError(f"{fmt}: the blocks tensor has shape {tuple(blocks.shape)}, expected {tuple(expected)} "
-                         "(rows of ggml blocks, as quantize returns) or a flat buffer")
+    nbytes = get_format(fmt).bytes_per_block
+    if blocks.dim() and blocks.numel() and blocks.shape[-1] % nbytes:
+        raise ValueError(f"{fmt}: the blocks tensor has shape {tuple(blocks.shape)}, whose rows are not whole "
+                         f"{nbytes}-byte blocks; expected {tuple(expected)} (as quantize returns) or a flat buffer")
 
 
 # ------------------------------------------------------------------------------- custom ops
