@@ -188,3 +188,4 @@ def test_quant_matmul_on_meta_tensors_propagates_shapes():
     y = felix.quant_matmul(torch.empty(2, 3, 64, device="meta"), torch.empty(5, 36, dtype=torch.uint8, device="meta"),
                            "rq4", 5)
     assert y.device.type == "meta" and y.shape == (2, 3, 5)
+
