@@ -358,10 +358,10 @@ def cmd_inspect(args) -> int:
 
     try:
         reader = open_gguf(args.file)
+        meta = metadata(reader, args.file)
     except GGUFError as e:
         print(f"felix inspect: error: {e}", file=sys.stderr)
         return 2
-    meta = metadata(reader)
     print(f"{args.file}: GGUF v{int(reader.fields['GGUF.version'].parts[-1][0])}, {len(meta)} metadata keys, "
           f"{len(reader.tensors)} tensors")
     for key, value in meta.items():
@@ -614,7 +614,12 @@ def main(argv=None) -> int:
         args.quant, args.path = args.quant or ["rq4"], args.path or ["simulated"]
     if args.command == "aot-report" and not args.target:
         args.target = ["gfx1101", "sm_90"]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # the last net: a bad input file or option that a command did not map itself (the
+        # project's rule: bad input raises a ValueError subclass naming the file; the command line exits 2)
+        print(f"felix {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

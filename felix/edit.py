@@ -802,20 +802,28 @@ EDITS_MANIFEST, EDITS_TENSORS = "edits.json", "edits.safetensors"
 
 
 def load_requests(path) -> list[EditRequest]:
-    """JSONL of {"prompt", "target"} (+ "paraphrases", "name"); a malformed line is reported by number."""
-    from pathlib import Path
+    """JSONL of {"prompt", "target"} (+ "paraphrases", "name"), read by felix.files' one JSONL reader; every
+    malformed line is reported as path:line, a missing or binary file by name."""
+    from felix.files import jsonl_lines, read_text
 
-    out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
+    out, problems = [], []
+    for where, d, problem in jsonl_lines(read_text(path, EditError, "edit request file"), path):
+        if problem is None and (not isinstance(d, dict) or not {"prompt", "target"} <= set(d)):
+            problem = "needs keys prompt and target"
+        elif problem is None:
+            bad = [k for k in ("prompt", "target", "name") if k in d and not isinstance(d[k], str)]
+            paraphrases = d.get("paraphrases", [])
+            if bad:
+                problem = f"{', '.join(bad)} must be text"
+            elif not isinstance(paraphrases, list) or not all(isinstance(p, str) for p in paraphrases):
+                problem = "paraphrases must be a list of texts"
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
             continue
-        try:
-            d = json.loads(line)
-            if not isinstance(d, dict) or not {"prompt", "target"} <= set(d):
-                raise ValueError("needs keys prompt and target")
-            out.append(EditRequest(d["prompt"], d["target"], tuple(d.get("paraphrases", ())), d.get("name", "")))
-        except ValueError as e:
-            raise EditError(f"{path}:{n}: {e}") from e
+        out.append(EditRequest(d["prompt"], d["target"], tuple(d.get("paraphrases", ())), d.get("name", "")))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise EditError("bad edit requests: " + "; ".join(problems[:5]) + more)
     if not out:
         raise EditError(f"{path} holds no edit requests")
     return out
@@ -842,9 +850,7 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
         if fold or splice_rank:
             raise EditError(f"{checkpoint} already holds edits: --fold-splice / --splice-rank apply to an unedited "
                             "model")
-        manifest = json.loads(manifest_path.read_text())
-        tensors = load_file(str(checkpoint / EDITS_TENSORS))
-        return model, tok, SpliceEditor.from_state(model, tok, manifest, tensors)
+        return model, tok, _resume_editor(model, tok, checkpoint)
     if method == "finetune":
         raise EditError("felix edit saves closed-form edits with their history; the finetune baseline is "
                         "for the Python API and the report (felix.edit.SpliceEditor(method='finetune'))")
@@ -859,6 +865,31 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
         preserved = site_keys(model, site, corpus_sequences(tok, "train", preserved_windows, 64))
     return model, tok, SpliceEditor(model, tok, layer, projection, method, preserved, null_space=null_space,
                                     when_full=when_full, ridge=ridge)
+
+
+def _resume_editor(model, tok, checkpoint) -> SpliceEditor:
+    """The editor a `felix edit` checkpoint saved (edits.json + edits.safetensors); a missing, corrupt or
+    inconsistent pair raises EditError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from felix.files import read_json
+
+    manifest_path, tensors_path = checkpoint / EDITS_MANIFEST, checkpoint / EDITS_TENSORS
+    manifest = read_json(manifest_path, EditError, "edit manifest")
+    if not tensors_path.is_file():
+        raise EditError(f"{checkpoint} has {EDITS_MANIFEST} but no {EDITS_TENSORS}")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EditError(f"{tensors_path} is corrupt or truncated ({e})") from e
+    try:
+        return SpliceEditor.from_state(model, tok, manifest, tensors)
+    except EditError as e:
+        raise EditError(f"{manifest_path}: {e}") from e
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise EditError(f"{manifest_path} is corrupt or does not match {EDITS_TENSORS} "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def save_edited(model, tok, editor: SpliceEditor, out, force: bool = False):

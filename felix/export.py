@@ -52,6 +52,7 @@ import torch
 from felix import fork
 from felix import qat as felix_qat
 from felix.data import CHAT_TEMPLATE, END
+from felix.files import remove_stale_temps, temp_path
 from felix.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
 from felix.gguf_file import FelixGGUFWriter, remove_quietly
 from felix.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
@@ -239,6 +240,36 @@ def _check_output(path: Path, force: bool) -> None:
         raise ExportError(f"output directory {path.parent} does not exist")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (symlinks, hard links and relative spellings included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare where they would resolve
+        return a.resolve() == b.resolve()
+
+
+def _check_not_inputs(outputs: list[Path], checkpoint, spokes) -> None:
+    """Refuse an output that is one of the export's own inputs (the checkpoint's config, weights, tokenizer and QAT
+    record, the spoke file) or another output: --force overwrites earlier results, never what is being read."""
+    from felix.model import CONFIG_FILE, WEIGHTS_FILE
+    from felix.tokenizer import TOKENIZER_FILE
+
+    inputs = []
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        inputs = [Path(checkpoint) / n for n in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, felix_qat.QAT_FILE)]
+    if spokes is not None:
+        inputs.append(Path(spokes))
+    for i, out in enumerate(outputs):
+        for src in inputs:
+            if src.exists() and _same_file(out, src):
+                raise ExportError(f"{out} is an input of this export ({src}): refusing to overwrite it, even with "
+                                  "--force; write the GGUF elsewhere")
+        for other in outputs[:i]:
+            if _same_file(out, other):
+                raise ExportError(f"the adapter and the base model would both be written to {out}: give "
+                                  "--adapter-out another path")
+
+
 def _write(tmp: Path, arch: str, fill, tensors: list[tuple[str, torch.Tensor, str]]) -> None:
     """Write one GGUF to `tmp`: `fill(writer)` adds the metadata, then `tensors` (name, stored, type) in order."""
     w = FelixGGUFWriter(str(tmp), arch)
@@ -285,6 +316,7 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
                           f"{fork.ARCH} (stock llama.cpp cannot load it)")
     out = Path(out)
     _check_output(out, force)
+    _check_not_inputs([out], checkpoint, spokes)
     model_given = model is not None
     if model is None:
         model = load_checkpoint(checkpoint)
@@ -321,6 +353,7 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
             raise ExportError(f"{checkpoint} has no SpliceCore tensors to write as an adapter")
         adapter_path = Path(adapter_out) if adapter_out else out.with_name(f"{out.stem}.splice-lora.gguf")
         _check_output(adapter_path, force)
+        _check_not_inputs([out, adapter_path], checkpoint, spokes)
     tok = tokenizer_metadata(tokenizer, cfg.vocab_size)
 
     tensors = base_tensors(model, splice)
@@ -365,8 +398,10 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(cfg.splice_rank))
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_adapter = adapter_path.with_name(f".{adapter_path.name}.tmp-{os.getpid()}") if adapter_path else None
+    for path in (out, adapter_path) if adapter_path else (out,):
+        remove_stale_temps(path)  # what killed exports of the same file left behind
+    tmp = temp_path(out)
+    tmp_adapter = temp_path(adapter_path) if adapter_path else None
     try:
         _write(tmp, arch, fill_base, stored)
         if adapter_path:
@@ -404,26 +439,87 @@ def describe_types() -> str:
 
 
 # ------------------------------------------------------------------------------------ reading back
-def config_from_gguf(meta: dict):
-    """The FelixConfig a Felix-written GGUF (either arch) describes, from its metadata."""
-    from felix.model import FelixConfig
+# FelixConfig field -> the GGUF metadata key (under "<arch>.") that holds it
+GGUF_INT_KEYS = {"n_layer": "block_count", "d_model": "embedding_length", "n_head": "attention.head_count",
+                 "n_kv_head": "attention.head_count_kv", "ffn_hidden": "feed_forward_length",
+                 "max_seq_len": "context_length"}
+GGUF_FLOAT_KEYS = {"rope_theta": "rope.freq_base", "norm_eps": "attention.layer_norm_rms_epsilon"}
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+
+
+def config_from_gguf(meta: dict, path="the GGUF file", shapes: dict[str, tuple[int, ...]] | None = None):
+    """The FelixConfig a Felix-written GGUF (either arch) describes, from its metadata, checked before anything is
+    built: every hyperparameter present, an integer (or number) of sane size (felix.model.CONFIG_LIMITS), the
+    divisibility rules of FelixConfig, and -- given the file's tensor table `shapes` (name -> PyTorch shape) -- the
+    tensors the file really holds: block_count must be the number of blk.N layers present and every hub tensor
+    must have the shape the hyperparameters give it. Errors name the file and the metadata key."""
+    from felix.model import CONFIG_LIMITS, FelixConfig
 
     arch = meta.get("general.architecture")
     if arch not in ARCHES:
-        raise ExportError(f"architecture {arch!r} is not one Felix writes ({', '.join(ARCHES)})")
+        raise ExportError(f"{path}: architecture {arch!r} is not one Felix writes ({', '.join(ARCHES)})")
 
     def key(k):
         full = f"{arch}.{k}"
         if full not in meta:
-            raise ExportError(f"metadata key {full} is missing")
-        return meta[full]
+            raise ExportError(f"{path}: metadata key {full} is missing")
+        return full, meta[full]
 
-    d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
-    return FelixConfig(vocab_size=len(meta["tokenizer.ggml.tokens"]), n_layer=int(key("block_count")),
-                       d_model=d_model, n_head=n_head, n_kv_head=int(key("attention.head_count_kv")),
-                       ffn_hidden=int(key("feed_forward_length")), max_seq_len=int(key("context_length")),
-                       rope_theta=float(key("rope.freq_base")), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-                       splice_layers=[])  # splices are merged or in the adapter file: none in the base
+    values = {}
+    for name, k in GGUF_INT_KEYS.items():
+        full, v = key(k)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ExportError(f"{path}: metadata {full} = {v!r} is not an integer")
+        if not 1 <= v <= CONFIG_LIMITS[name]:
+            raise ExportError(f"{path}: metadata {full} = {v} is outside 1..{CONFIG_LIMITS[name]:,}")
+        values[name] = v
+    for name, k in GGUF_FLOAT_KEYS.items():
+        full, v = key(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ExportError(f"{path}: metadata {full} = {v!r} is not a number")
+        values[name] = float(v)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ExportError(f"{path}: metadata tokenizer.ggml.tokens is missing or not a list of tokens")
+    if len(tokens) > CONFIG_LIMITS["vocab_size"]:
+        raise ExportError(f"{path}: {len(tokens):,} tokens in tokenizer.ggml.tokens exceed "
+                          f"{CONFIG_LIMITS['vocab_size']:,}")
+    tied = shapes is None or "output.weight" not in shapes
+    try:
+        cfg = FelixConfig(vocab_size=len(tokens), **values, tie_embeddings=tied,
+                          splice_layers=[])  # splices are merged or in the adapter file: none in the base
+    except ValueError as e:
+        raise ExportError(f"{path}: its {arch}.* hyperparameters are invalid: {e}") from e
+    if shapes is not None:
+        _check_tensor_table(cfg, shapes, path, arch)
+    return cfg
+
+
+def _check_tensor_table(cfg, shapes: dict[str, tuple[int, ...]], path, arch: str) -> None:
+    """The hyperparameters against the tensors the file holds (the file's tensor table is what the model is)."""
+    layers = sorted({i for i in map(_layer_index, shapes) if i is not None})
+    if layers != list(range(cfg.n_layer)):
+        held = f"blk.{layers[0]}..blk.{layers[-1]}, {len(layers)} layers" if layers else "no blk.N tensors"
+        raise ExportError(f"{path}: metadata {arch}.block_count = {cfg.n_layer}, but the file holds {held}")
+    embd = shapes.get("token_embd.weight")
+    if embd != (cfg.vocab_size, cfg.d_model):
+        raise ExportError(f"{path}: token_embd.weight is {embd}, but tokenizer.ggml.tokens ({cfg.vocab_size}) and "
+                          f"{arch}.embedding_length ({cfg.d_model}) say ({cfg.vocab_size}, {cfg.d_model})")
+    want = fork.hub_shapes(cfg)
+    hub = {k: v for k, v in shapes.items() if not fork.is_spoke_tensor(k)}
+    missing = [k for k in want if k not in hub]
+    extra = [k for k in hub if k not in want]
+    wrong = [f"{k} {hub[k]} (the hyperparameters give {want[k]})" for k in want if k in hub and hub[k] != want[k]]
+    problems = ([f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")]
+                if missing else [])
+    problems += [f"unexpected {', '.join(extra[:4])}"] if extra else []
+    problems += ["mis-shaped " + "; ".join(wrong[:4])] if wrong else []
+    if problems:
+        raise ExportError(f"{path}: its tensors do not match its {arch}.* hyperparameters: " + "; ".join(problems))
 
 
 def fused_spokes_from_file(tensors: dict[str, torch.Tensor], n_layer: int, n_spokes: int) -> dict[str, torch.Tensor]:
@@ -446,13 +542,12 @@ def fused_spokes_from_file(tensors: dict[str, torch.Tensor], n_layer: int, n_spo
 def model_from_gguf(path):
     """A FelixLM holding the weights of a Felix-written GGUF as llama.cpp sees them (every tensor decoded to
     float32 with Felix's codecs): the PyTorch side of a runtime-vs-PyTorch comparison."""
-    from felix.gguf_file import metadata, open_gguf, tensor_to_torch
+    from felix.gguf_file import metadata, open_gguf, tensor_to_torch, torch_shape
     from felix.model import FelixLM, load_state_into
 
     reader = open_gguf(path)
-    meta = metadata(reader)
-    cfg = config_from_gguf(meta)
-    cfg.tie_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    meta = metadata(reader, path)
+    cfg = config_from_gguf(meta, path, {t.name: torch_shape(t) for t in reader.tensors})  # before building
     model = FelixLM(cfg)
     tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
     spokes = {k: v for k, v in tensors.items() if fork.is_spoke_tensor(k)}
@@ -460,17 +555,22 @@ def model_from_gguf(path):
     if spokes and not fork.spokes_are_noop(spokes):  # trained spokes: the model gets them (every layer)
         from felix.ops.spoke import MAX_WIDTH
 
-        n_spokes, rank = int(meta.get(fork.NUM_SPOKES_KEY, 0)), int(meta.get(fork.SPOKE_RANK_KEY, 0))
-        if n_spokes < 1 or rank < 1 or n_spokes * rank > MAX_WIDTH:
+        n_spokes, rank = meta.get(fork.NUM_SPOKES_KEY, 0), meta.get(fork.SPOKE_RANK_KEY, 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_spokes, rank)) or n_spokes < 1 or rank < 1 or n_spokes * rank > MAX_WIDTH:
             raise ExportError(f"{path}: {n_spokes} spokes of rank {rank} (felix.num_spokes / felix.spoke_rank) "
                               f"cannot be held by Felix-LM (each >= 1, n_spokes x rank <= {MAX_WIDTH})")
         try:
             spokes = fused_spokes_from_file(spokes, cfg.n_layer, n_spokes)
         except KeyError as e:
             raise ExportError(f"{path}: spoke tensor {e} is missing") from e
+        except RuntimeError as e:
+            raise ExportError(f"{path}: its per-spoke tensors do not fit together ({e})") from e
         cfg.n_spokes, cfg.spoke_rank = n_spokes, rank
         cfg.__post_init__()
         model = FelixLM(cfg)
+        bad = [k for k, v in spokes.items() if k.endswith("gate_bias") and v.numel() != 1]
+        if bad:
+            raise ExportError(f"{path}: {', '.join(bad[:4])} must hold one value")
         hub.update({k: v.float().reshape(model.state_dict()[k].shape) if k.endswith("gate_bias") else v.float()
                     for k, v in spokes.items()})
     load_state_into(model, hub, source=str(path))

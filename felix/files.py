@@ -10,15 +10,59 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
 
+def temp_path(path) -> Path:
+    """The temporary name a writer of `path` uses in this process: ``.NAME.tmp-PID`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one owned by another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the leftovers of killed writers of `path`: every ``.NAME.tmp-PID`` beside it whose process no longer
+    exists (a live writer's temporary file, this process's included, is never touched). Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)")
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))) or not p.is_file():
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+    return removed
+
+
 def atomic_write(path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside `path`, then rename it over `path`. On any error the temporary
-    file is removed and `path` is untouched."""
+    file is removed and `path` is untouched. Temporary files that killed writers of `path` left behind are removed
+    first (felix.files.remove_stale_temps)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -64,11 +108,40 @@ def read_text(path, error: type[Exception] = ValueError, kind: str = "file") -> 
         raise error(f"cannot read {path} as UTF-8 text: {e}") from e
 
 
+def read_json(path, error: type[Exception] = ValueError, kind: str = "file", expect: type | None = dict):
+    """The parsed JSON document in `path`; a missing or non-UTF-8 file (read_text), a file that is not JSON, or
+    one whose top level is not an `expect` (None: anything) raises `error` naming the file and the problem. JSON is
+    data: nothing read here can run code."""
+    text = read_text(path, error, kind)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"cannot read {kind} {path} as JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except RecursionError as e:
+        raise error(f"{kind} {path} is nested too deeply to read as JSON") from e
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{kind} {path} holds a JSON {type(value).__name__}, expected a JSON "
+                    f"{'object' if expect is dict else expect.__name__}")
+    return value
+
+
 def jsonl_lines(text: str, path):
     """(where, object, problem) for every non-empty line of JSONL `text` read from `path`: where is "path:line",
     object the parsed value (None when the line is not JSON) and problem None or "not valid JSON (...)". The
-    callers check the objects' shape and report every bad line with its `where`."""
-    for lineno, line in enumerate(text.splitlines(), 1):
+    callers check the objects' shape and report every bad line with its `where`.
+
+    Lines end at "\\n" only (a "\\r" before it is dropped), as JSON Lines defines them: str.splitlines() would
+    also split at U+2028, U+2029, U+0085 and other separators that json.dumps(ensure_ascii=False) leaves inside
+    strings, breaking valid records and shifting every later line number."""
+    return jsonl_stream(text.split("\n"), path)
+
+
+def jsonl_stream(lines, path):
+    """:func:`jsonl_lines` over an iterable of lines (an open text file read lazily, so a large file is never one
+    string in memory): the same (where, object, problem) triples. Open the file with ``newline="\\n"`` so that
+    lines split on "\\n" only (JSON strings may hold U+2028 and other characters str.splitlines() breaks on)."""
+    for lineno, line in enumerate(lines, 1):
+        line = line.removesuffix("\n").removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -76,6 +149,8 @@ def jsonl_lines(text: str, path):
             yield where, json.loads(line), None
         except json.JSONDecodeError as e:
             yield where, None, f"not valid JSON ({e.msg})"
+        except RecursionError:
+            yield where, None, "not valid JSON (nested too deeply)"
 
 
 def named_path(text: str) -> tuple[str, str]:
@@ -84,18 +159,6 @@ def named_path(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
     return name, path
-def jsonl_stream(lines, path):
-    """:func:`jsonl_lines` over an iterable of lines (an open text file read lazily, so a large file is never one
-    string in memory): the same (where, object, problem) triples. Open the file with ``newline="\\n"`` so that
-    lines split on "\\n" only (JSON strings may hold U+2028 and other characters str.splitlines() breaks on)."""
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            yield where, json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield where, None, f"not valid JSON ({e.msg})"
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:

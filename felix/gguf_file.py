@@ -152,7 +152,9 @@ def open_gguf(path) -> FelixGGUFReader:
         return FelixGGUFReader(path)
     except GGUFError:
         raise
-    except (ValueError, IndexError, OSError, KeyError) as e:
+    except UnicodeDecodeError as e:
+        raise GGUFError(f"{path} holds a key or tensor name that is not UTF-8 ({e})") from e
+    except (ValueError, IndexError, OSError, KeyError, OverflowError) as e:
         raise GGUFError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
@@ -181,13 +183,20 @@ def tensor_to_torch(t: ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(shape)
 
 
-def metadata(reader: GGUFReader) -> dict:
-    """Every key/value of a GGUF as plain Python values (arrays as lists), minus gguf-py's header fields."""
+def metadata(reader: GGUFReader, path=None) -> dict:
+    """Every key/value of a GGUF as plain Python values (arrays as lists), minus gguf-py's header fields. A string
+    that is not UTF-8 (gguf-py decodes them lazily) raises GGUFError naming the file and the key."""
+    path = path if path is not None else getattr(reader.data, "filename", "the GGUF file")
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        out[key] = field.contents()
+        try:
+            out[key] = field.contents()
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{path}: metadata {key} holds text that is not UTF-8 ({e})") from e
+        except (ValueError, IndexError) as e:
+            raise GGUFError(f"{path}: metadata {key} is corrupt ({type(e).__name__}: {e})") from e
     return out
 
 

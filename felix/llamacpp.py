@@ -5,11 +5,13 @@ the fork for ``felix``-arch files and for files holding a fork-only type such as
 logits, greedy decoding with the KV cache, tokenization, LoRA adapters with a live scale, and -- in the fork --
 live tensor reads and writes by name (the fork's ``llama_model_get/set_tensor_data[_f32]``).
 
-Stock runs in this process through the installed llama-cpp-python. The fork's ``llama_cpp`` module has the same
-name, so it cannot share a process with stock: it runs in one worker process per Python session (started on
-first use; felix.fork says where its build lives), which hosts the very same :class:`_Runtime` class and is
-spoken to over a pipe. A load failure comes back with the fork's own log line (``missing tensor ...``); a
-crash of the worker (a GGML_ASSERT aborts it) is reported with its stderr, and the next call starts a new one.
+Both runtimes run in a worker process, one per runtime and Python session (started on first use), which hosts the
+very same :class:`_Runtime` class and is spoken to over a pipe: the fork's ``llama_cpp`` module has the same name
+as stock's, so the two cannot share a process (felix.fork says where the fork's build lives), and llama.cpp
+aborts the whole process on some malformed files (a GGML_ASSERT on forged hyperparameters), which must not take
+the caller with it. A load failure comes back with the runtime's own log line (``missing tensor ...``); a crash
+of a worker is reported with its stderr (LlamaCppLoadError, a ValueError, when it died opening a file), and the
+next call starts a new one.
 
 llama.cpp is fed token ids, never text, so comparisons are of the model alone; :meth:`LlamaCppModel.tokenize`
 is there to compare the tokenizers themselves.
@@ -171,7 +173,7 @@ def _check_tensor_rc(rc: int, name: str) -> None:
         raise RuntimeError(f"the fork could not convert data for tensor {name!r} (code {rc})")
 
 
-# ------------------------------------------------------------------------------------ the fork's worker process
+# ------------------------------------------------------------------------------------ the runtimes' worker processes
 _ERRORS = {e.__name__: e for e in (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError)}
 
 
@@ -245,15 +247,24 @@ def serve() -> None:
         proto_out.flush()
 
 
-class ForkWorker:
-    """One worker process hosting the fork's llama_cpp; requests are serialized by a lock."""
+class LlamaCppLoadError(ValueError):
+    """A GGUF that llama.cpp could not load: it aborted the worker that opened it (the caller lives on)."""
 
-    def __init__(self):
-        from felix import fork
 
-        env = fork.worker_environment()
+class RuntimeWorker:
+    """One worker process hosting a runtime's llama_cpp (stock, or the fork); requests are serialized by a lock."""
+
+    def __init__(self, runtime: str = "fork"):
+        if runtime == "fork":
+            from felix import fork
+
+            env = fork.worker_environment()
+        else:
+            env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        self.log = tempfile.NamedTemporaryFile(prefix="felix-fork-worker-", suffix=".log", delete=False)
+        env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort reports at once (ggml would first run gdb for a minute)
+        self.runtime = runtime
+        self.log = tempfile.NamedTemporaryFile(prefix=f"felix-{runtime}-worker-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([sys.executable, "-c", "from felix.llamacpp import serve; serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
         self.lock = threading.Lock()
@@ -277,8 +288,13 @@ class ForkWorker:
                 reply = pickle.load(self.proc.stdout)
             except (EOFError, BrokenPipeError, pickle.UnpicklingError) as e:
                 self.proc.wait(timeout=30)
-                raise RuntimeError(f"the llama.cpp fork's worker died (exit {self.proc.returncode}) during {op}: "
-                                   f"{type(e).__name__}\n{self._log_tail(start)}") from None
+                name = "the llama.cpp fork's worker" if self.runtime == "fork" else "the stock llama.cpp worker"
+                what = f"opening {args[0]}" if op == "open" else op
+                message = (f"{name} died (exit {self.proc.returncode}) {what}: {type(e).__name__}\n"
+                           f"{self._log_tail(start)}")
+                if op == "open":
+                    raise LlamaCppLoadError(f"{args[0]} aborted llama.cpp, which refused it: {message}") from None
+                raise RuntimeError(message) from None
         if reply[0] == "ok":
             return reply[1]
         _, kind, message = reply
@@ -305,25 +321,29 @@ class ForkWorker:
             os.unlink(self.log.name)
 
 
-_WORKER: ForkWorker | None = None
+ForkWorker = RuntimeWorker  # the fork's worker (the first runtime that had one)
+_WORKERS: dict[str, RuntimeWorker] = {}
 
 
-def fork_worker() -> ForkWorker:
-    """The session's fork worker, started on first use and again after a crash; ended at interpreter exit."""
-    global _WORKER
-    if _WORKER is None or not _WORKER.alive():
-        if _WORKER is not None:
-            _WORKER.close()  # a crashed worker: release its pipes and log
-        _WORKER = ForkWorker()
-    return _WORKER
+def runtime_worker(runtime: str) -> RuntimeWorker:
+    """The session's worker for `runtime`, started on first use and again after a crash; ended at interpreter exit."""
+    worker = _WORKERS.get(runtime)
+    if worker is None or not worker.alive():
+        if worker is not None:
+            worker.close()  # a crashed worker: release its pipes and log
+        worker = _WORKERS[runtime] = RuntimeWorker(runtime)
+    return worker
+
+
+def fork_worker() -> RuntimeWorker:
+    """The session's fork worker (runtime_worker("fork"))."""
+    return runtime_worker("fork")
 
 
 @atexit.register
-def _close_fork_worker() -> None:
-    global _WORKER
-    if _WORKER is not None:
-        _WORKER.close()
-        _WORKER = None
+def _close_workers() -> None:
+    while _WORKERS:
+        _WORKERS.popitem()[1].close()
 
 
 def fork_quantize_rq4(x: np.ndarray) -> np.ndarray:
@@ -339,10 +359,10 @@ def fork_dequantize_rq4(blocks: np.ndarray, n_values: int) -> np.ndarray:
 
 
 class _WorkerModel:
-    """A model held by the fork worker; any method call is forwarded to its _Runtime there."""
+    """A model held by a runtime's worker; any method call is forwarded to its _Runtime there."""
 
-    def __init__(self, args):
-        self.worker = fork_worker()
+    def __init__(self, args, runtime: str = "fork"):
+        self.worker = runtime_worker(runtime)
         self.handle = self.worker.request("open", *args)
 
     def __getattr__(self, method):
@@ -375,7 +395,7 @@ class LlamaCppModel:
             use_mmap = self.runtime == "stock"
         self._writable = not use_mmap
         args = (str(path), n_ctx, str(adapter) if adapter else None, adapter_scale, n_threads, bool(use_mmap))
-        self._impl = _WorkerModel(args) if self.runtime == "fork" else _Runtime(*args)
+        self._impl = _WorkerModel(args, self.runtime)  # a worker process: no file can abort the caller
         self._has_adapter = adapter is not None
         self._n_ctx = self._impl.n_ctx()
 

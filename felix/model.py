@@ -69,7 +69,15 @@ class FelixConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        problems = []
+        _check_field_types(self)
+        problems = [f"{name} {getattr(self, name)} exceeds {limit:,} (CONFIG_LIMITS: larger is no model Felix "
+                    f"builds, and an allocation this size would not fit in memory)"
+                    for name, limit in CONFIG_LIMITS.items() if getattr(self, name) > limit]
+        if problems:
+            raise ValueError("invalid FelixConfig: " + "; ".join(problems))
+        if min(self.n_head, self.n_kv_head) < 1:
+            raise ValueError(f"invalid FelixConfig: n_head {self.n_head} and n_kv_head {self.n_kv_head} must be "
+                             "positive")
         if self.d_model % self.n_head:
             problems.append(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         elif self.head_dim % 2:
@@ -100,6 +108,10 @@ class FelixConfig:
                                 f"{self.spoke_gate_init}")
         if min(self.vocab_size, self.n_layer, self.d_model, self.ffn_hidden, self.max_seq_len) < 1:
             problems.append("vocab_size, n_layer, d_model, ffn_hidden, max_seq_len must be positive")
+        if not self.rope_theta > 0 or not math.isfinite(self.rope_theta):
+            problems.append(f"rope_theta must be a positive finite number, got {self.rope_theta}")
+        if not self.norm_eps > 0 or not math.isfinite(self.norm_eps):
+            problems.append(f"norm_eps must be a positive finite number, got {self.norm_eps}")
         if problems:
             raise ValueError("invalid FelixConfig: " + "; ".join(problems))
 
@@ -127,6 +139,51 @@ class FelixConfig:
         if unknown:
             raise ValueError(f"unknown FelixConfig field(s) {unknown}")
         return cls(**d)
+
+
+# Upper bounds a config must respect (checked before anything is allocated: a config.json or GGUF header that says
+# n_layer 1000000 or vocab_size 2**40 is refused, not built). Generous: 4x the largest open models' values.
+CONFIG_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "d_model": 1 << 16, "n_head": 1024, "n_kv_head": 1024,
+                 "ffn_hidden": 1 << 18, "max_seq_len": 1 << 21, "splice_rank": 1 << 14, "n_spokes": 1 << 12,
+                 "spoke_rank": 1 << 12}
+_INT_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden", "max_seq_len", "splice_rank",
+               "n_spokes", "spoke_rank")
+_FLOAT_FIELDS = ("rope_theta", "norm_eps", "splice_gate_init", "init_std")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_field_types(cfg: FelixConfig) -> None:
+    """Every field of the right JSON type (a config.json is user input), before any arithmetic on them."""
+    problems = [f"{n} must be an integer, got {getattr(cfg, n)!r}" for n in _INT_FIELDS if not _is_int(getattr(cfg, n))]
+    problems += [f"{n} must be a number, got {getattr(cfg, n)!r}" for n in _FLOAT_FIELDS
+                 if not _is_number(getattr(cfg, n))]
+    problems += [f"{n} must be true or false, got {getattr(cfg, n)!r}" for n in ("tie_embeddings", "checkpoint_activations")
+                 if not isinstance(getattr(cfg, n), bool)]
+    for n in ("splice_layers", "spoke_layers"):
+        v = getattr(cfg, n)
+        if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)):
+            problems.append(f"{n} must be null or a list of layer numbers, got {v!r}")
+    if not (isinstance(cfg.splice_projections, (list, tuple)) and all(isinstance(p, str) for p in cfg.splice_projections)):
+        problems.append(f"splice_projections must be a list of projection names, got {cfg.splice_projections!r}")
+    if not (isinstance(cfg.spoke_gate_init, (list, tuple)) and all(_is_number(g) for g in cfg.spoke_gate_init)):
+        problems.append(f"spoke_gate_init must be a list of two numbers, got {cfg.spoke_gate_init!r}")
+    if problems:
+        raise ValueError("invalid FelixConfig: " + "; ".join(problems))
+
+
+def expected_shapes(cfg: FelixConfig) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the model `cfg` describes, built on the meta device (nothing allocated): what a
+    weights file must hold before a model is built for it."""
+    with torch.device("meta"):
+        model = FelixLM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # Every preset names its spoke rank (the seed's per-task adapters: 4 spokes of rank 64 at ~100M; felix.spokes);
@@ -467,22 +524,58 @@ def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict
 
 
 def load_config(directory) -> FelixConfig:
+    """The checked FelixConfig in ``config.json``; a missing, non-UTF-8, non-JSON or invalid one (a field of the
+    wrong type, out of CONFIG_LIMITS, not divisible) raises CheckpointError naming the file and the field."""
+    from felix.files import read_text
+
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a Felix checkpoint: {CONFIG_FILE} is missing")
+    text = read_text(path, CheckpointError, "config")
     try:
-        return FelixConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a Felix config: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is corrupt or not a Felix config: it holds a JSON {type(d).__name__}, not "
+                              "an object")
+    try:
+        return FelixConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or not a Felix config: {e}") from e
 
 
-def load_state_into(model: FelixLM, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `tensors` into `model`, first listing every missing, unexpected and mis-shaped tensor."""
-    expected = model.state_dict()
+def check_stored_shapes(cfg: FelixConfig, stored: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse, before a model is built, a weights file whose tensor table (`stored`: name -> shape, read from its
+    header) is not the model `cfg` describes: the file says what the model is, so a config that asks for more
+    layers, a larger vocabulary or other widths than its tensors hold is corrupt or forged."""
+    # first what costs nothing: the layer count and the embedding (a meta model's construction time grows with
+    # n_layer, so the config's layer count must be the file's before one is built)
+    layers = sorted({int(k.split(".")[1]) for k in stored if k.startswith("blk.") and k.split(".")[1].isdigit()})
+    if layers != list(range(cfg.n_layer)):
+        held = f"blk.{layers[0]}..blk.{layers[-1]} ({len(layers)} layers)" if layers else "no blk.N tensors"
+        raise CheckpointError(f"{source} does not fit the model: its config says n_layer {cfg.n_layer}, the file "
+                              f"holds {held}")
+    embd = tuple(stored.get("token_embd.weight", ()))
+    if embd != (cfg.vocab_size, cfg.d_model):
+        raise CheckpointError(f"{source} does not fit the model: token_embd.weight is {embd}, its config says "
+                              f"vocab_size {cfg.vocab_size} x d_model {cfg.d_model}")
+    load_state_into(None, stored, source=source, expected=expected_shapes(cfg))
+
+
+def load_state_into(model: FelixLM | None, tensors: dict, source: str = "checkpoint",
+                    expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Copy `tensors` into `model`, first listing every missing, unexpected and mis-shaped tensor. With `model`
+    None, only compare `tensors` (tensors or shapes) with the `expected` shapes."""
+    def shape(t):
+        return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
+
+    if expected is None:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    misshaped = sorted(f"{k}: {tuple(tensors[k].shape)} in {source}, model wants {tuple(expected[k].shape)}"
-                       for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    misshaped = sorted(f"{k}: {shape(tensors[k])} in {source}, model wants {expected[k]}"
+                       for k in set(expected) & set(tensors) if shape(tensors[k]) != expected[k])
     if missing or extra or misshaped:
         lines = [f"{source} does not fit the model:"]
         if missing:
@@ -492,18 +585,25 @@ def load_state_into(model: FelixLM, tensors: dict[str, torch.Tensor], source: st
         if misshaped:
             lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(tensors, strict=True)
+    if model is not None:
+        model.load_state_dict(tensors, strict=True)
 
 
 def load_checkpoint(directory, device="cpu") -> FelixLM:
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     cfg = load_config(directory)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a Felix checkpoint: {WEIGHTS_FILE} is missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from e
+    check_stored_shapes(cfg, stored, str(path))  # before anything the size of the config is allocated
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -40,10 +40,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from felix.activation_rounding import round_activations, vec_dot_type
-from felix.formats import FORMATS
+from felix.files import read_text
+from felix.formats import FORMATS, get_format
 from felix.model import load_checkpoint
 from felix.ops.attention import attention
-from felix.quant_policy import BITNET_CODEC, FLOAT_TYPES, choose_tensor_type, decode_tensor, encode_tensor
+from felix.quant_policy import BITNET_CODEC, FLOAT_TYPES, check_type, choose_tensor_type, decode_tensor, encode_tensor
 from felix.reference.codecs import quantize_tq2_0_absmean, tq2_0_absmean_values
 
 BITNET = BITNET_CODEC  # the mode is named after the codec its ternary tensors are written with
@@ -174,9 +175,10 @@ class QATConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "qat.json") -> QATConfig:
+        """The record in `text`, every field checked; a problem raises ValueError naming `source` and the field."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{source} is not JSON: {e}") from e
         if not isinstance(d, dict) or d.pop("schema", None) != QAT_SCHEMA:
             raise ValueError(f"{source} is not a Felix QAT record (schema {QAT_SCHEMA!r})")
@@ -184,7 +186,18 @@ class QATConfig:
             cfg = cls(**d)
         except TypeError as e:
             raise ValueError(f"{source}: {e}") from e
-        check_mode(cfg.mode)
+        try:
+            check_mode(cfg.mode)
+            if cfg.embedding_type is not None:
+                check_type(cfg.embedding_type, "embedding_type")
+            if cfg.activations not in ACTIVATION_MODES:
+                raise ValueError(f"unknown activations {cfg.activations!r}")
+            if not isinstance(cfg.tensor_types, dict):
+                raise ValueError(f"tensor_types must be an object, got a JSON {type(cfg.tensor_types).__name__}")
+            for name, t in cfg.tensor_types.items():
+                check_type(t, f"type of tensor {name!r}")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from e
         return cfg
 
 
@@ -307,7 +320,7 @@ def read_qat_config(checkpoint) -> QATConfig | None:
     path = Path(checkpoint) / QAT_FILE
     if not path.is_file():
         return None
-    return QATConfig.from_json(path.read_text(), str(path))
+    return QATConfig.from_json(read_text(path, ValueError, "QAT record"), str(path))
 
 
 def load_qat_checkpoint(checkpoint, device="cpu", backend: str | None = None) -> nn.Module:

@@ -14,14 +14,14 @@ transformers-style tokenizer (``len``/``decode``/``encode`` returning ids).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from felix.files import read_json
 
 # The QUAIL defaults, defined once: the op (felix.linear_ce_quail), the trainer (TrainConfig, `felix train`), the
 # fidelity harness (its low-margin threshold) and the README all read these.
@@ -165,20 +165,19 @@ def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path:
     where = "the fidelity report"
     if not isinstance(report, dict):
         where = str(report)
-        try:
-            report = json.loads(Path(report).read_text())
-        except FileNotFoundError:
-            raise CalibrationError(f"fidelity report {where} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CalibrationError(f"cannot read {where} as JSON: {e}") from None
+        report = read_json(report, CalibrationError, "fidelity report", expect=None)
     if not isinstance(report, dict) or report.get("schema") != "felix-fidelity-report":
         raise CalibrationError(f"{where} is not a felix fidelity report (no schema 'felix-fidelity-report'); pass "
                                f"the fidelity-<quant>.json that `felix fidelity` writes")
     results = report.get("results") or {}
+    if not isinstance(results, dict):
+        raise CalibrationError(f"{where}: 'results' is a JSON {type(results).__name__}, not an object")
     if path not in results:
         raise CalibrationError(f"{where} has no {path!r} path result (it has: {', '.join(results) or 'none'})")
-    margin = results[path].get("summary", {}).get("margin", {})
-    quantiles = margin.get("change_quantiles")
+    margin = results[path]
+    for part in ("summary", "margin"):
+        margin = margin.get(part, {}) if isinstance(margin, dict) else {}
+    quantiles = margin.get("change_quantiles") if isinstance(margin, dict) else None
     if not isinstance(quantiles, dict):
         raise CalibrationError(f"{where} lacks summary.margin.change_quantiles (written by felix fidelity since "
                                f"schema version 2; this report is version {report.get('schema_version')}): rerun "
@@ -187,4 +186,6 @@ def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path:
     if quantiles.get(key) is None:
         raise CalibrationError(f"{where} reports margin-change quantiles {', '.join(quantiles)}, not {key}; choose "
                                f"one of those (or no whitelisted position was measured)")
+    if isinstance(quantiles[key], bool) or not isinstance(quantiles[key], (int, float)):
+        raise CalibrationError(f"{where}: change_quantiles[{key!r}] is {quantiles[key]!r}, not a number")
     return margin_from_noise(quantiles[key])

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import felix
+from felix.files import remove_stale_temps, temp_path
 from felix.ops.spoke import MAX_WIDTH
 
 SPOKE_MARKER = ".spoke."
@@ -159,7 +160,8 @@ def save_spokes(path, model) -> Path:
             "spoke_config": json.dumps({"n_spokes": cfg.n_spokes, "spoke_rank": cfg.spoke_rank,
                                         "spoke_layers": cfg.spoke_layers, "spoke_gate_init": cfg.spoke_gate_init,
                                         "n_layer": cfg.n_layer, "d_model": cfg.d_model})}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         save_file({k: v.contiguous().cpu() for k, v in spoke_state(model).items()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -167,6 +169,35 @@ def save_spokes(path, model) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _spoke_config(text: str, path) -> dict:
+    """The spoke file's ``spoke_config`` metadata, checked field by field (types, bounds) before anything is built
+    from it; a corrupt one raises SpokeError naming the file and the field."""
+    try:
+        sc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SpokeError(f"{path}: its spoke_config metadata is not valid JSON ({e})") from e
+    if not isinstance(sc, dict):
+        raise SpokeError(f"{path}: its spoke_config metadata is a JSON {type(sc).__name__}, not an object")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    problems = [f"{k} must be a positive integer, got {sc.get(k)!r}"
+                for k in ("n_layer", "d_model", "n_spokes", "spoke_rank") if not is_int(sc.get(k)) or sc[k] < 1]
+    if not problems and sc["n_spokes"] * sc["spoke_rank"] > MAX_WIDTH:
+        problems.append(f"n_spokes x spoke_rank = {sc['n_spokes'] * sc['spoke_rank']} exceeds {MAX_WIDTH}")
+    layers = sc.get("spoke_layers")
+    if layers is not None and not (isinstance(layers, list) and all(is_int(i) for i in layers)):
+        problems.append(f"spoke_layers must be null or a list of layer numbers, got {layers!r}")
+    gates = sc.get("spoke_gate_init", list(DEFAULT_GATE_INIT))
+    if not (isinstance(gates, list) and len(gates) == 2
+            and all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in gates)):
+        problems.append(f"spoke_gate_init must be two numbers, got {gates!r}")
+    if problems:
+        raise SpokeError(f"{path}: corrupt spoke_config metadata: " + "; ".join(problems))
+    return {**sc, "spoke_layers": layers, "spoke_gate_init": gates}
 
 
 def load_spokes(model, path, check_hub: bool = True) -> None:
@@ -186,7 +217,7 @@ def load_spokes(model, path, check_hub: bool = True) -> None:
         raise SpokeError(f"{path} is not a readable spoke file ({e})") from e
     if meta.get("format") != "felix-spokes" or "spoke_config" not in meta:
         raise SpokeError(f"{path} is not a Felix spoke file (format {meta.get('format')!r})")
-    sc = json.loads(meta["spoke_config"])
+    sc = _spoke_config(meta["spoke_config"], path)
     cfg = model.cfg
     if (sc["n_layer"], sc["d_model"]) != (cfg.n_layer, cfg.d_model):
         raise SpokeError(f"{path}: spokes for a hub of {sc['n_layer']} layers x d {sc['d_model']}, but this model "
@@ -199,7 +230,10 @@ def load_spokes(model, path, check_hub: bool = True) -> None:
         raise SpokeError(f"the model has {cfg.n_spokes} spokes of rank {cfg.spoke_rank}, the file "
                          f"{sc['n_spokes']} of rank {sc['spoke_rank']}")
     if not cfg.n_spokes:
-        add_spokes(model, sc["n_spokes"], sc["spoke_rank"], sc["spoke_layers"], sc["spoke_gate_init"])
+        try:
+            add_spokes(model, sc["n_spokes"], sc["spoke_rank"], sc["spoke_layers"], sc["spoke_gate_init"])
+        except ValueError as e:
+            raise SpokeError(f"{path}: its spoke_config does not fit the model ({e})") from e
     want = spoke_state(model)
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     bad = [k for k in set(want) & set(tensors) if tuple(want[k].shape) != tuple(tensors[k].shape)]

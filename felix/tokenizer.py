@@ -15,10 +15,15 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from felix.data import ASSISTANT, END, SYSTEM, USER
 from felix.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: how a tokenizer file is identified)
+from felix.files import read_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file cannot be used: not UTF-8, not a `tokenizers` JSON document, or without Felix's specials."""
 
 
 class Tokenizer:
@@ -54,16 +59,25 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> Tokenizer:
+        """The tokenizer in `path` (a tokenizer.json, or a directory holding one). A missing file raises
+        FileNotFoundError; a file that is not UTF-8, not a `tokenizers` JSON document, or lacks Felix's special
+        tokens raises TokenizerError naming it."""
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}")
+        text = read_text(path, TokenizerError, "tokenizer")
         try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path} is not a valid tokenizers JSON file: {e}") from e
-        return cls(hf)
+            hf = HFTokenizer.from_str(text)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # tokenizers raises a bare Exception on bad JSON, a pyo3 panic on worse
+            raise TokenizerError(f"{path} is not a valid tokenizers JSON file: {e}") from e
+        try:
+            return cls(hf)
+        except ValueError as e:
+            raise TokenizerError(f"{path}: {e}") from e
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer:

@@ -25,13 +25,13 @@ def _check_quantize_input(x: torch.Tensor, f: QuantFormat) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"quantize expects a floating-point tensor (float32/float16/bfloat16/"
                          f"float64), got dtype {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"quantize expects at least one non-empty dimension, got shape {tuple(x.shape)}")
+    if x.dim() == 0:
+        raise ValueError("quantize expects a tensor with a last (row) dimension, got a scalar")
     if x.shape[-1] % f.block_size:
         raise ValueError(f"{f.name}: the last dimension ({x.shape[-1]}) must be a multiple of the "
                          f"block size {f.block_size} (shape {tuple(x.shape)})")
-    if torch.compiler.is_compiling() or x.numel() == 0:
-        return  # value checks need a host sync; eager callers get them, compiled graphs do not
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.device.type == "meta":
+        return  # value checks need a host sync (and values): eager callers get them, compiled graphs do not
     lo, hi = torch.aminmax(x.detach())  # one pass, no temporary; NaN propagates
     amax = torch.maximum(-lo, hi)
     if not bool(torch.isfinite(amax)):
@@ -64,6 +64,28 @@ def _check_dequantize_input(blocks: torch.Tensor, f: QuantFormat, shape, dtype) 
         raise ValueError(f"{f.name}: shape {tuple(shape)} needs {need} bytes "
                          f"({need // f.bytes_per_block} blocks of {f.bytes_per_block}), "
                          f"the blocks tensor has {blocks.numel()}")
+    check_blocks_layout(blocks, block_shape(shape, f), f.name)
+
+
+def block_shape(shape: Sequence[int], f: QuantFormat) -> tuple[int, ...]:
+    """The shape of the blocks of a tensor of `shape`: ``[*shape[:-1], shape[-1] // block_size * bytes_per_block]``
+    (what quantize returns)."""
+    return (*shape[:-1], shape[-1] // f.block_size * f.bytes_per_block)
+
+
+def check_blocks_layout(blocks: torch.Tensor, expected: tuple[int, ...], fmt: str) -> None:
+    """Blocks are bytes in ggml's order: a contiguous uint8 tensor of whole blocks per row -- the `expected` shape
+    quantize returns, a flat buffer, or any other contiguous view of the same bytes whose rows hold whole blocks. A
+    transposed or strided view has the right byte count but not ggml's byte order, and would decode to garbage
+    without a word: refused."""
+    if not blocks.is_contiguous():
+        raise ValueError(f"{fmt}: the blocks tensor (shape {tuple(blocks.shape)}, strides {blocks.stride()}) is not "
+                         "contiguous: a transposed or strided view of ggml blocks is not in ggml's byte order; pass "
+                         "the tensor quantize returned (or .contiguous() of a view whose logical order is ggml's)")
+    nbytes = get_format(fmt).bytes_per_block
+    if blocks.dim() and blocks.numel() and blocks.shape[-1] % nbytes:
+        raise ValueError(f"{fmt}: the blocks tensor has shape {tuple(blocks.shape)}, whose rows are not whole "
+                         f"{nbytes}-byte blocks; expected {tuple(expected)} (as quantize returns) or a flat buffer")
 
 
 # ------------------------------------------------------------------------------- custom ops
@@ -102,6 +124,8 @@ def quantize(x: torch.Tensor, fmt: str, backend: str | None = None) -> torch.Ten
     f = get_format(fmt)
     _check_quantize_input(x, f)
     chosen = resolve_backend("quantize", backend, x.device)
+    if x.numel() == 0:  # nothing to encode: the empty blocks of the right shape, on every backend
+        return torch.empty(block_shape(x.shape, f), dtype=torch.uint8, device=x.device)
     return _quantize_op(x.contiguous(), f.name, chosen)
 
 
@@ -112,7 +136,9 @@ def dequantize(blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torc
     shape = [int(s) for s in (shape if isinstance(shape, (list, tuple, torch.Size)) else [shape])]
     _check_dequantize_input(blocks, f, shape, dtype)
     chosen = resolve_backend("dequantize", backend, blocks.device)
-    return _dequantize_op(blocks.contiguous(), f.name, shape, dtype, chosen)
+    if math.prod(shape) == 0:  # nothing to decode: the empty tensor of the right shape, on every backend
+        return torch.empty(shape, dtype=dtype, device=blocks.device)
+    return _dequantize_op(blocks, f.name, shape, dtype, chosen)
 
 
 # --------------------------------------------------------------------------------- backends

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from felix.formats import get_format
+from felix.ops.codecs import block_shape, check_blocks_layout
 from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
 from felix.reference import qmatmul as reference
 from felix.reference.qmatmul import QUANT_MATMUL_FORMATS, four_bit_layout
@@ -43,6 +44,7 @@ def _check_inputs(x, blocks, fmt: str, out_features) -> None:
                          f"(shape {tuple(blocks.shape)})")
     if blocks.device != x.device:
         raise ValueError(f"quant_matmul: x is on {x.device} but the blocks are on {blocks.device}")
+    check_blocks_layout(blocks, block_shape((out_features, k), f), fmt)
 
 
 # ------------------------------------------------------------------------------- custom op
@@ -93,6 +95,9 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
     _check_inputs(x, blocks, f.name, out_features)
     chosen = resolve_backend("quant_matmul", backend, x.device)
     lead = x.shape[:-1]
+    if x.numel() == 0 or out_features == 0:  # K = 0 sums nothing (zeros, as x @ w with K = 0); M or N = 0: empty
+        weight_t = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape[-1], out_features)
+        return torch.matmul(x, weight_t)  # zeros [..., N] (no memory for the zero weight), with x's autograd
     y = _quant_matmul_op(x.reshape(-1, x.shape[-1]), blocks.reshape(-1), f.name, int(out_features), chosen)
     return y.reshape(*lead, out_features)
 
