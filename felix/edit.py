@@ -56,10 +56,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from felix import data as felix_data
+from felix.files import jsonl_lines, read_json, read_text
 from felix.model import CheckpointError, load_checkpoint, save_checkpoint
 from felix.ops.lowrank import MAX_RANK
 from felix.qat import QAT_FILE, qat_config_of, read_qat_config
@@ -804,8 +806,6 @@ EDITS_MANIFEST, EDITS_TENSORS = "edits.json", "edits.safetensors"
 def load_requests(path) -> list[EditRequest]:
     """JSONL of {"prompt", "target"} (+ "paraphrases", "name"), read by felix.files' one JSONL reader; every
     malformed line is reported as path:line, a missing or binary file by name."""
-    from felix.files import jsonl_lines, read_text
-
     out, problems = [], []
     for where, d, problem in jsonl_lines(read_text(path, EditError, "edit request file"), path):
         if problem is None and (not isinstance(d, dict) or not {"prompt", "target"} <= set(d)):
@@ -870,11 +870,6 @@ def open_editor(checkpoint, method: str = "closed-form", null_space: bool = True
 def _resume_editor(model, tok, checkpoint) -> SpliceEditor:
     """The editor a `felix edit` checkpoint saved (edits.json + edits.safetensors); a missing, corrupt or
     inconsistent pair raises EditError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from felix.files import read_json
-
     manifest_path, tensors_path = checkpoint / EDITS_MANIFEST, checkpoint / EDITS_TENSORS
     manifest = read_json(manifest_path, EditError, "edit manifest")
     if not tensors_path.is_file():

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from felix.activation_rounding import round_activations, vec_dot_type
 from felix.files import read_text
-from felix.formats import FORMATS, get_format
+from felix.formats import FORMATS
 from felix.model import load_checkpoint
 from felix.ops.attention import attention
 from felix.quant_policy import BITNET_CODEC, FLOAT_TYPES, check_type, choose_tensor_type, decode_tensor, encode_tensor
