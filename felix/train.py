@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+import re
 import resource
 import sys
 import time
@@ -32,10 +33,12 @@ from felix import distributed as felix_distributed
 from felix import model as felix_model
 from felix import qat as felix_qat
 from felix import spokes as spokes_lib
+from felix.mix import MixError, normalize_weights
 from felix.ops.loss import whitelist_mask
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a data source's name: a metrics key and a directory name
 TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
 CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE = "checkpoint", "metrics.jsonl", "loss_curve.png", "trainer_state.pt"
 
@@ -48,7 +51,9 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 class TrainConfig:
     preset: str = "tiny"
     out_dir: str = "runs/felix-tiny"
-    data: list[str] = field(default_factory=list)      # user files; empty = built-in corpus
+    data: list[str] = field(default_factory=list)      # sources: prepared dirs or files; empty = built-in corpus
+    data_weights: list[float] = field(default_factory=list)  # one per source (fractions of samples); empty = by tokens
+    data_names: list[str] = field(default_factory=list)  # one per source (metrics, OUT/data/NAME); empty = from paths
     val_data: list[str] = field(default_factory=list)  # explicit validation files; empty = split from data
     teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
     init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
@@ -100,6 +105,7 @@ class TrainConfig:
         if self.teacher_data and (self.data or self.val_data):
             problems.append("--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
                             "give one or the other")
+        problems += _source_problems(self)
         if self.spokes < 0 or (self.spoke_rank is not None and self.spoke_rank < 1):
             problems.append(f"spokes must be >= 0 and spoke_rank >= 1, got {self.spokes} and {self.spoke_rank}")
         if self.train_only not in TRAIN_ONLY:
@@ -133,6 +139,25 @@ class TrainConfig:
     def quail(self) -> QuailConfig:
         """This run's QUAIL settings as the one config object (felix.quail.QuailConfig)."""
         return QuailConfig(self.margin, self.lambda_q, self.margin_quantile)
+
+
+def _source_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with the data sources' weights and names (felix.mix checks the weights themselves)."""
+    if cfg.data_weights and len(cfg.data_weights) != len(cfg.data):
+        return [f"{len(cfg.data_weights)} data weights for {len(cfg.data)} data sources"]
+    if cfg.data_names and len(cfg.data_names) != len(cfg.data):
+        return [f"{len(cfg.data_names)} data source names for {len(cfg.data)} data sources"]
+    problems = []
+    if cfg.data_weights:
+        try:
+            normalize_weights(cfg.data_weights, cfg.data_names or cfg.data)
+        except MixError as e:
+            problems.append(str(e))
+    bad = [n for n in cfg.data_names if not SOURCE_NAME.fullmatch(n)]
+    if bad or len(set(cfg.data_names)) != len(cfg.data_names):
+        problems.append(f"data source names must be unique and made of letters, digits, '.', '_' or '-': "
+                        f"{cfg.data_names}")
+    return problems
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:

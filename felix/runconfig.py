@@ -1,0 +1,325 @@
+"""Run configs for `felix train`: a YAML file in sections, dotted overrides, and the resolved config of every run.
+
+YAML because the trainers Felix's users come from use it for exactly this: litgpt (``config_hub/pretrain/*.yaml``,
+dotted command-line overrides, the resolved ``hyperparameters.yaml`` saved beside each checkpoint) and OLMo (YAML
+plus an OmegaConf dot-list). Files are read with ``yaml.safe_load`` only: plain data, never code.
+
+A config has the sections of :data:`SECTIONS`; each maps its keys onto fields of the flat
+:class:`felix.train.TrainConfig` (that table is the only place the two layouts meet)::
+
+    model:     {preset: felix-300m}
+    data:
+      sources:                       # prepared corpora (`felix data prepare`) or raw files, with weights
+        web:        {path: data/web, weight: 0.7}
+        structured: {path: data/structured, weight: 0.3}
+      seq_len: 2048
+    optimizer: {lr: 3.0e-4, batch_size: 4, grad_accum: 32}
+    schedule:  {steps: 40000, warmup_steps: 2000, decay_fraction: 0.2}
+
+Precedence, lowest first: TrainConfig's defaults (or, with ``--resume``, the run's own ``run.yaml``), the
+``--config`` file, ``--set section.key=value`` overrides (values in YAML syntax: ``--set data.sources.web.weight=0.6``,
+``--set data.sources.code="{path: data/code, weight: 0.1}"``), then the classic flags (``--lr 1e-3``). Unknown
+sections or keys are refused, naming them. Values are checked against TrainConfig's field types (a YAML ``1e-3``,
+which YAML 1.1 reads as a string, is accepted for a float field).
+
+:func:`write_resolved` saves the resolved config as ``run.yaml`` (paths absolute) in the run directory, so
+``felix train --resume --out-dir RUN`` needs nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import yaml
+
+from felix.files import atomic_write_text, read_text
+
+RUN_CONFIG_FILE = "run.yaml"
+
+# section -> its keys; a key is a TrainConfig field name, or (key, field) when the section names it differently.
+# "sources" is the one composite key: a mapping name -> {path, weight} stored as TrainConfig.data / data_weights /
+# data_names (see _sources_to_fields).
+SECTIONS: dict[str, tuple] = {
+    "run": ("seed",),
+    "model": ("preset", "vocab_size", "init_from", "spokes", "spoke_rank", "train_only", "checkpoint_activations",
+              "qat"),
+    "data": ("sources", "val_data", "teacher_data", "tokenizer", "seq_len", "val_fraction", "n_records", "tasks",
+             "prose"),
+    "optimizer": ("lr", "weight_decay", "grad_clip", "batch_size", "grad_accum"),
+    "schedule": ("steps", "warmup_steps", "decay_fraction", "final_lr_fraction"),
+    "quail": ("lambda_q", "margin", "margin_from", "margin_quantile"),
+    "eval": ("eval_every", "eval_batches", "memorization_gap", "memorization_min_wraps"),
+    "checkpoint": ("out_dir", "checkpoint_every"),
+    "parallel": (("mode", "parallel"), "device", "peak_tflops"),
+}
+SOURCES_FIELDS = ("data", "data_weights", "data_names")  # what data.sources stands for in TrainConfig
+SOURCE_KEYS = ("path", "weight")
+PATH_FIELDS = ("out_dir", "data", "val_data", "teacher_data", "init_from", "tokenizer", "margin_from")
+
+
+class RunConfigError(ValueError):
+    """A run config (file or override) cannot be used: unknown section or key, wrong type, bad YAML."""
+
+
+def section_keys(section: str) -> dict[str, str]:
+    """{config key: TrainConfig field} of one section ("sources" maps to itself: it is composite)."""
+    return dict((k, k) if isinstance(k, str) else k for k in SECTIONS[section])
+
+
+def field_locations() -> dict[str, str]:
+    """{TrainConfig field: "section.key"} for every field the table maps."""
+    out = {}
+    for section in SECTIONS:
+        for key, name in section_keys(section).items():
+            for f in (SOURCES_FIELDS if key == "sources" else (name,)):
+                out[f] = f"{section}.{key}"
+    return out
+
+
+def _train_config_fields() -> dict:
+    from felix.train import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# ------------------------------------------------------------------------------------------------ types
+def _coerce(value, annotation: str, where: str):
+    """`value` as the TrainConfig field type `annotation` (a string: the module uses postponed annotations)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise RunConfigError(f"{where}: a value is required (got null)")
+    kind = next(k for k in kinds if k != "None")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+        elif kind == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind == "float":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                return float(value)
+        elif kind == "str":
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif kind.startswith("list["):
+            inner = kind[5:-1]
+            items = value if isinstance(value, list) else [value]
+            return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(items)]
+    except ValueError:
+        pass
+    raise RunConfigError(f"{where}: expected {annotation}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _sources_to_fields(sources, where: str) -> dict:
+    """data.sources (a mapping name -> path or {path, weight}) as TrainConfig's data / data_weights / data_names.
+    Weights are all given or all omitted (then each source weighs as many tokens as it has)."""
+    if sources is None:
+        return {"data": [], "data_weights": [], "data_names": []}
+    if not isinstance(sources, dict):
+        raise RunConfigError(f"{where}: expected a mapping of source name -> {{path, weight}}, got "
+                             f"{type(sources).__name__}")
+    paths, weights, names = [], [], []
+    for name, spec in sources.items():
+        at = f"{where}.{name}"
+        if isinstance(spec, str):
+            spec = {"path": spec}
+        if not isinstance(spec, dict):
+            raise RunConfigError(f"{at}: expected a path or a mapping with keys {', '.join(SOURCE_KEYS)}")
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown:
+            raise RunConfigError(f"{at}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SOURCE_KEYS)}")
+        if not spec.get("path"):
+            raise RunConfigError(f"{at}: needs a path (a prepared directory or a data file)")
+        names.append(str(name))
+        paths.append(_coerce(spec["path"], "str", f"{at}.path"))
+        if spec.get("weight") is not None:
+            weights.append(_coerce(spec["weight"], "float", f"{at}.weight"))
+    if weights and len(weights) != len(paths):
+        raise RunConfigError(f"{where}: give a weight for every source or for none (then sources weigh by their "
+                             f"token counts); weighted: {len(weights)} of {len(paths)}")
+    return {"data": paths, "data_weights": weights, "data_names": names}
+
+
+def _fields_to_sources(data: list, weights: list, names: list) -> dict | None:
+    if not data:
+        return None
+    names = names or default_source_names(data)
+    return {name: ({"path": path, "weight": w} if weights else {"path": path})
+            for name, path, w in zip(names, data, weights or [None] * len(data))}
+
+
+def default_source_names(paths) -> list[str]:
+    """A name per source from its path (a directory's name, a file's stem), made unique with -2, -3, ..."""
+    names, seen = [], {}
+    for p in paths:
+        p = Path(str(p).rstrip("/"))
+        base = (p.name if p.is_dir() else p.name.split(".")[0]) or "data"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+def check_sections(tree, origin: str) -> dict:
+    """`tree` (a parsed config) checked for shape: a mapping of known sections, each a mapping of known keys."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise RunConfigError(f"{origin}: a run config is a mapping of sections ({', '.join(SECTIONS)}), got "
+                             f"{type(tree).__name__}")
+    unknown = [s for s in tree if s not in SECTIONS]
+    if unknown:
+        raise RunConfigError(f"{origin}: unknown section(s) {', '.join(map(str, unknown))}; known: "
+                             f"{', '.join(SECTIONS)}")
+    problems = []
+    for section, body in tree.items():
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"section {section} must be a mapping, got {type(body).__name__}")
+            continue
+        known = section_keys(section)
+        bad = [f"{section}.{k}" for k in body if k not in known]
+        if bad:
+            problems.append(f"unknown key(s) {', '.join(bad)} (known in {section}: {', '.join(known)})")
+    if problems:
+        raise RunConfigError(f"{origin}: " + "; ".join(problems))
+    return tree
+
+
+def sections_to_fields(tree: dict, origin: str) -> dict:
+    """A checked config tree as TrainConfig keyword arguments (only the keys it sets)."""
+    fields = _train_config_fields()
+    out = {}
+    for section, body in check_sections(tree, origin).items():
+        for key, value in (body or {}).items():
+            name = section_keys(section)[key]
+            if key == "sources":
+                out.update(_sources_to_fields(value, f"{origin}: {section}.sources"))
+            else:
+                out[name] = _coerce(value, fields[name].type, f"{origin}: {section}.{key}")
+    return out
+
+
+def fields_to_sections(values: dict) -> dict:
+    """TrainConfig values (asdict) in the sectioned layout, every mapped field present."""
+    tree = {}
+    for section in SECTIONS:
+        body = {}
+        for key, name in section_keys(section).items():
+            if key == "sources":
+                body[key] = _fields_to_sources(values["data"], values["data_weights"], values["data_names"])
+            else:
+                body[key] = values[name]
+        tree[section] = body
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_file(path) -> dict:
+    """A config file, parsed (safe_load) and checked for known sections and keys."""
+    text = read_text(path, RunConfigError, "run config")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+    return check_sections(tree, str(path))
+
+
+def apply_overrides(tree: dict, overrides) -> dict:
+    """``section.key=value`` (value in YAML syntax) applied to a config tree, deeper keys allowed under
+    data.sources (``data.sources.web.weight=0.5``)."""
+    tree = {s: (dict(b) if isinstance(b, dict) else b) for s, b in (tree or {}).items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise RunConfigError(f"override {item!r}: expected section.key=value, e.g. optimizer.lr=1e-3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        section, rest = parts[0], parts[1:]
+        if section not in SECTIONS:
+            raise RunConfigError(f"override {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        if rest[0] not in section_keys(section):
+            raise RunConfigError(f"override {item!r}: unknown key {section}.{rest[0]} (known in {section}: "
+                                 f"{', '.join(section_keys(section))})")
+        if len(rest) > 1 and rest[0] != "sources":
+            raise RunConfigError(f"override {item!r}: {section}.{rest[0]} has no sub-keys")
+        if rest[0] != "sources":  # checked here, so that a bad value is reported as this override's
+            _coerce(value, _train_config_fields()[section_keys(section)[rest[0]]].type, f"override {item!r}")
+        if not isinstance(tree.get(section), dict):
+            tree[section] = {}
+        node = tree[section]
+        for depth, part in enumerate(rest[:-1]):
+            child = node.get(part)
+            if isinstance(child, str) and depth == 1:  # data.sources.NAME given as a bare path
+                child = {"path": child}
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[rest[-1]] = value
+    return check_sections(tree, "command line")
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Config tree `top` over `base`, key by key within each section (a source mapping is replaced whole)."""
+    out = {s: dict(b or {}) for s, b in (base or {}).items()}
+    for section, body in (top or {}).items():
+        out.setdefault(section, {}).update(body or {})
+    return out
+
+
+def resolve(config_file=None, overrides=(), flags: dict | None = None, base_dir=None):
+    """The TrainConfig of a run: defaults, or with `base_dir` (a resumed run) that run's run.yaml; then the
+    `config_file`; then `overrides` (section.key=value); then `flags` (TrainConfig field -> value, only the flags
+    given). Raises RunConfigError (or TrainConfig's ValueError) naming what is wrong."""
+    from felix.train import TrainConfig
+
+    tree = {}
+    if base_dir is not None and (Path(base_dir) / RUN_CONFIG_FILE).is_file():
+        tree = load_file(Path(base_dir) / RUN_CONFIG_FILE)
+    if config_file is not None:
+        tree = merge(tree, load_file(config_file))
+    values = sections_to_fields(apply_overrides(tree, overrides), str(config_file or "command line"))
+    flags = dict(flags or {})
+    if "data" in flags:  # --data replaces the file's sources, names and weights with it
+        values.update(data_weights=[], data_names=[])
+    values.update(flags)
+    return TrainConfig(**values)
+
+
+def resolved_tree(cfg) -> dict:
+    """A TrainConfig as the sectioned config that reproduces it (paths absolute)."""
+    values = dataclasses.asdict(cfg)
+    for name in PATH_FIELDS:
+        v = values[name]
+        if isinstance(v, list):
+            values[name] = [os.path.abspath(p) for p in v]
+        elif v is not None:
+            values[name] = os.path.abspath(v)
+    if values["data"] and not values["data_names"]:
+        values["data_names"] = default_source_names(cfg.data)
+    return fields_to_sections(values)
+
+
+def dump(cfg) -> str:
+    return ("# felix train: the resolved run config (felix/runconfig.py). `felix train --resume --out-dir DIR` reads "
+            "it;\n# `felix train --config` accepts it.\n"
+            + yaml.safe_dump(resolved_tree(cfg), sort_keys=False, default_flow_style=False))
+
+
+def write_resolved(cfg, directory) -> Path:
+    """``run.yaml`` (the resolved config) into `directory`, atomically."""
+    return atomic_write_text(Path(directory) / RUN_CONFIG_FILE, dump(cfg))
