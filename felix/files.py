@@ -5,6 +5,7 @@ these, so an interrupted or failing run leaves either the previous file or nothi
 Checkpoint directories have their own atomic writer (felix.model.save_checkpoint), as does the GGUF exporter."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,3 +75,26 @@ def jsonl_lines(text: str, path):
             yield where, json.loads(line), None
         except json.JSONDecodeError as e:
             yield where, None, f"not valid JSON ({e.msg})"
+
+
+def jsonl_stream(lines, path):
+    """:func:`jsonl_lines` over an iterable of lines (an open text file read lazily, so a large file is never one
+    string in memory): the same (where, object, problem) triples. Open the file with ``newline="\\n"`` so that
+    lines split on "\\n" only (JSON strings may hold U+2028 and other characters str.splitlines() breaks on)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield where, None, f"not valid JSON ({e.msg})"
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (how tokenizers, sources and shards are identified)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
