@@ -83,6 +83,10 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (a collective: every rank must call it)."""
+        return ok
+
     def close(self) -> None:
         pass
 
@@ -172,6 +176,12 @@ class Distributed(SingleProcess):
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
+                            device=torch.device("cuda", self.local_rank) if torch.cuda.is_available() else "cpu")
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def close(self) -> None:
         if self.dist.is_initialized():

@@ -32,9 +32,11 @@ from felix import data as felix_data
 from felix import distributed as felix_distributed
 from felix import model as felix_model
 from felix import qat as felix_qat
+from felix import runconfig as felix_runconfig
 from felix import spokes as spokes_lib
 from felix.mix import MixError, normalize_weights
 from felix.ops.loss import whitelist_mask
+from felix.run_data import eval_batches, open_run_data
 from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
@@ -305,6 +307,11 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
     ax.plot([m["step"] for m in metrics], [m["train_ce"] for m in metrics], "o-", ms=3, label="train CE (interval mean)")
     ax.plot([m["step"] for m in metrics], [m["train_eval_ce"] for m in metrics], "^-", ms=3, label="train CE (at eval)")
     ax.plot([m["step"] for m in metrics], [m["val_ce"] for m in metrics], "s-", ms=3, label="validation CE")
+    sources = list(metrics[-1].get("val_ce_by_source", {})) if metrics else []
+    for name in sources if len(sources) > 1 else []:  # a mix: each source's validation CE
+        steps = [m["step"] for m in metrics if name in m.get("val_ce_by_source", {})]
+        ax.plot(steps, [m["val_ce_by_source"][name] for m in metrics if name in m.get("val_ce_by_source", {})],
+                ".--", ms=3, lw=0.8, label=f"validation CE: {name}")
     for m in metrics:
         if m["memorization"]:
             ax.axvline(m["step"], color="red", alpha=0.3)
@@ -334,8 +341,8 @@ class Run:
     val_items: list
     tokenizer: Tokenizer
     train_stream: object
-    val_batches: list
-    train_eval_batches: list
+    val_batches: dict             # eval set (a source, or "val") -> its fixed validation batches
+    train_eval_batches: dict      # source -> its fixed training batches (same weights as validation)
     model: torch.nn.Module
     module: torch.nn.Module       # the model, or its loss wrapped by DDP / FSDP2
     optimizer: torch.optim.Optimizer
@@ -352,6 +359,9 @@ class Run:
     interval: dict = field(default_factory=lambda: _new_interval())
     pending: list = field(default_factory=list)  # per step, on the device: [mean loss, CE sum, hinge sum]
     per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, 1] on the device, made at the first step
+    run_data: object = None                      # pretraining: felix.run_data.RunData (sources, mix); None: distill
+    val_weights: dict = field(default_factory=dict)    # eval set -> weight of its CE in val_ce
+    train_weights: dict = field(default_factory=dict)  # source -> weight of its CE in train_eval_ce
 
     @property
     def use_bf16(self) -> bool:
@@ -381,8 +391,12 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
 
     if cfg.train_only == "spokes" and not (resume or cfg.init_from):
         raise ValueError("--train-only spokes trains spokes on a trained hub: give --init-from CHECKPOINT")
-    distill = bool(cfg.teacher_data)
-    if distill:  # black-box distillation: masked SFT on teacher responses
+    if par.is_main:  # the resolved config: `felix train --resume --out-dir OUT` needs nothing else
+        felix_runconfig.write_resolved(cfg, out)
+    if resume and not (ckpt_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_DIR}/{STATE_FILE} in {out}")
+    distill, run_data = bool(cfg.teacher_data), None
+    if distill:  # black-box distillation: masked SFT on teacher responses (in memory: teacher sets are small)
         records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
         if skipped:
             log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
@@ -390,12 +404,12 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
         texts = [felix_data.chat_text(r["prompt"], r["response"]) for r in train_items]
         teachers = collections.Counter(r["teacher"] for r in records)
         log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
-    else:
-        train_items, val_items = _documents(cfg, log)
-        texts = train_items
-    if resume:
-        if not (ckpt_dir / STATE_FILE).is_file():
-            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_DIR}/{STATE_FILE} in {out}")
+    else:  # pretraining: token shards, prepared once (felix/run_data.py), weighted by the mix (felix/mix.py)
+        run_data = open_run_data(cfg, out, ckpt_dir, resume, par, log)
+        train_items, val_items = run_data.sources, list(run_data.val_sets)
+    if run_data is not None:
+        tokenizer = run_data.tokenizer
+    elif resume:
         tokenizer = Tokenizer.load(ckpt_dir)
     elif cfg.init_from:
         tokenizer = Tokenizer.load(cfg.init_from)
@@ -413,11 +427,13 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
         if train_stream.truncated or train_stream.dropped:
             log(f"WARNING: {train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, {train_stream.dropped} "
                 f"dropped (prompt alone longer than seq_len)")
+        val_batches = {"val": val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        train_eval_batches = {"train": train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        val_weights, train_weights = {"val": 1.0}, {"train": 1.0}
     else:
-        train_stream = felix_data.TokenStream.from_documents(train_items, tokenizer, cfg.seq_len, cfg.seed)
-        val_stream = felix_data.TokenStream.from_documents(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
-    val_batches = val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
-    train_eval_batches = train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
+        train_stream = run_data.train_stream
+        val_batches, train_eval_batches = eval_batches(run_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        val_weights, train_weights = run_data.val_weights, run_data.train_weights
 
     if resume or cfg.init_from:
         model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
@@ -433,6 +449,10 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
         model = felix_model.FelixLM(mcfg).to(device)
     hub_fp = _setup_spokes(model, cfg, resume, log)
     mcfg = model.cfg
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                         f"{mcfg.vocab_size} rows ({'the checkpoint' if resume else cfg.init_from}): token ids would "
+                         f"fall outside it; use the tokenizer the model was trained with")
     # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
@@ -468,16 +488,20 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
     log(f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}" + (
         f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
         if cfg.margin_from else ""))
-    log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
-        f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
-        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {int(whitelist.sum())} "
-        f"tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
+    if distill:
+        log(f"data (distillation: masked SFT on responses): {len(train_items)} train / {len(val_items)} validation "
+            f"items, {train_stream.tokens.numel():,} train tokens learned in {train_stream.n_windows} rows of "
+            f"{cfg.seq_len}")
+    else:
+        log(f"data: {run_data.describe()}; rows of {cfg.seq_len}")
+    log(f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
 
     return Run(cfg, par, log, out, ckpt_dir, device, distill, train_items, val_items, tokenizer, train_stream,
                val_batches, train_eval_batches, model, module, optimizer, whitelist, counts, hub_fp, monitor, fpt, peak,
-               decay_steps, step, step_losses, metrics, interval)
+               decay_steps, step, step_losses, metrics, interval, run_data=run_data, val_weights=val_weights,
+               train_weights=train_weights)
 
 
 def save_run_checkpoint(run: Run) -> None:
@@ -546,18 +570,25 @@ def evaluate_interval(run: Run, lr: float) -> dict:
     cfg, par, device = run.cfg, run.par, run.device
     interval, stream = run.interval, run.train_stream
     tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
+    val = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in run.val_batches.items()}
+    train_eval = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
+                  for n, b in run.train_eval_batches.items()}
     record = {"step": run.step, "lr": lr,
               "train_loss": sum(run.step_losses[-cfg.eval_every:]) / min(cfg.eval_every, len(run.step_losses)),
               "train_ce": interval["ce"] / interval["n"], "train_hinge": interval["hinge"] / interval["n"],
-              **evaluate(run.module, run.val_batches, device, run.whitelist, cfg, run.autocast),
-              "train_eval_ce": evaluate(run.module, run.train_eval_batches, device, run.whitelist, cfg,
-                                        run.autocast)["val_ce"],
+              # a mix's overall CE: the per-source CEs weighted as the mix weighs the sources
+              "val_ce": sum(run.val_weights[n] * v["val_ce"] for n, v in val.items()),
+              "val_hinge": sum(run.val_weights[n] * v["val_hinge"] for n, v in val.items()),
+              "train_eval_ce": sum(run.train_weights[n] * ce for n, ce in train_eval.items()),
               "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s * run.flops_per_token / (run.peak_flops * par.world_size) if run.peak_flops else None,
               "peak_memory_mb": _peak_memory_mb(device),
               "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
               "corpus_wraps": stream.wraps,
-              "epoch_progress": stream.position / stream.n_windows}
+              "epoch_progress": stream.epoch_progress}
+    if run.run_data is not None:  # per source: validation CE, samples served so far (the realized mix), epochs
+        record.update(val_ce_by_source={n: v["val_ce"] for n, v in val.items()}, source_samples=stream.source_counts(),
+                      source_epochs=stream.source_epochs())
     alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps)
     record["memorization"] = alert is not None
     if alert and par.is_main:
