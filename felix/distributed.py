@@ -80,12 +80,12 @@ class SingleProcess:
     def load_optimizer_state(self, module, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
 
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """True when `flag` is true on any rank (a run-directory claim failed, a stop signal arrived)."""
+        return flag
+
     def barrier(self) -> None:
         pass
-
-    def all_ranks_ok(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank (a collective: every rank must call it)."""
-        return ok
 
     def close(self) -> None:
         pass
@@ -174,14 +174,13 @@ class Distributed(SingleProcess):
 
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        t = torch.tensor([float(flag)], device=device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def barrier(self) -> None:
         self.dist.barrier()
-
-    def all_ranks_ok(self, ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
-                            device=torch.device("cuda", self.local_rank) if torch.cuda.is_available() else "cpu")
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN)
-        return bool(flag.item())
 
     def close(self) -> None:
         if self.dist.is_initialized():

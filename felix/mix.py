@@ -264,7 +264,10 @@ def read_windows(array, windows, seq_len: int) -> np.ndarray:
 def spread_windows(n_windows: int, count: int) -> list[int]:
     """Up to `count` window indices spread evenly over [0, n_windows) (a stable evaluation sample)."""
     n = min(n_windows, count)
-    return torch.linspace(0, n_windows - 1, n).round().long().tolist() if n else []
+    if n <= 1:
+        return [0] * n
+    # exact integers (a float32 linspace rounds past the last window of a corpus of billions of tokens)
+    return [(i * (n_windows - 1) + (n - 1) // 2) // (n - 1) for i in range(n)]
 
 
 def fixed_batches(array, seq_len: int, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -170,7 +170,7 @@ def _workers_for(paths) -> int:
 
 
 def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[list], prepared: list[Path], par,
-                       log):
+                       device, log):
     """(tokenizer, its file for preparing data files, sha256 values a prepared source may carry, where it came
     from). A tokenizer trained here is trained by rank 0 and read from its file by the other ranks."""
     data_dir = out / DATA_DIR
@@ -189,7 +189,7 @@ def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[l
             log(f"trained a byte-level BPE tokenizer of {trained.vocab_size} tokens on {sample.describe()}")
             _save_run_tokenizer(trained, out)
             return trained
-        tok = on_main_rank(par, train) or Tokenizer.load(data_dir / TOKENIZER_FILE)
+        tok = on_main_rank(par, device, train) or Tokenizer.load(data_dir / TOKENIZER_FILE)
         origin = "the tokenizer trained for this run"
     accepted = {tokenizer_sha256(tok)}
     given = cfg.tokenizer if not (resume or cfg.init_from) else None
@@ -198,7 +198,7 @@ def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[l
         accepted.add(file_sha256(path))
     tok_file = None
     if raw:
-        tok_file = on_main_rank(par, lambda: _save_run_tokenizer(tok, out)) or data_dir / TOKENIZER_FILE
+        tok_file = on_main_rank(par, device, lambda: _save_run_tokenizer(tok, out)) or data_dir / TOKENIZER_FILE
     return tok, tok_file, accepted, origin
 
 
@@ -247,7 +247,7 @@ def _prepare_here(name: str, paths: list, out: Path, tok_file: Path, val_fractio
         raise RunDataError(f"{'cannot resume: ' if resume else ''}data source {name!r}: {e}") from e
 
 
-def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> RunData:
+def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, device, log) -> RunData:
     """The run's tokenizer, sources, mix stream and evaluation sets (module docstring). Rank 0 prepares data files;
     the other ranks wait for it, then open the same directories."""
     out = Path(out)
@@ -260,7 +260,7 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> Run
             builtin.parent.mkdir(parents=True, exist_ok=True)
             docs = felix_data.builtin_corpus(cfg.n_records, cfg.seed, tuple(cfg.tasks), cfg.prose)
             _write_if_changed(builtin, "".join(json.dumps({"text": d}) + "\n" for d in docs))
-        on_main_rank(par, write_builtin)
+        on_main_rank(par, device, write_builtin)
         names, specs = [BUILTIN], [(BUILTIN, str(builtin))]
     clash = [n for n, _ in specs if n in (VAL_DATA, TOKENIZER_FILE)]
     if clash:
@@ -272,7 +272,7 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> Run
     raw = [(name, [path]) for name, path in specs if not is_prepared(path)]
     prepared = [Path(path) for name, path in specs if is_prepared(path)]
     tokenizer, tok_file, accepted, origin = _resolve_tokenizer(cfg, out, ckpt_dir, resume, [p for _, p in raw],
-                                                               prepared, par, log)
+                                                               prepared, par, device, log)
     val_files = list(cfg.val_data)
     progress = par.is_main and _stderr_is_tty()
     def prepare_files():
@@ -281,7 +281,7 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> Run
             fraction = 0.0 if val_files else _effective_val_fraction(paths, cfg.val_fraction, log)
             prepared_here[name] = _prepare_here(name, paths, out, tok_file, fraction, resume, progress, log)
         return prepared_here
-    corpora: dict[str, PreparedCorpus] = on_main_rank(par, prepare_files) or {}
+    corpora: dict[str, PreparedCorpus] = on_main_rank(par, device, prepare_files) or {}
     sources = []
     for name, path in specs:
         if name in corpora:
@@ -309,7 +309,7 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> Run
         if vpath is not None:
             vcorpus = _open_source(VAL_DATA, vpath, resume)
         else:
-            vcorpus = on_main_rank(par, lambda: _prepare_here(VAL_DATA, val_files, out, tok_file or _save_run_tokenizer(
+            vcorpus = on_main_rank(par, device, lambda: _prepare_here(VAL_DATA, val_files, out, tok_file or _save_run_tokenizer(
                 tokenizer, out), 0.0, resume, progress, log)) or _open_source(VAL_DATA, str(out / DATA_DIR / VAL_DATA),
                                                                                resume)
         if vcorpus.vocab_size != tokenizer.vocab_size:
@@ -340,7 +340,7 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, log) -> Run
                    {"val": 1.0} if val_files else source_weights, source_weights)
 
 
-def on_main_rank(par, fn):
+def on_main_rank(par, device, fn):
     """`fn()` on rank 0 (its result there; None on the other ranks), the other ranks waiting for it. When it fails
     on rank 0 every rank raises, rather than waiting at a barrier for a rank that will never come."""
     result, error = None, None
@@ -350,8 +350,8 @@ def on_main_rank(par, fn):
         except Exception as e:  # re-raised below, after the other ranks have heard of it
             error = e
     if par.world_size > 1:
-        ok = par.all_ranks_ok(error is None)
-        if error is None and not ok:
+        failed = par.any_rank(error is not None, device)
+        if error is None and failed:
             raise RunDataError("rank 0 could not prepare the training data (its error is in its log)")
     if error is not None:
         raise error

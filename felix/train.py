@@ -405,7 +405,7 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None) -> Run:
         teachers = collections.Counter(r["teacher"] for r in records)
         log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
     else:  # pretraining: token shards, prepared once (felix/run_data.py), weighted by the mix (felix/mix.py)
-        run_data = open_run_data(cfg, out, ckpt_dir, resume, par, log)
+        run_data = open_run_data(cfg, out, ckpt_dir, resume, par, device, log)
         train_items, val_items = run_data.sources, list(run_data.val_sets)
     if run_data is not None:
         tokenizer = run_data.tokenizer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from felix.mix import (MixError, MixSampler, MixSchedule, MixStream, WindowPermutation, integer_quotas,
-                       normalize_weights)
+                       normalize_weights, spread_windows)
 
 
 def brute_force_order(quotas, n):
@@ -146,3 +146,10 @@ def test_stream_batches_ranks_and_resume():
         changed.load_state_dict(state)
     with pytest.raises(MixError, match="seq_len 16 -> 8"):
         MixStream(arrays, [0.7, 0.3], 8, seed=5, names=["web", "code"], identity=single.identity).load_state_dict(state)
+
+
+def test_spread_windows_are_exact_at_any_size():
+    assert spread_windows(10, 4) == [0, 3, 6, 9] and spread_windows(3, 8) == [0, 1, 2] and spread_windows(5, 1) == [0]
+    huge = 78_125_000_000  # windows of a 10-billion-token corpus at seq_len 128: float32 would round past the end
+    picks = spread_windows(huge, 16)
+    assert picks[0] == 0 and picks[-1] == huge - 1 and picks == sorted(set(picks))
