@@ -160,8 +160,7 @@ def cmd_train(args) -> int:
         return 2
     try:  # defaults (or the resumed run's run.yaml) < --config < --set section.key=value < the flags given
         flags = {k: v for k, v in options.items() if v is not None and v != []}
-        cfg = resolve(args.config, args.overrides, flags,
-                      base_dir=(args.out_dir or "") if args.resume and args.out_dir else None)
+        cfg = resolve(args.config, args.overrides, flags, resume=args.resume)
         result = train(cfg, resume=args.resume, stop_at=args.stop_at)
     except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"felix train: error: {e}", file=sys.stderr)

@@ -281,17 +281,21 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def resolve(config_file=None, overrides=(), flags: dict | None = None, base_dir=None):
-    """The TrainConfig of a run: defaults, or with `base_dir` (a resumed run) that run's run.yaml; then the
-    `config_file`; then `overrides` (section.key=value); then `flags` (TrainConfig field -> value, only the flags
-    given). Raises RunConfigError (or TrainConfig's ValueError) naming what is wrong."""
+def resolve(config_file=None, overrides=(), flags: dict | None = None, resume: bool = False):
+    """The TrainConfig of a run: defaults -- or, when `resume`, the run's own run.yaml (in the out_dir the flags,
+    overrides, config file or defaults name) -- then the `config_file`, then `overrides` (section.key=value), then
+    `flags` (TrainConfig field -> value, only the flags given). Raises RunConfigError (or TrainConfig's
+    ValueError) naming what is wrong."""
     from felix.train import TrainConfig
 
+    file_tree = load_file(config_file) if config_file is not None else {}
     tree = {}
-    if base_dir is not None and (Path(base_dir) / RUN_CONFIG_FILE).is_file():
-        tree = load_file(Path(base_dir) / RUN_CONFIG_FILE)
-    if config_file is not None:
-        tree = merge(tree, load_file(config_file))
+    if resume:
+        out_dir = ((flags or {}).get("out_dir") or (apply_overrides(file_tree, overrides).get("checkpoint") or {})
+                   .get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
+        if (Path(out_dir) / RUN_CONFIG_FILE).is_file():
+            tree = load_file(Path(out_dir) / RUN_CONFIG_FILE)
+    tree = merge(tree, file_tree)
     values = sections_to_fields(apply_overrides(tree, overrides), str(config_file or "command line"))
     flags = dict(flags or {})
     if "data" in flags:  # --data replaces the file's sources, names and weights with it

@@ -8,6 +8,9 @@ One run directory holds:
 * ``metrics.jsonl`` -- one JSON object per evaluation: step, lr, train/val loss, CE and hinge parts, tokens/s,
   MFU estimate, peak memory, corpus wraps, memorization flag;
 * ``loss_curve.png`` -- train loss per step and validation loss per evaluation.
+* ``run.yaml`` -- the resolved run config (felix.runconfig): ``felix train --resume --out-dir OUT`` reads it;
+* ``data/`` -- data files and the built-in corpus prepared on the fly as token shards, and the run's tokenizer
+  (felix.run_data); prepared directories given as sources are read in place.
 
 Memorization signature (from the seed project): when the corpus has wrapped several times and the
 validation loss sits clearly BELOW the training loss, the model is reciting (validation text leaked into or

@@ -29,14 +29,17 @@ def test_resolved_config_round_trips(tmp_path):
                       data_weights=[0.25, 0.75], data_names=["alpha", "beta"], lr=1.5e-3, steps=40, warmup_steps=3,
                       seq_len=64, batch_size=3, grad_accum=2, lambda_q=0.0, qat="q4_0", tasks=["encoding"],
                       prose=False, checkpoint_every=10, parallel="ddp", peak_tflops=12.5, seed=7)
-    path = rc.write_resolved(cfg, tmp_path)
-    assert path.name == "run.yaml" and not list(tmp_path.glob(".run.yaml.tmp*"))
+    out = tmp_path / "run"
+    out.mkdir()
+    path = rc.write_resolved(cfg, out)
+    assert path.name == "run.yaml" and not list(out.glob(".run.yaml.tmp*"))
     tree = yaml.safe_load(path.read_text())
     assert tree["data"]["sources"] == {"alpha": {"path": str(tmp_path / "a"), "weight": 0.25},
                                        "beta": {"path": str(tmp_path / "b.jsonl"), "weight": 0.75}}
     assert tree["optimizer"]["lr"] == 1.5e-3 and tree["parallel"]["mode"] == "ddp"
     assert rc.resolve(path) == cfg
-    assert rc.resolve(base_dir=tmp_path) == cfg  # what --resume --out-dir reads
+    assert rc.resolve(flags={"out_dir": str(out)}, resume=True) == cfg  # what --resume --out-dir reads
+    assert rc.resolve(overrides=[f"checkpoint.out_dir={out}", "schedule.steps=80"], resume=True).steps == 80
 
 
 def test_overrides_and_precedence(tmp_path):
