@@ -82,26 +82,27 @@ def test_loss_fwd_bwd_gpu(gpu, measure, impl, n, v):
 CPU_N, CPU_V, CPU_D = (512, 8000, 128) if QUICK else (2048, 32000, 256)
 
 _PEAK_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {bench_dir!r})
 import felix
+from felix.testing.bench import peak_rss_growth_bytes
 from test_loss_bench import torch_loss
 torch.manual_seed(0)
 n, v, d, impl = {n}, {v}, {d}, {impl!r}
 h = torch.randn(n, d, requires_grad=True); w = (torch.randn(v, d) / d ** 0.5).requires_grad_()
 t = torch.randint(0, v, (n,)); wl = torch.rand(v) < 0.01
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if impl == "felix-reference-chunked":
-    felix.linear_ce_quail(h, w, t, wl, margin=2.0, lambda_q=0.1, backend="reference", chunk_size=256).loss.backward()
+    fn = lambda: felix.linear_ce_quail(h, w, t, wl, margin=2.0, lambda_q=0.1, backend="reference",
+                                       chunk_size=256).loss.backward()
 else:
-    torch_loss(h, w, t, wl).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_mib": (after - before) / 1024}}))
+    fn = lambda: torch_loss(h, w, t, wl).backward()
+print(json.dumps({{"peak_mib": peak_rss_growth_bytes(fn) / 2**20}}))
 """
 
 
 def peak_rss_mib(impl: str) -> float:
-    """Growth of the peak resident set of a fresh process running one forward+backward (KiB -> MiB)."""
+    """Growth of the peak resident set of a fresh process running one forward+backward (MiB; VmHWM, see
+    felix.testing.bench.peak_rss_bytes for why not ru_maxrss)."""
     code = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(__file__), n=CPU_N, v=CPU_V, d=CPU_D, impl=impl)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))

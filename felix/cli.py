@@ -12,6 +12,8 @@
     felix edit          write (prompt -> target) edits into a checkpoint's splice surface; list and undo them
     felix teacher-data  multi-teacher JSONL from the built-in task records (+ checkpoints); teacher agreement report
     felix eval-tasks    task-suite report: student checkpoints vs teachers vs the teacher ensemble, per task
+    felix tokenizer     train a byte-level BPE tokenizer on a bounded sample of pretraining sources
+    felix data          prepare pretraining sources once into memory-mappable token shards
 """
 from __future__ import annotations
 
@@ -444,6 +446,101 @@ def _add_prune_parser(sub) -> None:
     p.set_defaults(func=cmd_prune)
 
 
+def cmd_tokenizer_train(args) -> int:
+    from felix.data import DataError
+    from felix.files import file_sha256
+    from felix.tokenizer import save_tokenizer_file, train_tokenizer_from_sources
+
+    t0 = time.perf_counter()
+    try:
+        if args.out.exists() and not args.force:
+            raise FileExistsError(f"{args.out} exists; use --force to overwrite it")
+        tok, sample = train_tokenizer_from_sources(args.sources, args.vocab_size, max_chars=int(args.max_chars),
+                                                   doc_cap=args.doc_cap, text_field=args.text_field)
+        save_tokenizer_file(tok, args.out, force=args.force)
+    except (ValueError, DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"felix tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained on {sample.describe()}")
+    print(f"wrote {args.out}: vocabulary {tok.vocab_size:,}, sha256 {file_sha256(args.out)[:16]}..., "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from felix.data import DataError
+    from felix.shards import prepare_corpus
+
+    t0 = time.perf_counter()
+    try:
+        corpus = prepare_corpus(args.sources, args.tokenizer, args.out, workers=args.workers,
+                                val_fraction=args.val_fraction, shard_tokens=int(args.shard_tokens),
+                                text_field=args.text_field, force=args.force, progress=sys.stderr.isatty())
+    except (ValueError, DataError, FileNotFoundError) as e:
+        print(f"felix data prepare: error: {e}", file=sys.stderr)
+        return 2
+    m, run = corpus.manifest, corpus.manifest["last_run"]
+    print(f"{args.out}: {len(m['sources'])} source file(s), dtype {m['dtype']} ({m['bytes_per_token']} bytes/token)")
+    for split in ("train", "val"):
+        info = m["splits"][split]
+        print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
+              f"{len(info['shards'])} shard(s)")
+    print(f"  {time.perf_counter() - t0:.1f} s; the run that finished it encoded {run['tokens_encoded']:,} tokens in "
+          f"{run['seconds']:.1f} s ({run['tokens_encoded'] / max(run['seconds'], 1e-9):,.0f} tokens/s, "
+          f"{run['workers']} worker(s)); fingerprint {corpus.fingerprint[:16]}")
+    if m["splits"]["val"]["documents"] == 0:
+        print("felix data prepare: warning: the validation split is empty (few documents for --val-fraction "
+              f"{args.val_fraction}); raise it for a validation loss", file=sys.stderr)
+    return 0
+
+
+def _add_data_parsers(sub) -> None:
+    """`felix tokenizer train` and `felix data prepare` (felix/tokenizer.py, felix/shards.py, docs/data-format.md)."""
+    from pathlib import Path
+
+    from felix.corpus_sources import SUPPORTED_SUFFIXES
+    from felix.shards import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+    from felix.tokenizer import DEFAULT_DOC_CAP, DEFAULT_MAX_CHARS
+
+    sources_help = (f"files ({', '.join(SUPPORTED_SUFFIXES)}), folders (searched recursively) or glob patterns; "
+                    "JSONL lines are {\"text\": ...} or {\"prompt\", \"response\"}, a .txt file is one document")
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a bounded sample of sources")
+    tk_sub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tk_sub.add_parser("train", help="byte-level BPE (HF tokenizers) from a streamed, bounded sample",
+                           description="Train Felix's byte-level BPE tokenizer (special tokens at ids 0-6) on the "
+                                       "first --max-chars characters of SOURCES, each document cut to --doc-cap "
+                                       "characters, streamed: memory does not grow with the corpus size.")
+    tt.add_argument("sources", nargs="+", help=sources_help)
+    tt.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, the 7 special tokens included")
+    tt.add_argument("--out", type=Path, required=True, help="the tokenizer JSON file to write (atomically)")
+    tt.add_argument("--max-chars", type=float, default=DEFAULT_MAX_CHARS,
+                    help=f"characters sampled in all (default {DEFAULT_MAX_CHARS:.0e})")
+    tt.add_argument("--doc-cap", type=int, default=DEFAULT_DOC_CAP,
+                    help=f"characters kept per document (default {DEFAULT_DOC_CAP:,})")
+    tt.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text")
+    tt.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    da = sub.add_parser("data", help="prepare pretraining sources into token shards")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    dp = da_sub.add_parser("prepare", help="tokenize sources once, in parallel, into memory-mappable token shards",
+                           description="Tokenize SOURCES once into token shards in --out (docs/data-format.md): "
+                                       "uint16/uint32 shards of bos+document+eos, a train/val split by document "
+                                       "content, manifest.json written last. An interrupted prepare continues when "
+                                       "rerun with the same arguments.")
+    dp.add_argument("sources", nargs="+", help=sources_help)
+    dp.add_argument("--tokenizer", type=Path, required=True, help="tokenizer JSON file (felix tokenizer train)")
+    dp.add_argument("--out", type=Path, required=True, help="output directory (one per source is the usual use)")
+    dp.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    dp.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                    help=f"share of documents in the validation split (default {DEFAULT_VAL_FRACTION})")
+    dp.add_argument("--shard-tokens", type=float, default=DEFAULT_SHARD_TOKENS,
+                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:.0e})")
+    dp.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text")
+    dp.add_argument("--force", action="store_true", help="replace a different prepared corpus in --out")
+    dp.set_defaults(func=cmd_data_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -487,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_teacher_data_parser(sub)
     add_eval_tasks_parser(sub)
+    _add_data_parsers(sub)
     return p
 
 

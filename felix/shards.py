@@ -21,6 +21,8 @@ Reader API (what the trainer uses): :class:`PreparedCorpus` (``open``, ``split``
 objects)."""
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -29,8 +31,13 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; prepares of one directory must not overlap
+    fcntl = None
 
 import numpy as np
 from tqdm import tqdm
@@ -111,15 +118,16 @@ class TokenArray:
         self._counts = np.asarray(counts, dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
         self.n_tokens = int(self._starts[-1])
-        self._maps: list[np.memmap | None] = [None] * len(paths)
+        self._start_list = self._starts.tolist()
+        self._maps: list[np.ndarray | None] = [None] * len(paths)
 
     def __len__(self) -> int:
         return self.n_tokens
 
     def _map(self, i: int) -> np.ndarray:
-        if self._maps[i] is None:
+        if self._maps[i] is None:  # a plain ndarray view of the memmap: slicing it skips np.memmap's bookkeeping
             self._maps[i] = (np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                                       shape=(int(self._counts[i]),)) if self._counts[i] else
+                                       shape=(int(self._counts[i]),)).view(np.ndarray) if self._counts[i] else
                              np.empty(0, dtype=self.dtype))
         return self._maps[i]
 
@@ -128,8 +136,11 @@ class TokenArray:
         start, length = int(start), int(length)
         if start < 0 or length < 0 or start + length > self.n_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) are outside this split's {self.n_tokens} tokens")
+        i = bisect.bisect_right(self._start_list, start) - 1
+        offset = start - self._start_list[i] if i < len(self.paths) else 0
+        if i < len(self.paths) and offset + length <= self._start_list[i + 1] - self._start_list[i]:
+            return self._map(i)[offset:offset + length].copy()  # the common case: inside one shard
         out = np.empty(length, dtype=self.dtype)
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
         done = 0
         while done < length:
             offset = start + done - int(self._starts[i])
@@ -146,6 +157,7 @@ class PreparedCorpus:
     """A complete prepared corpus directory (see the module docstring), validated on open."""
     path: Path
     manifest: dict
+    _arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, directory) -> PreparedCorpus:
@@ -178,7 +190,6 @@ class PreparedCorpus:
                     corpus._check_shard(directory / entry["file"], entry, split, dtype)
         except (KeyError, TypeError) as e:
             raise ShardError(f"{manifest_path} is malformed (missing or bad field {e})") from e
-        corpus._arrays = {}
         return corpus
 
     def _check_shard(self, path: Path, entry: dict, split: str, dtype: np.dtype) -> None:
@@ -258,21 +269,19 @@ def _init_worker(tokenizer_path: str, dtype: str, val_fraction: float) -> None:
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens of every document as bos ids eos, concatenated; each document's token count; its split flag)."""
     tok, dtype = _WORKER["tok"], _WORKER["dtype"]
-    encodings = tok.hf.encode_batch(texts)
-    lengths = np.fromiter((len(e.ids) + 2 for e in encodings), dtype=np.int64, count=len(encodings))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
+    ids = [e.ids for e in tok.hf.encode_batch(texts)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    out = np.empty(int(lengths.sum()), dtype=np.int64 if dtype.itemsize > 2 else np.int32)
     pos = 0
-    top = 0
-    for e, n in zip(encodings, lengths):
-        ids = e.ids
+    for doc, n in zip(ids, lengths.tolist()):
         out[pos] = tok.bos_id
-        out[pos + 1:pos + n - 1] = ids
+        out[pos + 1:pos + n - 1] = doc
         out[pos + n - 1] = tok.eos_id
-        if ids:
-            top = max(top, max(ids))
         pos += n
-    if top >= tok.vocab_size:
-        raise ShardError(f"token id {top} >= the vocabulary size {tok.vocab_size}: the tokenizer file is inconsistent")
+    if len(out) and (out.max() >= tok.vocab_size or out.min() < 0):
+        raise ShardError(f"token id {int(out.max())} >= the vocabulary size {tok.vocab_size}: the tokenizer file "
+                         f"is inconsistent")
+    out = out.astype(dtype)
     is_val = np.fromiter((document_is_val(t, _WORKER["val_fraction"]) for t in texts), dtype=bool, count=len(texts))
     return out, lengths, is_val
 
@@ -427,10 +436,37 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _prepare_locked(out, files, inputs, tok, tokenizer_path, dtype, workers, val_fraction, shard_tokens,
+                               text_field, force, progress, log)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """Hold an exclusive lock on `directory` (flock; POSIX) so two prepares never write the same directory."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise ShardError(f"another `felix data prepare` is writing {directory}") from e
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, dtype: np.dtype, workers: int,
+                    val_fraction: float, shard_tokens: int, text_field: str, force: bool, progress: bool,
+                    log) -> PreparedCorpus:
+    vocab_size = tok.vocab_size
     ours, other = _our_files(out)
     if other:
-        raise ShardError(f"{out} holds files that are not part of a prepared corpus ({', '.join(sorted(p.name for p in other)[:5])}); "
-                         f"choose an empty or new directory")
+        names = ", ".join(sorted(p.name for p in other)[:5])
+        raise ShardError(f"{out} holds files that are not part of a prepared corpus ({names}); choose an empty or "
+                         f"new directory")
     manifest = _read_json(out / MANIFEST) if (out / MANIFEST).exists() else None
     if (out / MANIFEST).exists():
         if manifest is not None and manifest.get("inputs") == inputs:
@@ -461,14 +497,16 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
                     if not (out / e["file"]).is_file() or (out / e["file"]).stat().st_size != e["bytes"]:
                         raise KeyError(e["file"])
                 partial = out / f".{shard_name(split, len(s['closed']))}.partial"
+                committed = HEADER_BYTES + s["open_tokens"] * dtype.itemsize
                 if (s["open_tokens"] or s["open_documents"]) and (
-                        not partial.is_file() or partial.stat().st_size < HEADER_BYTES + s["open_tokens"] * dtype.itemsize):
+                        not partial.is_file() or partial.stat().st_size < committed):
                     raise KeyError(partial.name)
         except (KeyError, TypeError):
             resume = None
     if resume is None:
         if ours:
-            log(f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: starting over")
+            log(f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: "
+                "starting over")
         _clear(out)
         resume = {"documents_done": 0, "splits": {s: {"closed": [], "open_tokens": 0, "open_documents": 0}
                                                   for s in SPLITS}}
@@ -531,6 +569,9 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
     closed_at_checkpoint = sum(len(w.closed) for w in writers.values())
     try:
         if workers > 1:
+            # set before forking: the workers then encode on one thread each, and HF tokenizers does not warn about
+            # a fork after this process used its thread pool (e.g. to train the tokenizer); restored below
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             pool = ctx.Pool(workers, initializer=_init_worker,
                             initargs=(str(tokenizer_path), dtype.name, val_fraction))
@@ -590,7 +631,9 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
                               "vocab_size": vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
                 "val_fraction": val_fraction, "split_rule": "sha256(document text)[:8] / 2**64 < val_fraction",
                 "shard_tokens": shard_tokens, "text_field": text_field, "sources": source_info, "splits": splits,
-                "inputs": inputs, "prepare_seconds": round(elapsed, 3)}
+                "inputs": inputs,
+                "last_run": {"seconds": round(elapsed, 3), "tokens_encoded": n_tokens, "workers": workers,
+                             "continued_after_documents": skip}}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     (out / STATE).unlink(missing_ok=True)
     return PreparedCorpus.open(out)

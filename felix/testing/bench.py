@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from felix.testing.rss import peak_rss_bytes, peak_rss_growth_bytes, reset_peak_rss, rss_bytes  # noqa: F401
+
 
 # ------------------------------------------------------------------------------------ device
 def device_name(device: torch.device) -> str:
