@@ -91,7 +91,7 @@ setup(
     ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60", "tokenizers>=0.19", "safetensors>=0.4",
-                      "matplotlib>=3.7",
+                      "matplotlib>=3.7", "PyYAML>=6.0",  # PyYAML: `felix train --config` run configs (safe_load)
                       "pyarrow>=14", "zstandard>=0.22",  # felix data prepare / tokenizer train: parquet, .jsonl.zst
                       "gguf==0.19.0"],  # felix export / inspect / fidelity write and read GGUF with gguf-py
     extras_require={

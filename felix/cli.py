@@ -152,17 +152,19 @@ def cmd_train(args) -> int:
     from felix.data import DataError
     from felix.distill import SODA_ARGS, cmd_soda
     from felix.model import CheckpointError
-    from felix.train import TrainConfig, TrainingHalted, train
+    from felix.runconfig import resolve
+    from felix.train import TrainingHalted, train
 
     if args.soda:  # semi-on-policy distillation: its own loop (felix.distill.train_soda)
         return cmd_soda(args)
-    run_actions = ("resume", "stop_at", "overwrite", "auto_resume")  # train() arguments, not TrainConfig fields
+    run_actions = ("resume", "stop_at", "overwrite", "auto_resume", "config", "overrides")  # not TrainConfig fields
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", *run_actions, *SODA_ARGS)}
     if options.get("margin_from") is not None and options.get("margin") is not None:
         print("felix train: error: give --margin or --margin-from (which measures it), not both", file=sys.stderr)
         return 2
-    try:
-        cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    try:  # defaults (or the resumed run's run.yaml) < --config < --set section.key=value < the flags given
+        flags = {k: v for k, v in options.items() if v is not None and v != []}
+        cfg = resolve(args.config, args.overrides, flags, resume=args.resume or args.auto_resume)
         result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite,
                        auto_resume=args.auto_resume)
     except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
@@ -187,13 +189,24 @@ def _add_train_parser(sub) -> None:
     from felix.train import TRAIN_ONLY, TrainConfig
 
     d = TrainConfig()
-    t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume")
+    t = sub.add_parser("train", help="train Felix-LM: WSD + QUAIL, metrics, checkpoints, exact resume",
+                       description="Train Felix-LM. Settings come from TrainConfig's defaults (with --resume: the "
+                                   "run's own OUT_DIR/run.yaml), then --config, then --set overrides, then the "
+                                   "flags given; the resolved config is written to OUT_DIR/run.yaml "
+                                   "(felix/runconfig.py).")
+    t.add_argument("--config", help="a YAML run config (sections run, model, data, optimizer, schedule, quail, eval, "
+                   "checkpoint, parallel; examples in configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (YAML syntax), e.g. --set optimizer.lr=1e-3 or "
+                        "--set data.sources.web.weight=0.6; repeatable; the flags below override these")
     t.add_argument("--preset", choices=list(PRESETS), help=f"model size (default {d.preset})")
     t.add_argument("--out-dir", help=f"run directory: checkpoint/, metrics.jsonl, loss_curve.png (default {d.out_dir})")
-    t.add_argument("--data", action="append", default=[], help="JSONL ({text} or {prompt, response}) or text file; "
-                   "repeatable; default: the built-in corpus")
+    t.add_argument("--data", action="append", default=[], help="a data source: a directory prepared by `felix data "
+                   "prepare`, or a JSONL ({text} or {prompt, response}) or text file (prepared into OUT_DIR/data); "
+                   "repeatable (sources weigh by their tokens; weights: --config); default: the built-in corpus")
     t.add_argument("--val-data", action="append", default=[], help="validation files (default: a held-out split)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly, with the settings "
+                   "of OUT_DIR/run.yaml (--out-dir alone is enough)")
     t.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this many steps")
     t.add_argument("--auto-resume", action="store_true", help="continue OUT_DIR's latest checkpoint if it has "
                    "one, else start fresh (for a job scheduler that restarts the same command)")
@@ -223,7 +236,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--train-only", choices=[m for m in TRAIN_ONLY if m], help="freeze the hub (--init-from) and train only the "
                    "spokes; the optimizer holds state for the spokes alone")
     t.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
-    t.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    t.add_argument("--device", help=f"default {d.device}: auto (cuda if present), cpu, cuda, cuda:1, ...")
     t.add_argument("--parallel", choices=list(PARALLEL_MODES), help="under torchrun: DDP (default) or FSDP2 (sharded)")
     t.add_argument("--skip-loss-spikes", action="store_true", default=None, help="skip the update of a step whose "
                    "loss is a spike (z-score over --loss-spike-window steps above --loss-spike-threshold); "

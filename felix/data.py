@@ -269,6 +269,14 @@ class EpochCursor:
             self.position += 1
         return picks
 
+    def skip(self, count: int) -> None:
+        """Advance the cursor past `count` rows without reading them (another rank's micro-batch)."""
+        self.next_indices(count)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.position / self.n_windows
+
     def spread_indices(self, count: int) -> list[int]:
         """Up to `count` indices spread evenly over the corpus (for a stable evaluation sample)."""
         n = min(self.n_windows, count)

@@ -9,8 +9,9 @@ Under torchrun (``WORLD_SIZE`` > 1), :class:`Distributed`:
 * wraps the model so its loss runs through a module *forward* (:class:`LossModule`), which DDP's reducer
   and FSDP2's root hooks need: ``ddp`` -> DistributedDataParallel; ``fsdp`` -> ``fully_shard`` on every
   block, then on the root (parameters, gradients and optimizer state sharded; full precision);
-* splits every optimizer step's micro-batches: all ranks read the same stream, rank r keeps micro-batches
-  r, r + W, r + 2W, ... (so the data cursor -- and resume -- is the same on every rank);
+* splits every optimizer step's micro-batches: all ranks follow the same stream cursor, rank r reads
+  micro-batches r, r + W, r + 2W, ... and skips the others without reading them (so the data cursor -- and
+  resume -- is the same on every rank, and the ranks read disjoint samples);
 * skips the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step (DDP
   ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``);
 * averages the logged loss parts over ranks once per logging interval;
@@ -131,8 +132,13 @@ class Distributed(SingleProcess):
         return module
 
     def my_micro_batches(self, stream, batch_size: int, grad_accum: int):
-        drawn = [stream.next_batch(batch_size) for _ in range(grad_accum * self.world_size)]
-        return drawn[self.rank::self.world_size]
+        mine = []
+        for m in range(grad_accum * self.world_size):
+            if m % self.world_size == self.rank:
+                mine.append(stream.next_batch(batch_size))
+            else:
+                stream.skip(batch_size)  # another rank's micro-batch: the cursor moves, nothing is read
+        return mine
 
     def gradient_sync(self, module, last: bool):
         if self.mode == "ddp":

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from felix.formats import RUNTIME_TYPES
+from felix.formats import FORMATS, RUNTIME_TYPES
 
 ARCH = "felix"
 NUM_SPOKES_KEY = f"{ARCH}.num_spokes"
@@ -57,6 +57,16 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
                  "ffn_down")
 # ggml types that only the fork knows (stock llama.cpp rejects a file holding one): felix.formats' table says which
 FORK_ONLY_TYPES = tuple(name for name in RUNTIME_TYPES["fork"] if name not in RUNTIME_TYPES["stock"])
+
+
+def runtime_of(quant: str) -> str:
+    """The llama.cpp runtime an export to `quant` runs in: "fork" for the fork-only formats (RQ4), else "stock"."""
+    return FORMATS[quant].runtime if quant in FORMATS else "stock"
+
+
+def arch_of(quant: str) -> str:
+    """The GGUF architecture an export to `quant` is written in: the fork's ``felix`` arch for fork-only formats."""
+    return ARCH if runtime_of(quant) == "fork" else "llama"
 # (num_spokes, spoke_rank) of the exact no-op spoke written for a model without spokes
 NOOP_SPOKES = (1, 1)
 # The per-spoke form (w_down.S / w_up.S) lands in fixed arrays of 4 per layer (src/llama-model.h: spoke_w_down[4]);

@@ -85,7 +85,7 @@ def export_for_serving(checkpoint, directory, quant: str = DEFAULT_QUANT) -> Pat
     """Export a checkpoint directory to `directory`/model-<quant>.gguf in the arch its format runs in (the fork's
     felix arch for RQ4, stock llama otherwise; splices merged)."""
     from felix.export import ExportError, export_gguf
-    from felix.fidelity.common import arch_of
+    from felix.fork import arch_of
     from felix.model import CheckpointError
     from felix.quant_policy import check_type
 

@@ -11,6 +11,9 @@ One run directory holds:
 * ``metrics.jsonl`` -- one JSON object per evaluation: step, lr, train/val loss, CE and hinge parts, tokens/s,
   MFU estimate, peak memory, corpus wraps, memorization flag;
 * ``loss_curve.png`` -- train loss per step and validation loss per evaluation.
+* ``run.yaml`` -- the resolved run config (felix.runconfig): ``felix train --resume --out-dir OUT`` reads it;
+* ``data/`` -- data files and the built-in corpus prepared on the fly as token shards, and the run's tokenizer
+  (felix.run_data); prepared directories given as sources are read in place.
 
 Memorization signature (from the seed project): when the corpus has wrapped several times and the
 validation loss sits clearly BELOW the training loss, the model is reciting (validation text leaked into or
@@ -38,129 +41,22 @@ from felix import data as felix_data
 from felix import distributed as felix_distributed
 from felix import model as felix_model
 from felix import qat as felix_qat
+from felix import runconfig as felix_runconfig
+from felix.runconfig import RUN_KEEPING, TRAIN_ONLY, TrainConfig  # noqa: F401  (TRAIN_ONLY: the CLI's import)
 from felix import runs as felix_runs
 from felix import spokes as spokes_lib
 from felix.files import atomic_write_text, jsonable, save_figure
 from felix.ops.loss import whitelist_mask
-from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, DEFAULT_NOISE_QUANTILE, QuailConfig, margin_from_fidelity
+from felix.run_data import eval_batches, open_run_data
 from felix.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
-TRAIN_ONLY = (None, "spokes")  # what --train-only may name (None: everything trains)
 CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE = felix_runs.POINTER, "metrics.jsonl", "loss_curve.png"
 STATE_FILE, STATE_TENSORS_FILE = felix_runs.STATE_JSON, felix_runs.STATE_TENSORS  # trainer state: JSON + safetensors
 TENSORBOARD_DIR = "tensorboard"
-# settings that change how a run is kept and guarded, not its curve: no warning when they change on resume
-RUN_KEEPING = ("keep_last", "milestone_every", "max_skipped_in_a_row", "tensorboard")
 
 # Dense bf16 peak FLOP/s for MFU estimates, by substring of the CUDA device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
                    "MI300": 1307e12, "7900": 123e12, "7800": 74e12}
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"
-    out_dir: str = "runs/felix-tiny"
-    data: list[str] = field(default_factory=list)      # user files; empty = built-in corpus
-    val_data: list[str] = field(default_factory=list)  # explicit validation files; empty = split from data
-    teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
-    init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
-    spokes: int = 0                # spokes per layer (felix.spokes): from scratch, or added to an --init-from hub
-    spoke_rank: int | None = None  # None = the preset's (or the checkpoint config's) spoke_rank
-    train_only: str | None = None  # "spokes": freeze the hub, train (and keep optimizer state for) the spokes only
-    n_records: int = 2000          # structured records added to the built-in corpus
-    tasks: list[str] = field(default_factory=lambda: list(felix_data.TASKS))  # their task kinds (felix.data)
-    prose: bool = True             # built-in corpus: include the prose (False: structured records only)
-    val_fraction: float = 0.05
-    tokenizer: str | None = None   # an existing tokenizer.json (or a directory holding one); None = train one
-    vocab_size: int | None = None  # None = the preset's
-    seq_len: int = 128
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 600
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2    # WSD: the last 20% of steps decay linearly to final_lr_fraction * lr
-    final_lr_fraction: float = 0.0
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    lambda_q: float = DEFAULT_LAMBDA_Q  # QUAIL hinge weight (0 = plain CE)
-    margin: float = DEFAULT_MARGIN      # QUAIL logit margin for whitelisted (JSON structure) targets
-    margin_from: str | None = None      # a `felix fidelity` JSON: margin = its measured noise (quail.margin_from_noise)
-    margin_quantile: float = DEFAULT_NOISE_QUANTILE  # ... at this lower-tail quantile of the margin change
-    eval_every: int = 50
-    eval_batches: int = 8
-    checkpoint_every: int = 0      # 0 = only at the end (and when stopped early)
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_activations: bool = False
-    peak_tflops: float | None = None  # overrides the device table for MFU
-    memorization_gap: float = 0.1     # val below train by this fraction of train loss ...
-    memorization_min_wraps: int = 3   # ... after this many passes over the corpus
-    parallel: str = "ddp"             # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/distributed.py
-    qat: str | None = None            # quantization-aware training: a felix.qat mode (rq4 ... tq2_0, bitnet)
-    # the weeks-long run (felix.runs): checkpoint retention, the on-device step guard, an experiment logger
-    keep_last: int = 3                # step checkpoints kept (newest first; 0 = every one); the latest always stays
-    milestone_every: int = 0          # checkpoints at steps divisible by this are never removed (0 = none)
-    max_skipped_in_a_row: int = 8     # stop (with a checkpoint) after this many skipped steps in a row
-    loss_spike_window: int = 128      # loss spike = z-score of the step loss over this many previous steps ...
-    loss_spike_threshold: float = 5.0  # ... above this many standard deviations (llm.c's outlier detector)
-    skip_loss_spikes: bool = False    # skip the update of a spiking step (else only logged)
-    tensorboard: bool = False         # also log the metrics to OUT/tensorboard (torch.utils.tensorboard)
-
-    def __post_init__(self):
-        problems = []
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.decay_fraction <= 1:
-            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if self.warmup_steps < 0 or self.warmup_steps + round(self.decay_fraction * self.steps) > self.steps:
-            problems.append(f"warmup_steps {self.warmup_steps} + decay steps {round(self.decay_fraction * self.steps)}"
-                            f" exceed steps {self.steps}")
-        if self.teacher_data and (self.data or self.val_data):
-            problems.append("--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
-                            "give one or the other")
-        if self.spokes < 0 or (self.spoke_rank is not None and self.spoke_rank < 1):
-            problems.append(f"spokes must be >= 0 and spoke_rank >= 1, got {self.spokes} and {self.spoke_rank}")
-        if self.train_only not in TRAIN_ONLY:
-            problems.append(f"train_only must be one of {[t for t in TRAIN_ONLY if t]}, got {self.train_only!r}")
-        for name in ("keep_last", "milestone_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_skipped_in_a_row < 1 or self.loss_spike_window < 2 or not self.loss_spike_threshold > 0:
-            problems.append(f"max_skipped_in_a_row must be >= 1, loss_spike_window >= 2 and loss_spike_threshold "
-                            f"> 0, got {self.max_skipped_in_a_row}, {self.loss_spike_window}, "
-                            f"{self.loss_spike_threshold}")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        if self.margin < 0:
-            problems.append(f"margin must be >= 0, got {self.margin}")
-        unknown = [t for t in self.tasks if t not in felix_data.MAKERS]
-        if unknown or not self.tasks:
-            problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
-                            f"{', '.join(felix_data.MAKERS)}")
-        if self.qat is not None and str(self.qat).lower() not in felix_qat.QAT_MODES:
-            problems.append(f"unknown qat mode {self.qat!r}; choose from {', '.join(felix_qat.QAT_MODES)}")
-        elif self.qat is not None and self.parallel == "fsdp":
-            problems.append("--qat does not run under --parallel fsdp: FSDP2 shards the latent weights in place, and "
-                            "the fake-quant parametrization (torch.nn.utils.parametrize) cannot read sharded storage; "
-                            "use --parallel ddp")
-        if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
-        if self.preset not in felix_model.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; available presets: {', '.join(felix_model.PRESETS)}")
-        if self.margin_from is not None:  # the calibrated margin replaces the given one (CalibrationError otherwise)
-            self.margin = margin_from_fidelity(self.margin_from, self.margin_quantile)
-        try:
-            QuailConfig(self.margin, self.lambda_q, self.margin_quantile)  # validates the three together
-        except ValueError as e:
-            raise ValueError(f"invalid TrainConfig: {e}") from None
-
-    @property
-    def quail(self) -> QuailConfig:
-        """This run's QUAIL settings as the one config object (felix.quail.QuailConfig)."""
-        return QuailConfig(self.margin, self.lambda_q, self.margin_quantile)
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:
@@ -352,6 +248,11 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
             ms=3, label="train CE (interval mean)")
     ax.plot([m["step"] for m in metrics], [m["train_eval_ce"] for m in metrics], "^-", ms=3, label="train CE (at eval)")
     ax.plot([m["step"] for m in metrics], [m["val_ce"] for m in metrics], "s-", ms=3, label="validation CE")
+    sources = list(metrics[-1].get("val_ce_by_source", {})) if metrics else []
+    for name in sources if len(sources) > 1 else []:  # a mix: each source's validation CE
+        steps = [m["step"] for m in metrics if name in m.get("val_ce_by_source", {})]
+        ax.plot(steps, [m["val_ce_by_source"][name] for m in metrics if name in m.get("val_ce_by_source", {})],
+                ".--", ms=3, lw=0.8, label=f"validation CE: {name}")
     for m in metrics:
         if m["memorization"]:
             ax.axvline(m["step"], color="red", alpha=0.3)
@@ -381,8 +282,8 @@ class Run:
     val_items: list
     tokenizer: Tokenizer
     train_stream: object
-    val_batches: list
-    train_eval_batches: list
+    val_batches: dict             # eval set (a source, or "val") -> its fixed validation batches
+    train_eval_batches: dict      # source -> its fixed training batches (same weights as validation)
     model: torch.nn.Module
     module: torch.nn.Module       # the model, or its loss wrapped by DDP / FSDP2
     optimizer: torch.optim.Optimizer
@@ -407,6 +308,9 @@ class Run:
     halted: str | None = None                    # why the run stops itself (too many skipped steps in a row)
     saved_step: int | None = None                # the step of the last checkpoint written or resumed from
     tensorboard: object = None                   # a torch.utils.tensorboard SummaryWriter (rank 0, --tensorboard)
+    run_data: object = None                      # pretraining: felix.run_data.RunData (sources, mix); None: distill
+    val_weights: dict = field(default_factory=dict)    # eval set -> weight of its CE in val_ce
+    train_weights: dict = field(default_factory=dict)  # source -> weight of its CE in train_eval_ce
 
     @property
     def use_bf16(self) -> bool:
@@ -458,8 +362,12 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
 
     if cfg.train_only == "spokes" and not (resume or cfg.init_from):
         raise ValueError("--train-only spokes trains spokes on a trained hub: give --init-from CHECKPOINT")
-    distill = bool(cfg.teacher_data)
-    if distill:  # black-box distillation: masked SFT on teacher responses
+    if par.is_main:  # the resolved config: `felix train --resume --out-dir OUT` needs nothing else
+        felix_runconfig.write_resolved(cfg, out)
+    if resume:
+        felix_runs.check_trainer_state(ckpt_dir)  # a pickled trainer_state.pt is refused, never loaded
+    distill, run_data = bool(cfg.teacher_data), None
+    if distill:  # black-box distillation: masked SFT on teacher responses (in memory: teacher sets are small)
         records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
         if skipped:
             log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
@@ -467,11 +375,12 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
         texts = [felix_data.chat_text(r["prompt"], r["response"]) for r in train_items]
         teachers = collections.Counter(r["teacher"] for r in records)
         log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
-    else:
-        train_items, val_items = _documents(cfg, log)
-        texts = train_items
-    if resume:
-        felix_runs.check_trainer_state(ckpt_dir)  # a pickled trainer_state.pt is refused, never loaded
+    else:  # pretraining: token shards, prepared once (felix/run_data.py), weighted by the mix (felix/mix.py)
+        run_data = open_run_data(cfg, out, ckpt_dir, resume, par, device, log)
+        train_items, val_items = run_data.sources, list(run_data.val_sets)
+    if run_data is not None:
+        tokenizer = run_data.tokenizer
+    elif resume:
         tokenizer = Tokenizer.load(ckpt_dir)
     elif cfg.init_from:
         tokenizer = Tokenizer.load(cfg.init_from)
@@ -489,11 +398,13 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
         if train_stream.truncated or train_stream.dropped:
             log(f"WARNING: {train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, {train_stream.dropped} "
                 f"dropped (prompt alone longer than seq_len)")
+        val_batches = {"val": val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        train_eval_batches = {"train": train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        val_weights, train_weights = {"val": 1.0}, {"train": 1.0}
     else:
-        train_stream = felix_data.TokenStream.from_documents(train_items, tokenizer, cfg.seq_len, cfg.seed)
-        val_stream = felix_data.TokenStream.from_documents(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
-    val_batches = val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
-    train_eval_batches = train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)
+        train_stream = run_data.train_stream
+        val_batches, train_eval_batches = eval_batches(run_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        val_weights, train_weights = run_data.val_weights, run_data.train_weights
 
     if resume or cfg.init_from:
         model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
@@ -509,6 +420,10 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
         model = felix_model.FelixLM(mcfg).to(device)
     hub_fp = _setup_spokes(model, cfg, resume, log)
     mcfg = model.cfg
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                         f"{mcfg.vocab_size} rows ({'the checkpoint' if resume else cfg.init_from}): token ids would "
+                         f"fall outside it; use the tokenizer the model was trained with")
     # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
@@ -554,10 +469,13 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
     log(f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}" + (
         f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
         if cfg.margin_from else ""))
-    log(f"data{' (distillation: masked SFT on responses)' if distill else ''}: {len(train_items)} train / "
-        f"{len(val_items)} validation items, {train_stream.tokens.numel():,} train tokens"
-        f"{' learned' if distill else ''} in {train_stream.n_windows} rows of {cfg.seq_len}; QUAIL whitelist {int(whitelist.sum())} "
-        f"tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
+    if distill:
+        log(f"data (distillation: masked SFT on responses): {len(train_items)} train / {len(val_items)} validation "
+            f"items, {train_stream.tokens.numel():,} train tokens learned in {train_stream.n_windows} rows of "
+            f"{cfg.seq_len}")
+    else:
+        log(f"data: {run_data.describe()}; rows of {cfg.seq_len}")
+    log(f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
     fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
     decay_steps = round(cfg.decay_fraction * cfg.steps)
 
@@ -572,7 +490,8 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
     return Run(cfg, par, log, out, ckpt_dir, device, distill, train_items, val_items, tokenizer, train_stream,
                val_batches, train_eval_batches, model, module, optimizer, whitelist, counts, hub_fp, monitor, fpt, peak,
                decay_steps, step, step_losses, metrics, interval, lock=lock, guard=guard, skip_streak=skip_streak,
-               skipped_steps=skipped_steps, saved_step=step if resume else None, tensorboard=tensorboard)
+               skipped_steps=skipped_steps, saved_step=step if resume else None, tensorboard=tensorboard,
+               run_data=run_data, val_weights=val_weights, train_weights=train_weights)
 
 
 def trainer_state(run: Run, full_optimizer: dict) -> dict:
@@ -605,6 +524,7 @@ def save_run_checkpoint(run: Run) -> None:
         def write(directory):
             felix_model.write_checkpoint_files(directory, full, run.tokenizer, extra)
             felix_runs.save_trainer_state(directory, state)
+            felix_runconfig.write_resolved(cfg, directory)  # the config this checkpoint was trained with
         where = felix_runs.commit_checkpoint(run.out, run.step, write, cfg.keep_last, cfg.milestone_every, run.log)
         run.log(f"checkpoint {where.relative_to(run.out)} ({time.perf_counter() - t0:.2f}s)")
     run.saved_step = run.step
@@ -687,22 +607,29 @@ def evaluate_interval(run: Run, lr: float) -> dict:
     cfg, par, device = run.cfg, run.par, run.device
     interval, stream = run.interval, run.train_stream
     tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
+    val = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in run.val_batches.items()}
+    train_eval = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
+                  for n, b in run.train_eval_batches.items()}
     recent = [x for x in run.step_losses[-cfg.eval_every:] if math.isfinite(x)]
     n = interval["n"]
     record = {"step": run.step, "lr": lr,
               "train_loss": sum(recent) / len(recent) if recent else None,
               "train_ce": interval["ce"] / n if n else None, "train_hinge": interval["hinge"] / n if n else None,
-              **evaluate(run.module, run.val_batches, device, run.whitelist, cfg, run.autocast),
-              "train_eval_ce": evaluate(run.module, run.train_eval_batches, device, run.whitelist, cfg,
-                                        run.autocast)["val_ce"],
+              # a mix's overall CE: the per-source CEs weighted as the mix weighs the sources
+              "val_ce": sum(run.val_weights[name] * v["val_ce"] for name, v in val.items()),
+              "val_hinge": sum(run.val_weights[name] * v["val_hinge"] for name, v in val.items()),
+              "train_eval_ce": sum(run.train_weights[name] * ce for name, ce in train_eval.items()),
               "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s * run.flops_per_token / (run.peak_flops * par.world_size) if run.peak_flops else None,
               "peak_memory_mb": _peak_memory_mb(device),
               "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
               "corpus_wraps": stream.wraps,
-              "epoch_progress": stream.position / stream.n_windows,
+              "epoch_progress": stream.epoch_progress,
               "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size,
               "skipped_steps": interval["skipped"], "loss_spikes": interval["spikes"]}
+    if run.run_data is not None:  # per source: validation CE, samples served so far (the realized mix), epochs
+        record.update(val_ce_by_source={name: v["val_ce"] for name, v in val.items()},
+                      source_samples=stream.source_counts(), source_epochs=stream.source_epochs())
     alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps) \
         if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"]) else None
     record["memorization"] = alert is not None
@@ -766,7 +693,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     from tqdm import tqdm
 
     run = build_run(cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume)
-    par, out = run.par, run.out
+    par = run.par
     stop, restore_signals = _stop_on_signals(run.log)
     try:
         return _train_loop(run, stop, stop_at, tqdm)
