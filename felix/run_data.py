@@ -231,10 +231,35 @@ def _open_source(name: str, path: str, resume: bool) -> PreparedCorpus:
         raise RunDataError(f"{'cannot resume: ' if resume else ''}data source {name!r}: {e}") from e
 
 
+def _prepared_from_same_content(name: str, paths: list, target: Path) -> PreparedCorpus | None:
+    """On resume: the complete corpus in `target` when the source files still hold the bytes it was prepared from
+    (compared by size and sha256, not by path or time, so a run directory that was moved or copied resumes); None
+    when `target` is incomplete (the prepare then continues). A source file whose content changed is refused."""
+    from felix.corpus_sources import expand_sources
+
+    try:
+        corpus = PreparedCorpus.open(target)
+    except ShardError:
+        return None
+    recorded = [(s.get("bytes"), s.get("sha256")) for s in corpus.manifest.get("sources", [])]
+    files = expand_sources(paths)
+    current = [(f.stat().st_size, file_sha256(f)) for f in files]
+    if current != recorded:
+        changed = [str(f) for f, c, r in zip(files, current, recorded) if c != r] or [str(f) for f in files]
+        raise RunDataError(f"cannot resume: data source {name!r}: {', '.join(changed)} changed since the run prepared "
+                           f"{target} from it ({len(recorded)} file(s) recorded, {len(current)} now); restore it or "
+                           f"start a new run")
+    return corpus
+
+
 def _prepare_here(name: str, paths: list, out: Path, tok_file: Path, val_fraction: float, resume: bool,
                   progress: bool, log) -> PreparedCorpus:
     """Data file(s) of one source tokenized into OUT/data/NAME (reused when already prepared from the same inputs)."""
     target = out / DATA_DIR / name
+    if resume:
+        reused = _prepared_from_same_content(name, paths, target)
+        if reused is not None:
+            return reused
     try:
         return prepare_corpus(paths, tok_file, target, workers=_workers_for(paths), val_fraction=val_fraction,
                               force=not resume, progress=progress, log=log)

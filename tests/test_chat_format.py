@@ -17,6 +17,7 @@ from felix.export import export_gguf
 from felix.fidelity import builtin_probes, builtin_schemas, check_compliance
 from felix.fidelity.constrained import json_schema
 from felix.formats import FORMATS
+from felix.tasks import KINDS, MOODS
 from felix.gguf_file import metadata, open_gguf
 from felix.model import FelixConfig, FelixLM, save_checkpoint
 from felix.quant_policy import EXPORT_TYPES
@@ -115,8 +116,8 @@ def test_probe_schemas_as_json_schema():
     assert enc["required"] == list(enc["properties"]) and enc["additionalProperties"] is False
     sc = enc["properties"]["structured_concepts"]
     assert sc["type"] == "object" and list(sc["properties"]) == ["people", "systems", "actions", "kind"]
-    assert sc["properties"]["kind"] == {"type": "string", "enum": list(data._KINDS)}
-    assert enc["properties"]["emotional_tone"]["enum"] == list(data._MOODS)
+    assert sc["properties"]["kind"] == {"type": "string", "enum": list(KINDS)}
+    assert enc["properties"]["emotional_tone"]["enum"] == list(MOODS)
     assert json_schema(schemas["principle"])["properties"]["has_principle"] == {"type": "boolean"}
     # the training records' key order is the schema's: a grammar that writes fields in schema order fits them
     for p in builtin_probes(12):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from felix import runconfig as rc
+from felix.cli import main
 from felix.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +104,6 @@ def test_shipped_configs_exist():
 
 
 def test_cli_refuses_unknown_keys_with_exit_2(tmp_path, capsys):
-    from felix.cli import main
-
     config = tmp_path / "bad.yaml"
     config.write_text("optimizer: {learning_rate: 1}\n")
     assert main(["train", "--config", str(config), "--out-dir", str(tmp_path / "x")]) == 2
@@ -112,3 +111,35 @@ def test_cli_refuses_unknown_keys_with_exit_2(tmp_path, capsys):
     assert main(["train", "--set", "optimizer.lr=-1", "--out-dir", str(tmp_path / "y")]) == 2
     assert "lr must be positive" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
+
+
+def test_resume_reads_the_checkpoints_run_yaml_and_a_planted_payload_there_never_runs(tmp_path, capsys):
+    """`felix train --resume --out-dir X` resolves its settings from the checkpoint's own run.yaml (safe_load: data,
+    never code); pickle bytes planted there are refused naming the file."""
+    import pickle
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["train", "--out-dir", str(out), "--n-records", "20", "--no-prose", "--steps", "2", "--warmup-steps", "1",
+            "--eval-every", "1", "--eval-batches", "1", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+            "--vocab-size", "300"]
+    assert main(args + ["--stop-at", "1"]) == 0
+    step_dir = (out / "checkpoint").resolve()
+    assert rc.load_file(step_dir / rc.RUN_CONFIG_FILE)["schedule"]["steps"] == 2
+    planted = tmp_path / "planted"
+    shutil.copytree(out, planted, symlinks=True)
+    marker = tmp_path / "MARKER"
+    (planted / "checkpoint" / rc.RUN_CONFIG_FILE).write_bytes(pickle.dumps(_Payload(marker)))
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out-dir", str(planted)]) == 2
+    err = capsys.readouterr().err
+    assert rc.RUN_CONFIG_FILE in err and not marker.exists()
+    assert main(["train", "--resume", "--out-dir", str(out)]) == 0  # the intact run continues from its own config

@@ -107,9 +107,12 @@ def test_a_planted_pickle_payload_never_runs_on_resume(tmp_path, finished):
     pickle.loads(payload)  # the payload works ...
     assert marker.exists()
     marker.unlink()
-    read_on_resume = sorted(p.name for p in (base / "checkpoint").iterdir())
-    assert read_on_resume == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json",
-                              "trainer_state.safetensors"]
+    in_checkpoint = sorted(p.name for p in (base / "checkpoint").iterdir())
+    assert in_checkpoint == ["config.json", "model.safetensors", "run.yaml", "tokenizer.json", "trainer_state.json",
+                             "trainer_state.safetensors"]
+    # train() reads all but run.yaml, which `felix train --resume` resolves its settings from (a payload there:
+    # tests/test_runconfig.py)
+    read_on_resume = [name for name in in_checkpoint if name != "run.yaml"]
     for name in [*read_on_resume, "trainer_state.pt"]:
         out = tmp_path / f"planted-{name}"
         shutil.copytree(base, out, symlinks=True)
@@ -186,8 +189,8 @@ def test_retention_keeps_the_last_k_and_the_milestones(tmp_path):
     train(cfg_for(out, steps=6, eval_every=6, checkpoint_every=1, keep_last=2, milestone_every=4), **QUIET)
     assert [s for s, _, _ in runs.step_directories(out)] == [4, 5, 6]
     assert os.readlink(out / "checkpoint") == os.path.join("checkpoints", "step-00000006")
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "checkpoints", "loss_curve.png",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "checkpoints", "data", "loss_curve.png",
+                                                     "metrics.jsonl", "run.yaml"]
 
 
 class Killed(BaseException):

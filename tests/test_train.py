@@ -62,7 +62,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert {"train_ce", "train_hinge", "val_ce", "tokens_per_s", "mfu", "peak_memory_mb", "corpus_wraps"} <= set(lines[0])
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "trainer_state.safetensors"]
+        "config.json", "model.safetensors", "run.yaml", "tokenizer.json", "trainer_state.json",
+        "trainer_state.safetensors"]
 
 
 def test_memorization_monitor_fires_on_a_leaky_wrapped_corpus(tmp_path):

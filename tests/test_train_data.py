@@ -126,3 +126,26 @@ def test_bad_data_settings_exit_2(tmp_path, corpora, capsys):
     assert main(base + ["--set", "data.sources.web.path=" + str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "data source 'web'" in err and "does not exist" in err
+
+
+def test_a_data_file_prepared_on_the_fly_resumes_from_a_moved_run_and_refuses_an_edited_file(tmp_path, corpora,
+                                                                                              capsys):
+    """A --data file is prepared into OUT/data/NAME; resume compares the file's bytes (size, sha256) with what was
+    prepared, not its path or time: a moved run directory resumes, an edited file is refused by name."""
+    src = write_jsonl(tmp_path / "notes.jsonl", WORDS_A, 30, seed=5)
+    out = tmp_path / "run"
+    args = ["--out-dir", str(out), "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
+            "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--tokenizer", str(corpora / "tokenizer.json")]
+    assert main(["train", "--data", str(src), "--stop-at", "2", *args]) == 0
+    assert (out / "data" / "notes" / "manifest.json").is_file()
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert main(["train", "--resume", "--out-dir", str(moved)]) == 0
+    assert [r["step"] for r in metrics(moved)] == [2, 4]
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["train", "--data", str(src), "--stop-at", "2", *args[2:], "--out-dir", str(again)]) == 0
+    write_jsonl(src, WORDS_A, 30, seed=6)  # same path, other content
+    assert main(["train", "--resume", "--out-dir", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume: data source 'notes'" in err and str(src) in err and "changed" in err
