@@ -98,7 +98,7 @@ setup(
         # `felix serve`: llama-cpp-python's OpenAI-compatible server (fastapi, uvicorn, sse-starlette, ...)
         "serve": ["llama-cpp-python[server]==0.3.36"],
         "test": [
-            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2",
+            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2", "ruff>=0.6",
             "llama-cpp-python[server]==0.3.36",
         ],
         "tensorboard": ["tensorboard>=2.14"],  # felix train --tensorboard (torch.utils.tensorboard)

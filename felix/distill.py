@@ -167,7 +167,9 @@ def agreement_markdown(report: dict, plot_name: str | None = None) -> str:
     for t, s in o["teachers"].items():
         valid = f"{100 * s['valid']:.0f}%" if s["valid"] is not None else "-"
         lines.append(f"| {t} | {s['responses']} | {valid} | {sel.get(t, '-')} |")
-    fmt = (lambda x: "-" if x is None else f"{x:.2f}")
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.2f}"
     lines += ["", "| pair | task | prompts | exact | word F1 | both valid | has_principle agreement |",
               "|---|---|---|---|---|---|---|"]
     for scope, sec in [("all", o)] + list(report["per_task"].items()):

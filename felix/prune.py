@@ -57,7 +57,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import felix
 from felix import data as felix_data

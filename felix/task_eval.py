@@ -134,7 +134,7 @@ def evaluate_systems(items: list[TaskItem], outputs: dict[str, list[str]], teach
 # ============================================================================================ report
 def markdown_report(report: dict, plot_name: str | None = None) -> str:
     tasks, systems = report["tasks"], report["systems"]
-    lines = [f"# Task-suite evaluation", ""]
+    lines = ["# Task-suite evaluation", ""]
     meta = report.get("meta") or {}
     for k, v in meta.items():
         lines.append(f"* {k}: {v}")

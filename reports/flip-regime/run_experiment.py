@@ -358,7 +358,7 @@ def markdown(summary: dict, meta: dict) -> str:
          f"of train + fidelity in this invocation {meta['wall_s'] / 60:.1f} min ({meta['runs_reused']} of "
          f"{meta['runs']} runs reused from an earlier invocation's --work-dir). Brackets: 95% bootstrap intervals ({N_BOOT} resamples of seeds, and of "
          f"probes within each seed; validation CE and KL over seeds only).", "",
-         f"Decision classes by the Bayes margin of the majority answer (logits): "
+         "Decision classes by the Bayes margin of the majority answer (logits): "
          + ", ".join(f"{n} ({'< ' + format(edges[0], 'g') if i == 0 else ('>= ' + format(edges[-1], 'g') if i == len(names) - 1 else format(edges[i - 1], 'g') + '-' + format(edges[i], 'g'))})"
                      for i, n in enumerate(names)) + ". A flip: the sign of the decision margin differs between "
          "the reference and the quantized model (lost: the reference gave the majority answer; gained: it did not).",
