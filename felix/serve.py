@@ -309,7 +309,14 @@ def _stop_on_sigterm(signum, frame):
 
 
 def cmd_serve(args) -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _serve_until_stopped(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # called in-process (tests, scripts): leave no handler behind
+
+
+def _serve_until_stopped(args) -> int:
     try:
         server = Server(args.model, quant=args.quant, host=args.host, port=args.port, lora=args.lora,
                         lora_scale=args.lora_scale, n_ctx=args.n_ctx, n_threads=args.threads,

@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -264,6 +265,14 @@ def _init_worker(tokenizer_path: str, dtype: str, val_fraction: float) -> None:
 
     tok = Tokenizer.load(tokenizer_path)
     _WORKER.update(tok=tok, dtype=np.dtype(dtype), val_fraction=val_fraction)
+
+
+def _init_pool_worker(tokenizer_path: str, dtype: str, val_fraction: float) -> None:
+    """A pool worker's start: the default SIGTERM (Pool.terminate must end it, whatever handler the parent had when
+    it forked, e.g. a training loop's or a server's) and SIGINT ignored (Ctrl-C is the parent's to handle)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_path, dtype, val_fraction)
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -573,7 +582,7 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
             # a fork after this process used its thread pool (e.g. to train the tokenizer); restored below
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker,
+            pool = ctx.Pool(workers, initializer=_init_pool_worker,
                             initargs=(str(tokenizer_path), dtype.name, val_fraction))
             pending: deque = deque()
 

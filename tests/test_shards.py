@@ -368,3 +368,28 @@ def test_two_prepares_never_write_one_directory(tmp_path, tokenizer_file):
         with pytest.raises(ShardError, match="another `felix data prepare` is writing"):
             prepare_corpus([src], tokenizer_file, out, workers=1, progress=False)
     prepare_corpus([src], tokenizer_file, out, workers=1, progress=False)
+
+
+def test_parallel_prepare_ends_under_a_parents_sigterm_handler(tmp_path, tokenizer_file):
+    """Pool workers are forked: they inherit the caller's SIGTERM handler (a training loop's flag-setter, a server's).
+    When a prepare fails midway, Pool.terminate must still end workers blocked on the task queue's lock; with an
+    inherited do-nothing handler it waited for them forever (seen within 5 tries: a suite run hung here). A child
+    process with a hard timeout runs 5 failing prepares, so a hang fails the test instead of the suite."""
+    import subprocess
+    import sys
+
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(20)])
+    (tmp_path / "b.jsonl").write_text("nope\n" * 10 + '{"text": "x"}\n')
+    script = ("import signal\n"
+              "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+              "from felix.data import DataError\n"
+              "from felix.shards import prepare_corpus\n"
+              "for i in range(5):\n"
+              "    try:\n"
+              f"        prepare_corpus([{str(good)!r}, {str(tmp_path / 'b.jsonl')!r}], {str(tokenizer_file)!r},"
+              f" {str(tmp_path)!r} + f'/out{{i}}', workers=2, progress=False, log=lambda m: None)\n"
+              "    except DataError:\n"
+              "        print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["refused"] * 5
