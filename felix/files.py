@@ -21,6 +21,15 @@ def temp_path(path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def fsync_path(path, directory: bool = False) -> None:
+    """fsync a file, or a directory (so that a rename or unlink in it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists (one owned by another user counts as alive)."""
     if pid <= 0:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import felix
+from felix.files import fsync_path, read_text
 from felix.oplib import autocast_dtype
 from felix.quail import DEFAULT_MARGIN
 from felix.reference.loss import LossParts
@@ -459,14 +460,6 @@ def _exchange_directories(a: Path, b: Path) -> bool:
     raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint_files(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> None:
     """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + `extra_files` {name: callable(path)}) into
     the existing directory `directory` (felix.runs writes a training run's step directories with this)."""
@@ -495,10 +488,10 @@ def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict
     try:
         write_checkpoint_files(tmp, model, tokenizer, extra_files)
         for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp, directory=True)
+            fsync_path(p)
+        fsync_path(tmp, directory=True)
         if directory.is_dir() and not directory.is_symlink() and _exchange_directories(tmp, directory):
-            _fsync(directory.parent, directory=True)
+            fsync_path(directory.parent, directory=True)
             shutil.rmtree(tmp)  # now the old checkpoint
             return directory
         old = None
@@ -511,7 +504,7 @@ def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict
             if old is not None:
                 os.replace(old, directory)  # the old copy back under its name
             raise
-        _fsync(directory.parent, directory=True)
+        fsync_path(directory.parent, directory=True)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)
@@ -526,8 +519,6 @@ def save_checkpoint(directory, model: FelixLM, tokenizer=None, extra_files: dict
 def load_config(directory) -> FelixConfig:
     """The checked FelixConfig in ``config.json``; a missing, non-UTF-8, non-JSON or invalid one (a field of the
     wrong type, out of CONFIG_LIMITS, not divisible) raises CheckpointError naming the file and the field."""
-    from felix.files import read_text
-
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a Felix checkpoint: {CONFIG_FILE} is missing")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from felix.files import fsync_path, pid_alive, read_text
 from felix.model import CheckpointError
 
 POINTER, STEPS_DIR, LOCK_FILE = "checkpoint", "checkpoints", ".lock"
@@ -142,8 +143,6 @@ def load_trainer_state(directory) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from felix.files import read_text
-
     directory = Path(directory)
     check_trainer_state(directory)
     json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
@@ -163,24 +162,6 @@ def load_trainer_state(directory) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # filesystem helpers
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _leftover_pid(name: str) -> int | None:
     m = _PID_RE.search(name)
@@ -328,7 +309,7 @@ def clean_leftovers(out, log) -> None:
             if not p.name.startswith(".") or p.name == LOCK_FILE:
                 continue
             pid = _leftover_pid(p.name)
-            if pid is None or (pid != me and _pid_alive(pid)):
+            if pid is None or (pid != me and pid_alive(pid)):
                 continue
             log(f"removing {p} (left by process {pid}, which is gone)")
             if p.is_dir() and not p.is_symlink():
@@ -397,7 +378,7 @@ def _point_at(out: Path, step_dir: Path) -> None:
         os.unlink(tmp)
     os.symlink(os.path.join(STEPS_DIR, step_dir.name), tmp)
     os.replace(tmp, link)
-    _fsync_path(out, directory=True)
+    fsync_path(out, directory=True)
 
 
 def commit_checkpoint(out, step: int, write_files, keep_last: int = 0, milestone_every: int = 0, log=print) -> Path:
@@ -408,7 +389,7 @@ def commit_checkpoint(out, step: int, write_files, keep_last: int = 0, milestone
     steps = out / STEPS_DIR
     if not steps.is_dir():
         os.mkdir(steps)
-        _fsync_path(out, directory=True)
+        fsync_path(out, directory=True)
     name, current = f"step-{step:08d}", pointer_target(out)
     final = steps / name
     version = 0
@@ -425,13 +406,13 @@ def commit_checkpoint(out, step: int, write_files, keep_last: int = 0, milestone
         write_files(tmp)
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
-                _fsync_path(p)
-        _fsync_path(tmp, directory=True)
+                fsync_path(p)
+        fsync_path(tmp, directory=True)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(steps, directory=True)
+    fsync_path(steps, directory=True)
     _point_at(out, final)
     apply_retention(out, keep_last, milestone_every, log)
     return final
