@@ -15,6 +15,7 @@ from export_fixtures import make_checkpoint
 from safetensors.torch import save_file
 
 from felix.cli import main
+from felix.testing.payload import PicklePayload, pickle_payload
 from felix.model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, FelixConfig, FelixLM, load_checkpoint, \
     load_config, save_checkpoint
 
@@ -317,16 +318,6 @@ def test_export_removes_what_killed_exports_left_behind(ckpt, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ no file Felix reads can run code
-class _Payload:
-    """Unpickling this calls open(marker, "w"): the marker file appearing means the file ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_path, gguf_path):
     from felix import edit as felix_edit
     from felix.data import load_teacher_records, load_user_data
@@ -341,9 +332,9 @@ def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_
     from felix.tokenizer import Tokenizer
 
     marker = tmp_path / "PAYLOAD_RAN"
-    raw = pickle.dumps(_Payload(marker))
+    raw = pickle_payload(marker)
     zipped = tmp_path / "zipped.pt"
-    torch.save(_Payload(marker), zipped)  # torch.save's zip form, what torch.load(weights_only=False) runs
+    torch.save(PicklePayload(marker), zipped)  # torch.save's zip form, what torch.load(weights_only=False) runs
     pickle.loads(raw)  # the payload is live: unpickling it does write the marker
     assert marker.exists()
     marker.unlink()

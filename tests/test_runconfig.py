@@ -10,6 +10,7 @@ import yaml
 
 from felix import runconfig as rc
 from felix.cli import main
+from felix.testing.payload import pickle_payload
 from felix.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,18 +114,9 @@ def test_cli_refuses_unknown_keys_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
-
-
 def test_resume_reads_the_checkpoints_run_yaml_and_a_planted_payload_there_never_runs(tmp_path, capsys):
     """`felix train --resume --out-dir X` resolves its settings from the checkpoint's own run.yaml (safe_load: data,
     never code); pickle bytes planted there are refused naming the file."""
-    import pickle
     import shutil
 
     out = tmp_path / "run"
@@ -137,7 +129,7 @@ def test_resume_reads_the_checkpoints_run_yaml_and_a_planted_payload_there_never
     planted = tmp_path / "planted"
     shutil.copytree(out, planted, symlinks=True)
     marker = tmp_path / "MARKER"
-    (planted / "checkpoint" / rc.RUN_CONFIG_FILE).write_bytes(pickle.dumps(_Payload(marker)))
+    (planted / "checkpoint" / rc.RUN_CONFIG_FILE).write_bytes(pickle_payload(marker))
     capsys.readouterr()
     assert main(["train", "--resume", "--out-dir", str(planted)]) == 2
     err = capsys.readouterr().err

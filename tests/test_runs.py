@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from felix import model as felix_model
 from felix import runs
+from felix.testing.payload import pickle_payload
 from felix.model import CheckpointError, FelixLM
 from felix.train import TrainConfig, TrainingHalted, train
 
@@ -90,20 +91,10 @@ def test_trainer_state_round_trips_without_pickle():
         runs.flatten_state({"x": {1, 2}})
 
 
-class Payload:
-    """Unpickling this writes the marker file: proof that a loader ran code from the file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
-
-
 def test_a_planted_pickle_payload_never_runs_on_resume(tmp_path, finished):
     base = finished
     marker = tmp_path / "MARKER"
-    payload = pickle.dumps(Payload(marker))
+    payload = pickle_payload(marker)
     pickle.loads(payload)  # the payload works ...
     assert marker.exists()
     marker.unlink()
