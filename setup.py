@@ -1,6 +1,6 @@
 """Felix build: the Python package plus the C++ extension felix._C, built with CMake.
 
-`kernels/` (the Triton kernels) installs as `felix.kernels`: we never install a top-level module
+`kernels/` (the Triton kernels) installs as `felix.ops.kernels`: we never install a top-level module
 called `kernels` (Hugging Face's `kernels` package owns that name).
 """
 import os
@@ -77,7 +77,7 @@ class CMakeBuild(TORCH_BUILD_EXT or build_ext):
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
 
 
-packages = find_packages(include=["felix", "felix.*"]) + ["felix.kernels"]
+packages = find_packages(include=["felix", "felix.*"]) + ["felix.ops.kernels"]
 
 setup(
     name="felix",
@@ -87,7 +87,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"felix.kernels": "kernels"},
+    package_dir={"felix.ops.kernels": "kernels"},
     ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60", "tokenizers>=0.19", "safetensors>=0.4",
@@ -103,6 +103,6 @@ setup(
         ],
         "tensorboard": ["tensorboard>=2.14"],  # felix train --tensorboard (torch.utils.tensorboard)
     },
-    entry_points={"console_scripts": ["felix=felix.cli:main"]},
+    entry_points={"console_scripts": ["felix=felix.cli.main:main"]},
     zip_safe=False,
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a freshly lent CUDA or ROCm machine: the GPU test tier (tests/test_gpu*.py) and every benchmark
+# One command for a freshly lent CUDA or ROCm machine: the GPU test tier (tests/*/test_gpu*.py) and every benchmark
 # in bench/ (attention vs SDPA backends, low-rank vs two-GEMM addmm, fused loss vs torch time/memory, codecs vs copy
 # bandwidth, W4A16 vs dequantize+matmul, training-step tokens/s, MFU and peak memory at felix-300m), within a time
 # budget (default 480 s = 8 min), results in bench/results/<device>.{json,md,png} plus <device>-gpu-check.{log,txt}.
@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_check.sh            # on a GPU machine (exits 2 when torch sees no GPU)
 #   bash bench/gpu_check.sh --dry-run  # anywhere: the same steps on the CPU, GPU parts skipped, benchmarks run
-#                                      # once untimed at smoke size (how tests/test_gpu_check.py proves the script)
+#                                      # once untimed at smoke size (how tests/tools/test_bench_gpu_check.py proves the script)
 # Environment: FELIX_GPU_CHECK_BUDGET_S (480), FELIX_BENCH_RESULTS (output folder, default bench/results),
 #              FELIX_GPU_CHECK_BENCH_K (a pytest -k filter for the benchmarks, default: all).
 set -euo pipefail
@@ -45,7 +45,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # 1. the GPU test tier (skips cleanly without a GPU), at most a third of the budget
 T_TESTS=$(( BUDGET / 3 ))
 set +e
-timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider tests/test_gpu*.py -rs >> "$LOG" 2>&1
+timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider tests/*/test_gpu*.py -rs >> "$LOG" 2>&1
 TESTS_RC=$?
 set -e
 TESTS_LINE=$(grep -E "passed|failed|skipped|error" "$LOG" | tail -1 || true)

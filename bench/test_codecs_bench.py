@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import felix
-from felix.formats import get_format
+from felix.core.formats import get_format
 from felix.testing import ggml_c
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)

@@ -1,4 +1,4 @@
-"""Pretraining data benchmarks: `felix data prepare` (felix.shards.prepare_corpus) against HF tokenizers' own
+"""Pretraining data benchmarks: `felix data prepare` (felix.data.shards.prepare_corpus) against HF tokenizers' own
 ``encode_batch`` on the same text in one process and one thread (the tokenizer's limit per core), and reads of
 training windows from the memory-mapped shards.
 
@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
-from felix.shards import BATCH_CHARS, PreparedCorpus, prepare_corpus
+from felix.data.shards import BATCH_CHARS, PreparedCorpus, prepare_corpus
 from felix.testing.corpus import write_text_corpus
-from felix.tokenizer import Tokenizer, save_tokenizer_file, train_tokenizer_from_sources
+from felix.model.tokenizer import Tokenizer, save_tokenizer_file
+from felix.data.tokenizer_training import train_tokenizer_from_sources
 
 CORPUS_BYTES = 200_000 if QUICK else int(float(os.environ.get("FELIX_BENCH_DATA_MB", "4")) * 1e6)
 VOCAB = 2048 if QUICK else 8192

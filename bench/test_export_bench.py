@@ -1,6 +1,6 @@
 """GGUF export benchmarks: felix-300m (random init, the real shapes) to every deployment format on this CPU.
 
-"felix" (the candidate) is `felix.export.export_gguf`: the per-tensor policy, Felix's C++ codecs, gguf-py's
+"felix" (the candidate) is `felix.ship.export.export_gguf`: the per-tensor policy, Felix's C++ codecs, gguf-py's
 writer, the atomic rename. The peer is what llama.cpp's own convert_hf_to_gguf.py does for the same tensors and
 the same per-tensor policy: gguf-py's numpy quantizers (`gguf.quants.quantize`) and a plain `gguf.GGUFWriter`
 (peers exist for q8_0, q4_0 and tq2_0; gguf-py has no IQ4_NL quantizer and no RQ4). Each case's extra_info holds
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
-from felix import model as M
-from felix.data import builtin_corpus
-from felix.export import base_tensors, export_gguf
-from felix.quant_policy import plan_tensor_types, tensor_nbytes
-from felix.tokenizer import train_tokenizer
+from felix.model import felix_lm as M
+from felix.data.corpus import builtin_corpus
+from felix.ship.export import base_tensors, export_gguf
+from felix.ops.quant_policy import plan_tensor_types, tensor_nbytes
+from felix.model.tokenizer import train_tokenizer
 
 PRESET = "tiny" if QUICK else "felix-300m"
 CASES = [("rq4", "felix"), ("iq4_nl", "llama"), ("q4_0", "llama"), ("tq2_0", "llama"), ("q8_0", "llama")]

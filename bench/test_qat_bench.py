@@ -1,4 +1,4 @@
-"""Quantization-aware training's cost: a linear layer whose weight is fake-quantized every call (felix.qat: encode to
+"""Quantization-aware training's cost: a linear layer whose weight is fake-quantized every call (felix.model.qat: encode to
 the format's exact ggml bytes and decode, straight-through backward) against the plain linear on the same weight,
 forward and forward + backward, on the CPU (C++ codecs) and on a GPU (Triton codecs), with the peak memory of the
 forward + backward (GPU). The fake-quant overhead is the codec's roundtrip of the weight, once per call: it shrinks
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
-from felix import qat
+from felix.model import qat
 
 CPU = torch.device("cpu")
 MODES = ["plain", "rq4", "q4_0", "q8_0", "tq2_0", "bitnet"] + ([] if QUICK else ["iq4_nl"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
-from felix import model as M
-from felix.train import flops_per_token
+from felix.model import felix_lm as M
+from felix.train.loop import flops_per_token
 
 GPU_PRESETS = ["tiny"] if QUICK else ["pilot-50m", "felix-300m"]
 MICRO_BATCHES = [1] if QUICK else [1, 2, 4]

@@ -1,9 +1,9 @@
-"""The trainer's data path on prepared token shards (felix/mix.py, felix/run_data.py): loader throughput and the
+"""The trainer's data path on prepared token shards (felix/data/mix.py, felix/train/run_data.py): loader throughput and the
 trainer's resident memory against corpus size.
 
 * Loader: [8, 2048] int64 (inputs, targets) batches from a 0.7/0.3 mix of two prepared sources (MixStream:
   O(1) sample lookup + memory-mapped TokenArray reads), against the in-RAM loader it replaces
-  (felix.data.TokenStream over one int64 tensor of the same tokens). Goal (reported, not asserted): >= 100x
+  (felix.data.corpus.TokenStream over one int64 tensor of the same tokens). Goal (reported, not asserted): >= 100x
   what felix-300m consumes on one RX 7800 XT (~6,500 tokens/s in the seed's estimate), i.e. >= 650,000 tokens/s.
 * Memory: peak RSS of `felix train` (tiny preset, 3 steps, one prepared source) in a fresh process, on prepared
   corpora of 10x and 100x the tokens of a base corpus. Goal: growth < 0.01 byte per token.
@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from conftest import QUICK  # noqa: E402  (bench/ is on sys.path under pytest)
-from felix.data import TokenStream
-from felix.mix import MixStream
-from felix.shards import prepare_corpus
+from felix.data.corpus import TokenStream
+from felix.data.mix import MixStream
+from felix.data.shards import prepare_corpus
 from felix.testing.corpus import write_text_corpus
-from felix.tokenizer import save_tokenizer_file, train_tokenizer_from_sources
+from felix.model.tokenizer import save_tokenizer_file
+from felix.data.tokenizer_training import train_tokenizer_from_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_TOKENS_PER_S = 100 * 6_500

@@ -1,5 +1,5 @@
 import sys
 
-from felix.cli import main
+from felix.cli.main import main
 
 sys.exit(main())

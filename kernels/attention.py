@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key
-from felix.reference.attention import SUPPORTED_HEAD_DIMS
+from felix.ops.dispatch import arch_key
+from felix.ops.reference.attention import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
 

@@ -1,8 +1,8 @@
 """Triton block codecs: quantize float tensors to ggml blocks and decode them, byte-exact with
-felix/reference/codecs.py (itself byte-exact with ggml's C quantizers).
+felix/ops/reference/codecs.py (itself byte-exact with ggml's C quantizers).
 
 One program handles a tile of BLOCKS ggml blocks (rows masked for the ragged tail). Layouts, as in
-felix/formats.py (block sizes, byte counts, scale / index offsets, packing and codebooks are read from there as
+felix/core/formats.py (block sizes, byte counts, scale / index offsets, packing and codebooks are read from there as
 module-level Triton constexprs, never retyped; each kernel implements one packing and checks the table agrees):
 
 * q8_0 ("int8"): x = d * q;  q4_0 ("halves"): x = d * (q - 8);  iq4_nl ("halves"): x = d * IQ4_NL_VALUES[q];
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.formats import FORMATS, get_format
-from felix.oplib import arch_key
+from felix.core.formats import FORMATS, get_format
+from felix.ops.dispatch import arch_key
 
 # The packing each kernel pair implements; the table must agree (a format whose packing changes needs new kernels).
 KERNEL_PACKING = {"q8_0": "int8", "q4_0": "halves", "iq4_nl": "halves", "rq4": "pairs", "tq2_0": "crumbs"}
@@ -404,7 +404,7 @@ def dequantize(blocks: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> tor
 
 
 def aot_specs(arch: str = "gfx11") -> list[dict]:
-    """Every kernel with a concrete signature and `arch`'s launch config, for felix.aot."""
+    """Every kernel with a concrete signature and `arch`'s launch config, for felix.ops.aot."""
     specs = []
     for name in QUANTIZE_KERNELS:
         f = get_format(name)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key
-from felix.reference.loss import chunk_logits, finish_parts, logits_weight, row_weights
+from felix.ops.dispatch import arch_key
+from felix.ops.reference.loss import chunk_logits, finish_parts, logits_weight, row_weights
 
 # BLOCK_V: vocabulary elements per step of a row's sweep; chunk_logits_bytes: the fp32 logits of one
 # chunk (rows x V x 4 bytes) that the default chunk size keeps to (the only N x V-shaped buffer).
@@ -105,7 +105,7 @@ def _ce_quail_rows(z_ptr, stride_z, t_ptr, ce_w_ptr, h_w_ptr, lse_ptr, zt_ptr, m
 def loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size,
                    accum_dtype=torch.float32, need_grads=True, reduction="mean", label_smoothing=0.0, softcap=0.0,
                    row_weight=None):
-    """Same contract as felix.reference.loss.chunked_loss_and_grads, with the row work in Triton.
+    """Same contract as felix.ops.reference.loss.chunked_loss_and_grads, with the row work in Triton.
     Returns (parts [loss, ce, hinge, z_loss, active count, mean margin], dh, dW, db, rows [4, N])."""
     n, v = h.shape[0], weight.shape[0]
     cfg = LAUNCH_CONFIGS[arch_key(h.device)]

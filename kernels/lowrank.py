@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key
-from felix.reference.lowrank import MAX_RANK
+from felix.ops.dispatch import arch_key
+from felix.ops.reference.lowrank import MAX_RANK
 
 # Launch configurations per architecture, as data (tiles for the big GEMMs; the rank-sized products
 # use the same kernel with their own small N or M, masked).

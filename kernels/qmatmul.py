@@ -1,8 +1,8 @@
 """Triton W4A16 matmul: y[M, N] = x[M, K] @ dequantize(W[N, K])^T with W kept in 4-bit ggml blocks
 (the table's "halves" and "pairs" formats: an fp16 scale + QK/2 index bytes per QK weights), decoded in
 registers: packed bytes -> nibbles -> 16-entry value table (a kernel argument, from
-felix.reference.qmatmul.four_bit_layout) -> times the fp16 scale. The block geometry (QK, BLOCK_BYTES, the scale
-and index offsets) is read from felix/formats.py into module-level constexprs, so formats.py stays the one source.
+felix.ops.reference.qmatmul.four_bit_layout) -> times the fp16 scale. The block geometry (QK, BLOCK_BYTES, the scale
+and index offsets) is read from felix/core/formats.py into module-level constexprs, so formats.py stays the one source.
 
 The two nibbles of a byte never have to be interleaved back into element order: the low nibbles of
 a tile form one [BN, NB*HALF] operand and the high nibbles another, and the activations are loaded in
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key
-from felix.reference.qmatmul import QUANT_MATMUL_FORMATS, decode_table, four_bit_layout
+from felix.ops.dispatch import arch_key
+from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS, decode_table, four_bit_layout
 
 
 def _shared_geometry():

@@ -1,5 +1,5 @@
 """The fork's spoke residual in Triton, the SiLU bottleneck fused: ``y = h + sigmoid(gb)/S * W_up silu(W_down
-rmsnorm(h) * g)`` (felix/reference/spoke.py is the spec, with the backward's formulas).
+rmsnorm(h) * g)`` (felix/ops/reference/spoke.py is the spec, with the backward's formulas).
 
 Forward, ``_spoke_fwd``: one program per BLOCK_M rows. It reads its rows once for the RMS, then streams them
 again through ``tl.dot`` against W_downᵀ with the norm (rs, g) applied on the fly in the prologue, so the
@@ -14,7 +14,7 @@ needed whole before the RMSNorm backward can be applied; the second recomputes d
 cheaper than a round trip through memory, and writes dh = dy + rs q - h rs³ (q·h)/d plus this block's partial
 column sums for dnorm_weight). Split in two, and dz W_down K-chunked, so neither holds more than one
 [BLOCK_M, R] tile: one kernel holding P, z and dz spilled on gfx1101. The weight gradients are token reductions, GEMMs over M:
-dW_up = c dyᵀ silu(z) and dW_down = (dz ⊙ rs)ᵀ h ⊙ g run on felix.kernels.lowrank's GEMM.
+dW_up = c dyᵀ silu(z) and dW_down = (dz ⊙ rs)ᵀ h ⊙ g run on felix.ops.kernels.lowrank's GEMM.
 
 Dots take the operands in h's dtype (fp16/bf16 matrix units, fp32 as IEEE, never tf32; fp64 for gradient
 checks); accumulation and elementwise math in fp32 (fp64 for fp64).
@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from felix.oplib import arch_key
-from felix.reference.spoke import MAX_WIDTH  # n_spokes * rank: the bottleneck is held in one register tile
+from felix.ops.dispatch import arch_key
+from felix.ops.reference.spoke import MAX_WIDTH  # n_spokes * rank: the bottleneck is held in one register tile
 
-from .lowrank import gemm  # relative: kernels/ installs as felix.kernels, and a source checkout has it as kernels
+from .lowrank import gemm  # relative: kernels/ installs as felix.ops.kernels, and a source checkout has it as kernels
 
 RK_CHUNK = 64    # the dh sweep's K-chunk over the bottleneck
 

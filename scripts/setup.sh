@@ -6,7 +6,7 @@
 #                                  ~8 minutes the first time, then pip's wheel cache makes it instant),
 #                                  hipcc (apt-get, where possible) for the gfx1101 compile check, and the
 #                                  llama.cpp fork (RQ4, felix arch) from ../shared/llama-fork, CPU only, once per
-#                                  machine (~15 minutes; cached in felix.fork.build_dir(), rebuilt only when its
+#                                  machine (~15 minutes; cached in felix.core.fork.build_dir(), rebuilt only when its
 #                                  sources change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ fi
 pip "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.18" ninja numpy tqdm
 
 if [[ "${1:-}" == "--test" ]]; then
-  # hipcc for the gfx1101 compile check of csrc/hip (tests/test_hip_compile.py); Debian's ROCm 5.2 packages
+  # hipcc for the gfx1101 compile check of csrc/hip (tests/ops/test_hip_compile.py); Debian's ROCm 5.2 packages
   if ! command -v hipcc >/dev/null && command -v apt-get >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo -n"
     $SUDO apt-get install -y -q hipcc libamdhip64-dev >/dev/null 2>&1 \
@@ -37,7 +37,7 @@ if [[ "${1:-}" == "--test" ]]; then
   # (no build isolation). Its own libraries and Python sources stay in the cache dir; stock llama_cpp is untouched.
   FORK_SRC=${FELIX_LLAMA_FORK_SRC:-../shared/llama-fork}
   if [[ -f "$FORK_SRC/build.sh" ]]; then
-    FORK_DIR=$("$PY" -c "from felix import fork; print(fork.build_dir())")
+    FORK_DIR=$("$PY" -c "from felix.core import fork; print(fork.build_dir())")
     stamp=$(cat "$FORK_SRC/build.sh" $(find "$FORK_SRC/overlay" -type f | sort) | sha256sum | cut -c1-16)
     if [[ -f "$FORK_DIR/cmake-build/bin/libllama.so" && "$(cat "$FORK_DIR/.felix-stamp" 2>/dev/null)" == "$stamp" ]]; then
       echo "setup: llama.cpp fork already built in $FORK_DIR"

@@ -44,7 +44,7 @@ def tier_of(filename: str) -> str:
 
 
 AOT_REPORTS: list[dict] = []
-HIP_REPORTS: list[str] = []  # csrc/hip compile checks: register tables (tests/test_hip_compile.py)
+HIP_REPORTS: list[str] = []  # csrc/hip compile checks: register tables (tests/ops/test_hip_compile.py)
 
 
 def pytest_report_header(config):
@@ -93,7 +93,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(table)
     if not AOT_REPORTS:
         return
-    from felix.aot import ResourceReport, format_reports
+    from felix.ops.aot import ResourceReport, format_reports
 
     terminalreporter.section("AOT resource report (Triton kernels, no GPU needed)")
     terminalreporter.write_line(format_reports([ResourceReport(**r) for r in AOT_REPORTS]))

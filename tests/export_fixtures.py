@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from felix.data import builtin_corpus
-from felix.model import FelixConfig, FelixLM, save_checkpoint
-from felix.tokenizer import train_tokenizer
+from felix.data.corpus import builtin_corpus
+from felix.model.felix_lm import FelixConfig, FelixLM, save_checkpoint
+from felix.model.tokenizer import train_tokenizer
 
 VARIED_TEXTS = [
     'Plain words, then JSON: {"name": "Ada", "age": 36, "tags": ["a", "b"], "ok": true, "none": null}',

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from felix import data
-from felix.fidelity import builtin_probes
-from felix.model import FelixConfig, FelixLM, save_checkpoint
-from felix.tokenizer import train_tokenizer
+from felix.tasks import records as task_records
+from felix.model import chat
+from felix.verify.fidelity import builtin_probes
+from felix.model.felix_lm import FelixConfig, FelixLM, save_checkpoint
+from felix.model.tokenizer import train_tokenizer
 
 
 def memorized_checkpoint(directory, n_probes: int = 4, steps: int = 80, seed: int = 0):
@@ -17,8 +18,8 @@ def memorized_checkpoint(directory, n_probes: int = 4, steps: int = 80, seed: in
     expected answer greedily (asserted in PyTorch, so a test failure later is the runtime's, not the training's)."""
     probes = builtin_probes(n_probes)
     texts = [p.prompt + p.expected for p in probes]
-    records = [data.chat_text(r["prompt"], r["response"])
-               for r in data.structured_records(200, 7, tasks=("encoding", "episode", "principle"))]
+    records = [chat.chat_text(r["prompt"], r["response"])
+               for r in task_records.structured_records(200, 7, tasks=("encoding", "episode", "principle"))]
     tok = train_tokenizer(records + texts, 1024)  # ~200 tokens per probe: short sequences train fast
     docs = [[tok.bos_id, *tok.encode(t), tok.eos_id] for t in texts]
     width = max(len(d) for d in docs)

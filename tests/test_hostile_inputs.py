@@ -14,9 +14,9 @@ import torch
 from export_fixtures import make_checkpoint
 from safetensors.torch import save_file
 
-from felix.cli import main
+from felix.cli.main import main
 from felix.testing.payload import PicklePayload, pickle_payload
-from felix.model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, FelixConfig, FelixLM, load_checkpoint, \
+from felix.model.felix_lm import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, FelixConfig, FelixLM, load_checkpoint, \
     load_config, save_checkpoint
 
 
@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_path(ckpt, tmp_path_factory):
-    from felix.export import export_gguf
+    from felix.ship.export import export_gguf
 
     return export_gguf(ckpt, tmp_path_factory.mktemp("gguf") / "m.gguf", quant="f32").path
 
@@ -131,7 +131,7 @@ def _forge(src, dst, **values):
     ({"llama__feed_forward_length": 4096}, "mis-shaped blk.0.ffn_gate.weight"),
 ])
 def test_gguf_hyperparameters_are_checked_against_its_tensors(gguf_path, tmp_path, capsys, forged, fragment):
-    from felix.export import ExportError, model_from_gguf
+    from felix.ship.export import ExportError, model_from_gguf
 
     path = _forge(gguf_path, tmp_path / "forged.gguf", **forged)
     with pytest.raises(ExportError, match=fragment) as e:
@@ -152,8 +152,8 @@ def _break_utf8(src, dst, key="general.name"):
 
 
 def test_gguf_metadata_that_is_not_utf8(gguf_path, tmp_path, capsys):
-    from felix.export import model_from_gguf
-    from felix.gguf_file import GGUFError
+    from felix.ship.export import model_from_gguf
+    from felix.ship.gguf_file import GGUFError
 
     path = _break_utf8(gguf_path, tmp_path / "bad-utf8.gguf")
     with pytest.raises(GGUFError, match="metadata general.name holds text that is not UTF-8") as e:
@@ -165,7 +165,7 @@ def test_gguf_metadata_that_is_not_utf8(gguf_path, tmp_path, capsys):
 
 # ------------------------------------------------------------------ the other files a user hands Felix
 def test_bad_tokenizer_json(ckpt, tmp_path, capsys):
-    from felix.tokenizer import Tokenizer, TokenizerError
+    from felix.model.tokenizer import Tokenizer, TokenizerError
 
     directory = _copy(ckpt, tmp_path)
     tok_path = directory / "tokenizer.json"
@@ -184,7 +184,7 @@ def test_bad_tokenizer_json(ckpt, tmp_path, capsys):
 
 
 def test_corrupt_edits_manifest_and_binary_requests(ckpt, tmp_path, capsys):
-    from felix.edit import EditError, load_requests
+    from felix.tools.edit import EditError, load_requests
 
     directory = _copy(ckpt, tmp_path)
     binary = tmp_path / "requests.jsonl"
@@ -206,7 +206,7 @@ def test_corrupt_edits_manifest_and_binary_requests(ckpt, tmp_path, capsys):
 
 
 def test_edit_requests_with_line_separators_inside_strings_load(tmp_path):
-    from felix.edit import load_requests
+    from felix.tools.edit import load_requests
 
     path = tmp_path / "requests.jsonl"
     rows = [{"prompt": "Line\u2028separated", "target": " x\u2029y"}, {"prompt": "next\u0085", "target": " z"}]
@@ -216,7 +216,7 @@ def test_edit_requests_with_line_separators_inside_strings_load(tmp_path):
 
 
 def _spoke_file(path, model, spoke_config):
-    from felix.spokes import hub_fingerprint
+    from felix.model.spokes import hub_fingerprint
 
     save_file({"blk.0.spoke.norm.weight": torch.ones(model.cfg.d_model)}, str(path),
               metadata={"format": "felix-spokes", "hub_fingerprint": hub_fingerprint(model),
@@ -235,7 +235,7 @@ def _spoke_file(path, model, spoke_config):
      "spoke_gate_init must be two numbers"),
 ])
 def test_corrupt_spoke_metadata(ckpt, tmp_path, capsys, spoke_config, fragment):
-    from felix.spokes import SpokeError, load_spokes
+    from felix.model.spokes import SpokeError, load_spokes
 
     model = load_checkpoint(ckpt)
     path = _spoke_file(tmp_path / "spokes.safetensors", model, spoke_config)
@@ -247,7 +247,7 @@ def test_corrupt_spoke_metadata(ckpt, tmp_path, capsys, spoke_config, fragment):
 
 
 def test_corrupt_qat_record(ckpt, tmp_path, capsys):
-    from felix.qat import QAT_FILE, QAT_SCHEMA, read_qat_config
+    from felix.model.qat import QAT_FILE, QAT_SCHEMA, read_qat_config
 
     directory = _copy(ckpt, tmp_path)
     for data, fragment in [(b"\xfe\xff\x00", "as UTF-8 text"), (b"{", "is not JSON"),
@@ -274,7 +274,7 @@ def test_corrupt_qat_record(ckpt, tmp_path, capsys):
         "change_quantiles": {"0.01": "low"}}}}}}).encode(), r"change_quantiles\['0.01'\] is 'low', not a number"),
 ])
 def test_corrupt_fidelity_report_for_margin_from(tmp_path, report, fragment):
-    from felix.quail import CalibrationError, margin_from_fidelity
+    from felix.core.quail import CalibrationError, margin_from_fidelity
 
     path = tmp_path / "fidelity-rq4.json"
     path.write_bytes(report)
@@ -319,17 +319,17 @@ def test_export_removes_what_killed_exports_left_behind(ckpt, tmp_path, capsys):
 
 # ------------------------------------------------------------------ no file Felix reads can run code
 def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_path, gguf_path):
-    from felix import edit as felix_edit
-    from felix.data import load_teacher_records, load_user_data
-    from felix.distill import load_teacher_groups
-    from felix.export import model_from_gguf
-    from felix.fidelity import load_probes
-    from felix.gguf_file import open_gguf
-    from felix.llamacpp import LlamaCppModel
-    from felix.qat import read_qat_config
-    from felix.quail import margin_from_fidelity
-    from felix.spokes import load_spokes
-    from felix.tokenizer import Tokenizer
+    from felix.tools import edit as felix_edit
+    from felix.data.corpus import load_teacher_records, load_user_data
+    from felix.train.distill import load_teacher_groups
+    from felix.ship.export import model_from_gguf
+    from felix.verify.fidelity import load_probes
+    from felix.ship.gguf_file import open_gguf
+    from felix.ship.llamacpp import LlamaCppModel
+    from felix.model.qat import read_qat_config
+    from felix.core.quail import margin_from_fidelity
+    from felix.model.spokes import load_spokes
+    from felix.model.tokenizer import Tokenizer
 
     marker = tmp_path / "PAYLOAD_RAN"
     raw = pickle_payload(marker)
@@ -384,7 +384,7 @@ def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_
 
 def test_felix_has_no_pickle_loading_path_outside_the_trainer():
     """Source check backing the planted-payload test: no torch.load without weights_only=True and no pickle.load
-    of a file anywhere in felix/ (felix/train.py's trainer state is issue32-runs' part; the llama.cpp worker
+    of a file anywhere in felix/ (felix/train/loop.py's trainer state is issue32-runs' part; the llama.cpp worker
     pipe speaks pickle to Felix's own child process, never to a file)."""
     import felix
 

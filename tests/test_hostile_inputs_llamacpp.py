@@ -11,7 +11,7 @@ from test_hostile_inputs import _forge
 
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory):
-    from felix.export import export_gguf
+    from felix.ship.export import export_gguf
 
     root = tmp_path_factory.mktemp("hostile-llamacpp")
     directory, _, _ = make_checkpoint(root / "ck", seed=3, d_model=64, n_layer=2, vocab_size=300)
@@ -20,7 +20,7 @@ def gguf_path(tmp_path_factory):
 
 _STOCK_LOAD = textwrap.dedent("""
     import sys
-    from felix.llamacpp import LlamaCppModel
+    from felix.ship.llamacpp import LlamaCppModel
     try:
         LlamaCppModel(sys.argv[1], runtime="stock")
     except Exception as e:

@@ -2,7 +2,7 @@
 
 Every ``import`` of a Felix module counts, at the top of a file and inside functions alike (a function-level import
 hides a cycle from Python's import machinery, not from the design). Read from the source with ``ast``, nothing is
-imported. kernels/ is read as felix.kernels, the name it installs under.
+imported. kernels/ is read as felix.ops.kernels, the name it installs under.
 """
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def source_modules() -> dict[str, Path]:
-    """{module name: file} for felix/ (felix/kernels as kernels/, whether or not the link exists)."""
+    """{module name: file} for felix/ (felix.ops.kernels as kernels/, whether or not the link exists)."""
     files = {}
     for path in sorted((ROOT / "felix").rglob("*.py")):
         rel = path.relative_to(ROOT / "felix")
-        if rel.parts[0] == "kernels":
+        if rel.parts[:2] == ("ops", "kernels"):
             continue
         files[".".join(("felix", *rel.with_suffix("").parts)).removesuffix(".__init__")] = path
     for path in sorted((ROOT / "kernels").glob("*.py")):
-        files[f"felix.kernels.{path.stem}".removesuffix(".__init__")] = path
+        files[f"felix.ops.kernels.{path.stem}".removesuffix(".__init__")] = path
     return files
 
 
@@ -102,12 +102,53 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph("module")
-    assert "felix.tasks.records" in graph["felix.data"]                 # top of the file
-    assert "felix.kernels.lowrank" in graph["felix.kernels.spoke"]      # relative (from .lowrank import gemm)
-    assert "felix.kernels.attention" in graph["felix.ops.attention"]    # inside a function (Triton stays lazy)
+    assert "felix.tasks.records" in graph["felix.data.corpus"]                 # top of the file
+    assert "felix.ops.kernels.lowrank" in graph["felix.ops.kernels.spoke"]      # relative (from .lowrank import gemm)
+    assert "felix.ops.kernels.attention" in graph["felix.ops.attention"]    # inside a function (Triton stays lazy)
 
 
 @pytest.mark.parametrize("level", ["top", "module"])
 def test_no_import_cycle(level):
     cycle = find_cycle(import_graph(level))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The stages, lowest first: a module may import its own stage and the ones before it, never one after it (the
+# pipeline reads bottom-up: ops -> model -> data -> train -> ship -> verify). felix.testing (test and benchmark
+# infrastructure) may import any stage and no stage imports it; felix/__init__.py (the public API) and
+# felix/__main__.py stand outside the stages and nothing inside a stage below the CLI imports them.
+STAGES = ("core", "ops", "model", "tasks", "data", "train", "ship", "verify", "tools", "cli")
+OUTSIDE = {"felix": None, "felix.__main__": None, "felix.testing": len(STAGES), "felix._C": 1, "felix._C_gpu": 1}
+
+
+def stage_of(unit: str) -> int | None:
+    """The stage index of a top-level unit (felix.<package>), None for the package facade felix / felix.__main__."""
+    if unit in OUTSIDE:
+        return OUTSIDE[unit]
+    name = unit.split(".")[1]
+    assert name in STAGES, f"{unit} is in no stage: add it to a stage package (tests/test_import_graph.py STAGES)"
+    return STAGES.index(name)
+
+
+def test_felix_has_a_package_per_stage_and_few_top_level_modules():
+    top = sorted(p.name for p in (ROOT / "felix").iterdir() if not p.name.startswith(("_C", ".", "__pycache__")))
+    assert len(top) <= 13, top  # the stages, testing, __init__.py, __main__.py
+    for unit in import_graph("top"):
+        stage_of(unit)
+
+
+def test_no_stage_imports_a_later_stage_or_the_facade():
+    wrong = []
+    for importer, targets in import_graph("top").items():
+        for target in targets:
+            if importer in ("felix", "felix.__main__", "felix.cli"):  # the facade; the CLI may use the public API
+                continue
+            if target in ("felix", "felix.__main__"):
+                wrong.append(f"{importer} imports the package facade {target} (import the stage module instead)")
+            elif importer == "felix.testing":
+                continue
+            elif target == "felix.testing":
+                wrong.append(f"{importer} imports the test infrastructure felix.testing")
+            elif stage_of(target) > stage_of(importer):
+                wrong.append(f"{importer} (stage {stage_of(importer)}) imports {target} (stage {stage_of(target)})")
+    assert not wrong, "\n".join(sorted(wrong))

@@ -2,7 +2,7 @@
 
 Declared as two torch.library custom ops, ``felix::attention_fwd`` (returns the output and the
 log-sum-exp the backward needs) and ``felix::attention_bwd``, joined by
-``torch.library.register_autograd``; implemented by the torch reference (felix/reference/attention.py,
+``torch.library.register_autograd``; implemented by the torch reference (felix/ops/reference/attention.py,
 the spec) and the Triton kernels (kernels/attention.py).
 
 Shapes: q ``[B, H, T_q, D]``, k and v ``[B, H_kv, T_k, D]`` with ``H % H_kv == 0`` (grouped-query
@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.reference import attention as reference
-from felix.reference.attention import SUPPORTED_HEAD_DIMS
+from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
+from felix.ops.reference import attention as reference
+from felix.ops.reference.attention import SUPPORTED_HEAD_DIMS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -106,9 +106,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     q ``[B, H, T_q, D]``, k/v ``[B, H_kv, T_k, D]``, ``H % H_kv == 0``; D in (32, 64, 128); fp16, bf16,
     fp32 (or fp64, for gradient checks) with fp32 accumulation; `scale` defaults to ``1/sqrt(D)``.
     Differentiable in q, k, v. `backend`: ``"reference"``, ``"triton"`` or None (automatic, see
-    felix.oplib). Returns a tensor shaped and typed like q.
+    felix.ops.dispatch). Returns a tensor shaped and typed like q.
     """
-    q, k, v = autocast_operands(q, k, v)  # under autocast: the autocast dtype, as SDPA (felix.oplib)
+    q, k, v = autocast_operands(q, k, v)  # under autocast: the autocast dtype, as SDPA (felix.ops.dispatch)
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, torch.Tensor):
@@ -126,13 +126,13 @@ register_impl("attention_bwd", "reference")(reference.attention_backward)
 
 @register_impl("attention_fwd", "triton")
 def _attention_fwd_triton(q, k, v, causal, scale):
-    from felix.kernels import attention as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import attention as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(q, k, v, causal, scale)
 
 
 @register_impl("attention_bwd", "triton")
 def _attention_bwd_triton(dout, q, k, v, out, lse, causal, scale):
-    from felix.kernels import attention as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import attention as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dout, q, k, v, out, lse, causal, scale)

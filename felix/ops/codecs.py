@@ -2,7 +2,7 @@
 
 Declared once here as torch.library custom ops (``felix::quantize``, ``felix::dequantize``) with
 the backend name as an argument, validated here, and implemented by the reference (torch), Triton
-and C++ backends. Every backend produces ggml's exact bytes (see felix/reference/codecs.py).
+and C++ backends. Every backend produces ggml's exact bytes (see felix/ops/reference/codecs.py).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from felix.formats import QuantFormat, get_format
-from felix.oplib import register_impl, resolve_backend, implementation
-from felix.reference import codecs as reference
+from felix.core.formats import QuantFormat, get_format
+from felix.ops.dispatch import register_impl, resolve_backend, implementation
+from felix.ops.reference import codecs as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -119,7 +119,7 @@ def quantize(x: torch.Tensor, fmt: str, backend: str | None = None) -> torch.Ten
     The last dimension is split into blocks; the result is uint8 of shape
     ``[*x.shape[:-1], x.shape[-1] // block_size * bytes_per_block]`` holding ggml's exact bytes.
     `fmt` is one of ``"rq4", "iq4_nl", "q4_0", "q8_0", "tq2_0"``; `backend` one of
-    ``"reference", "triton", "cpu"`` or None (automatic, see felix.oplib).
+    ``"reference", "triton", "cpu"`` or None (automatic, see felix.ops.dispatch).
     """
     f = get_format(fmt)
     _check_quantize_input(x, f)
@@ -148,14 +148,14 @@ register_impl("dequantize", "reference")(reference.dequantize)
 
 @register_impl("quantize", "triton")
 def _quantize_triton(x, fmt):
-    from felix.kernels import codecs as kernels
+    from felix.ops.kernels import codecs as kernels
 
     return kernels.quantize(x, fmt)
 
 
 @register_impl("dequantize", "triton")
 def _dequantize_triton(blocks, fmt, shape, dtype):
-    from felix.kernels import codecs as kernels
+    from felix.ops.kernels import codecs as kernels
 
     return kernels.dequantize(blocks, fmt, shape, dtype)
 
@@ -177,7 +177,7 @@ def _empty_cpu(shape, dtype) -> torch.Tensor:
 
 @register_impl("quantize", "cpu")
 def _quantize_cpu(x, fmt):
-    from felix import _ext
+    from felix.ops import _ext
 
     ext, _ = _ext.load()
     f = get_format(fmt)
@@ -189,7 +189,7 @@ def _quantize_cpu(x, fmt):
 
 @register_impl("dequantize", "cpu")
 def _dequantize_cpu(blocks, fmt, shape, dtype):
-    from felix import _ext
+    from felix.ops import _ext
 
     ext, _ = _ext.load()
     f = get_format(fmt)

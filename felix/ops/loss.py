@@ -3,10 +3,10 @@
 Declared once as the torch.library custom op ``felix::linear_ce_quail``. Its forward returns the loss
 parts *and* the gradients for h, W and b (computed chunk by chunk while the logits exist, never all at
 once); ``register_autograd`` makes the backward a scaling of those stored gradients. Backends:
-``reference`` (chunked torch, felix/reference/loss.py: the CPU path) and ``triton`` (kernels/loss.py).
-The spec every backend is tested against is ``felix.reference.loss.full_logits_loss``.
+``reference`` (chunked torch, felix/ops/reference/loss.py: the CPU path) and ``triton`` (kernels/loss.py).
+The spec every backend is tested against is ``felix.ops.reference.loss.full_logits_loss``.
 
-Defaults: ``margin`` and ``lambda_q`` default to felix.quail.DEFAULT_MARGIN / DEFAULT_LAMBDA_Q, the one QUAIL
+Defaults: ``margin`` and ``lambda_q`` default to felix.core.quail.DEFAULT_MARGIN / DEFAULT_LAMBDA_Q, the one QUAIL
 default the trainer, the fidelity harness and the README also use (the evidence for the values is next to
 their definition).
 """
@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
-from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, QuailConfig  # the one QUAIL default (re-exported)
-from felix.reference import loss as reference
-from felix.reference.loss import LossParts
+from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
+from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN, QuailConfig  # the one QUAIL default (re-exported)
+from felix.ops.reference import loss as reference
+from felix.ops.reference.loss import LossParts
 
 # fp32 logits of one chunk on the torch path (CPU training): 64 MB keeps a 32K vocabulary at 512 rows
 REFERENCE_CHUNK_LOGITS_BYTES = 64 << 20
@@ -96,7 +96,7 @@ def _check_target_values(targets, vocab_size, ignore_index) -> None:
 def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> int:
     """Tokens per chunk so one chunk's fp32 logits stay within the backend's budget (>= 16 rows)."""
     if backend == "triton":
-        from felix.kernels.loss import default_chunk_size as triton_default  # per-arch budgets, as data
+        from felix.ops.kernels.loss import default_chunk_size as triton_default  # per-arch budgets, as data
 
         return triton_default(n, v, device)
     return max(16, min(n, REFERENCE_CHUNK_LOGITS_BYTES // (4 * v)))
@@ -173,7 +173,7 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
     h ``[N, d]``, weight ``[V, d]`` (same float dtype), targets ``[N]`` int ids (``ignore_index`` skips a
     position), whitelist: bool mask ``[V]`` or token ids whose target positions must keep a margin of
-    ``margin`` nats over the best other token (see felix/reference/loss.py for the exact definition).
+    ``margin`` nats over the best other token (see felix/ops/reference/loss.py for the exact definition).
     The options peers offer (Liger-Kernel's fused linear cross-entropy): ``reduction`` "mean" | "sum" |
     "none" (per-token ``[N]`` losses, 0 at ignored positions), ``label_smoothing`` in [0, 1], ``softcap``
     (logits -> softcap * tanh(logits / softcap); None or 0: off).
@@ -224,7 +224,7 @@ class LinearCEQuail(torch.nn.Module):
 
     @classmethod
     def from_config(cls, config: QuailConfig, whitelist: torch.Tensor | None = None, **options) -> LinearCEQuail:
-        """The loss with margin and lambda_q from a QUAIL config object (felix.quail.QuailConfig, e.g. a
+        """The loss with margin and lambda_q from a QUAIL config object (felix.core.quail.QuailConfig, e.g. a
         TrainConfig's ``.quail`` or a calibrated one); `options` as for the constructor."""
         return cls(whitelist, config.margin, config.lambda_q, **options)
 
@@ -244,6 +244,6 @@ register_impl("linear_ce_quail", "reference")(reference.chunked_loss_and_grads)
 
 @register_impl("linear_ce_quail", "triton")
 def _linear_ce_quail_triton(*args):
-    from felix.kernels import loss as kernels
+    from felix.ops.kernels import loss as kernels
 
     return kernels.loss_and_grads(*args)

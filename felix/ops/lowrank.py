@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.reference.lowrank import MAX_RANK, reference_backward, reference_forward
+from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
+from felix.ops.reference.lowrank import MAX_RANK, reference_backward, reference_forward
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -142,13 +142,13 @@ register_impl("lowrank_bwd", "reference")(reference_backward)
 
 @register_impl("lowrank_fwd", "triton")
 def _lowrank_fwd_triton(x, weight, bias, a, b):
-    from felix.kernels import lowrank as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import lowrank as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(x, weight, bias, a, b)
 
 
 @register_impl("lowrank_bwd", "triton")
 def _lowrank_bwd_triton(dy, x, weight, a, b, u, need_weight_grad, has_bias):
-    from felix.kernels import lowrank as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import lowrank as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dy, x, weight, a, b, u, need_weight_grad, has_bias)

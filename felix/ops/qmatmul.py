@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from felix.formats import get_format
+from felix.core.formats import get_format
 from felix.ops.codecs import block_shape, check_blocks_layout
-from felix.oplib import autocast_operands, implementation, register_impl, resolve_backend
-from felix.reference import qmatmul as reference
-from felix.reference.qmatmul import QUANT_MATMUL_FORMATS, four_bit_layout
+from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
+from felix.ops.reference import qmatmul as reference
+from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS, four_bit_layout
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,7 +85,7 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
 
     x: [..., K] float32/float16/bfloat16 with K a multiple of the block size; blocks: uint8 holding
     out_features x K/block blocks (as `felix.quantize(w, fmt)` returns for w [out_features, K]);
-    fmt: one of QUANT_MATMUL_FORMATS (the 4-bit formats of felix/formats.py). Returns [..., out_features] in x's dtype (fp32 accumulation).
+    fmt: one of QUANT_MATMUL_FORMATS (the 4-bit formats of felix/core/formats.py). Returns [..., out_features] in x's dtype (fp32 accumulation).
     backend: "reference", "triton", "hip" or None (automatic: Triton on GPU, the reference on CPU).
     """
     f = get_format(fmt)
@@ -108,14 +108,14 @@ register_impl("quant_matmul", "reference")(reference.quant_matmul)
 
 @register_impl("quant_matmul", "triton")
 def _quant_matmul_triton(x, blocks, fmt, out_features):
-    from felix.kernels import qmatmul as kernels
+    from felix.ops.kernels import qmatmul as kernels
 
     return kernels.quant_matmul(x, blocks, fmt, out_features)
 
 
 @register_impl("quant_matmul", "hip")
 def _quant_matmul_hip(x, blocks, fmt, out_features):
-    from felix import _gpu_ext
+    from felix.ops import _gpu_ext
 
     ext, _ = _gpu_ext.load()
     layout = four_bit_layout(fmt)

@@ -5,7 +5,7 @@ n_spokes, eps=1e-6, backend=None)``::
 
 with W_down ``[S*r, d]`` and W_up ``[d, S*r]`` (the fork's ``w_down_fused`` / ``w_up_fused``: the S spokes side
 by side), norm_weight ``[d]``, gate_bias ``[1]``. The spec and the backward's formulas:
-felix/reference/spoke.py. Declared as ``felix::spoke_fwd`` (returns y plus z = the pre-SiLU bottleneck and the
+felix/ops/reference/spoke.py. Declared as ``felix::spoke_fwd`` (returns y plus z = the pre-SiLU bottleneck and the
 per-row reciprocal RMS, which the backward reuses) and ``felix::spoke_bwd``, joined by ``register_autograd``.
 Backends: ``reference`` (torch, the spec) and ``triton`` (kernels/spoke.py: norm in the down-projection's
 prologue, SiLU and the up-projection in registers, the gate and residual in its epilogue).
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from felix.oplib import implementation, register_impl, resolve_backend
-from felix.reference import spoke as ref
-from felix.reference.spoke import MAX_WIDTH
+from felix.ops.dispatch import implementation, register_impl, resolve_backend
+from felix.ops.reference import spoke as ref
+from felix.ops.reference.spoke import MAX_WIDTH
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,13 +114,13 @@ register_impl("spoke_bwd", "reference")(ref.spoke_backward)
 
 @register_impl("spoke_fwd", "triton")
 def _spoke_fwd_triton(h, norm_weight, w_down, w_up, gate_bias, n_spokes, eps):
-    from felix.kernels import spoke as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import spoke as kernels  # local: Triton is heavy and optional
 
     return kernels.forward(h, norm_weight, w_down, w_up, gate_bias, n_spokes, eps)
 
 
 @register_impl("spoke_bwd", "triton")
 def _spoke_bwd_triton(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes):
-    from felix.kernels import spoke as kernels  # local: Triton is heavy and optional
+    from felix.ops.kernels import spoke as kernels  # local: Triton is heavy and optional
 
     return kernels.backward(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes)

@@ -8,8 +8,8 @@
 * ``grading``       similarity measures and the graders (rule-based rubric, the LLM-judge interface)
 * ``perturbations`` the built-in teachers (exact, noisy, sloppy)
 
-Nothing here imports torch or any other Felix stage: training data (felix.data), distillation (felix.distill,
-felix.teachers), the fidelity harness and the task evaluation (felix.task_eval) build on it.
+Nothing here imports torch or any other Felix stage: training data (felix.data.corpus), distillation (felix.train.distill,
+felix.data.teachers), the fidelity harness and the task evaluation (felix.verify.task_eval) build on it.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 ``exact`` answers with the record's own response (the strong teacher), ``noisy`` perturbs the content but keeps the
 format (concepts dropped, numbers moved, words dropped, the refusal decision sometimes flipped) and ``sloppy`` is
 noisy and breaks the format of half its answers (a field dropped or of the wrong type, the JSON cut short; prose run
-on or chopped up). Deterministic per seed, teacher and prompt. felix.teachers groups them into teacher data;
-felix.task_eval compares them as systems.
+on or chopped up). Deterministic per seed, teacher and prompt. felix.data.teachers groups them into teacher data;
+felix.verify.task_eval compares them as systems.
 """
 from __future__ import annotations
 

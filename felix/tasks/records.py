@@ -8,7 +8,7 @@
 
 The vocabulary the records are made of (:data:`SUBJECTS`, :data:`ACTORS`, :data:`EVENTS`, :data:`MOODS`,
 :data:`KINDS`) is public: the schemas (felix.tasks.schemas) take their enum values from it, the teacher perturbations
-and the edit harness (felix.edit) their names and facts.
+and the edit harness (felix.tools.edit) their names and facts.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The task suite: the items a system's outputs are graded on (a prompt of a task and its reference answer).
 
 :func:`builtin_task_suite` draws them from felix.tasks.records, a seed away from the trainer's records and the
-fidelity probes; `felix eval-tasks` (felix.task_eval) grades systems on it and `felix teacher-data --suite` answers it.
+fidelity probes; `felix eval-tasks` (felix.verify.task_eval) grades systems on it and `felix teacher-data --suite` answers it.
 """
 from __future__ import annotations
 

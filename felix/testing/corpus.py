@@ -1,6 +1,6 @@
 """A synthetic "ordinary text" corpus for tests and benchmarks, with no download.
 
-Documents are 1-8 paragraphs drawn from felix.data.builtin_prose() (pydoc help topics, stdlib docstrings and
+Documents are 1-8 paragraphs drawn from felix.data.corpus.builtin_prose() (pydoc help topics, stdlib docstrings and
 source that ship with Python), shuffled and recombined with a seeded generator, so a corpus of any size has the
 statistics of English technical prose with a little code, and the same seed and size give the same bytes."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import random
 from pathlib import Path
 
-from felix.data import builtin_prose
-from felix.files import atomic_write
+from felix.data.corpus import builtin_prose
+from felix.core.files import atomic_write
 
 
 def prose_paragraphs() -> list[str]:

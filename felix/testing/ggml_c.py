@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from felix.formats import get_format
+from felix.core.formats import get_format
 
 
 @functools.lru_cache(maxsize=None)

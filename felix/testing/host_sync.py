@@ -5,7 +5,7 @@ dispatch mode records, on any device, the aten operations that *would* synchroni
 value to the host (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``, ``int()``, Python
 ``if tensor``), and the ops whose output size depends on the data (``nonzero``, ``masked_select``, boolean
 indexing, ``unique``, ...), plus explicit copies to the CPU of a non-CPU tensor. Used by the tests that
-keep the training step free of avoidable syncs (tests/test_host_sync.py; tests/test_gpu_train.py checks the
+keep the training step free of avoidable syncs (tests/train/test_host_sync.py; tests/train/test_gpu_train.py checks the
 same on a GPU with the CUDA sync debug mode).
 
 Limitation: like every dispatch mode, it sees the aten ops a Felix custom op's *caller* runs and the custom op

@@ -1,5 +1,5 @@
 """Random and hand-built inputs for the fused CE + QUAIL loss checks (tests and the GPU tier). The truth they are
-compared against is felix.reference.loss.textbook_loss; the bounds are in felix.reference.tolerances."""
+compared against is felix.ops.reference.loss.textbook_loss; the bounds are in felix.ops.reference.tolerances."""
 from __future__ import annotations
 
 import torch

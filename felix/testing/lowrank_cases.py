@@ -1,5 +1,5 @@
 """Random inputs for the low-rank op checks: ragged in/out features, ranks 1 / 8 / 64, one or more terms, scalar
-or per-output gates, frozen or trainable W. The truth is felix.reference.lowrank.truth_grads."""
+or per-output gates, frozen or trainable W. The truth is felix.ops.reference.lowrank.truth_grads."""
 from __future__ import annotations
 
 import torch

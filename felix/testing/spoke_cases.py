@@ -1,5 +1,5 @@
 """Random inputs for the spoke op checks: ragged d and bottleneck widths. The truth is
-felix.reference.spoke.truth_grads."""
+felix.ops.reference.spoke.truth_grads."""
 from __future__ import annotations
 
 import torch

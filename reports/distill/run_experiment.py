@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def run(argv: list[str]) -> None:
-    from felix.cli import main
+    from felix.cli.main import main
 
     print("$ felix " + " ".join(argv), flush=True)
     t0 = time.perf_counter()

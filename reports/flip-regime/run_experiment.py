@@ -6,18 +6,18 @@ whether QUAIL (and QAT) keep them. One command reproduces each task's folder:
     python reports/flip-regime/run_experiment.py --seeds 0 1 --steps 60 --n-probes 64 --work-dir /tmp/fr-smoke \
         --out-dir /tmp/fr-smoke/out                                # a smoke run
 
-Tasks (felix.data; structured records only, `--no-prose`):
+Tasks (felix.data.corpus; structured records only, `--no-prose`):
   weighed  `--task principle-weighed`: three reviewers each leave a qualifier; has_principle is drawn with
-           P(true) = sigmoid(sum of the qualifiers' log-odds weights, felix.data.REVIEW_WEIGHTS). 8^3 = 512 distinct
+           P(true) = sigmoid(sum of the qualifiers' log-odds weights, felix.data.corpus.REVIEW_WEIGHTS). 8^3 = 512 distinct
            prompts whose Bayes margins form a continuum down to near zero; the probes (`--probe-set weighed`) are all
            512 of them, each expecting its majority answer. Decision classes by |evidence| (the Bayes margin).
-  hedged   `--task principle-hedged`: one reviewer's qualifier (felix.data.HEDGES); 8 distinct prompts.
+  hedged   `--task principle-hedged`: one reviewer's qualifier (felix.data.corpus.HEDGES); 8 distinct prompts.
 
 Arms (per seed: the same data, tokenizer seed, steps and initialisation; only the loss / forward differs):
   plain      --lambda-q 0
-  quail      the QUAIL default (felix.quail.DEFAULT_MARGIN, DEFAULT_LAMBDA_Q)
+  quail      the QUAIL default (felix.core.quail.DEFAULT_MARGIN, DEFAULT_LAMBDA_Q)
   quail-cal  --margin-from <the plain arm's fidelity-rq4.json>: the margin measured from RQ4's margin noise
-  qat        --lambda-q 0 --qat rq4: fake-quant STE on the export policy's formats (felix.qat), from step 0
+  qat        --lambda-q 0 --qat rq4: fake-quant STE on the export policy's formats (felix.model.qat), from step 0
   quail-qat  the QUAIL default and --qat rq4
 
 Each checkpoint is measured by `felix fidelity` (simulated path: PyTorch on the export policy's dequantized weights;
@@ -68,7 +68,7 @@ def train_args(args) -> list[str]:
 
 
 def arm_args(arm: str, plain_report: Path) -> list[str]:
-    from felix.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
+    from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
 
     default = ["--lambda-q", str(DEFAULT_LAMBDA_Q), "--margin", str(DEFAULT_MARGIN)]
     return {"plain": ["--lambda-q", "0"], "quail": default,
@@ -103,7 +103,7 @@ def training_record(run_dir: Path) -> dict:
 
 def fidelity(ckpt: Path, out: Path, args, cache: dict) -> dict[str, dict]:
     """The per-format fidelity reports of one checkpoint (reused when present), and the rq4 compliance report."""
-    from felix import fidelity as F
+    from felix.verify import fidelity as F
 
     task = TASKS[args.task]
     reports = {}
@@ -122,8 +122,8 @@ def fidelity(ckpt: Path, out: Path, args, cache: dict) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------ extraction
 def probe_cue(task: str, probe: str) -> tuple[str, float, float]:
     """(cue, P(true), Bayes margin) of a probe from its name: the hedged probe's qualifier, or the weighed probe's
-    three qualifiers and their summed log-odds (felix.data)."""
-    from felix.data import HEDGES, hedge_bayes_margin, weighed_evidence
+    three qualifiers and their summed log-odds (felix.data.corpus)."""
+    from felix.tasks.records import HEDGES, hedge_bayes_margin, weighed_evidence
 
     cue = probe.split("-")[1]
     if task == "hedged":
@@ -320,7 +320,7 @@ def analyse(raw: dict, seeds: list[int], arms: list[str], task: str) -> dict:
 
 def per_cue(raw: dict, seeds: list[int], arms: list[str], task: str) -> dict:
     """rq4 decisions per qualifier (hedged) or per |evidence| bin (weighed): flips, reference/deployed correct."""
-    from felix.data import HEDGES
+    from felix.tasks.records import HEDGES
 
     if task == "hedged":
         groups = [(h, lambda d, h=h: d["cue"] == h) for h, _ in HEDGES]
@@ -436,7 +436,7 @@ def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from felix.files import save_figure
+    from felix.core.files import save_figure
 
     rng = np.random.default_rng(7)
     # 1. flip rate vs |reference margin| at the decisions, per arm and format, binned
@@ -524,7 +524,7 @@ def main() -> int:
     arms = [a for a in ARMS if a in args.arms]  # in ARMS order: the first (plain, when run) is the baseline
     from tqdm import tqdm
 
-    from felix.files import atomic_write_text, jsonable
+    from felix.core.files import atomic_write_text, jsonable
 
     work = Path(args.work_dir or f"runs/flip-regime/{args.task}")
     out = Path(args.out_dir or HERE / args.task)

@@ -15,7 +15,7 @@ Arms (all on the built-in corpus, one tokenizer: the source's; validation CE on 
 * scratch (total compute): the same, also granted the source's own training FLOPs: the comparison when the
   source has to be trained for this purpose.
 
-FLOPs: felix.train.flops_per_token (6 x matmul parameters + attention) per token trained; a calibration batch is
+FLOPs: felix.train.loop.flops_per_token (6 x matmul parameters + attention) per token trained; a calibration batch is
 counted as one forward+backward of the source (Taylor, hard-concrete) or one forward (activation norms).
 Checkpoints go to --work-dir (not committed).
 """
@@ -32,10 +32,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from felix import data as felix_data  # noqa: E402
-from felix import model as felix_model  # noqa: E402
-from felix import prune as felix_prune  # noqa: E402
-from felix.train import TrainConfig, flops_per_token, train  # noqa: E402
+from felix.data import corpus as felix_data  # noqa: E402
+from felix.model import felix_lm as felix_model  # noqa: E402
+from felix.tools import prune as felix_prune  # noqa: E402
+from felix.train.loop import TrainConfig, flops_per_token, train  # noqa: E402
 
 TARGET = dict(n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=352, d_model=128)  # tiny's width, the source's depth
 
@@ -68,9 +68,9 @@ def curve(metrics, flops_per_step, offset):
 
 def llamacpp_check(ckpt: Path, work: Path) -> dict:
     """Export f16 to stock llama.cpp and compare its logits with PyTorch's on one validation window."""
-    from felix.export import export_gguf
-    from felix.llamacpp import LlamaCppModel, available
-    from felix.tokenizer import Tokenizer
+    from felix.ship.export import export_gguf
+    from felix.ship.llamacpp import LlamaCppModel, available
+    from felix.model.tokenizer import Tokenizer
 
     ok, why = available()
     if not ok:
@@ -100,7 +100,7 @@ def run_seed(seed: int, args, log) -> dict:
                                **common)
     src_ckpt = work / "source" / "checkpoint"
     source = felix_model.load_checkpoint(src_ckpt)
-    from felix.tokenizer import Tokenizer
+    from felix.model.tokenizer import Tokenizer
 
     tok = Tokenizer.load(src_ckpt)
     vb = val_batches(tok, args, seed)

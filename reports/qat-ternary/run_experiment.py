@@ -61,9 +61,9 @@ def last_eval(run_dir: Path) -> dict:
 
 
 def export_all(fp_ckpt: Path, qat_ckpt: Path, out: Path) -> dict[str, Path]:
-    from felix import qat
-    from felix.export import export_gguf
-    from felix.model import load_checkpoint
+    from felix.model import qat
+    from felix.ship.export import export_gguf
+    from felix.model.felix_lm import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"reference": out / "reference-f32.gguf", "ptq": out / "ptq-tq2_0.gguf",
@@ -87,13 +87,14 @@ def val_ce(source, windows: list[list[int]]) -> float:
 
 
 def measure(seed: int, fp_ckpt: Path, qat_ckpt: Path, work: Path) -> dict:
-    from felix import fidelity, train as felix_train
-    from felix.activation_rounding import ActivationRounding
-    from felix.data import TokenStream
-    from felix.export import model_from_gguf
-    from felix.qat import load_qat_checkpoint
-    from felix.quant_policy import plan_tensor_types
-    from felix.tokenizer import Tokenizer
+    from felix.verify import fidelity
+    from felix.train import loop as felix_train
+    from felix.ops.activation_rounding import ActivationRounding
+    from felix.data.corpus import TokenStream
+    from felix.ship.export import model_from_gguf
+    from felix.model.qat import load_qat_checkpoint
+    from felix.ops.quant_policy import plan_tensor_types
+    from felix.model.tokenizer import Tokenizer
 
     tok = Tokenizer.load(fp_ckpt)
     if (fp_ckpt / "tokenizer.json").read_text() != (qat_ckpt / "tokenizer.json").read_text():

@@ -162,8 +162,8 @@ def main() -> int:
     ap.add_argument("--no-runtime", action="store_true", help="skip the llama.cpp runtime path")
     args = ap.parse_args()
 
-    from felix import fidelity
-    from felix.llamacpp import available
+    from felix.verify import fidelity
+    from felix.ship.llamacpp import available
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     rows, agreement, training = [], [], []

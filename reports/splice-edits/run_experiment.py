@@ -5,9 +5,9 @@ llama.cpp. One command reproduces everything in this folder (a few minutes on a 
     python reports/splice-edits/run_experiment.py --n-edits 20 --steps 100 --work-dir /tmp/se-smoke   # a smoke run
 
 1. Train the tiny preset (`felix train`, built-in corpus) unless --work-dir already holds the checkpoint.
-2. Fold the trained splice of layer 3 into its ffn_down weight (felix.edit.fold_splice; function-preserving), which
+2. Fold the trained splice of layer 3 into its ffn_down weight (felix.tools.edit.fold_splice; function-preserving), which
    frees the whole rank-8 surface for edits.
-3. The built-in edit set (felix.edit.builtin_edit_set): a (subject, failure) pair from felix.data's records in one
+3. The built-in edit set (felix.tools.edit.builtin_edit_set): a (subject, failure) pair from felix.data.corpus's records in one
    of their phrasings; the corpus teaches the fix's first word; the edit rewrites it to another fix's first word
    (counterfactual); paraphrases: the same pair in the two other phrasings, with other people.
 4. Arms, each from the same folded model, edits applied one after another (default 100):
@@ -15,7 +15,7 @@ llama.cpp. One command reproduces everything in this folder (a few minutes on a 
      alphaedit-ridge  as alphaedit with a ridge term (edits hold approximately, ||dW|| stays bounded)
      minnorm     closed form without the null space (plain minimum-norm MEMIT-style solve), rank-8 refit
      finetune    constrained fine-tune of the splice's A/B (L-inf ball), the baseline
-     alphaedit-r64  as alphaedit with the splice widened to rank 64 (felix.edit.widen_splice)
+     alphaedit-r64  as alphaedit with the splice widened to rank 64 (felix.tools.edit.widen_splice)
    After each edit: efficacy, paraphrase generalisation, retention of earlier edits, locality KL on neutral
    validation text, ||dW||_F, rank used, validation CE.
 5. Deployment of the alphaedit arm: the edited model exported as base GGUF + splice LoRA adapter; stock llama.cpp
@@ -55,7 +55,7 @@ def train_checkpoint(work: Path, steps: int) -> Path:
 
 
 def make_editor(arm, model, tok, preserved):
-    from felix.edit import SpliceEditor, widen_splice
+    from felix.tools.edit import SpliceEditor, widen_splice
 
     if arm == "alphaedit-r64":
         widen_splice(model, 64)
@@ -77,9 +77,9 @@ def deploy(model, tok, cases, work: Path) -> dict:
     import numpy as np
     import torch
 
-    from felix.edit import _sequence, tokenize_request, EditRequest
-    from felix.export import adapter_tensors, export_gguf, model_from_gguf
-    from felix.llamacpp import LlamaCppModel, available
+    from felix.tools.edit import _sequence, tokenize_request, EditRequest
+    from felix.ship.export import adapter_tensors, export_gguf, model_from_gguf
+    from felix.ship.llamacpp import LlamaCppModel, available
 
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {}
@@ -145,10 +145,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from felix.edit import HarnessData, builtin_edit_set, corpus_sequences, fact_phrases, fold_splice, run_sequential, \
+    from felix.tools.edit import HarnessData, builtin_edit_set, corpus_sequences, fact_phrases, fold_splice, run_sequential, \
         site_keys, splice_site
-    from felix.model import load_checkpoint
-    from felix.tokenizer import Tokenizer
+    from felix.model.felix_lm import load_checkpoint
+    from felix.model.tokenizer import Tokenizer
 
     work = Path(args.work_dir)
     t_start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Spokes on schema compliance: a tiny Felix-LM hub, then 4 spokes of rank 8 per layer trained on task records with
-the hub frozen (`felix train --train-only spokes`), measured on held-out task probes (felix.fidelity's built-in
+the hub frozen (`felix train --train-only spokes`), measured on held-out task probes (felix.verify.fidelity's built-in
 probes: a seed away from the trainer's records) by the schema-compliance check of greedy generations (valid JSON,
 required fields, types, enums), in PyTorch (fp32) and in the llama.cpp fork at RQ4 (`--arch felix --quant rq4`).
 
@@ -23,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def compliance(model_dir: Path, probes, gguf_dir: Path, label: str) -> dict:
-    from felix import fidelity
-    from felix.export import export_gguf
-    from felix.model import load_checkpoint
-    from felix.tokenizer import Tokenizer
+    from felix.verify import fidelity
+    from felix.ship.export import export_gguf
+    from felix.model.felix_lm import load_checkpoint
+    from felix.model.tokenizer import Tokenizer
 
     model, tok = load_checkpoint(model_dir).eval(), Tokenizer.load(model_dir)
     wl = fidelity.build_probe_whitelist(tok, model.cfg.vocab_size).mask
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.hub_steps, args.spoke_steps, args.probes = 20, 10, 4
-    from felix import fidelity
-    from felix.train import TrainConfig, train
+    from felix.verify import fidelity
+    from felix.train.loop import TrainConfig, train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="felix-spokes-"))
     out = HERE if not args.quick else work
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                               "data": "2000 task records (no prose)",
                               "trainable_parameters": spoke_run.parameter_counts["spokes"],
                               "final_val_ce": spoke_run.metrics[-1]["val_ce"]},
-                   "probes": len(probes), "probe_source": "felix.fidelity.builtin_probes (held out: seed 1000003)",
+                   "probes": len(probes), "probe_source": "felix.verify.fidelity.builtin_probes (held out: seed 1000003)",
                    "arms": {}}
         (d / "gguf").mkdir(exist_ok=True)
         results["arms"]["base"] = compliance(d / "hub" / "checkpoint", probes, d / "gguf", "base")
