@@ -246,7 +246,7 @@ def format_parameter_counts(cfg: FelixConfig) -> str:
 
 # ------------------------------------------------------------------------------------- the ops
 # The model's three heavy products go through Felix's op layer (reference / Triton backends):
-# attention, lowrank_linear (spliced projections) and linear_ce_quail (the loss).
+# felix.attention, felix.lowrank_linear (spliced projections) and felix.linear_ce_quail (the loss).
 _autocast_dtype = autocast_dtype  # felix.ops.dispatch: the ops apply the same rule themselves
 
 

@@ -58,7 +58,7 @@ class SpliceCore(nn.Module):
 
 
 class SplicedLinear(nn.Module):
-    """A linear projection plus named low-rank terms, computed by one fused `lowrank_linear`.
+    """A linear projection plus named low-rank terms, computed by one fused `felix.lowrank_linear`.
 
     `layer` and `projection` (e.g. 3, "ffn_down") name its splice tensors; `terms` maps term names
     ("splice", "adapter", ...) to SpliceCores. With no terms it is a plain linear layer."""

@@ -135,7 +135,7 @@ ATTENTION_BOUNDS = tolerances("attention")
 
 
 def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
-    """Forward and backward (dq, dk, dv) of attention vs float64 autograd, GQA and causal."""
+    """Forward and backward (dq, dk, dv) of felix.attention vs float64 autograd, GQA and causal."""
 
     small = device.type == "cpu"
     cases = [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)] if small else \

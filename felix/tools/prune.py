@@ -134,7 +134,7 @@ def check_target(source: FelixConfig, t: Target, preset: str | None = None) -> N
                         "a proportionally smaller d_model")
     elif t.head_dim not in SUPPORTED_HEAD_DIMS:
         problems.append(f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) is not one "
-                        f"attention supports {SUPPORTED_HEAD_DIMS}")
+                        f"felix.attention supports {SUPPORTED_HEAD_DIMS}")
     elif source.head_dim % t.head_dim:
         problems.append(f"target head_dim {t.head_dim} does not divide the source head_dim {source.head_dim}: RoPE "
                         "pairs can only be kept at a whole stride (the rotation frequencies must survive)")
