@@ -7,6 +7,7 @@ imported. kernels/ is read as felix.ops.kernels, the name it installs under.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,13 @@ def test_no_stage_imports_a_later_stage_or_the_facade():
             elif stage_of(target) > stage_of(importer):
                 wrong.append(f"{importer} (stage {stage_of(importer)}) imports {target} (stage {stage_of(target)})")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_tests_mirror_the_stages():
+    """tests/<folder>/ are stage names, and pytest's pythonpath lists each (a test run alone finds the helpers it
+    shares with another stage's tests)."""
+    folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name.isidentifier()
+                     and any(p.glob("test_*.py")))
+    assert folders and set(folders) <= set(STAGES), folders
+    pythonpath = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["pythonpath"]
+    assert set(pythonpath) == {"tests", *(f"tests/{f}" for f in folders)}, pythonpath
