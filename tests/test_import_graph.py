@@ -7,7 +7,6 @@ imported. kernels/ is read as felix.ops.kernels, the name it installs under.
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -158,6 +157,7 @@ def test_no_stage_imports_a_later_stage_or_the_facade():
 def test_tests_mirror_the_stages():
     """tests/<folder>/ are stage names, and pytest's pythonpath lists each (a test run alone finds the helpers it
     shares with another stage's tests)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name.isidentifier()
                      and any(p.glob("test_*.py")))
     assert folders and set(folders) <= set(STAGES), folders
