@@ -15,7 +15,7 @@ import felix
 from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS, decode_table, four_bit_layout
 
 HERE = os.path.dirname(__file__)
-CSRC = os.path.join(HERE, os.pardir, "csrc", "hip")
+CSRC = os.path.join(HERE, os.pardir, os.pardir, "csrc", "hip")
 EMU = os.path.join(HERE, "hip_emulation")
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # output rounding of the activation dtype, relative

@@ -285,7 +285,7 @@ def test_fork_worker_ends_with_the_interpreter(tmp_path):
     import sys
 
     code = ("import numpy as np, warnings; warnings.simplefilter('error', ResourceWarning)\n"
-            "from felix import llamacpp\n"
+            "from felix.ship import llamacpp\n"
             "llamacpp.fork_quantize_rq4(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32))\n"
             "w = llamacpp.fork_worker(); print(w.proc.pid, w.log.name)\n")
     out = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True, timeout=300,
