@@ -154,7 +154,9 @@ def margin_from_noise(change_quantile: float) -> float:
     return -q
 
 
-def _quantile_key(quantile: float) -> str:
+def quantile_key(quantile: float) -> str:
+    """A quantile's key in a fidelity report's ``change_quantiles`` (0.05 -> "0.05"): one spelling for the writer
+    (felix.verify.fidelity.metrics.summarize) and the reader (margin_from_fidelity)."""
     return f"{quantile:g}"
 
 
@@ -182,7 +184,7 @@ def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path:
         raise CalibrationError(f"{where} lacks summary.margin.change_quantiles (written by felix fidelity since "
                                f"schema version 2; this report is version {report.get('schema_version')}): rerun "
                                f"`felix fidelity` on the checkpoint")
-    key = _quantile_key(quantile)
+    key = quantile_key(quantile)
     if quantiles.get(key) is None:
         raise CalibrationError(f"{where} reports margin-change quantiles {', '.join(quantiles)}, not {key}; choose "
                                f"one of those (or no whitelisted position was measured)")

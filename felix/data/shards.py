@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from felix.data.sources import SourceReader, expand_sources
 from felix.core.files import atomic_write_text, file_sha256
+from felix.model.tokenizer import Tokenizer
 
 FORMAT_NAME = "felix-token-shards"
 FORMAT_VERSION = 1
@@ -261,8 +262,6 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_path: str, dtype: str, val_fraction: float) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process: the processes are the parallelism
-    from felix.model.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_path)
     _WORKER.update(tok=tok, dtype=np.dtype(dtype), val_fraction=val_fraction)
 
@@ -419,8 +418,6 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
     A rerun on a directory whose prepare was interrupted continues from its last checkpoint when the inputs are
     the same, else starts over; a directory holding a complete corpus of the same inputs is returned as is; one
     holding a different corpus is refused unless `force`. `log` (default: print to stderr) receives warnings."""
-    from felix.model.tokenizer import Tokenizer
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

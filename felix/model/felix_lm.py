@@ -15,6 +15,7 @@ Layout decisions (so a GGUF export is a rename, not a transformation):
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -446,8 +449,6 @@ class CheckpointError(ValueError):
 def _exchange_directories(a: Path, b: Path) -> bool:
     """Atomically swap the names `a` and `b` (Linux renameat2 RENAME_EXCHANGE). False where the system or the
     filesystem cannot (the caller falls back to two renames)."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
@@ -465,8 +466,6 @@ def _exchange_directories(a: Path, b: Path) -> bool:
 def write_checkpoint_files(directory, model: FelixLM, tokenizer=None, extra_files: dict | None = None) -> None:
     """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + `extra_files` {name: callable(path)}) into
     the existing directory `directory` (felix.train.runs writes a training run's step directories with this)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "felix-lm"})
@@ -584,9 +583,6 @@ def load_state_into(model: FelixLM | None, tensors: dict, source: str = "checkpo
 
 def load_checkpoint(directory, device="cpu") -> FelixLM:
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     cfg = load_config(directory)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():

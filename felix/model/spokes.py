@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from felix.core.files import remove_stale_temps, temp_path
@@ -150,10 +153,6 @@ def freeze_hub(model) -> list[str]:
 
 def save_spokes(path, model) -> Path:
     """Write only the spokes, with the hub's fingerprint and the spoke config, to `path` (safetensors; temp+rename)."""
-    import os
-
-    from safetensors.torch import save_file
-
     path = Path(path)
     cfg = model.cfg
     meta = {"format": "felix-spokes", "hub_fingerprint": hub_fingerprint(model),
@@ -204,8 +203,6 @@ def load_spokes(model, path, check_hub: bool = True) -> None:
     """Attach the spokes in `path` (save_spokes) to `model`. Refused, with the reason, when the file's hub
     fingerprint is not this model's hub, when its spokes do not fit the model's shape, or when the model already
     has different spokes."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise SpokeError(f"spoke file {path} does not exist")

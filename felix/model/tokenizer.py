@@ -15,6 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from felix.model.chat import ASSISTANT, END, SYSTEM, USER
 from felix.core.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: how a tokenizer file is identified)
 from felix.core.files import read_text
+from felix.core.quail import build_whitelist
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)
@@ -110,8 +111,6 @@ def json_structure_whitelist(tokenizer: Tokenizer, strings=()) -> list[int]:
     """Token ids the QUAIL hinge protects: every token containing JSON structure (``{ } [ ] " : ,``), the
     tokens of the JSON literals (``true``/``false``/``null``; has_principle=false is the refusal path) and of
     `strings` (field names, refusal phrases) — felix.core.quail.build_whitelist — minus Felix's special tokens."""
-    from felix.core.quail import build_whitelist
-
     mask = build_whitelist(tokenizer.hf, strings=strings)
     specials = {tokenizer.hf.token_to_id(t) for t in SPECIAL_TOKENS}
     return [i for i in mask.nonzero()[:, 0].tolist() if i not in specials]

@@ -15,10 +15,13 @@ JIT would specialize them), plus ``"expects_matrix_instructions": True`` for ker
 from __future__ import annotations
 
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
+
+import felix.ops.kernels
 
 TARGETS = {
     "gfx1101": ("hip", "gfx1101", 32),   # RDNA3, Navi 32: RX 7800 XT (wave32)
@@ -31,10 +34,6 @@ ARCH_KEYS = {"gfx1101": "gfx11", "sm_90": "sm90"}
 def kernel_modules() -> list[str]:
     """Every Triton kernel family in kernels/ (installed as felix.ops.kernels): a new module needs only an
     `aot_specs(arch)` function to be compiled by the AOT test and `felix aot-report`."""
-    import pkgutil
-
-    import felix.ops.kernels
-
     return sorted(m.name for m in pkgutil.iter_modules(felix.ops.kernels.__path__) if not m.name.startswith("_"))
 
 
@@ -60,7 +59,7 @@ class ResourceReport:
 
 
 def _triton_target(target: str):
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import GPUTarget  # local: Triton is heavy and optional
 
     if target not in TARGETS:
         raise ValueError(f"unknown AOT target {target!r}; targets: {', '.join(TARGETS)}")
@@ -77,7 +76,7 @@ def _attrs(spec: dict) -> dict:
 
 def compile_spec(spec: dict, target: str):
     """Compile one kernel spec for `target`; returns Triton's CompiledKernel (asm + metadata)."""
-    import triton
+    import triton  # local: Triton is heavy and optional
     from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -112,7 +111,7 @@ def _amd_report(name: str, compiled) -> ResourceReport:
 
 def _ptxas() -> str:
     """The ptxas Triton itself uses for sm_90 (it ships with the triton wheel)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas  # local: Triton is heavy and optional
 
     return get_ptxas(90).path
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from felix.core.formats import QuantFormat, get_format
+from felix.ops import _ext
 from felix.ops.dispatch import register_impl, resolve_backend, implementation
 from felix.ops.reference import codecs as reference
 
@@ -148,14 +150,14 @@ register_impl("dequantize", "reference")(reference.dequantize)
 
 @register_impl("quantize", "triton")
 def _quantize_triton(x, fmt):
-    from felix.ops.kernels import codecs as kernels
+    from felix.ops.kernels import codecs as kernels  # local: Triton is heavy and optional
 
     return kernels.quantize(x, fmt)
 
 
 @register_impl("dequantize", "triton")
 def _dequantize_triton(blocks, fmt, shape, dtype):
-    from felix.ops.kernels import codecs as kernels
+    from felix.ops.kernels import codecs as kernels  # local: Triton is heavy and optional
 
     return kernels.dequantize(blocks, fmt, shape, dtype)
 
@@ -170,15 +172,11 @@ _EMPTY_CODEBOOK = torch.zeros(0, dtype=torch.float32)
 def _empty_cpu(shape, dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory numpy allocated: numpy asks Linux for transparent
     huge pages on large buffers, which cuts first-touch page faults (most of a large dequantize's time)."""
-    import numpy as np
-
     return torch.from_numpy(np.empty(tuple(shape), dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
 
 @register_impl("quantize", "cpu")
 def _quantize_cpu(x, fmt):
-    from felix.ops import _ext
-
     ext, _ = _ext.load()
     f = get_format(fmt)
     src = x.to(torch.float32).contiguous()
@@ -189,8 +187,6 @@ def _quantize_cpu(x, fmt):
 
 @register_impl("dequantize", "cpu")
 def _dequantize_cpu(blocks, fmt, shape, dtype):
-    from felix.ops import _ext
-
     ext, _ = _ext.load()
     f = get_format(fmt)
     out = _empty_cpu(shape, torch.float32)

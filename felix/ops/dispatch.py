@@ -35,6 +35,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from felix.ops import _ext, _gpu_ext
+
 BACKENDS = ("reference", "triton", "cpu", "hip")
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -123,7 +125,7 @@ def arch_key(device: torch.device) -> str:
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:
         return BackendStatus(False, "triton is not installed")
-    import triton
+    import triton  # optional (the test extra): only the triton backend needs it, and `import felix` must not
 
     if torch.cuda.is_available():
         kind = "ROCm" if torch.version.hip else "CUDA"
@@ -137,8 +139,6 @@ def _triton_status() -> BackendStatus:
 
 
 def _cpu_status() -> BackendStatus:
-    from felix.ops import _ext
-
     ext, why = _ext.load()
     if ext is None:
         return BackendStatus(False, why)
@@ -146,8 +146,6 @@ def _cpu_status() -> BackendStatus:
 
 
 def _hip_status() -> BackendStatus:
-    from felix.ops import _gpu_ext
-
     ext, why = _gpu_ext.load()
     if ext is None:
         return BackendStatus(False, why)

@@ -95,8 +95,8 @@ def _check_target_values(targets, vocab_size, ignore_index) -> None:
 
 def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> int:
     """Tokens per chunk so one chunk's fp32 logits stay within the backend's budget (>= 16 rows)."""
-    if backend == "triton":
-        from felix.ops.kernels.loss import default_chunk_size as triton_default  # per-arch budgets, as data
+    if backend == "triton":  # the kernels' per-arch budgets, as data
+        from felix.ops.kernels.loss import default_chunk_size as triton_default  # local: Triton is optional
 
         return triton_default(n, v, device)
     return max(16, min(n, REFERENCE_CHUNK_LOGITS_BYTES // (4 * v)))
@@ -244,6 +244,6 @@ register_impl("linear_ce_quail", "reference")(reference.chunked_loss_and_grads)
 
 @register_impl("linear_ce_quail", "triton")
 def _linear_ce_quail_triton(*args):
-    from felix.ops.kernels import loss as kernels
+    from felix.ops.kernels import loss as kernels  # local: Triton is heavy and optional
 
     return kernels.loss_and_grads(*args)

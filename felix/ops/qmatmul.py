@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from felix.core.formats import get_format
-from felix.ops.codecs import block_shape, check_blocks_layout
+from felix.ops import _gpu_ext
+from felix.ops.codecs import block_shape, check_blocks_layout, dequantize
 from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
 from felix.ops.reference import qmatmul as reference
 from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS, four_bit_layout
@@ -66,8 +67,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    from felix.ops.codecs import dequantize
-
     (blocks,) = ctx.saved_tensors
     f = get_format(ctx.fmt)
     k = blocks.numel() // f.bytes_per_block // max(ctx.out_features, 1) * f.block_size
@@ -108,15 +107,13 @@ register_impl("quant_matmul", "reference")(reference.quant_matmul)
 
 @register_impl("quant_matmul", "triton")
 def _quant_matmul_triton(x, blocks, fmt, out_features):
-    from felix.ops.kernels import qmatmul as kernels
+    from felix.ops.kernels import qmatmul as kernels  # local: Triton is heavy and optional
 
     return kernels.quant_matmul(x, blocks, fmt, out_features)
 
 
 @register_impl("quant_matmul", "hip")
 def _quant_matmul_hip(x, blocks, fmt, out_features):
-    from felix.ops import _gpu_ext
-
     ext, _ = _gpu_ext.load()
     layout = four_bit_layout(fmt)
     with torch.cuda.device(x.device):

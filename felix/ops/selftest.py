@@ -20,7 +20,9 @@ import torch
 
 from felix.ops.dispatch import runnable_backends
 from felix.ops.reference.attention import attention_textbook
+from felix.ops.reference.loss import clear_margin, full_logits_loss
 from felix.ops.reference.lowrank import lowrank_textbook
+from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS
 from felix.ops.reference.spoke import spoke_textbook
 from felix.ops.reference.tolerances import tolerances
 from felix.core.formats import FORMATS, get_format
@@ -102,8 +104,6 @@ QMM_BOUNDS = tolerances("quant_matmul")
 
 
 def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check]:
-    from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS
-
     small = device.type == "cpu"
     shapes = [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816),
                                                                      (300, 2816, 1024)]
@@ -172,8 +172,6 @@ LOSS_BOUNDS = tolerances("linear_ce_quail")
 
 def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Check]:
     """The fused CE + QUAIL loss and its gradients vs the float64 full-logits spec."""
-    from felix.ops.reference.loss import clear_margin, full_logits_loss
-
     small = device.type == "cpu"
     cases = [(37, 16, 301, 8)] if small else [(2048, 1024, 32000, 512)]
     rows = []

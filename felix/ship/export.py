@@ -48,14 +48,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from felix.core import fork
 from felix.model import qat as felix_qat
 from felix.model.chat import CHAT_TEMPLATE, END
+from felix.model.felix_lm import (
+    CONFIG_FILE, CONFIG_LIMITS, WEIGHTS_FILE, FelixConfig, FelixLM, load_checkpoint, load_state_into)
+from felix.model.spokes import SpokeError, load_spokes
+from felix.model.tokenizer import PAD, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 from felix.core.files import remove_stale_temps, temp_path
 from felix.core.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
-from felix.ship.gguf_file import FelixGGUFWriter, remove_quietly
+from felix.ship.gguf_file import (
+    GGML_TYPE_IDS, FelixGGUFWriter, metadata, open_gguf, remove_quietly, tensor_to_torch, torch_shape)
 from felix.ops.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
+from felix.ops.spoke import MAX_WIDTH
 
 ARCHES = ("llama", "felix")
 SPLICE_MODES = ("merge", "adapter")
@@ -133,8 +140,6 @@ def _numel(shape) -> int:
 # ------------------------------------------------------------------------------------ the tokenizer
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """GGUF tokenizer fields for a byte-level BPE felix.model.tokenizer.Tokenizer, padded to the model's vocab_size."""
-    from felix.model.tokenizer import PAD, SPECIAL_TOKENS
-
     spec = json.loads(tokenizer.hf.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
@@ -194,7 +199,7 @@ def _add_hparams(w: FelixGGUFWriter, cfg, quant: str, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ splices
-def _splices(model) -> list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def splice_factors(model) -> list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(layer, projection, A [r, in], B [out, r], gate) for every SpliceCore of a FelixLM."""
     out = []
     for layer, block in enumerate(model.blk):
@@ -214,7 +219,7 @@ def base_tensors(model, splice: str) -> dict[str, torch.Tensor]:
     left out (`adapter`, which writes them to the adapter file). Spokes are not in it (fork.spoke_tensors_for)."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     out = {k: v for k, v in state.items() if ".splice." not in k and not fork.is_spoke_tensor(k)}
-    for layer, proj, a, b, gate in _splices(model):
+    for layer, proj, a, b, gate in splice_factors(model):
         if splice == "merge":
             wname = f"blk.{layer}.{proj}.weight"
             out[wname] = (out[wname].double() + _gated_b(b, gate) @ a.double()).float()
@@ -224,7 +229,7 @@ def base_tensors(model, splice: str) -> dict[str, torch.Tensor]:
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """llama.cpp LoRA tensors for every splice: ``<weight>.lora_a`` = A, ``<weight>.lora_b`` = B diag(gate)."""
     out = {}
-    for layer, proj, a, b, gate in _splices(model):
+    for layer, proj, a, b, gate in splice_factors(model):
         out[f"blk.{layer}.{proj}.weight.lora_a"] = a.float()
         out[f"blk.{layer}.{proj}.weight.lora_b"] = _gated_b(b, gate).float()
     return out
@@ -251,9 +256,6 @@ def _same_file(a: Path, b: Path) -> bool:
 def _check_not_inputs(outputs: list[Path], checkpoint, spokes) -> None:
     """Refuse an output that is one of the export's own inputs (the checkpoint's config, weights, tokenizer and QAT
     record, the spoke file) or another output: --force overwrites earlier results, never what is being read."""
-    from felix.model.felix_lm import CONFIG_FILE, WEIGHTS_FILE
-    from felix.model.tokenizer import TOKENIZER_FILE
-
     inputs = []
     if checkpoint is not None and Path(checkpoint).is_dir():
         inputs = [Path(checkpoint) / n for n in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, felix_qat.QAT_FILE)]
@@ -295,11 +297,6 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     quantization backend (None = automatic: the C++ codecs on CPU). `spokes`: a spoke file (felix.model.spokes.save_spokes)
     to attach to the checkpoint's hub first; refused when it was trained on another hub. Returns what was written,
     with timings."""
-    from tqdm import tqdm
-
-    from felix.model.felix_lm import load_checkpoint
-    from felix.model.tokenizer import Tokenizer
-
     t0 = time.perf_counter()
     quant = check_type(quant)
     if arch not in ARCHES:
@@ -321,8 +318,6 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     if model is None:
         model = load_checkpoint(checkpoint)
     if spokes is not None:
-        from felix.model.spokes import SpokeError, load_spokes
-
         try:
             load_spokes(model, spokes)
         except SpokeError as e:
@@ -333,7 +328,7 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
         except FileNotFoundError as e:
             raise ExportError(f"{checkpoint} has no tokenizer.json; llama.cpp needs the vocabulary ({e})") from e
     cfg = model.cfg
-    splices = _splices(model)
+    splices = splice_factors(model)
     # a quantization-aware-trained model: its quantized tensors are written with the codec its forward used
     # (a model passed in is exported as it is: patched by felix.model.qat.apply_qat or not; a checkpoint by its qat.json)
     qat = felix_qat.qat_config_of(model) if model_given else felix_qat.read_qat_config(checkpoint)
@@ -430,9 +425,6 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
 
 def describe_types() -> str:
     """One line per export type: name, ggml id, bits/weight (for --help and the README)."""
-    from felix.core.formats import FORMATS
-    from felix.ship.gguf_file import GGML_TYPE_IDS
-
     lines = [f"{t}: ggml {GGML_TYPE_IDS[t]}, {32 if t == 'f32' else 16} bits" for t in FLOAT_TYPES]
     lines += [f"{n}: ggml {f.ggml_type}, {f.bits_per_weight:.3g} bits" for n, f in FORMATS.items()]
     return "; ".join(lines)
@@ -457,8 +449,6 @@ def config_from_gguf(meta: dict, path="the GGUF file", shapes: dict[str, tuple[i
     divisibility rules of FelixConfig, and -- given the file's tensor table `shapes` (name -> PyTorch shape) -- the
     tensors the file really holds: block_count must be the number of blk.N layers present and every hub tensor
     must have the shape the hyperparameters give it. Errors name the file and the metadata key."""
-    from felix.model.felix_lm import CONFIG_LIMITS, FelixConfig
-
     arch = meta.get("general.architecture")
     if arch not in ARCHES:
         raise ExportError(f"{path}: architecture {arch!r} is not one Felix writes ({', '.join(ARCHES)})")
@@ -542,9 +532,6 @@ def fused_spokes_from_file(tensors: dict[str, torch.Tensor], n_layer: int, n_spo
 def model_from_gguf(path):
     """A FelixLM holding the weights of a Felix-written GGUF as llama.cpp sees them (every tensor decoded to
     float32 with Felix's codecs): the PyTorch side of a runtime-vs-PyTorch comparison."""
-    from felix.ship.gguf_file import metadata, open_gguf, tensor_to_torch, torch_shape
-    from felix.model.felix_lm import FelixLM, load_state_into
-
     reader = open_gguf(path)
     meta = metadata(reader, path)
     cfg = config_from_gguf(meta, path, {t.name: torch_shape(t) for t in reader.tensors})  # before building
@@ -553,8 +540,6 @@ def model_from_gguf(path):
     spokes = {k: v for k, v in tensors.items() if fork.is_spoke_tensor(k)}
     hub = {k: v for k, v in tensors.items() if k not in spokes}
     if spokes and not fork.spokes_are_noop(spokes):  # trained spokes: the model gets them (every layer)
-        from felix.ops.spoke import MAX_WIDTH
-
         n_spokes, rank = meta.get(fork.NUM_SPOKES_KEY, 0), meta.get(fork.SPOKE_RANK_KEY, 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_spokes, rank)) or n_spokes < 1 or rank < 1 or n_spokes * rank > MAX_WIDTH:
             raise ExportError(f"{path}: {n_spokes} spokes of rank {rank} (felix.num_spokes / felix.spoke_rank) "

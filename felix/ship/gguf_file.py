@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf.gguf_reader import ReaderTensor
 
 from felix.core.formats import FORMATS, get_format
@@ -167,8 +167,6 @@ def torch_shape(t: ReaderTensor) -> tuple[int, ...]:
 def tensor_to_torch(t: ReaderTensor) -> torch.Tensor:
     """A stored tensor's values as float32 in PyTorch order: Felix's formats through Felix's codecs, other
     quantized types through gguf-py's numpy dequantizers."""
-    from gguf import quants
-
     shape = torch_shape(t)
     tid = int(t.tensor_type)
     if tid in _FORMAT_BY_GGML_TYPE:

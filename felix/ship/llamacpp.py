@@ -31,19 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-from felix.core.formats import RUNTIMES
+from felix.core import fork
+from felix.core.formats import RUNTIMES, get_format
+from felix.ship.gguf_file import metadata, open_gguf
 
 
 def available(runtime: str = "stock") -> tuple[bool, str]:
     """Whether `runtime` can run here, and why not."""
     if runtime == "fork":
-        from felix.core import fork
-
         return fork.available()
     if runtime != "stock":
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     try:
-        import llama_cpp  # noqa: F401  (the ImportError names what is missing)
+        import llama_cpp  # noqa: F401  (the ImportError names what is missing; optional: the serve extra)
     except ImportError as e:
         return False, f"llama-cpp-python is not installed ({e}); `bash scripts/setup.sh --test` builds it"
     return True, "llama-cpp-python (stock llama.cpp)"
@@ -51,9 +51,6 @@ def available(runtime: str = "stock") -> tuple[bool, str]:
 
 def runtime_for(path) -> str:
     """The runtime a GGUF needs: "fork" for the felix arch or a fork-only tensor type, else "stock"."""
-    from felix.core import fork
-    from felix.ship.gguf_file import metadata, open_gguf
-
     reader = open_gguf(path)
     if metadata(reader).get("general.architecture") == fork.ARCH:
         return "fork"
@@ -68,7 +65,7 @@ class _Runtime:
 
     def __init__(self, path: str, n_ctx: int, adapter: str | None, adapter_scale: float, n_threads: int | None,
                  use_mmap: bool, verbose: bool = False):
-        from llama_cpp import Llama
+        from llama_cpp import Llama  # local: optional llama-cpp-python (serve extra); a worker may import the fork's
 
         self.llm = Llama(model_path=path, logits_all=True, n_ctx=max(256, n_ctx), verbose=verbose,
                          n_threads=n_threads or os.cpu_count(), lora_path=adapter, lora_scale=adapter_scale,
@@ -106,7 +103,7 @@ class _Runtime:
         return out
 
     def set_adapter_scale(self, scale: float) -> None:
-        import llama_cpp
+        import llama_cpp  # local: optional llama-cpp-python (serve extra); a worker may import the fork's
 
         adapter = getattr(self.llm, "_lora_adapter", None)
         if adapter is None:
@@ -122,7 +119,7 @@ class _Runtime:
 
     # the fork's live tensor API (include/llama.h: "SPLICE: Get/set tensor data by name")
     def _tensor_fn(self, name: str, argtypes):
-        import llama_cpp
+        import llama_cpp  # local: optional llama-cpp-python (serve extra); a worker may import the fork's
 
         lib = llama_cpp.llama_cpp._lib
         if not hasattr(lib, name):
@@ -156,7 +153,7 @@ class _Runtime:
 
 def _set_adapters(ctx, adapters, n, scales) -> int:
     """llama_set_adapters_lora (llama.cpp >= 0.3.17's plural form), else the older set/clear pair."""
-    import llama_cpp
+    import llama_cpp  # local: optional llama-cpp-python (serve extra); a worker may import the fork's
 
     if hasattr(llama_cpp, "llama_set_adapters_lora"):
         return llama_cpp.llama_set_adapters_lora(ctx, adapters, n, scales)
@@ -181,8 +178,6 @@ def _fork_quantize_rq4(x: np.ndarray) -> bytes:
     """The fork's own quantize_row_rq4_ref (libggml-base) on float32 rows: the RQ4 byte reference."""
     lib = _fork_ggml()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    from felix.core.formats import get_format
-
     f = get_format("rq4")
     out = np.empty(x.size // f.block_size * f.bytes_per_block, dtype=np.uint8)
     lib.quantize_row_rq4_ref(x.ctypes.data, out.ctypes.data, x.size)
@@ -256,8 +251,6 @@ class RuntimeWorker:
 
     def __init__(self, runtime: str = "fork"):
         if runtime == "fork":
-            from felix.core import fork
-
             env = fork.worker_environment()
         else:
             env = dict(os.environ)

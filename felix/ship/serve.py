@@ -28,6 +28,7 @@ is stopped, and the child also exits when its parent dies (it watches its stdin)
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +41,14 @@ import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
+
+from felix.core import fork
+from felix.core.fork import arch_of
+from felix.model.felix_lm import CheckpointError
+from felix.ops.quant_policy import check_type
+from felix.ship.export import ExportError, export_gguf
+from felix.ship.gguf_file import GGUFError, metadata, open_gguf
+from felix.ship.llamacpp import available, runtime_for
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_QUANT = "q8_0"
@@ -63,9 +72,6 @@ class RequestError(RuntimeError):
 # ------------------------------------------------------------------------------------ what gets served
 def gguf_facts(path) -> dict:
     """What serving a GGUF needs to know: its arch, context length, chat template (or None), and runtime."""
-    from felix.ship.gguf_file import GGUFError, metadata, open_gguf
-    from felix.ship.llamacpp import runtime_for
-
     try:
         meta = metadata(open_gguf(path))
         runtime = runtime_for(path)
@@ -84,11 +90,6 @@ def gguf_facts(path) -> dict:
 def export_for_serving(checkpoint, directory, quant: str = DEFAULT_QUANT) -> Path:
     """Export a checkpoint directory to `directory`/model-<quant>.gguf in the arch its format runs in (the fork's
     felix arch for RQ4, stock llama otherwise; splices merged)."""
-    from felix.ship.export import ExportError, export_gguf
-    from felix.core.fork import arch_of
-    from felix.model.felix_lm import CheckpointError
-    from felix.ops.quant_policy import check_type
-
     try:
         quant = check_type(quant)
         out = Path(directory) / f"model-{quant}.gguf"
@@ -101,19 +102,13 @@ def export_for_serving(checkpoint, directory, quant: str = DEFAULT_QUANT) -> Pat
 def server_environment(runtime: str) -> dict[str, str]:
     """The child's environment: the fork's llama_cpp for the fork runtime, this Python's for stock; checked to
     hold the server's packages."""
-    from felix.ship.llamacpp import available
-
     ok, why = available(runtime)
     if not ok:
         raise ServeError(f"cannot serve: {why}")
     if runtime == "fork":
-        from felix.core import fork
-
         env = fork.worker_environment()
     else:
         env = dict(os.environ)
-    import importlib.util
-
     missing = [m for m in SERVER_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
         raise ServeError(f"llama-cpp-python's server needs {', '.join(missing)}: pip install "
@@ -161,8 +156,6 @@ class Server:
                   file=sys.stderr)
         if lora is not None:
             lora = Path(lora)
-            from felix.ship.gguf_file import GGUFError, metadata, open_gguf
-
             try:
                 lmeta = metadata(open_gguf(lora))
             except GGUFError as e:

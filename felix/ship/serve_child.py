@@ -57,7 +57,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def normalize_request(obj: dict) -> str | None:
     """Rewrite a chat request in place for llama-cpp-python; return an error message for a 400 instead."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from llama_cpp.llama_grammar import json_schema_to_gbnf  # local: optional, the serve extra
 
     rf = obj.get("response_format")
     if not isinstance(rf, dict):
@@ -121,7 +121,7 @@ class FelixRequests:
 
 def greedy_defaults() -> None:
     """repeat_penalty 1.0 by default (llama-server's default), before the app's routes are built from the types."""
-    import llama_cpp.server.types as types
+    import llama_cpp.server.types as types  # local: optional, the serve extra
 
     for cls in (types.CreateChatCompletionRequest, types.CreateCompletionRequest):
         cls.model_fields["repeat_penalty"].default = 1.0
@@ -130,7 +130,7 @@ def greedy_defaults() -> None:
 
 def scaled_lora(scale: float) -> None:
     """The server builds its model with llama_cpp.Llama(...) and no lora_scale: give it one."""
-    import llama_cpp
+    import llama_cpp  # local: optional, the serve extra
 
     base = llama_cpp.Llama
 
@@ -175,13 +175,13 @@ def main(argv=None) -> int:
     if args.watch_stdin:
         exit_with_parent()
     try:
-        import uvicorn
+        import uvicorn  # local: optional, the serve extra (missing: reported in the status file)
 
         greedy_defaults()
         if args.lora and args.lora_scale != 1.0:
             scaled_lora(args.lora_scale)
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
+        from llama_cpp.server.app import create_app  # optional (serve extra); after greedy_defaults changed the types
+        from llama_cpp.server.settings import ModelSettings, ServerSettings  # local: optional, the serve extra
 
         model = ModelSettings(model=args.model, n_ctx=args.n_ctx, lora_path=args.lora, verbose=True,
                               **({"n_threads": args.n_threads, "n_threads_batch": args.n_threads}

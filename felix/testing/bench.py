@@ -136,7 +136,7 @@ class BenchRecorder:
 
     def plot(self, path: str) -> None:
         """Horizontal bars of GB/s per case and implementation (candidate highlighted)."""
-        import matplotlib
+        import matplotlib  # local: heavy (half a second), loaded only when a plot is drawn; Agg before pyplot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -17,7 +17,7 @@ from felix.core.formats import get_format
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """Load libggml-base from the installed llama_cpp package (ImportError if it is missing)."""
-    import llama_cpp  # noqa: F401  (ImportError names the missing package)
+    import llama_cpp  # noqa: F401  (local: optional, the test extra; the ImportError names the missing package)
 
     path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
     if not os.path.exists(path):

@@ -57,12 +57,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from felix.data import corpus as felix_data
 from felix.model import felix_lm as felix_model
 from felix.model.felix_lm import FelixConfig, FelixLM
 from felix.ops.attention import SUPPORTED_HEAD_DIMS
 from felix.ops.attention import attention
+from felix.model.tokenizer import Tokenizer
+from felix.train.config import TrainConfig
 
 METHODS = ("taylor", "activation", "hard-concrete")
 PLAN_FILE = "prune_plan.json"
@@ -260,8 +263,6 @@ def calibration_batches(tokenizer, seq_len: int, batch_size: int, n_batches: int
                         data: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration windows from the TRAINING split (`felix train`'s split of the built-in corpus, or `data`
     files), so that a later validation CE never scores text the pruner has seen."""
-    from felix.train.loop import TrainConfig
-
     defaults = TrainConfig()
     if data:
         docs = felix_data.load_user_data(data).documents
@@ -274,8 +275,6 @@ def calibration_batches(tokenizer, seq_len: int, batch_size: int, n_batches: int
 
 def taylor_scores(model: FelixLM, batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """First-order Taylor importance per group: mean over calibration batches of |dL/dz| at z = 1."""
-    from tqdm import tqdm
-
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -297,8 +296,6 @@ def taylor_scores(model: FelixLM, batches, progress: bool = False) -> dict[str, 
 @torch.no_grad()
 def activation_scores(model: FelixLM, batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """Activation-norm importance: each group's contribution norm over the calibration tokens (module doc)."""
-    from tqdm import tqdm
-
     cfg = model.cfg
     model.eval()
     record: dict = {}
@@ -357,8 +354,6 @@ def hard_concrete_scores(model: FelixLM, batches, target: Target, steps: int = 2
     loss = CE(masked model) + sum over structures of lambda1 (s_hat - s) + lambda2 (s_hat - s)^2 (s_hat the
     expected kept fraction, s the target's), minimized in the gates and MAXIMIZED in the lambdas, so the
     expected shape is driven to the target. Returns the learned log-alphas (higher = keep)."""
-    from tqdm import tqdm
-
     cfg = model.cfg
     model.eval()
     for p in model.parameters():
@@ -546,8 +541,6 @@ def prune_checkpoint(checkpoint, out, target: Target | None = None, preset: str 
                      progress: bool = False, **explicit) -> PruneResult:
     """`felix prune`: load `checkpoint`, prune to `target` (or `preset` / explicit fields), write a normal Felix
     checkpoint to `out` (atomically) with the plan and scores beside the weights."""
-    from felix.model.tokenizer import Tokenizer
-
     model = felix_model.load_checkpoint(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     if target is None:

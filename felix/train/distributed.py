@@ -33,7 +33,11 @@ import datetime
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -94,8 +98,6 @@ class SingleProcess:
 
 class Distributed(SingleProcess):
     def __init__(self, mode: str):
-        import torch.distributed as dist
-
         if mode not in PARALLEL_MODES:
             raise ValueError(f"parallel mode must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
         self.mode = mode
@@ -116,15 +118,13 @@ class Distributed(SingleProcess):
     def wrap(self, model):
         module = LossModule(model)
         if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             class LossDDP(DistributedDataParallel):
                 def loss(self, *args):  # the trainer's call, through DDP's forward
                     return self(*args)
 
             device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
             return LossDDP(module, device_ids=device_ids)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # local: here since torch 2.6; setup.py allows 2.5 (ddp only)
 
         for block in model.blk:
             fully_shard(block)
@@ -154,16 +154,12 @@ class Distributed(SingleProcess):
     def full_model_state(self, model, module) -> dict:
         if self.mode == "ddp":
             return model.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix("model."): v for k, v in full.items()}
 
     def full_optimizer_state(self, module, optimizer) -> dict:
         if self.mode == "ddp":
             return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                       cpu_offload=True))
 
@@ -171,8 +167,6 @@ class Distributed(SingleProcess):
         if self.mode == "ddp":
             optimizer.load_state_dict(state)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def any_rank(self, flag: bool, device: torch.device) -> bool:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,9 @@ from felix.data.corpus import DataError
 from felix.core.files import atomic_write, file_sha256
 from felix.data.mix import MixStream, fixed_batches, normalize_weights, window_count
 from felix.train.config import default_source_names
-from felix.data.shards import MANIFEST, PreparedCorpus, ShardError, prepare_corpus
+from felix.data.shards import MANIFEST, PreparedCorpus, ShardError, document_is_val, prepare_corpus
+from felix.data.sources import SourceReader, expand_sources
+from felix.model.felix_lm import PRESETS
 from felix.model.tokenizer import Tokenizer, save_tokenizer_file
 from felix.data.tokenizer_training import train_tokenizer_from_sources
 
@@ -132,8 +135,6 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def _min_hash_fraction(paths) -> tuple[float, int]:
     """(the val_fraction that sends exactly the smallest-hash document(s) to validation, documents read)."""
-    from felix.data.sources import SourceReader, expand_sources
-
     smallest, n = None, 0
     for path in expand_sources(paths):
         for text in SourceReader(path):
@@ -148,9 +149,6 @@ def _min_hash_fraction(paths) -> tuple[float, int]:
 
 def _effective_val_fraction(paths, val_fraction: float, log) -> float:
     """--val-fraction, raised (for a small input) so that at least one document is held out."""
-    from felix.data.shards import document_is_val
-    from felix.data.sources import SourceReader, expand_sources
-
     for path in expand_sources(paths):
         if any(document_is_val(text, val_fraction) for text in SourceReader(path)):
             return val_fraction
@@ -164,8 +162,6 @@ def _effective_val_fraction(paths, val_fraction: float, log) -> float:
 
 
 def _workers_for(paths) -> int:
-    from felix.data.sources import expand_sources
-
     size = sum(p.stat().st_size for p in expand_sources(paths))
     return max(1, min(os.cpu_count() or 1, size // ON_THE_FLY_BYTES_PER_WORKER))
 
@@ -204,8 +200,6 @@ def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[l
 
 
 def _preset_vocab(preset: str) -> int:
-    from felix.model.felix_lm import PRESETS
-
     return PRESETS[preset]["vocab_size"]
 
 
@@ -236,8 +230,6 @@ def _prepared_from_same_content(name: str, paths: list, target: Path) -> Prepare
     """On resume: the complete corpus in `target` when the source files still hold the bytes it was prepared from
     (compared by size and sha256, not by path or time, so a run directory that was moved or copied resumes); None
     when `target` is incomplete (the prepare then continues). A source file whose content changed is refused."""
-    from felix.data.sources import expand_sources
-
     try:
         corpus = PreparedCorpus.open(target)
     except ShardError:
@@ -393,8 +385,6 @@ def _save_run_tokenizer(tokenizer: Tokenizer, out: Path) -> Path:
 
 
 def _stderr_is_tty() -> bool:
-    import sys
-
     return sys.stderr.isatty()
 
 

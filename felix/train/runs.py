@@ -32,6 +32,8 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from felix.core.files import fsync_path, pid_alive, read_text
 from felix.model.felix_lm import CheckpointError
@@ -114,8 +116,6 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton, source: str = "t
 
 def save_trainer_state(directory, state: dict) -> None:
     """`state` as ``trainer_state.safetensors`` (its tensors) + ``trainer_state.json`` (the rest, strict JSON)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tensors, skeleton = flatten_state(state)
     save_file(tensors, str(directory / STATE_TENSORS), metadata={"format": "felix-trainer-state"})
@@ -140,9 +140,6 @@ def check_trainer_state(directory) -> None:
 
 def load_trainer_state(directory) -> dict:
     """The trainer state :func:`save_trainer_state` wrote into `directory` (safetensors + JSON, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     check_trainer_state(directory)
     json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS

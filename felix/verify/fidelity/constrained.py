@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import json
 
+from tqdm import tqdm
+
+from felix.model.chat import END, messages_from_prompt
+from felix.tasks.grading import RuleGrader
+from felix.tasks.suite import TaskItem
 from felix.verify.fidelity.common import FidelityError
 from felix.verify.fidelity.generation import check_compliance
 
@@ -92,11 +97,6 @@ def constrained_run(server, encoded, tokenizer, max_new_tokens: int, progress: b
     """Each schema-carrying chat-format probe through `server` (felix.ship.serve.Server) free and grammar-constrained
     (greedy, same token budget as felix.verify.fidelity.compliance_run, capped by the context): compliance and RuleGrader
     task scores of both, and how many answers the grammar changed."""
-    from tqdm import tqdm
-
-    from felix.model.chat import END, messages_from_prompt
-    from felix.verify.task_eval import RuleGrader, TaskItem
-
     grader = RuleGrader()
     rows, skipped = [], []
     todo = [e for e in encoded if e.probe.schema is not None]

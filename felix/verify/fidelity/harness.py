@@ -2,14 +2,27 @@
 and the agreement between them is computed afterwards, from their logits."""
 from __future__ import annotations
 
+import copy
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from felix.model import qat as felix_qat
+from felix.model.felix_lm import load_checkpoint
+from felix.model.qat import read_qat_config
+from felix.model.tokenizer import Tokenizer
+from felix.ops.activation_rounding import ActivationRounding
+from felix.ops.quant_policy import check_type, plan_tensor_types, roundtrip
+from felix.ship import llamacpp
+from felix.ship.export import base_tensors, export_gguf, splice_factors
+from felix.ship.serve import Server, ServeError
 from felix.verify.fidelity.common import (PATHS, SCHEMA_NAME, SCHEMA_VERSION, SIM_ACTIVATIONS, FidelityError, arch_of,
                                    runtime_of)
+from felix.verify.fidelity.constrained import constrained_run
 from felix.verify.fidelity.generation import compliance_run, compliance_summary
 from felix.verify.fidelity.metrics import PositionStats, agreement, compare_logits, predicted_effect, summarize
 from felix.verify.fidelity.probes import all_targets, build_probe_whitelist, encode_probes, load_probes, probe_set
@@ -18,9 +31,6 @@ from felix.verify.fidelity.sources import LlamaCppSource, TorchSource, score_pro
 
 def load_for_fidelity(checkpoint, tokenizer_path=None):
     """(model, tokenizer) from a checkpoint directory; the tokenizer must fit the model's vocabulary."""
-    from felix.model.felix_lm import load_checkpoint
-    from felix.model.tokenizer import Tokenizer
-
     model = load_checkpoint(checkpoint)
     tok = Tokenizer.load(tokenizer_path or checkpoint)
     if tok.vocab_size != model.cfg.vocab_size:
@@ -34,9 +44,6 @@ def quantized_state(state: dict, quant: str, embedding_type=None, only: str | No
     """(state dict after the export policy's roundtrip, the policy's choices). `only`: quantize just that
     tensor (per-tensor sensitivity), keep the rest exact. `qat` (felix.model.qat.QATConfig of a quantization-aware
     checkpoint): its tensors go through the codec its forward used, as the exporter writes them."""
-    from felix.model import qat as felix_qat
-    from felix.ops.quant_policy import plan_tensor_types, roundtrip
-
     plan = plan_tensor_types({k: tuple(v.shape) for k, v in state.items()}, quant, embedding_type)
     out = dict(state)
     for c in plan:
@@ -53,8 +60,6 @@ def deployed_state(model, qat=None) -> dict:
     merged into their weights (``--splice merge``: the file quantizes W + gate B A, so must the simulation) and
     their B zeroed; a quantization-aware checkpoint keeps them live, since its file carries them as a LoRA
     adapter beside the base weights its forward quantized (see _export_pair)."""
-    from felix.ship.export import base_tensors
-
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if qat is None:
         for name, w in base_tensors(model, "merge").items():
@@ -67,8 +72,6 @@ def deployed_state(model, qat=None) -> dict:
 
 
 def _with_state(model, state):
-    import copy
-
     m = copy.deepcopy(model)
     m.load_state_dict(state, strict=True)
     return m.eval()
@@ -77,10 +80,6 @@ def _with_state(model, state):
 def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, progress=False, qat=None) -> list[dict]:
     """One tensor quantized at a time (simulated): margin cost at whitelisted positions, flips, KL; ranked by
     the mean margin lost (reference margin minus quantized margin), largest first."""
-    from tqdm import tqdm
-
-    from felix.ops.quant_policy import plan_tensor_types
-
     state = deployed_state(model, qat)
     plan = plan_tensor_types({k: tuple(v.shape) for k, v in state.items()}, quant, embedding_type)
     targets = all_targets(encoded)
@@ -145,15 +144,12 @@ def _export_pair(checkpoint, quant, embedding_type, directory: Path, model) -> t
     F32, which a merged file cannot hold (the exporter refuses to re-quantize W + gate B A): its quantized file keeps
     the base weights and carries the splices as a LoRA adapter applied at scale 1, which is that computation. The
     f32 reference merges them (exact at f32)."""
-    from felix.ship.export import _splices, export_gguf
-    from felix.model.qat import read_qat_config
-
     directory.mkdir(parents=True, exist_ok=True)
     arch = arch_of(quant)
     ref, q = directory / f"reference-f32-{arch}.gguf", directory / f"quantized-{quant}.gguf"
     export_gguf(checkpoint, ref, arch=arch, quant="f32", force=True)
     adapter = None
-    if read_qat_config(checkpoint) is not None and _splices(model):
+    if read_qat_config(checkpoint) is not None and splice_factors(model):
         adapter = directory / f"quantized-{quant}.splice-lora.gguf"
         export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type,
                     splice="adapter", adapter_out=adapter)
@@ -165,8 +161,6 @@ def _export_pair(checkpoint, quant, embedding_type, directory: Path, model) -> t
 def simulated_model(model, qstate: dict, plan, sim_activations: str):
     """The simulated deployment: `model` on the policy's dequantized weights `qstate`, with activations exact or
     rounded as llama.cpp's CPU matmuls and KV cache round them (felix.ops.activation_rounding)."""
-    from felix.ops.activation_rounding import ActivationRounding
-
     if sim_activations not in SIM_ACTIVATIONS:
         raise FidelityError(f"unknown sim_activations {sim_activations!r}; choose from {', '.join(SIM_ACTIVATIONS)}")
     m = _with_state(model, qstate)
@@ -179,8 +173,6 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     agreement is computed afterwards from their logits. `cache`: a dict kept across calls on the same checkpoint,
     probes and whitelist (several formats), so the reference model's logits and generations are computed once per
     path."""
-    from felix.ops.quant_policy import check_type
-
     quant = check_type(opts.quant)
     bad_paths = [p for p in opts.paths if p not in PATHS]
     if bad_paths or not opts.paths:
@@ -190,9 +182,7 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
                             f"{', '.join(SIM_ACTIVATIONS)}")
     runtime = runtime_of(quant)
     if "runtime" in opts.paths or opts.constrained:
-        from felix.ship.llamacpp import available
-
-        ok, why = available(runtime)
+        ok, why = llamacpp.available(runtime)
         if not ok:
             what = "the llama.cpp fork (the only runtime with " + quant + ")" if runtime == "fork" else "llama.cpp"
             raise FidelityError(f"the runtime path runs {what}: {why}")
@@ -203,8 +193,6 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
         print(f"felix fidelity: warning: {msg}", file=sys.stderr)
     encoded = encode_probes(probes, tok, wl.mask)
     targets = all_targets(encoded)
-
-    from felix.model.qat import read_qat_config
 
     qat = read_qat_config(checkpoint)  # a quantization-aware checkpoint ships the bytes its forward used
     qstate, plan = quantized_state(deployed_state(model, qat), quant, opts.embedding_type, qat=qat)
@@ -245,11 +233,6 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
 def _constrained(s: _Setup) -> dict:
     """The quantized export served (felix.ship.serve, the path clients call), each schema probe answered free and under
     its schema's grammar (felix.verify.fidelity.constrained)."""
-    import tempfile
-
-    from felix.verify.fidelity.constrained import constrained_run
-    from felix.ship.serve import Server, ServeError
-
     tmp = None if s.opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-served-")
     try:
         _, q_path, adapter = _export_pair(s.checkpoint, s.quant, s.opts.embedding_type,
@@ -298,8 +281,6 @@ class _Setup:
 def _run_path(s: _Setup, path: str) -> PathRun:
     """One path: reference and quantized logits (the reference's cached across formats), their comparison, and the
     compliance of greedy generations."""
-    import tempfile
-
     opts, quant = s.opts, s.quant
     cache_path = path if path == "simulated" else f"runtime-{s.runtime}"
     if path == "simulated":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from felix.core.quail import DEFAULT_QUAIL, NOISE_QUANTILES, quantile_key
 from felix.verify.fidelity.common import FidelityError
 
 
@@ -131,8 +132,6 @@ def summarize(stats: PositionStats, low_margin: float | None = None) -> dict:
     below it are also counted on their own: they are the decisions a 4-bit rounding can plausibly flip.
     ``margin.change_quantiles`` (felix.core.quail.NOISE_QUANTILES) is the measured margin noise that
     ``felix train --margin-from`` calibrates from."""
-    from felix.core.quail import DEFAULT_QUAIL, NOISE_QUANTILES, _quantile_key
-
     low_margin = DEFAULT_QUAIL.margin if low_margin is None else low_margin
     w = stats.whitelisted
     ref_m, q_m = stats.ref_margin[w], stats.quant_margin[w]
@@ -155,7 +154,7 @@ def summarize(stats: PositionStats, low_margin: float | None = None) -> dict:
             "reference_min_correct": float(ref_m[correct].min()) if correct.any() else float("nan"),
             "change_mean": mean(change), "change_p01": _quantile(change, 0.01), "change_min":
                 float(change.min()) if n_w else float("nan"),
-            "change_quantiles": {_quantile_key(q): _quantile(change, q) for q in NOISE_QUANTILES},
+            "change_quantiles": {quantile_key(q): _quantile(change, q) for q in NOISE_QUANTILES},
             "change_abs_max": float(change.abs().max()) if n_w else float("nan"),
             "low_threshold": low_margin, "low_reference_correct": int(low.sum()),
             "low_survived": int((low & (q_m > 0)).sum()),

@@ -42,7 +42,7 @@ class Gate:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # local: heavy (half a second), loaded only when a plot is drawn; Agg before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
