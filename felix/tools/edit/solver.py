@@ -60,8 +60,8 @@ from felix.tools.edit.sites import RANK_TOL, numerical_rank, splice_product, spl
 METHODS = ("closed-form", "finetune")
 WHEN_FULL = ("refuse", "refit")
 DEFAULT_CONFLICT_TOL = 1e-3  # a key whose part outside the protected span is < 0.1% of its norm conflicts
-FLOAT32_RANK_TOL = 1e-5      # relative singular value below which a product of float32 factors has no direction
-                             # (felix.tools.edit.sites.RANK_TOL: the same for float64)
+FLOAT32_RANK_TOL = 1e-5      # relative singular value below which a product of float32 factors calls a direction
+                             # zero (felix.tools.edit.sites.RANK_TOL: the same for float64)
 
 
 @dataclass
