@@ -353,7 +353,7 @@ def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_
             (WEIGHTS_FILE, lambda d: load_checkpoint(d)),
             ("tokenizer.json", lambda d: Tokenizer.load(d)),
             ("qat.json", lambda d: read_qat_config(d)),
-            ("edits.json", lambda d: felix_edit._resume_editor(model, None, d)),
+            ("edits.json", lambda d: felix_edit.resume_editor(model, None, d)),
             ("spokes.safetensors", lambda d: load_spokes(model, d / "spokes.safetensors")),
             ("m.gguf", lambda d: open_gguf(d / "m.gguf")),
             ("m.gguf", lambda d: model_from_gguf(d / "m.gguf")),
@@ -376,7 +376,7 @@ def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_
         directory = planted("edits.safetensors", payload)
         (directory / "edits.json").write_text("{}")
         with pytest.raises(ValueError):
-            felix_edit._resume_editor(model, None, directory)
+            felix_edit.resume_editor(model, None, directory)
         assert not marker.exists()
     # the GGUF really is one Felix reads (the loaders above were refused for the payload, not for the name)
     assert open_gguf(gguf_path) is not None

@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fidelity_parser(sub)
     _add_export_parsers(sub)
     _add_prune_parser(sub)
-    from felix.tools.edit import add_edit_parser
+    from felix.cli.edit import add_edit_parser
 
     add_edit_parser(sub)
     from felix.train.distill import add_teacher_data_parser

@@ -35,13 +35,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from felix.core.files import fsync_path, pid_alive, read_text
+from felix.core.files import fsync_path, jsonl_lines, pid_alive, read_text
 from felix.model.felix_lm import CheckpointError
 
 POINTER, STEPS_DIR, LOCK_FILE = "checkpoint", "checkpoints", ".lock"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"  # pickled (torch.save) by Felix before run safety: refused, never unpickled
-RUN_OUTPUTS = ("metrics.jsonl", "loss_curve.png", "tensorboard")  # what a run writes beside its checkpoints
+METRICS_FILE = "metrics.jsonl"  # one JSON object per evaluation, appended as it happens (read_metrics reads it)
+RUN_OUTPUTS = (METRICS_FILE, "loss_curve.png", "tensorboard")  # what a run writes beside its checkpoints
 _STEP_RE = re.compile(r"^step-(\d{8})(?:-(\d+))?$")
 _PID_RE = re.compile(r"\.(?:tmp|old)-(\d+)(?:-|$)|^\.(?:tmp|deleting)-.*-(\d+)$")
 
@@ -268,6 +269,28 @@ def run_contents(out) -> list[str]:
         n = sum(1 for line in metrics.read_bytes().splitlines() if line.strip())
         held.append(f"{RUN_OUTPUTS[0]} ({n} record(s))")
     return held
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (one dict per evaluation, in file order); `path` is the file or the
+    run directory that holds it (felix train's OUT, or a felix train --soda run's). Read by felix.core.files' JSONL
+    reader: a missing or non-UTF-8 file raises ValueError naming it, and every line that is not a JSON object is
+    reported as path:line (the first five, then how many more)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    records, problems = [], []
+    for where, record, problem in jsonl_lines(read_text(path, ValueError, "metrics file"), path):
+        if problem is None and not isinstance(record, dict):
+            problem = f"a JSON {type(record).__name__}, expected an object (one evaluation's metrics)"
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
+        records.append(record)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError("bad metrics records: " + "; ".join(problems[:5]) + more)
+    return records
 
 
 def remove_run(out, log) -> None:

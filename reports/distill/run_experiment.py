@@ -15,15 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+from felix.cli.main import main as felix_main
+from felix.train.runs import read_metrics
+
 HERE = Path(__file__).resolve().parent
 
 
 def run(argv: list[str]) -> None:
-    from felix.cli.main import main
-
     print("$ felix " + " ".join(argv), flush=True)
     t0 = time.perf_counter()
-    code = main(argv)
+    code = felix_main(argv)
     print(f"  ({time.perf_counter() - t0:.0f}s, exit {code})", flush=True)
     if code:
         sys.exit(code)
@@ -64,7 +65,7 @@ def main() -> None:
         shutil.copy(work / "soda" / name, HERE / name)
     for arm in arms:
         shutil.copy(work / arm / "soda_curve.png", HERE / f"{arm}_curve.png")
-    metrics = {arm: [json.loads(s) for s in (work / arm / "metrics.jsonl").read_text().splitlines()] for arm in arms}
+    metrics = {arm: read_metrics(work / arm) for arm in arms}
     soda_summary = {arm: json.loads((work / arm / "soda.json").read_text()) for arm in arms}
     task = json.loads((HERE / "task-eval.json").read_text())
     summary = {"command": "python3 reports/distill/run_experiment.py " + " ".join(sys.argv[1:]),

@@ -41,6 +41,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from felix.core.files import atomic_write_text, jsonable, save_figure
+from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
+from felix.tasks.records import HEDGES, hedge_bayes_margin, weighed_evidence
+from felix.train.runs import read_metrics
+from felix.verify import fidelity as F
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("plain", "quail", "quail-cal", "qat", "quail-qat")
@@ -68,8 +75,6 @@ def train_args(args) -> list[str]:
 
 
 def arm_args(arm: str, plain_report: Path) -> list[str]:
-    from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
-
     default = ["--lambda-q", str(DEFAULT_LAMBDA_Q), "--margin", str(DEFAULT_MARGIN)]
     return {"plain": ["--lambda-q", "0"], "quail": default,
             "quail-cal": ["--lambda-q", str(DEFAULT_LAMBDA_Q), "--margin-from", str(plain_report)],
@@ -94,7 +99,7 @@ def train(arm: str, seed: int, work: Path, args, plain_report: Path) -> Path:
 
 def training_record(run_dir: Path) -> dict:
     """The last evaluation of a run, and the QUAIL settings it trained with (the calibrated margin included)."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(run_dir)
     last = [r for r in rows if r.get("val_ce") is not None][-1]
     cfg = json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())["train_config"]
     return {"val_ce": last["val_ce"], "val_hinge": last["val_hinge"], "train_ce": last["train_ce"],
@@ -103,8 +108,6 @@ def training_record(run_dir: Path) -> dict:
 
 def fidelity(ckpt: Path, out: Path, args, cache: dict) -> dict[str, dict]:
     """The per-format fidelity reports of one checkpoint (reused when present), and the rq4 compliance report."""
-    from felix.verify import fidelity as F
-
     task = TASKS[args.task]
     reports = {}
     jobs = [(q, out, args.n_probes, False) for q in FORMATS] + [("rq4", out / "compliance", args.compliance_probes, True)]
@@ -123,8 +126,6 @@ def fidelity(ckpt: Path, out: Path, args, cache: dict) -> dict[str, dict]:
 def probe_cue(task: str, probe: str) -> tuple[str, float, float]:
     """(cue, P(true), Bayes margin) of a probe from its name: the hedged probe's qualifier, or the weighed probe's
     three qualifiers and their summed log-odds (felix.data.corpus)."""
-    from felix.tasks.records import HEDGES, hedge_bayes_margin, weighed_evidence
-
     cue = probe.split("-")[1]
     if task == "hedged":
         p_true = dict(HEDGES)[cue]
@@ -320,8 +321,6 @@ def analyse(raw: dict, seeds: list[int], arms: list[str], task: str) -> dict:
 
 def per_cue(raw: dict, seeds: list[int], arms: list[str], task: str) -> dict:
     """rq4 decisions per qualifier (hedged) or per |evidence| bin (weighed): flips, reference/deployed correct."""
-    from felix.tasks.records import HEDGES
-
     if task == "hedged":
         groups = [(h, lambda d, h=h: d["cue"] == h) for h, _ in HEDGES]
     else:
@@ -431,12 +430,10 @@ COLORS = {"plain": "tab:gray", "quail": "tab:blue", "quail-cal": "tab:orange", "
 
 
 def plots(raw: dict, summary: dict, seeds: list[int], arms: list[str], task: str, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy optional dependency (the plots only); the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from felix.core.files import save_figure
 
     rng = np.random.default_rng(7)
     # 1. flip rate vs |reference margin| at the decisions, per arm and format, binned
@@ -522,10 +519,6 @@ def main() -> int:
     if "quail-cal" in args.arms and "plain" not in args.arms:
         ap.error("the quail-cal arm reads the plain arm's fidelity report: run plain too")
     arms = [a for a in ARMS if a in args.arms]  # in ARMS order: the first (plain, when run) is the baseline
-    from tqdm import tqdm
-
-    from felix.core.files import atomic_write_text, jsonable
-
     work = Path(args.work_dir or f"runs/flip-regime/{args.task}")
     out = Path(args.out_dir or HERE / args.task)
     out.mkdir(parents=True, exist_ok=True)

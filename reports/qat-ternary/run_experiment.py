@@ -32,6 +32,18 @@ from pathlib import Path
 
 import torch
 
+from felix.data.corpus import TokenStream
+from felix.model import qat
+from felix.model.felix_lm import load_checkpoint
+from felix.model.qat import load_qat_checkpoint
+from felix.model.tokenizer import Tokenizer
+from felix.ops.activation_rounding import ActivationRounding
+from felix.ops.quant_policy import plan_tensor_types
+from felix.ship.export import export_gguf, model_from_gguf
+from felix.train import loop as felix_train
+from felix.train.runs import read_metrics
+from felix.verify import fidelity
+
 HERE = Path(__file__).resolve().parent
 TRAIN_ARGS = ["--preset", "tiny-256", "--steps", "200", "--batch-size", "8", "--warmup-steps", "20",
               "--eval-every", "50"]
@@ -54,17 +66,13 @@ def train(arm: str, seed: int, work: Path) -> Path:
 
 
 def last_eval(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     r = rows[-1]
     return {"step": r["step"], "val_ce_trained_forward": r["val_ce"], "train_ce": r["train_ce"],
             "peak_memory_mb": r["peak_memory_mb"], "tokens_per_s": r["tokens_per_s"]}
 
 
 def export_all(fp_ckpt: Path, qat_ckpt: Path, out: Path) -> dict[str, Path]:
-    from felix.model import qat
-    from felix.ship.export import export_gguf
-    from felix.model.felix_lm import load_checkpoint
-
     out.mkdir(parents=True, exist_ok=True)
     files = {"reference": out / "reference-f32.gguf", "ptq": out / "ptq-tq2_0.gguf",
              "ptq-absmean": out / "ptq-absmean-tq2_0.gguf", "qat": out / "qat-bitnet-tq2_0.gguf"}
@@ -87,15 +95,6 @@ def val_ce(source, windows: list[list[int]]) -> float:
 
 
 def measure(seed: int, fp_ckpt: Path, qat_ckpt: Path, work: Path) -> dict:
-    from felix.verify import fidelity
-    from felix.train import loop as felix_train
-    from felix.ops.activation_rounding import ActivationRounding
-    from felix.data.corpus import TokenStream
-    from felix.ship.export import model_from_gguf
-    from felix.model.qat import load_qat_checkpoint
-    from felix.ops.quant_policy import plan_tensor_types
-    from felix.model.tokenizer import Tokenizer
-
     tok = Tokenizer.load(fp_ckpt)
     if (fp_ckpt / "tokenizer.json").read_text() != (qat_ckpt / "tokenizer.json").read_text():
         raise SystemExit("the two arms trained different tokenizers: not the same data")
@@ -186,7 +185,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy optional dependency (the plot only); the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,6 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from felix.ship.llamacpp import available
+from felix.train.runs import read_metrics
+from felix.verify import fidelity
+
 HERE = Path(__file__).resolve().parent
 FORMATS = ("rq4", "iq4_nl", "q4_0", "tq2_0")
 # Identical except --lambda-q. tiny-256: every row length divides 256, so TQ2_0 (256-element blocks) applies to
@@ -39,7 +43,7 @@ def train(arm: str, seed: int, work: Path) -> Path:
 
 
 def last_eval(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     evals = [r for r in rows if r.get("val_ce") is not None]
     r = evals[-1]
     return {"step": r["step"], "val_ce": r["val_ce"], "val_hinge": r["val_hinge"], "train_ce": r["train_ce"]}
@@ -128,7 +132,7 @@ def markdown(rows: list[dict], training: list[dict], agreement: list[dict], seed
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy optional dependency (the plot only); the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,9 +165,6 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(HERE), help="where the reports go (default: next to this script)")
     ap.add_argument("--no-runtime", action="store_true", help="skip the llama.cpp runtime path")
     args = ap.parse_args()
-
-    from felix.verify import fidelity
-    from felix.ship.llamacpp import available
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     rows, agreement, training = [], [], []

@@ -35,6 +35,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from felix.model.felix_lm import load_checkpoint
+from felix.model.tokenizer import Tokenizer
+from felix.ship.export import adapter_tensors, export_gguf, model_from_gguf
+from felix.ship.llamacpp import LlamaCppModel, available
+from felix.tools.edit import (EditRequest, HarnessData, SpliceEditor, builtin_edit_set, corpus_sequences, fact_phrases,
+                              fold_splice, run_sequential, site_keys, splice_site, target_sequence, tokenize_request,
+                              widen_splice)
+
 HERE = Path(__file__).resolve().parent
 ARMS = ("alphaedit", "alphaedit-ridge", "minnorm", "finetune", "alphaedit-r64")
 RIDGE = 0.01  # alphaedit-ridge: lambda = RIDGE * mean |P k|^2 (chosen from 0, 0.01, 0.03, 0.1, 1 on this edit set)
@@ -55,8 +66,6 @@ def train_checkpoint(work: Path, steps: int) -> Path:
 
 
 def make_editor(arm, model, tok, preserved):
-    from felix.tools.edit import SpliceEditor, widen_splice
-
     if arm == "alphaedit-r64":
         widen_splice(model, 64)
     if arm == "finetune":
@@ -66,25 +75,16 @@ def make_editor(arm, model, tok, preserved):
 
 
 def torch_logits(model, ids):
-    import torch
-
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].double().numpy()
 
 
 def deploy(model, tok, cases, work: Path) -> dict:
     """Export the edited model as base + splice adapter and run it in llama.cpp (stock and fork)."""
-    import numpy as np
-    import torch
-
-    from felix.tools.edit import _sequence, tokenize_request, EditRequest
-    from felix.ship.export import adapter_tensors, export_gguf, model_from_gguf
-    from felix.ship.llamacpp import LlamaCppModel, available
-
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     items = [tokenize_request(tok, model, EditRequest(c["prompt"], c["target"])) for c in cases]
-    seqs = [_sequence(p, t) for p, t in items]
+    seqs = [target_sequence(p, t) for p, t in items]
     last_ids, last_pos = seqs[-1]
     last_target = items[-1][1][0]
     want = torch_logits(model, last_ids)[last_pos[0]]
@@ -142,14 +142,7 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(HERE))
     args = ap.parse_args()
 
-    import torch
-
     torch.set_num_threads(args.threads)
-    from felix.tools.edit import HarnessData, builtin_edit_set, corpus_sequences, fact_phrases, fold_splice, run_sequential, \
-        site_keys, splice_site
-    from felix.model.felix_lm import load_checkpoint
-    from felix.model.tokenizer import Tokenizer
-
     work = Path(args.work_dir)
     t_start = time.perf_counter()
     ckpt = train_checkpoint(work, args.steps)
@@ -238,7 +231,7 @@ def write_md(path: Path, s: dict) -> None:
 
 
 def plot(out: Path, curves: dict) -> None:
-    import matplotlib
+    import matplotlib  # heavy optional dependency (the plot only); the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,4 +1,4 @@
-"""SpliceCore edits (felix/tools/edit.py) against independent truths: the constraint equations of the closed form in
+"""SpliceCore edits (felix/tools/edit/) against independent truths: the constraint equations of the closed form in
 float64 (W' k = v on edited keys, W' k_p = W k_p on preserved keys), Eckart-Young for the rank-limited refit, the
 model's own predictions before/after, bit-exact restores, and clear errors for bad requests."""
 from __future__ import annotations
@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from felix.tools.edit import (ConflictError, EditError, EditRequest, RankBudgetError, SpliceEditor, UntokenisableError,
-                        fold_splice, null_space_projector, site_keys, splice_product, splice_site, target_stats,
-                        tokenize_request, widen_splice)
-from felix.model.felix_lm import FelixConfig, FelixLM
+from felix.cli.main import main
+from felix.model import qat
+from felix.model.felix_lm import FelixConfig, FelixLM, load_checkpoint, save_checkpoint
 from felix.model.splice import list_splices, snapshot_splices
+from felix.model.spokes import add_spokes
 from felix.model.tokenizer import train_tokenizer
+from felix.tools.edit import (ConflictError, EditError, EditRequest, RankBudgetError, SpliceEditor, UntokenisableError,
+                              fold_splice, null_space_projector, site_keys, splice_product, splice_site, target_stats,
+                              tokenize_request, widen_splice)
 
 TEXTS = [f"{who} said that the {what} was {how} on day {d}." for d, (who, what, how) in enumerate(
     [(w, x, h) for w in ("Ana", "Ben", "Chen", "Dara") for x in ("cache", "build", "index", "backup")
@@ -221,9 +224,6 @@ def test_finetune_baseline_is_constrained_and_undoes_last_first(tok):
 
 
 def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
-    from felix.cli.main import main
-    from felix.model.felix_lm import load_checkpoint, save_checkpoint
-
     save_checkpoint(tmp_path / "ckpt", make_model(tok), tok)
     assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,
                  "--prompt", REQS[1].prompt, "--target", REQS[1].target, "--out", str(tmp_path / "e1")]) == 0
@@ -245,8 +245,6 @@ def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
 def test_edits_compose_with_spokes(tok):
     """A model with trained-like spokes (felix.model.spokes, after each FFN residual): the closed form still holds at the
     projection, and the edits take effect through the spokes downstream."""
-    from felix.model.spokes import add_spokes
-
     model = make_model(tok, rank=8)
     add_spokes(model, 2, 4)
     with torch.no_grad():
@@ -267,10 +265,6 @@ def test_qat_models_are_refused_not_silently_edited(tok, tmp_path, capsys):
     """felix.model.qat composes with edits only by refusal: a QAT checkpoint (edits would be solved on the float weights and
     the QAT record dropped), folding into a fake-quantized weight (the write would land in a recomputed tensor), and
     any model whose matmul inputs are rounded or masked (the closed form's keys would not be the inputs)."""
-    from felix.model import qat
-    from felix.cli.main import main
-    from felix.model.felix_lm import save_checkpoint
-
     model = qat.apply_qat(make_model(tok), "rq4")  # the same edit on this model without qat.json succeeds (CLI test)
     save_checkpoint(tmp_path / "ckpt", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
     assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,

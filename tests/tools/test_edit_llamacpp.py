@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_edit import REQS, make_model, one_thread, tok  # noqa: F401  (fixtures)
 
-from felix.tools.edit import SpliceEditor, _sequence, tokenize_request
+from felix.tools.edit import SpliceEditor, target_sequence, tokenize_request
 from felix.ship.export import export_gguf
 from felix.ship.llamacpp import LlamaCppModel, available
 
@@ -18,7 +18,7 @@ F32_BOUND = 3e-3  # max |logit error| / max |logit| of an f32 export (tests/ship
 @pytest.fixture(scope="module")
 def edited(tok, tmp_path_factory):  # noqa: F811
     model = make_model(tok, seed=3)
-    x_ids, pos = _sequence(*tokenize_request(tok, model, REQS[2]))
+    x_ids, pos = target_sequence(*tokenize_request(tok, model, REQS[2]))
     with torch.no_grad():
         before = model(torch.tensor([x_ids]))[0, pos[0]].double().numpy()
     ed = SpliceEditor(model, tok, null_space=False)
