@@ -25,6 +25,7 @@ duplicates the training text), not learning -- the run warns loudly and flags th
 """
 from __future__ import annotations
 
+import abc
 import collections
 import datetime
 import json
@@ -183,7 +184,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB (process peak RSS)
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the parameters that train (a frozen hub gets no optimizer state); `cfg` gives lr and weight_decay."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and ".splice." not in n]
@@ -194,7 +195,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
                              fused=True)
 
 
-def run_tokenizer(cfg: TrainConfig, resume: bool, ckpt_dir: Path, texts, log) -> Tokenizer:
+def _tokenizer_for_records(cfg: TrainConfig, resume: bool, ckpt_dir: Path, texts, log) -> Tokenizer:
     """The tokenizer of a run on text records: the checkpoint's (resume), the --init-from model's, --tokenizer's, or
     a byte-level BPE trained on `texts` (a callable giving them: only called when one is trained)."""
     if resume:
@@ -275,7 +276,7 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
 
 
 # ================================================================================================ objectives
-class Objective:
+class Objective(abc.ABC):
     """What a run optimizes: its data, its loss, and what an evaluation measures. Everything around it is the one
     loop of this module, the same for every objective: the run directory and its lock, the WSD schedule, autocast,
     gradient accumulation and clipping, the step guard (found_inf skips), metrics.jsonl, checkpoints with the trainer
@@ -305,16 +306,17 @@ class Objective:
         """Warnings of the run's monitors (TrainResult.memorization_alerts)."""
         return []
 
+    @abc.abstractmethod
     def write_config(self, directory: Path) -> None:
         """Write this run's settings into `directory` (the run directory, and each checkpoint)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def open(self, out: Path, ckpt_dir: Path, resume: bool, par, device: torch.device, log) -> Tokenizer:
         """Read the data; return the run's tokenizer."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe_data(self) -> str:
-        raise NotImplementedError
+        """The log line saying what the run trains on."""
 
     def start(self, run: Run, state: dict | None) -> None:
         """The model and optimizer exist: prepare a fresh run (`state` None) or restore a resumed one's
@@ -323,25 +325,25 @@ class Objective:
     def state_dict(self) -> dict:
         return {}
 
+    @abc.abstractmethod
     def micro_batches(self, run: Run):
         """This rank's cfg.grad_accum micro-batches of the next optimizer step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, run: Run, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, 1-D detached [loss, *parts] to log), under the run's autocast; no host sync
         needed: the logged values stay on the device until the interval is read."""
-        raise NotImplementedError
 
     def on_step(self, run: Run, step: int, loss: float, parts: dict, skipped: bool) -> None:
         """A step's logged values, once read to the host."""
 
+    @abc.abstractmethod
     def evaluate(self, run: Run, interval: dict) -> dict:
         """The objective's fields of the metrics record that ends `interval` (validation, throughput, ...)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, record: dict, lr: float) -> str:
         """The log line of a metrics record (after "step N: ")."""
-        raise NotImplementedError
 
     def finish(self, run: Run) -> None:
         """The run ended (rank 0): its plots and summaries."""
@@ -461,7 +463,7 @@ class TeacherSFT(TokenObjective):
                                                                       key=json.dumps)
         teachers = collections.Counter(r["teacher"] for r in records)
         log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
-        tokenizer = run_tokenizer(cfg, resume, ckpt_dir,
+        tokenizer = _tokenizer_for_records(cfg, resume, ckpt_dir,
                                   lambda: [chat.chat_text(r["prompt"], r["response"]) for r in self.train_items], log)
         self.train_stream = felix_data.SFTStream(self.train_items, tokenizer, cfg.seq_len, cfg.seed)
         val_stream = felix_data.SFTStream(self.val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
