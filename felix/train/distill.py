@@ -1,219 +1,50 @@
 """Distillation as the seed planned it: multi-teacher data, per-prompt selection, teacher agreement, and SODA.
 
-* **Teacher data** (felix.data.teachers, re-exported here: :func:`load_teacher_groups`): JSONL with several teachers per
-  prompt, either one line per prompt ``{"prompt", "task"?, "responses": {teacher: response, ...}}`` or one line per
-  teacher response ``{"prompt", "response", "teacher", "task"?}`` (felix.data.corpus.load_teacher_records' format),
-  grouped by prompt. Any malformed line is an error naming ``path:line``; so is one teacher giving two different
-  responses to a prompt.
-* **Selection** (:func:`select_responses`): per prompt, the schema-valid responses first (felix.tasks' schema
-  check of the prompt's task), then the best of that tier by a swappable scorer (``consensus``: agreement
-  with the other teachers; ``shortest``; or any callable ``(group, teacher) -> float``); ties go to the teacher
-  listed first.
-* **Agreement** (:func:`teacher_agreement`): per teacher validity and how often it was selected; per teacher pair
-  exact agreement, word F1, and agreement on the principle task's ``has_principle`` decision; overall and per task.
-* **Built-in teachers** (:func:`builtin_teacher_groups`; felix.tasks.perturbations): made from the task records, no
-  download:
-  ``exact`` (the record's own response: the strong teacher), ``noisy`` (content perturbed, format kept, the
-  refusal decision sometimes flipped) and ``sloppy`` (half of its answers break the format). A trained Felix
-  checkpoint is a teacher too (:func:`checkpoint_teacher`: its greedy responses).
-* **SODA** (:func:`train_soda`, ``felix train --soda``): semi-on-policy distillation. The student's greedy
-  responses are snapshotted once (felix.model.generate.greedy_responses, batched, with progress); pairs (prompt, chosen = the
-  selected teacher response, rejected = the student's snapshot response) train with the DPO loss
-  (:func:`dpo_loss`), the reference model being the snapshot's weights, frozen (its log-probabilities are computed
-  once, before the first step), plus the QUAIL hinge on the chosen responses' whitelisted targets. Metrics: reward
-  margin, chosen / rejected rewards and log-probabilities, preference accuracy, on training and held-out pairs.
+* **Teacher data, selection and agreement** live in felix.data.teachers (the data stage: they are facts about the
+  teacher data alone, and `felix teacher-data` reports them): :func:`load_teacher_groups` (JSONL with several
+  teachers per prompt, malformed lines named by ``path:line``), the built-in teachers (:func:`builtin_teacher_groups`:
+  ``exact``, ``noisy``, ``sloppy``; felix.tasks.perturbations) and trained checkpoints as teachers
+  (:func:`checkpoint_teacher`), per-prompt :func:`select_responses` (schema-valid first, then a swappable scorer)
+  and :func:`teacher_agreement` with its report.
+* **SODA** (:func:`train_soda`, ``felix train --soda``): semi-on-policy distillation, an objective of the one
+  training loop (:class:`SodaObjective`; felix.train.loop runs it: run lock, checkpoints with the trainer state, exact
+  resume, metrics.jsonl, autocast, the step guard). The student's greedy responses are snapshotted once
+  (felix.model.generate.greedy_responses, batched, with progress); pairs (:func:`build_pairs`: prompt, chosen = the
+  selected teacher response, rejected = the student's snapshot response) train with the DPO loss (:func:`dpo_loss`),
+  the reference model being the snapshot's weights, frozen (its log-probabilities are computed once, before the
+  first step), plus the QUAIL hinge on the chosen responses' whitelisted targets (and optionally an NLL anchor on
+  them). Metrics: reward margin, chosen / rejected rewards and log-probabilities, preference accuracy, on training
+  and held-out pairs.
 """
 from __future__ import annotations
 
-import collections
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from felix.core.files import atomic_write_text, jsonable, named_path, save_figure
+from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
 from felix.data import corpus as felix_data
+from felix.data.teachers import (
+    SCORERS, DistillError, Selection, TeacherGroup, builtin_teacher_groups, checkpoint_teacher, load_teacher_groups,
+    select_responses, teacher_agreement, write_agreement_report, write_teacher_groups)
 from felix.model import chat
 from felix.model import felix_lm as felix_model
-from felix.core.files import atomic_write_text, named_path, save_figure
 from felix.model.generate import greedy_responses
-from felix.ops.loss import linear_ce_quail, whitelist_mask
-from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
-from felix.tasks import MAKERS, SUITE_SEED, TASKS, builtin_task_suite, schema_check, word_f1
+from felix.model.tokenizer import Tokenizer
+from felix.ops.loss import linear_ce_quail
+from felix.tasks import MAKERS, SUITE_SEED, TASKS, builtin_task_suite, schema_check
 from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
-from felix.data.teachers import (
-    DistillError, TeacherGroup, builtin_teacher_groups, checkpoint_teacher, load_teacher_groups, write_teacher_groups)
-from felix.model.tokenizer import Tokenizer, json_structure_whitelist
-from felix.train.loop import _device, _optimizer, wsd_lr
+from felix.train.config import TrainConfig
+from felix.train.loop import CHECKPOINT_DIR, Objective, Run, train
 
-METRICS_FILE, PLOT_FILE, SNAPSHOT_FILE, SODA_FILE = "metrics.jsonl", "soda_curve.png", "snapshot.jsonl", "soda.json"
-AGREEMENT_STEM = "teacher-agreement"
-
-
-# ========================================================================================== selection
-def consensus_score(group: TeacherGroup, teacher: str) -> float:
-    """Mean word F1 of the teacher's response with every other teacher's response to the same prompt (0 alone)."""
-    others = [r for t, r in group.responses.items() if t != teacher]
-    return sum(word_f1(group.responses[teacher], r) for r in others) / len(others) if others else 0.0
-
-
-def shortest_score(group: TeacherGroup, teacher: str) -> float:
-    """Prefer the most concise answer (minus its length in characters)."""
-    return -float(len(group.responses[teacher]))
-
-
-SCORERS = {"consensus": consensus_score, "shortest": shortest_score}
-
-
-@dataclass
-class Selection:
-    prompt: str
-    task: str | None
-    teacher: str
-    response: str
-    valid: bool            # the chosen response passes its task's schema check
-    score: float
-    n_valid: int           # how many teachers gave a schema-valid response
-    validity: dict         # teacher -> schema-valid
-
-
-def _resolve_scorer(scorer):
-    if callable(scorer):
-        return scorer
-    if scorer not in SCORERS:
-        raise DistillError(f"unknown teacher scorer {scorer!r}; choose from {', '.join(SCORERS)} or pass a callable")
-    return SCORERS[scorer]
-
-
-def select_responses(groups: list[TeacherGroup], scorer="consensus") -> list[Selection]:
-    """Per prompt: the schema-valid responses first, then the best by `scorer` (a name in SCORERS or a callable
-    ``(group, teacher) -> float``); ties go to the teacher listed first. With no valid response the best invalid
-    one is returned, marked ``valid=False``."""
-    score_fn = _resolve_scorer(scorer)
-    out = []
-    for g in groups:
-        validity = {t: schema_check(g.task, r)["compliant"] for t, r in g.responses.items()}
-        teachers = list(g.responses)
-        tier = [t for t in teachers if validity[t]] or teachers
-        scores = {t: float(score_fn(g, t)) for t in tier}
-        best = max(tier, key=lambda t: (scores[t], -teachers.index(t)))
-        out.append(Selection(g.prompt, g.task, best, g.responses[best], validity[best], scores[best],
-                             sum(validity.values()), validity))
-    return out
-
-
-# ========================================================================================== agreement
-def _decision(text: str):
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return obj.get("has_principle") if isinstance(obj, dict) and isinstance(obj.get("has_principle"), bool) else None
-
-
-def _pair_stats(groups: list[TeacherGroup], a: str, b: str) -> dict:
-    common = [g for g in groups if a in g.responses and b in g.responses]
-    if not common:
-        return {"prompts": 0, "exact": None, "word_f1": None, "both_valid": None, "decision_agreement": None,
-                "decisions": 0}
-    decisions = [(da, db) for g in common for da, db in [(_decision(g.responses[a]), _decision(g.responses[b]))]
-                 if da is not None and db is not None]
-    return {"prompts": len(common),
-            "exact": sum(g.responses[a].strip() == g.responses[b].strip() for g in common) / len(common),
-            "word_f1": sum(word_f1(g.responses[a], g.responses[b]) for g in common) / len(common),
-            "both_valid": sum(schema_check(g.task, g.responses[a])["compliant"]
-                              and schema_check(g.task, g.responses[b])["compliant"] for g in common) / len(common),
-            "decision_agreement": (sum(da == db for da, db in decisions) / len(decisions)) if decisions else None,
-            "decisions": len(decisions)}
-
-
-def teacher_agreement(groups: list[TeacherGroup], selections: list[Selection] | None = None) -> dict:
-    """How far the teachers agree: per teacher (responses, schema-valid rate, times selected), per teacher pair
-    (exact agreement, word F1, both valid, has_principle agreement), overall and per task."""
-    teachers = list(dict.fromkeys(t for g in groups for t in g.responses))
-    tasks = list(dict.fromkeys(g.task or "(none)" for g in groups))
-    picked = collections.Counter(s.teacher for s in selections or [])
-
-    def section(gs):
-        per_teacher = {}
-        for t in teachers:
-            answered = [g for g in gs if t in g.responses]
-            per_teacher[t] = {"responses": len(answered),
-                              "valid": (sum(schema_check(g.task, g.responses[t])["compliant"] for g in answered)
-                                        / len(answered)) if answered else None}
-        pairs = {f"{a} vs {b}": _pair_stats(gs, a, b) for i, a in enumerate(teachers) for b in teachers[i + 1:]}
-        return {"prompts": len(gs), "teachers": per_teacher, "pairs": pairs}
-
-    report = {"schema": "felix-teacher-agreement", "version": 1, "teachers": teachers, "tasks": tasks,
-              "overall": section(groups),
-              "per_task": {task: section([g for g in groups if (g.task or "(none)") == task]) for task in tasks}}
-    if selections is not None:
-        report["selection"] = {
-            "selected": {t: picked.get(t, 0) for t in teachers},
-            "no_valid_response": sum(not s.valid for s in selections),
-            "per_task": {task: dict(collections.Counter(s.teacher for s in selections
-                                                        if (s.task or "(none)") == task)) for task in tasks}}
-    return report
-
-
-def agreement_markdown(report: dict, plot_name: str | None = None) -> str:
-    o = report["overall"]
-    lines = ["# Teacher agreement", "", f"{o['prompts']} prompts, teachers: {', '.join(report['teachers'])}", "",
-             "| teacher | responses | schema-valid | selected |", "|---|---|---|---|"]
-    sel = (report.get("selection") or {}).get("selected", {})
-    for t, s in o["teachers"].items():
-        valid = f"{100 * s['valid']:.0f}%" if s["valid"] is not None else "-"
-        lines.append(f"| {t} | {s['responses']} | {valid} | {sel.get(t, '-')} |")
-
-    def fmt(x):
-        return "-" if x is None else f"{x:.2f}"
-    lines += ["", "| pair | task | prompts | exact | word F1 | both valid | has_principle agreement |",
-              "|---|---|---|---|---|---|---|"]
-    for scope, sec in [("all", o)] + list(report["per_task"].items()):
-        for pair, s in sec["pairs"].items():
-            lines.append(f"| {pair} | {scope} | {s['prompts']} | {fmt(s['exact'])} | {fmt(s['word_f1'])} | "
-                         f"{fmt(s['both_valid'])} | {fmt(s['decision_agreement'])} |")
-    if "selection" in report:
-        lines += ["", f"Prompts with no schema-valid teacher response: {report['selection']['no_valid_response']}."]
-    if plot_name:
-        lines += ["", f"![pairwise word F1]({plot_name})"]
-    return "\n".join(lines) + "\n"
-
-
-def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) -> dict[str, Path]:
-    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (pairwise word-F1 heatmap), each written atomically."""
-    import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teachers = report["teachers"]
-    m = [[1.0 if a == b else (report["overall"]["pairs"].get(f"{a} vs {b}") or
-                              report["overall"]["pairs"].get(f"{b} vs {a}"))["word_f1"] or 0.0
-          for b in teachers] for a in teachers]
-    fig, ax = plt.subplots(figsize=(1.2 * len(teachers) + 2, 1.0 * len(teachers) + 1.5))
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(teachers)))
-    ax.set_xticklabels(teachers)
-    ax.set_yticks(range(len(teachers)))
-    ax.set_yticklabels(teachers)
-    for i in range(len(teachers)):
-        for j in range(len(teachers)):
-            ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", color="w" if m[i][j] < 0.6 else "k")
-    fig.colorbar(im, ax=ax, label="word F1")
-    ax.set_title("teacher agreement")
-    fig.tight_layout()
-    png = save_figure(fig, out / f"{stem}.png", dpi=100)
-    plt.close(fig)
-    return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
-            "markdown": atomic_write_text(out / f"{stem}.md", agreement_markdown(report, png.name)), "plot": png}
+PLOT_FILE, SNAPSHOT_FILE, SODA_FILE = "soda_curve.png", "snapshot.jsonl", "soda.json"  # metrics: the loop's metrics.jsonl
 
 
 # ===================================================================================== the snapshot
@@ -422,7 +253,7 @@ class SodaConfig:
 @dataclass
 class SodaResult:
     out_dir: Path
-    metrics: list[dict]       # one record per evaluation
+    metrics: list[dict]       # one record per evaluation (the first: step 0, before any update)
     step_metrics: list[dict]  # one record per optimizer step (training batch)
     pairs: int
     skipped: dict
@@ -433,18 +264,11 @@ class _PairCursor(felix_data.EpochCursor):
         self._start_cursor(n, seed)
 
 
-def _pair_metrics(out: DPOOutput, pc, pr) -> dict:
-    return {"reward_margin": float(out.margin.mean()), "reward_chosen": float(out.reward_chosen.mean()),
-            "reward_rejected": float(out.reward_rejected.mean()), "accuracy": float(out.accuracy),
-            "chosen_logp": float(pc.detach().mean()), "rejected_logp": float(pr.detach().mean())}
-
-
 def save_soda_curve(path: Path, step_metrics: list[dict], metrics: list[dict]) -> None:
     import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     steps = [m["step"] for m in step_metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -468,70 +292,117 @@ def save_soda_curve(path: Path, step_metrics: list[dict], metrics: list[dict]) -
     plt.close(fig)
 
 
-def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaResult:
-    """Run SODA (see the module docstring). Writes into ``out_dir``: ``checkpoint/`` (the trained student),
-    ``snapshot.jsonl`` (the student's one-time responses), ``teacher-agreement.{json,md,png}``, ``metrics.jsonl``,
-    ``soda_curve.png`` and ``soda.json`` (config, pair counts, final metrics)."""
-    log = log or tqdm.write
-    progress = sys.stderr.isatty() if progress is None else progress
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    init = Path(cfg.init_from)
-    if (out / "checkpoint").resolve() == init.resolve():
-        raise DistillError(f"--out-dir {out} would overwrite the student checkpoint {init}; choose another")
-    model = felix_model.load_checkpoint(init, device)
-    tokenizer = Tokenizer.load(init)
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise DistillError(f"seq_len {seq_len} exceeds the student's max_seq_len {model.cfg.max_seq_len}")
+class SodaObjective(Objective):
+    """SODA as an objective of the one training loop (felix.train.loop): its data are preference pairs (chosen = the
+    selected teacher response, rejected = the student's snapshot response), its loss DPO against the snapshot's
+    frozen log-probabilities + the QUAIL hinge on the chosen responses + `nll_weight` x their mean token NLL.
 
-    # 1. teacher data, selection, agreement
-    groups = (load_teacher_groups(cfg.teacher_data) if cfg.teacher_data
-              else builtin_teacher_groups(cfg.n_records, cfg.seed, cfg.tasks))
-    selections = select_responses(groups, cfg.teacher_scorer)
-    agreement = teacher_agreement(groups, selections)
-    write_agreement_report(agreement, out)
-    log(f"teacher data: {len(groups)} prompts, teachers {', '.join(agreement['teachers'])}; selected "
-        + ", ".join(f"{t} {n}" for t, n in agreement["selection"]["selected"].items())
-        + f"; {agreement['selection']['no_valid_response']} prompt(s) without a schema-valid response")
+    A fresh run snapshots the student's greedy responses (``snapshot.jsonl``), builds the pairs and computes the
+    reference log-probabilities once, with the student's own weights, then evaluates the held-out pairs at step 0.
+    The trainer state keeps the snapshot, the reference log-probabilities, the pair cursor and the per-step records,
+    so a resumed run rebuilds exactly the same pairs without the student's original weights."""
 
-    # 2. the one-time snapshot of the student's greedy responses
-    t0 = time.perf_counter()
-    prompts = [s.prompt for s in selections]
-    student = greedy_responses(model, tokenizer, prompts, cfg.max_new_tokens, cfg.snapshot_batch_size, progress,
-                               desc="snapshot")
-    write_snapshot(out / SNAPSHOT_FILE, prompts, student, {"init_from": str(init), "max_new_tokens": cfg.max_new_tokens})
-    log(f"snapshot: {len(student)} student responses in {time.perf_counter() - t0:.1f}s "
-        f"({sum(schema_check(s.task, r)['compliant'] for s, r in zip(selections, student))} schema-valid)")
+    parts = ("dpo_loss", "hinge", "nll", "reward_margin", "reward_chosen", "reward_rejected", "accuracy",
+             "chosen_logp", "rejected_logp")
+    state_keys = ("soda",)
+    plot_file = PLOT_FILE
 
-    # 3. pairs, split, reference log-probs (the snapshot's weights, computed once: the reference never changes)
-    pairs, skipped = build_pairs(selections, student)
-    if len(pairs) < 2:
-        raise DistillError(f"only {len(pairs)} preference pair(s) (skipped: {skipped}); need at least 2")
-    train_pairs, val_pairs = felix_data.split_documents(pairs, cfg.val_fraction, cfg.seed, key=lambda p: p.prompt)
-    enc_train, enc_val = encode_pairs(train_pairs, tokenizer, seq_len), encode_pairs(val_pairs, tokenizer, seq_len)
-    skipped.update(truncated=enc_train.truncated + enc_val.truncated, dropped_too_long=enc_train.dropped + enc_val.dropped)
-    ref = {name: (sequence_logps(model, e.chosen, e.chosen_learn), sequence_logps(model, e.rejected, e.rejected_learn))
-           for name, e in (("train", enc_train), ("val", enc_val))}
-    log(f"pairs: {enc_train.chosen.shape[0]} train / {enc_val.chosen.shape[0]} held-out (skipped {skipped}); "
-        f"beta {cfg.beta:g}, NLL weight {cfg.nll_weight:g}, QUAIL lambda_q {cfg.lambda_q:g} margin {cfg.margin:g} on the chosen responses")
+    def __init__(self, cfg: SodaConfig, seq_len: int, progress: bool):
+        self.cfg, self.seq_len, self.progress = cfg, seq_len, progress
+        self.run: Run | None = None
+        self.selections, self.agreement, self.student = [], None, []
+        self.train_pairs = self.val_pairs = None  # EncodedPairs
+        self.ref: dict = {}                       # "train" / "val" -> (chosen, rejected) reference log-probabilities
+        self.cursor: _PairCursor | None = None
+        self.step_metrics: list[dict] = []
+        self.n_pairs, self.skipped = 0, {}
 
-    whitelist = whitelist_mask(json_structure_whitelist(tokenizer), model.cfg.vocab_size, device)
-    optimizer = _optimizer(model, cfg)
-    cursor = _PairCursor(enc_train.chosen.shape[0], cfg.seed)
-    use_bf16 = device.type == "cuda"
+    def summary(self) -> dict:
+        """``soda.json``: the config, and as they become known the teachers, pair counts and first / last metrics."""
+        out = {"config": {k: v for k, v in asdict(self.cfg).items() if not callable(v)}}
+        if self.agreement is not None:
+            out.update(teachers=self.agreement["teachers"], selected=self.agreement["selection"]["selected"])
+        if self.train_pairs is not None:
+            out.update(pairs={"train": self.train_pairs.chosen.shape[0], "val": self.val_pairs.chosen.shape[0]},
+                       skipped=self.skipped)
+        if self.run is not None and self.run.metrics:
+            out.update(first=self.run.metrics[0], last=self.run.metrics[-1])
+        return out
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    def write_config(self, directory: Path) -> None:
+        atomic_write_text(Path(directory) / SODA_FILE, json.dumps(jsonable(self.summary()), indent=1))
 
-    def pair_forward(e: EncodedPairs, idx, ref_c, ref_r, with_hinge: bool):
+    def open(self, out: Path, ckpt_dir: Path, resume: bool, par, device: torch.device, log) -> Tokenizer:
+        cfg = self.cfg
+        if par.world_size > 1:
+            raise DistillError("SODA runs in one process: start it without torchrun")
+        groups = (load_teacher_groups(cfg.teacher_data) if cfg.teacher_data
+                  else builtin_teacher_groups(cfg.n_records, cfg.seed, cfg.tasks))
+        self.selections = select_responses(groups, cfg.teacher_scorer)
+        self.agreement = teacher_agreement(groups, self.selections)
+        write_agreement_report(self.agreement, out)
+        log(f"teacher data: {len(groups)} prompts, teachers {', '.join(self.agreement['teachers'])}; selected "
+            + ", ".join(f"{t} {n}" for t, n in self.agreement["selection"]["selected"].items())
+            + f"; {self.agreement['selection']['no_valid_response']} prompt(s) without a schema-valid response")
+        return Tokenizer.load(ckpt_dir if resume else cfg.init_from)
+
+    def describe_data(self) -> str:
+        return (f"data (SODA: DPO on preference pairs): {self.train_pairs.chosen.shape[0]} train / "
+                f"{self.val_pairs.chosen.shape[0]} held-out pairs of at most {self.seq_len + 1} tokens")
+
+    def start(self, run: Run, state: dict | None) -> None:
+        cfg, model, tokenizer = self.cfg, run.model, run.tokenizer
+        self.run = run
+        prompts = [s.prompt for s in self.selections]
+        if state is None:  # the one-time snapshot of the student's greedy responses
+            t0 = time.perf_counter()
+            self.student = greedy_responses(model, tokenizer, prompts, cfg.max_new_tokens, cfg.snapshot_batch_size,
+                                            self.progress, desc="snapshot")
+            write_snapshot(run.out / SNAPSHOT_FILE, prompts, self.student,
+                           {"init_from": str(cfg.init_from), "max_new_tokens": cfg.max_new_tokens})
+            run.log(f"snapshot: {len(self.student)} student responses in {time.perf_counter() - t0:.1f}s "
+                    f"({sum(schema_check(s.task, r)['compliant'] for s, r in zip(self.selections, self.student))} "
+                    f"schema-valid)")
+        else:
+            soda = state["soda"]
+            self.student, self.step_metrics = soda["student"], soda["step_metrics"]
+            if len(self.student) != len(prompts):
+                raise DistillError(f"cannot resume: the checkpoint's snapshot answers {len(self.student)} prompts, the "
+                                   f"teacher data now has {len(prompts)}; resume with the same teacher data")
+        # pairs and their split (the same on resume: the snapshot and the teacher data decide them)
+        pairs, self.skipped = build_pairs(self.selections, self.student)
+        if len(pairs) < 2:
+            raise DistillError(f"only {len(pairs)} preference pair(s) (skipped: {self.skipped}); need at least 2")
+        self.n_pairs = len(pairs)
+        train_pairs, val_pairs = felix_data.split_documents(pairs, cfg.val_fraction, cfg.seed, key=lambda p: p.prompt)
+        self.train_pairs = encode_pairs(train_pairs, tokenizer, self.seq_len)
+        self.val_pairs = encode_pairs(val_pairs, tokenizer, self.seq_len)
+        self.skipped.update(truncated=self.train_pairs.truncated + self.val_pairs.truncated,
+                            dropped_too_long=self.train_pairs.dropped + self.val_pairs.dropped)
+        self.cursor = _PairCursor(self.train_pairs.chosen.shape[0], cfg.seed)
+        if state is None:  # the reference: the snapshot's weights, computed once (it never changes)
+            self.ref = {name: (sequence_logps(model, e.chosen, e.chosen_learn),
+                               sequence_logps(model, e.rejected, e.rejected_learn))
+                        for name, e in (("train", self.train_pairs), ("val", self.val_pairs))}
+            run.metrics.append({"step": 0, **self.evaluate(run, {})})  # policy == reference: margin 0
+        else:
+            self.ref = {name: tuple(soda["ref"][name]) for name in ("train", "val")}
+            self.cursor.load_state_dict(soda["cursor"])
+        run.log(f"pairs: {self.train_pairs.chosen.shape[0]} train / {self.val_pairs.chosen.shape[0]} held-out "
+                f"(skipped {self.skipped}); beta {cfg.beta:g}, NLL weight {cfg.nll_weight:g}, QUAIL lambda_q "
+                f"{cfg.lambda_q:g} margin {cfg.margin:g} on the chosen responses")
+
+    def state_dict(self) -> dict:
+        return {"soda": {"student": self.student, "ref": self.ref, "cursor": self.cursor.state_dict(),
+                         "step_metrics": self.step_metrics}}
+
+    def _pair_forward(self, run: Run, e: EncodedPairs, idx, ref_c, ref_r, with_hinge: bool):
+        cfg, device = self.cfg, run.device
         rows = torch.cat([e.chosen[idx], e.rejected[idx]])
         learn = torch.cat([e.chosen_learn[idx], e.rejected_learn[idx]])
         x, y = response_targets(rows, learn)
-        with autocast():
-            ce, hinge = token_losses(model, x.to(device), y.to(device), whitelist if with_hinge else None,
+        with run.autocast():
+            ce, hinge = token_losses(run.model, x.to(device), y.to(device), run.whitelist if with_hinge else None,
                                      cfg.margin, cfg.lambda_q if with_hinge else 0.0, chosen_rows=len(idx))
         logps = -ce.float().sum(-1)
         b = len(idx)
@@ -539,14 +410,29 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
         nll = ce[:b].float().sum() / (y[:b] != -100).sum().clamp_min(1)  # mean NLL per chosen response token
         return dpo, hinge, nll, logps[:b], logps[b:]
 
+    def micro_batches(self, run: Run):
+        return [torch.tensor(self.cursor.next_indices(self.cfg.batch_size)) for _ in range(run.cfg.grad_accum)]
+
+    def loss(self, run: Run, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        dpo, hinge, nll, pc, pr = self._pair_forward(run, self.train_pairs, batch, *self.ref["train"], with_hinge=True)
+        loss = dpo.loss + hinge + self.cfg.nll_weight * nll
+        logged = [loss, dpo.loss, hinge, nll, dpo.margin.mean(), dpo.reward_chosen.mean(),
+                  dpo.reward_rejected.mean(), dpo.accuracy, pc.mean(), pr.mean()]
+        return loss, torch.stack([t.detach().float() for t in logged])
+
+    def on_step(self, run: Run, step: int, loss: float, parts: dict, skipped: bool) -> None:
+        self.step_metrics.append({"step": step, "lr": run.lr_at(step - 1), "loss": loss, **parts,
+                                  **({"skipped": True} if skipped else {})})
+
     @torch.no_grad()
-    def evaluate_val() -> dict:
+    def evaluate(self, run: Run, interval: dict) -> dict:
+        """The held-out pairs: DPO loss, reward margin, preference accuracy, policy log-probabilities."""
+        model, e, n = run.model, self.val_pairs, self.val_pairs.chosen.shape[0]
         model.eval()
-        n = enc_val.chosen.shape[0]
         outs, pcs, prs = [], [], []
-        for s in range(0, n, cfg.batch_size):
-            idx = torch.arange(s, min(n, s + cfg.batch_size))
-            dpo, _, _, pc, pr = pair_forward(enc_val, idx, *ref["val"], with_hinge=False)
+        for s in range(0, n, self.cfg.batch_size):
+            idx = torch.arange(s, min(n, s + self.cfg.batch_size))
+            dpo, _, _, pc, pr = self._pair_forward(run, e, idx, *self.ref["val"], with_hinge=False)
             outs.append(dpo)
             pcs.append(pc)
             prs.append(pr)
@@ -556,57 +442,54 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None) -> SodaR
                 "val_reward_margin": float(margin.mean()), "val_accuracy": float((margin > 0).float().mean()),
                 "val_chosen_logp": float(torch.cat(pcs).mean()), "val_rejected_logp": float(torch.cat(prs).mean())}
 
-    metrics, step_metrics = [], []
-    decay_steps = round(cfg.decay_fraction * cfg.steps)
-    first = {"step": 0, **evaluate_val()}
-    metrics.append(first)
-    with open(out / METRICS_FILE, "w") as f:
-        f.write(json.dumps(first) + "\n")
-    model.train()
-    bar = tqdm(total=cfg.steps, desc="soda", unit="step", disable=not progress)
-    for step in range(1, cfg.steps + 1):
-        lr = wsd_lr(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, decay_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = torch.tensor(cursor.next_indices(cfg.batch_size))
-        dpo, hinge, nll, pc, pr = pair_forward(enc_train, idx, *ref["train"], with_hinge=True)
-        loss = dpo.loss + hinge + cfg.nll_weight * nll
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"SODA loss is {float(loss)} at step {step}; lower --lr or --beta")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_metrics.append({"step": step, "lr": lr, "loss": float(loss.detach()), "dpo_loss": float(dpo.loss.detach()),
-                             "hinge": float(hinge.detach()), "nll": float(nll.detach()), **_pair_metrics(dpo, pc, pr)})
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            window = step_metrics[-cfg.eval_every:]
-            record = {"step": step, "lr": lr, **{f"train_{k}": sum(m[k] for m in window) / len(window)
-                                                  for k in ("loss", "dpo_loss", "hinge", "nll", "reward_margin",
-                                                            "reward_chosen", "reward_rejected", "accuracy",
-                                                            "chosen_logp", "rejected_logp")}, **evaluate_val()}
-            metrics.append(record)
-            with open(out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(f"step {step}: DPO {record['train_dpo_loss']:.4f} (+ hinge {record['train_hinge']:.4f}), reward margin "
+    def describe(self, record: dict, lr: float) -> str:
+        held_out = (f"held-out reward margin {record['val_reward_margin']:.3f}, accuracy "
+                    f"{record['val_accuracy']:.2f}")
+        if record["train_dpo_loss"] is None:
+            return f"train n/a (every step skipped), {held_out}"
+        return (f"DPO {record['train_dpo_loss']:.4f} (+ hinge {record['train_hinge']:.4f}), reward margin "
                 f"{record['train_reward_margin']:.3f} train / {record['val_reward_margin']:.3f} held-out, accuracy "
                 f"{record['train_accuracy']:.2f} / {record['val_accuracy']:.2f}, log p chosen "
                 f"{record['train_chosen_logp']:.1f} rejected {record['train_rejected_logp']:.1f}")
-    bar.close()
-    model.eval()
-    summary = {"config": {k: v for k, v in asdict(cfg).items() if not callable(v)},
-               "teachers": agreement["teachers"], "selected": agreement["selection"]["selected"],
-               "pairs": {"train": enc_train.chosen.shape[0], "val": enc_val.chosen.shape[0]}, "skipped": skipped,
-               "first": metrics[0], "last": metrics[-1]}
-    felix_model.save_checkpoint(out / "checkpoint", model, tokenizer,
-                                {SODA_FILE: lambda p: Path(p).write_text(json.dumps(summary, indent=1))})
-    atomic_write_text(out / SODA_FILE, json.dumps(summary, indent=1))
-    save_soda_curve(out / PLOT_FILE, step_metrics, metrics)
-    log(f"SODA finished: held-out reward margin {metrics[0]['val_reward_margin']:.3f} -> "
-        f"{metrics[-1]['val_reward_margin']:.3f}, accuracy {metrics[0]['val_accuracy']:.2f} -> "
-        f"{metrics[-1]['val_accuracy']:.2f}; checkpoint {out / 'checkpoint'}, metrics {out / METRICS_FILE}")
-    return SodaResult(out, metrics, step_metrics, len(pairs), skipped)
+
+    def finish(self, run: Run) -> None:
+        out, metrics = run.out, run.metrics
+        self.write_config(out)
+        save_soda_curve(out / PLOT_FILE, self.step_metrics, metrics)
+        run.log(f"SODA finished: held-out reward margin {metrics[0]['val_reward_margin']:.3f} -> "
+                f"{metrics[-1]['val_reward_margin']:.3f}, accuracy {metrics[0]['val_accuracy']:.2f} -> "
+                f"{metrics[-1]['val_accuracy']:.2f}")
+
+
+# the settings SODA shares with `felix train` (TrainConfig fields of the same name and meaning); seq_len is resolved
+# against the student first
+_LOOP_SETTINGS = tuple(f.name for f in fields(SodaConfig) if f.name in {g.name for g in fields(TrainConfig)}
+                       and f.name != "seq_len")
+
+
+def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None, resume: bool = False,
+               stop_at: int | None = None, overwrite: bool = False, auto_resume: bool = False) -> SodaResult:
+    """Run SODA (see the module docstring) as a run of the one training loop (felix.train.loop.train with a
+    :class:`SodaObjective`): the run directory is locked and claimed as `felix train`'s is (`resume`, `auto_resume`,
+    `overwrite`; another live process is refused), checkpoints are step directories behind ``checkpoint`` with the
+    trainer state, and `stop_at` stops with a checkpoint that `resume` continues exactly. Writes into ``out_dir``
+    besides: ``snapshot.jsonl`` (the student's one-time responses), ``teacher-agreement.{json,md,png}``,
+    ``metrics.jsonl``, ``soda_curve.png`` and ``soda.json`` (config, pair counts, first and last metrics; also in each
+    checkpoint)."""
+    log = log or tqdm.write
+    progress = sys.stderr.isatty() if progress is None else progress
+    out, init = Path(cfg.out_dir), Path(cfg.init_from)
+    if (out / CHECKPOINT_DIR).resolve() == init.resolve():
+        raise DistillError(f"--out-dir {out} would overwrite the student checkpoint {init}; choose another")
+    max_seq_len = felix_model.load_config(init).max_seq_len
+    seq_len = cfg.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise DistillError(f"seq_len {seq_len} exceeds the student's max_seq_len {max_seq_len}")
+    loop_cfg = TrainConfig(**{k: getattr(cfg, k) for k in _LOOP_SETTINGS}, seq_len=seq_len)
+    objective = SodaObjective(cfg, seq_len, progress)
+    result = train(loop_cfg, resume=resume, stop_at=stop_at, log=log, overwrite=overwrite, auto_resume=auto_resume,
+                   objective=objective, progress=progress)
+    return SodaResult(result.out_dir, result.metrics, objective.step_metrics, objective.n_pairs, objective.skipped)
 
 
 # ================================================================================================== CLI

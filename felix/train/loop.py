@@ -1,5 +1,7 @@
-"""Felix-LM pretraining: AdamW + warmup-stable-decay, CE + QUAIL hinge from step 0, exact resume, metrics,
-and the memorization-signature monitor. `felix train` (felix/cli/main.py) is a thin wrapper over :func:`train`.
+"""The one training loop of Felix-LM: AdamW + warmup-stable-decay, exact resume, metrics, checkpoints, the step
+guard, for every objective (:class:`Objective`: pretraining and masked SFT here, with CE + the QUAIL hinge from step 0
+and the memorization-signature monitor; SODA's DPO on preference pairs in felix.train.distill). `felix train`
+(felix/cli/main.py) is a thin wrapper over :func:`train`.
 
 One run directory holds:
 
@@ -8,10 +10,12 @@ One run directory holds:
   (the last --keep-last and the --milestone-every milestones are kept), and ``checkpoint`` -> the latest, a
   symlink replaced atomically (felix.train.runs: crash-safe at every filesystem operation);
 * ``.lock`` -- the live trainer's lock (felix.train.runs.RunLock): a second process on the directory is refused;
-* ``metrics.jsonl`` -- one JSON object per evaluation: step, lr, train/val loss, CE and hinge parts, tokens/s,
-  MFU estimate, peak memory, corpus wraps, memorization flag;
-* ``loss_curve.png`` -- train loss per step and validation loss per evaluation.
-* ``run.yaml`` -- the resolved run config (felix.train.config): ``felix train --resume --out-dir OUT`` reads it;
+* ``metrics.jsonl`` -- one JSON object per evaluation: step, lr, train loss and the objective's parts (CE and hinge;
+  SODA: DPO, NLL, rewards), its validation numbers (tokens/s, MFU estimate, corpus wraps, memorization flag), peak
+  memory, skipped steps and loss spikes;
+* ``loss_curve.png`` -- train loss per step and validation loss per evaluation (SODA: ``soda_curve.png``).
+* ``run.yaml`` -- the resolved run config (felix.train.config): ``felix train --resume --out-dir OUT`` reads it
+  (SODA keeps its config in ``soda.json``);
 * ``data/`` -- data files and the built-in corpus prepared on the fly as token shards, and the run's tokenizer
   (felix.train.run_data); prepared directories given as sources are read in place.
 
@@ -21,6 +25,7 @@ duplicates the training text), not learning -- the run warns loudly and flags th
 """
 from __future__ import annotations
 
+import abc
 import collections
 import datetime
 import json
@@ -36,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from felix.data import corpus as felix_data
 from felix.model import chat
@@ -143,7 +149,8 @@ class TrainResult:
     stop_signal: int | None = None  # signal.SIGTERM / SIGINT when a signal stopped the run (with a checkpoint)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """A --device value as a torch device: "auto" is CUDA when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -177,22 +184,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB (process peak RSS)
 
 
-def _documents(cfg: TrainConfig, log) -> tuple[list[str], list[str]]:
-    if cfg.data:
-        loaded = felix_data.load_user_data(cfg.data)
-        if loaded.skipped:
-            log(f"WARNING: skipped {len(loaded.skipped)} malformed line(s):\n  " + "\n  ".join(loaded.skipped[:20])
-                + (f"\n  ... and {len(loaded.skipped) - 20} more" if len(loaded.skipped) > 20 else ""))
-        docs = loaded.documents
-    else:
-        docs = felix_data.builtin_corpus(cfg.n_records, cfg.seed, tuple(cfg.tasks), cfg.prose)
-    if cfg.val_data:
-        return docs, felix_data.load_user_data(cfg.val_data).documents
-    return felix_data.split_documents(docs, cfg.val_fraction, cfg.seed)
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the parameters that train (a frozen hub gets no optimizer state)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that train (a frozen hub gets no optimizer state); `cfg` gives lr and weight_decay."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and ".splice." not in n]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and ".splice." not in n)]
@@ -200,6 +193,22 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                              fused=True)
+
+
+def _tokenizer_for_records(cfg: TrainConfig, resume: bool, ckpt_dir: Path, texts, log) -> Tokenizer:
+    """The tokenizer of a run on text records: the checkpoint's (resume), the --init-from model's, --tokenizer's, or
+    a byte-level BPE trained on `texts` (a callable giving them: only called when one is trained)."""
+    if resume:
+        return Tokenizer.load(ckpt_dir)
+    if cfg.init_from:
+        return Tokenizer.load(cfg.init_from)
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    vocab = cfg.vocab_size or felix_model.PRESETS[cfg.preset]["vocab_size"]
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(texts(), vocab)
+    log(f"trained a byte-level BPE tokenizer: {tokenizer.vocab_size} tokens in {time.perf_counter() - t0:.1f}s")
+    return tokenizer
 
 
 def _setup_spokes(model, cfg: TrainConfig, resume: bool, log) -> str | None:
@@ -238,7 +247,7 @@ def evaluate(model, batches, device, whitelist, cfg: TrainConfig, autocast) -> d
 
 
 def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -> None:
-    import matplotlib
+    import matplotlib  # local: a heavy optional dependency, loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,11 +275,223 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
     plt.close(fig)
 
 
+# ================================================================================================ objectives
+class Objective(abc.ABC):
+    """What a run optimizes: its data, its loss, and what an evaluation measures. Everything around it is the one
+    loop of this module, the same for every objective: the run directory and its lock, the WSD schedule, autocast,
+    gradient accumulation and clipping, the step guard (found_inf skips), metrics.jsonl, checkpoints with the trainer
+    state, exact resume, SIGTERM saves, the log and the progress bar.
+
+    * :class:`Pretraining` -- next-token CE + the QUAIL hinge on token shards (felix.train.run_data);
+    * :class:`TeacherSFT` -- the same loss on teacher responses only (black-box distillation, --teacher-data);
+    * felix.train.distill.SodaObjective -- DPO (+ NLL) on (teacher, student snapshot) preference pairs (--soda).
+
+    :func:`objective_for` picks between the first two from the config; SODA's entry point (felix.train.distill.
+    train_soda) hands its objective to :func:`train`. QAT and spokes-only change what trains (the model's setup),
+    not the objective: every objective runs with them.
+
+    The hooks, in the order the loop calls them: :meth:`write_config` (the run directory, then every checkpoint),
+    :meth:`open` (data and tokenizer, before the model exists), :meth:`start` (the model is built: a fresh run
+    prepares, a resumed one restores its part of the trainer state), then per step :meth:`micro_batches` and
+    :meth:`loss`, per logged step :meth:`on_step`, per evaluation :meth:`evaluate` and :meth:`describe`, per
+    checkpoint :meth:`state_dict`, and :meth:`finish` at the end."""
+
+    parts: tuple[str, ...] = ()       # loss parts logged per step after the loss (metrics: train_<part>, interval means)
+    state_keys: tuple[str, ...] = ()  # the keys state_dict adds to the trainer state (a resume checks them)
+    plot_file = PLOT_FILE             # the curve finish() draws into the run directory
+    tokens_per_step = 0               # tokens one optimizer step trains on, for the progress bar (0: not counted)
+
+    @property
+    def alerts(self) -> list[str]:
+        """Warnings of the run's monitors (TrainResult.memorization_alerts)."""
+        return []
+
+    @abc.abstractmethod
+    def write_config(self, directory: Path) -> None:
+        """Write this run's settings into `directory` (the run directory, and each checkpoint)."""
+
+    @abc.abstractmethod
+    def open(self, out: Path, ckpt_dir: Path, resume: bool, par, device: torch.device, log) -> Tokenizer:
+        """Read the data; return the run's tokenizer."""
+
+    @abc.abstractmethod
+    def describe_data(self) -> str:
+        """The log line saying what the run trains on."""
+
+    def start(self, run: Run, state: dict | None) -> None:
+        """The model and optimizer exist: prepare a fresh run (`state` None) or restore a resumed one's
+        :meth:`state_dict` part of the trainer `state`."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    @abc.abstractmethod
+    def micro_batches(self, run: Run):
+        """This rank's cfg.grad_accum micro-batches of the next optimizer step."""
+
+    @abc.abstractmethod
+    def loss(self, run: Run, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, 1-D detached [loss, *parts] to log), under the run's autocast; no host sync
+        needed: the logged values stay on the device until the interval is read."""
+
+    def on_step(self, run: Run, step: int, loss: float, parts: dict, skipped: bool) -> None:
+        """A step's logged values, once read to the host."""
+
+    @abc.abstractmethod
+    def evaluate(self, run: Run, interval: dict) -> dict:
+        """The objective's fields of the metrics record that ends `interval` (validation, throughput, ...)."""
+
+    @abc.abstractmethod
+    def describe(self, record: dict, lr: float) -> str:
+        """The log line of a metrics record (after "step N: ")."""
+
+    def finish(self, run: Run) -> None:
+        """The run ended (rank 0): its plots and summaries."""
+
+
+class TokenObjective(Objective):
+    """Next-token CE + the QUAIL hinge on rows of tokens (FelixLM.loss). An evaluation measures CE on fixed validation
+    rows and on fixed training rows with the same weights, throughput and MFU, the corpus position, and runs the
+    memorization check. Subclasses say where the rows come from (:meth:`open`)."""
+
+    parts = ("ce", "hinge")
+    state_keys = ("train_stream", "memorization_alerts")
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.quail = cfg, cfg.quail
+        self.monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
+        self.train_stream = self.run_data = None
+        self.val_batches: dict = {}        # eval set (a source, or "val") -> its fixed validation batches
+        self.train_eval_batches: dict = {}  # source -> its fixed training batches (same weights as validation)
+        self.val_weights: dict = {}         # eval set -> weight of its CE in val_ce
+        self.train_weights: dict = {}       # source -> weight of its CE in train_eval_ce
+        self.flops_per_token, self.peak_flops = 0.0, None
+
+    @property
+    def alerts(self) -> list[str]:
+        return self.monitor.alerts
+
+    def write_config(self, directory: Path) -> None:
+        felix_runconfig.write_resolved(self.cfg, directory)  # `felix train --resume --out-dir OUT` needs nothing else
+
+    def start(self, run: Run, state: dict | None) -> None:
+        cfg = self.cfg
+        self.tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * run.par.world_size
+        self.flops_per_token, self.peak_flops = flops_per_token(run.model.cfg, cfg.seq_len), _peak_flops(cfg,
+                                                                                                         run.device)
+        if state is not None:
+            self.train_stream.load_state_dict(state["train_stream"])
+            self.monitor.alerts = state["memorization_alerts"]
+
+    def state_dict(self) -> dict:
+        return {"train_stream": self.train_stream.state_dict(), "memorization_alerts": self.monitor.alerts}
+
+    def micro_batches(self, run: Run):
+        return run.par.my_micro_batches(self.train_stream, self.cfg.batch_size, self.cfg.grad_accum)
+
+    def loss(self, run: Run, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        parts = run.module.loss(_to_device(x, run.device), _to_device(y, run.device), run.whitelist, self.quail.margin,
+                                self.quail.lambda_q)
+        return parts.loss, torch.stack([parts.loss.detach(), parts.ce, parts.hinge])
+
+    def evaluate(self, run: Run, interval: dict) -> dict:
+        cfg, par, device, stream = self.cfg, run.par, run.device, self.train_stream
+        tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
+        val = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in self.val_batches.items()}
+        train_eval = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
+                      for n, b in self.train_eval_batches.items()}
+        record = {  # a mix's overall CE: the per-source CEs weighted as the mix weighs the sources
+            "val_ce": sum(self.val_weights[name] * v["val_ce"] for name, v in val.items()),
+            "val_hinge": sum(self.val_weights[name] * v["val_hinge"] for name, v in val.items()),
+            "train_eval_ce": sum(self.train_weights[name] * ce for name, ce in train_eval.items()),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * par.world_size) if self.peak_flops else None,
+            "corpus_wraps": stream.wraps,
+            "epoch_progress": stream.epoch_progress,
+            "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size}
+        if self.run_data is not None:  # per source: validation CE, samples served so far (the realized mix), epochs
+            record.update(val_ce_by_source={name: v["val_ce"] for name, v in val.items()},
+                          source_samples=stream.source_counts(), source_epochs=stream.source_epochs())
+        alert = self.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps) \
+            if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"]) else None
+        record["memorization"] = alert is not None
+        if alert and par.is_main:
+            banner = "!" * 100
+            run.log(f"{banner}\n{alert}\n{banner}")
+            warnings.warn(alert, RuntimeWarning, stacklevel=4)
+        return record
+
+    def describe(self, record: dict, lr: float) -> str:
+        mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+        ce = ("n/a (every step skipped" if record["train_ce"] is None else
+              f"{record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}")
+        return (f"train CE {ce}; now {record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr {lr:.2e}, "
+                f"{record['tokens_per_s']:,.0f} tok/s{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps "
+                f"{record['corpus_wraps']}, tokens seen {record['tokens_seen']:,}")
+
+    def finish(self, run: Run) -> None:
+        save_loss_curve(run.out / self.plot_file, run.step_losses, run.metrics)
+
+
+class Pretraining(TokenObjective):
+    """Pretraining: token shards prepared once (felix/train/run_data.py), weighted by the mix (felix/data/mix.py)."""
+
+    def open(self, out: Path, ckpt_dir: Path, resume: bool, par, device: torch.device, log) -> Tokenizer:
+        cfg = self.cfg
+        self.run_data = open_run_data(cfg, out, ckpt_dir, resume, par, device, log)
+        self.train_stream = self.run_data.train_stream
+        self.val_batches, self.train_eval_batches = eval_batches(self.run_data, cfg.seq_len, cfg.batch_size,
+                                                                 cfg.eval_batches)
+        self.val_weights, self.train_weights = self.run_data.val_weights, self.run_data.train_weights
+        return self.run_data.tokenizer
+
+    def describe_data(self) -> str:
+        return f"data: {self.run_data.describe()}; rows of {self.cfg.seq_len}"
+
+
+class TeacherSFT(TokenObjective):
+    """Black-box distillation: masked SFT on teacher responses (--teacher-data; in memory: teacher sets are small);
+    only the response tokens are learned (felix.data.corpus.SFTStream)."""
+
+    def open(self, out: Path, ckpt_dir: Path, resume: bool, par, device: torch.device, log) -> Tokenizer:
+        cfg = self.cfg
+        records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
+        if skipped:
+            log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
+        self.train_items, self.val_items = felix_data.split_documents(records, cfg.val_fraction, cfg.seed,
+                                                                      key=json.dumps)
+        teachers = collections.Counter(r["teacher"] for r in records)
+        log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
+        tokenizer = _tokenizer_for_records(cfg, resume, ckpt_dir,
+                                  lambda: [chat.chat_text(r["prompt"], r["response"]) for r in self.train_items], log)
+        self.train_stream = felix_data.SFTStream(self.train_items, tokenizer, cfg.seq_len, cfg.seed)
+        val_stream = felix_data.SFTStream(self.val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
+        if self.train_stream.truncated or self.train_stream.dropped:
+            log(f"WARNING: {self.train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, "
+                f"{self.train_stream.dropped} dropped (prompt alone longer than seq_len)")
+        self.val_batches = {"val": val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        self.train_eval_batches = {"train": self.train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
+        self.val_weights, self.train_weights = {"val": 1.0}, {"train": 1.0}
+        return tokenizer
+
+    def describe_data(self) -> str:
+        return (f"data (distillation: masked SFT on responses): {len(self.train_items)} train / {len(self.val_items)} "
+                f"validation items, {self.train_stream.tokens.numel():,} train tokens learned in "
+                f"{self.train_stream.n_windows} rows of {self.cfg.seq_len}")
+
+
+def objective_for(cfg: TrainConfig) -> Objective:
+    """The objective a `felix train` config asks for: masked SFT with --teacher-data, else pretraining."""
+    return TeacherSFT(cfg) if cfg.teacher_data else Pretraining(cfg)
+
+
+# ================================================================================================ the loop
 @dataclass
 class Run:
-    """One training run between steps: what build_run prepared (data, model, optimizer, whitelist) and the state the
-    loop advances (step, losses, metrics, the logging interval). train() is a small loop over train_step,
-    evaluate_interval and save_run_checkpoint on it."""
+    """One training run between steps: what build_run prepared (the objective with its data, model, optimizer,
+    whitelist) and the state the loop advances (step, losses, metrics, the logging interval). train() is a small loop
+    over train_step, evaluate_interval and save_run_checkpoint on it."""
 
     cfg: TrainConfig
     par: object                   # felix.train.distributed: one process, or this rank under torchrun
@@ -278,30 +499,22 @@ class Run:
     out: Path
     ckpt_dir: Path
     device: torch.device
-    distill: bool
-    train_items: list
-    val_items: list
+    objective: Objective
     tokenizer: Tokenizer
-    train_stream: object
-    val_batches: dict             # eval set (a source, or "val") -> its fixed validation batches
-    train_eval_batches: dict      # source -> its fixed training batches (same weights as validation)
     model: torch.nn.Module
     module: torch.nn.Module       # the model, or its loss wrapped by DDP / FSDP2
     optimizer: torch.optim.Optimizer
     whitelist: torch.Tensor       # the QUAIL whitelist, a [V] bool mask on the device
     counts: dict
     hub_fp: str | None
-    monitor: MemorizationMonitor
-    flops_per_token: float
-    peak_flops: float | None
     decay_steps: int
     step: int = 0
     step_losses: list = field(default_factory=list)
     metrics: list = field(default_factory=list)
-    interval: dict = field(default_factory=lambda: _new_interval())
-    pending: list = field(default_factory=list)  # per step, on the device: [mean loss, CE sum, hinge sum,
+    interval: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # per step, on the device: [mean loss, *objective parts (sums),
     #                                              skipped, loss z-score, gradient norm]
-    per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, 1] on the device, made at the first step
+    per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, ...] on the device, made at the first step
     lock: object = None                          # felix.train.runs.RunLock on the run directory (rank 0)
     guard: StepGuard | None = None
     skip_streak: int = 0                         # skipped steps in a row, as of the last read
@@ -309,9 +522,7 @@ class Run:
     halted: str | None = None                    # why the run stops itself (too many skipped steps in a row)
     saved_step: int | None = None                # the step of the last checkpoint written or resumed from
     tensorboard: object = None                   # a torch.utils.tensorboard SummaryWriter (rank 0, --tensorboard)
-    run_data: object = None                      # pretraining: felix.train.run_data.RunData (sources, mix); None: distill
-    val_weights: dict = field(default_factory=dict)    # eval set -> weight of its CE in val_ce
-    train_weights: dict = field(default_factory=dict)  # source -> weight of its CE in train_eval_ce
+    progress: bool = False                       # draw the progress bar (rank 0)
 
     @property
     def use_bf16(self) -> bool:
@@ -320,25 +531,30 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else torch.autocast("cpu", enabled=False)
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): WSD."""
+        cfg = self.cfg
+        return wsd_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, self.decay_steps, cfg.final_lr_fraction)
 
-def _new_interval() -> dict:
-    return {"ce": 0.0, "hinge": 0.0, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "skipped": 0, "spikes": []}
+
+def _new_interval(parts: tuple[str, ...]) -> dict:
+    return {**{p: 0.0 for p in parts}, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "skipped": 0, "spikes": []}
 
 
 def build_run(cfg: TrainConfig, resume: bool = False, log=None, overwrite: bool = False,
-              auto_resume: bool = False) -> Run:
-    """Everything a run needs before its first step: the run directory (locked and claimed: felix.train.runs), data and
-    tokenizer, model (new, --init-from or resumed), spokes / QAT, optimizer, the QUAIL whitelist; with `resume`
-    (or `auto_resume` finding a checkpoint), the trainer state of ``out_dir/checkpoint``. The caller releases
-    ``run.lock`` (train() does)."""
-    from tqdm import tqdm
-
+              auto_resume: bool = False, objective: Objective | None = None, progress: bool | None = None) -> Run:
+    """Everything a run needs before its first step: the run directory (locked and claimed: felix.train.runs), the
+    objective (`objective`, else the config's: :func:`objective_for`) with its data and the tokenizer, model (new,
+    --init-from or resumed), spokes / QAT, optimizer, the QUAIL whitelist; with `resume` (or `auto_resume` finding a
+    checkpoint), the trainer state of ``out_dir/checkpoint``. The caller releases ``run.lock`` (train() does)."""
     par = felix_distributed.from_environment(cfg.parallel)  # one process unless under torchrun
     log = (log or tqdm.write) if par.is_main else (lambda *args, **kwargs: None)  # rank-0 logging
+    progress = (sys.stderr.isatty() if progress is None else progress) and par.is_main
+    objective = objective or objective_for(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / CHECKPOINT_DIR
-    device = par.device(_device(cfg.device))
+    device = par.device(resolve_device(cfg.device))
     lock, claim_error = None, None
     if par.is_main:  # rank 0 locks and claims the directory; every rank learns whether it could
         try:
@@ -350,62 +566,25 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None, overwrite: bool 
     if not par.is_main and auto_resume and not overwrite:
         resume = felix_runs.pointer_target(out) is not None
     try:
-        return _build_run(cfg, resume, log, par, out, ckpt_dir, device, lock)
+        return _build_run(cfg, objective, resume, log, par, out, ckpt_dir, device, lock, progress)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Path, device, lock) -> Run:
+def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, out: Path, ckpt_dir: Path, device,
+               lock, progress: bool) -> Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     if cfg.train_only == "spokes" and not (resume or cfg.init_from):
         raise ValueError("--train-only spokes trains spokes on a trained hub: give --init-from CHECKPOINT")
-    if par.is_main:  # the resolved config: `felix train --resume --out-dir OUT` needs nothing else
-        felix_runconfig.write_resolved(cfg, out)
+    if par.is_main:  # the resolved config: a resumed run needs nothing else
+        objective.write_config(out)
     if resume:
         felix_runs.check_trainer_state(ckpt_dir)  # a pickled trainer_state.pt is refused, never loaded
-    distill, run_data = bool(cfg.teacher_data), None
-    if distill:  # black-box distillation: masked SFT on teacher responses (in memory: teacher sets are small)
-        records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
-        if skipped:
-            log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
-        train_items, val_items = felix_data.split_documents(records, cfg.val_fraction, cfg.seed, key=json.dumps)
-        texts = [chat.chat_text(r["prompt"], r["response"]) for r in train_items]
-        teachers = collections.Counter(r["teacher"] for r in records)
-        log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
-    else:  # pretraining: token shards, prepared once (felix/train/run_data.py), weighted by the mix (felix/data/mix.py)
-        run_data = open_run_data(cfg, out, ckpt_dir, resume, par, device, log)
-        train_items, val_items = run_data.sources, list(run_data.val_sets)
-    if run_data is not None:
-        tokenizer = run_data.tokenizer
-    elif resume:
-        tokenizer = Tokenizer.load(ckpt_dir)
-    elif cfg.init_from:
-        tokenizer = Tokenizer.load(cfg.init_from)
-    elif cfg.tokenizer:
-        tokenizer = Tokenizer.load(cfg.tokenizer)
-    else:
-        vocab = cfg.vocab_size or felix_model.PRESETS[cfg.preset]["vocab_size"]
-        t0 = time.perf_counter()
-        tokenizer = train_tokenizer(texts, vocab)
-        log(f"trained a byte-level BPE tokenizer: {tokenizer.vocab_size} tokens in {time.perf_counter() - t0:.1f}s")
-
-    if distill:
-        train_stream = felix_data.SFTStream(train_items, tokenizer, cfg.seq_len, cfg.seed)
-        val_stream = felix_data.SFTStream(val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
-        if train_stream.truncated or train_stream.dropped:
-            log(f"WARNING: {train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, {train_stream.dropped} "
-                f"dropped (prompt alone longer than seq_len)")
-        val_batches = {"val": val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
-        train_eval_batches = {"train": train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
-        val_weights, train_weights = {"val": 1.0}, {"train": 1.0}
-    else:
-        train_stream = run_data.train_stream
-        val_batches, train_eval_batches = eval_batches(run_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-        val_weights, train_weights = run_data.val_weights, run_data.train_weights
+    tokenizer = objective.open(out, ckpt_dir, resume, par, device, log)
 
     if resume or cfg.init_from:
         model = felix_model.load_checkpoint(ckpt_dir if resume else Path(cfg.init_from), device)
@@ -432,25 +611,22 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
         felix_qat.apply_qat(model, cfg.qat)
         log(felix_qat.describe(model._felix_qat))
     module = par.wrap(model)  # the model itself, or its loss under DDP / FSDP2 (parameters sharded in place)
-    optimizer = _optimizer(model, cfg)
-    use_bf16 = device.type == "cuda"
+    optimizer = build_optimizer(model, cfg)
 
     step, step_losses, metrics = 0, [], []
-    interval = _new_interval()
-    monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
+    interval = _new_interval(objective.parts)
     guard = StepGuard(device, cfg.loss_spike_window, cfg.loss_spike_threshold, cfg.skip_loss_spikes)
     skip_streak = skipped_steps = 0
+    state = None
     if resume:
         state = felix_runs.load_trainer_state(ckpt_dir)  # safetensors + JSON: nothing in it can run code
-        missing = sorted({"optimizer", "train_stream", "step", "step_losses", "metrics", "interval",
-                          "memorization_alerts", "torch_rng", "python_rng", "train_config"} - set(state))
+        missing = sorted({"optimizer", "step", "step_losses", "metrics", "interval", "torch_rng", "python_rng",
+                          "train_config", *objective.state_keys} - set(state))
         if missing:
             raise felix_model.CheckpointError(f"{ckpt_dir / STATE_FILE} is not a Felix trainer state: missing "
                                               f"{', '.join(missing)}")
         par.load_optimizer_state(module, optimizer, state["optimizer"])
-        train_stream.load_state_dict(state["train_stream"])
         step, step_losses, metrics, interval = state["step"], state["step_losses"], state["metrics"], state["interval"]
-        monitor.alerts = state["memorization_alerts"]
         changed = {k: (v, getattr(cfg, k)) for k, v in state["train_config"].items()
                    if k not in ("out_dir", "device", *RUN_KEEPING) and hasattr(cfg, k) and getattr(cfg, k) != v}
         if changed:
@@ -463,46 +639,45 @@ def _build_run(cfg: TrainConfig, resume: bool, log, par, out: Path, ckpt_dir: Pa
         random.setstate(state["python_rng"])
         guard.load_state_dict(state.get("guard", guard.state_dict()))
         skip_streak, skipped_steps = state.get("skip_streak", 0), state.get("skipped_steps", 0)
-        interval = {**_new_interval(), **interval}
+        interval = {**_new_interval(objective.parts), **interval}
         log(f"resumed {out} at step {step}")
 
     log(f"felix-lm {cfg.init_from or cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
     log(f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}" + (
         f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
         if cfg.margin_from else ""))
-    if distill:
-        log(f"data (distillation: masked SFT on responses): {len(train_items)} train / {len(val_items)} validation "
-            f"items, {train_stream.tokens.numel():,} train tokens learned in {train_stream.n_windows} rows of "
-            f"{cfg.seq_len}")
-    else:
-        log(f"data: {run_data.describe()}; rows of {cfg.seq_len}")
-    log(f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}{' (bf16 autocast)' if use_bf16 else ' (fp32)'}")
-    fpt, peak = flops_per_token(mcfg, cfg.seq_len), _peak_flops(cfg, device)
-    decay_steps = round(cfg.decay_fraction * cfg.steps)
-
     tensorboard = None
     if cfg.tensorboard and par.is_main:
-        try:
+        try:  # local: tensorboard is a heavy optional dependency, needed only with --tensorboard
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
         tensorboard = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if resume else None)
 
-    return Run(cfg, par, log, out, ckpt_dir, device, distill, train_items, val_items, tokenizer, train_stream,
-               val_batches, train_eval_batches, model, module, optimizer, whitelist, counts, hub_fp, monitor, fpt, peak,
-               decay_steps, step, step_losses, metrics, interval, lock=lock, guard=guard, skip_streak=skip_streak,
-               skipped_steps=skipped_steps, saved_step=step if resume else None, tensorboard=tensorboard,
-               run_data=run_data, val_weights=val_weights, train_weights=train_weights)
+    run = Run(cfg, par, log, out, ckpt_dir, device, objective, tokenizer, model, module, optimizer, whitelist, counts,
+              hub_fp, round(cfg.decay_fraction * cfg.steps), step, step_losses, metrics, interval, lock=lock,
+              guard=guard, skip_streak=skip_streak, skipped_steps=skipped_steps,
+              saved_step=step if resume else None, tensorboard=tensorboard, progress=progress)
+    try:
+        objective.start(run, state)
+    except BaseException:
+        if tensorboard is not None:
+            tensorboard.close()
+        raise
+    log(objective.describe_data())
+    log(f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}"
+        f"{' (bf16 autocast)' if run.use_bf16 else ' (fp32)'}")
+    return run
 
 
 def trainer_state(run: Run, full_optimizer: dict) -> dict:
     """Everything besides the model that an exact resume needs, as a nested dict of tensors and plain values
-    (stored by felix.train.runs.save_trainer_state: tensors -> safetensors, the rest -> JSON; add keys freely)."""
-    return {"optimizer": full_optimizer, "train_stream": run.train_stream.state_dict(),
-            "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics, "interval": run.interval,
-            "memorization_alerts": run.monitor.alerts, "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(), "train_config": asdict(run.cfg), "hub_fingerprint": run.hub_fp,
-            "guard": run.guard.state_dict(), "skip_streak": run.skip_streak, "skipped_steps": run.skipped_steps}
+    (stored by felix.train.runs.save_trainer_state: tensors -> safetensors, the rest -> JSON; add keys freely): the
+    loop's own, and the objective's (its data cursor, monitors, ...)."""
+    return {"optimizer": full_optimizer, "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics,
+            "interval": run.interval, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "train_config": asdict(run.cfg), "hub_fingerprint": run.hub_fp, "guard": run.guard.state_dict(),
+            "skip_streak": run.skip_streak, "skipped_steps": run.skipped_steps, **run.objective.state_dict()}
 
 
 def save_run_checkpoint(run: Run) -> None:
@@ -525,7 +700,7 @@ def save_run_checkpoint(run: Run) -> None:
         def write(directory):
             felix_model.write_checkpoint_files(directory, full, run.tokenizer, extra)
             felix_runs.save_trainer_state(directory, state)
-            felix_runconfig.write_resolved(cfg, directory)  # the config this checkpoint was trained with
+            run.objective.write_config(directory)  # the config this checkpoint was trained with
         where = felix_runs.commit_checkpoint(run.out, run.step, write, cfg.keep_last, cfg.milestone_every, run.log)
         run.log(f"checkpoint {where.relative_to(run.out)} ({time.perf_counter() - t0:.2f}s)")
     run.saved_step = run.step
@@ -533,26 +708,25 @@ def save_run_checkpoint(run: Run) -> None:
 
 
 def train_step(run: Run) -> float:
-    """One optimizer step (grad_accum micro-batches, clipping, AdamW at the WSD learning rate); its losses stay on the
-    device in run.pending until read_pending. Returns the learning rate used."""
-    cfg, par, device, quail = run.cfg, run.par, run.device, run.cfg.quail
-    lr = wsd_lr(run.step, cfg.steps, cfg.lr, cfg.warmup_steps, run.decay_steps, cfg.final_lr_fraction)
+    """One optimizer step (grad_accum micro-batches of the objective, clipping, AdamW at the WSD learning rate); its
+    logged values stay on the device in run.pending until read_pending. Returns the learning rate used."""
+    cfg, par, objective = run.cfg, run.par, run.objective
+    lr = run.lr_at(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    sums = torch.zeros(3, device=device)
-    for i, (x, y) in enumerate(par.my_micro_batches(run.train_stream, cfg.batch_size, cfg.grad_accum)):
+    sums = torch.zeros(1 + len(objective.parts), device=run.device)
+    for i, batch in enumerate(objective.micro_batches(run)):
         with par.gradient_sync(run.module, last=i == cfg.grad_accum - 1):  # no_sync but on the last
             with run.autocast():
-                parts = run.module.loss(_to_device(x, device), _to_device(y, device), run.whitelist, quail.margin,
-                                        quail.lambda_q)
-            (parts.loss / cfg.grad_accum).backward()
-        sums += torch.stack([parts.loss.detach(), parts.ce, parts.hinge]).float()
+                loss, logged = objective.loss(run, batch)
+            (loss / cfg.grad_accum).backward()
+        sums += logged.float()
         run.interval["n"] += 1
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
     if run.per_step is None:  # made once (a host-to-device copy): the loss is the mean over micro-batches
-        run.per_step = torch.tensor([1.0 / cfg.grad_accum, 1.0, 1.0]).to(device)
+        run.per_step = torch.tensor([1.0 / cfg.grad_accum] + [1.0] * len(objective.parts)).to(run.device)
     parts = sums * run.per_step
     # the same decision on every rank: the gradient norm is global, the loss averaged over ranks (a collective,
     # no host sync); a skipped step leaves weights and optimizer state as they were
@@ -569,11 +743,12 @@ def read_pending(run: Run) -> None:
     """The one host sync of an interval (also what makes its seconds honest on a GPU): the pending per-step losses,
     averaged over ranks, into step_losses and the interval sums; skipped steps and loss spikes are logged here,
     and a run with --max-skipped-in-a-row skipped steps in a row is marked to halt."""
-    cfg = run.cfg
+    cfg, names = run.cfg, run.objective.parts
     rows = run.par.mean_over_ranks(torch.stack(run.pending)).tolist() if run.pending else []
     first = run.step - len(rows) + 1
-    for i, (loss, ce, hinge, skipped, z, grad_norm) in enumerate(rows):
-        step = first + i
+    for i, row in enumerate(rows):
+        step, loss, parts = first + i, row[0], dict(zip(names, row[1:1 + len(names)]))
+        skipped, z, grad_norm = row[1 + len(names):]
         run.step_losses.append(loss)
         run.interval["steps"] += 1
         if z > cfg.loss_spike_threshold:
@@ -594,50 +769,27 @@ def read_pending(run: Run) -> None:
                               f"(skipped steps change no weight); lower --lr, check the data, or resume to retry")
         else:
             run.skip_streak = 0
-            run.interval["ce"] += ce
-            run.interval["hinge"] += hinge
+            for name, value in parts.items():
+                run.interval[name] += value
+        run.objective.on_step(run, step, loss, parts, bool(skipped))
         if run.tensorboard is not None:
             run.tensorboard.add_scalar("train/step_loss", loss, step)
     run.pending.clear()
 
 
 def evaluate_interval(run: Run, lr: float) -> dict:
-    """The metrics record of the interval that ends at this step: train/val losses (validation and fixed train
-    windows with the same weights), throughput, MFU, memory, corpus position and the memorization check; appended
-    to metrics.jsonl as it happens. Starts a new interval."""
-    cfg, par, device = run.cfg, run.par, run.device
-    interval, stream = run.interval, run.train_stream
-    tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
-    val = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in run.val_batches.items()}
-    train_eval = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
-                  for n, b in run.train_eval_batches.items()}
+    """The metrics record of the interval that ends at this step: the training loss and the objective's parts
+    (interval means), what the objective's evaluation measures, and peak memory and the step guard's counts;
+    appended to metrics.jsonl as it happens. Starts a new interval."""
+    cfg, par, interval = run.cfg, run.par, run.interval
     recent = [x for x in run.step_losses[-cfg.eval_every:] if math.isfinite(x)]
     n = interval["n"]
-    record = {"step": run.step, "lr": lr,
-              "train_loss": sum(recent) / len(recent) if recent else None,
-              "train_ce": interval["ce"] / n if n else None, "train_hinge": interval["hinge"] / n if n else None,
-              # a mix's overall CE: the per-source CEs weighted as the mix weighs the sources
-              "val_ce": sum(run.val_weights[name] * v["val_ce"] for name, v in val.items()),
-              "val_hinge": sum(run.val_weights[name] * v["val_hinge"] for name, v in val.items()),
-              "train_eval_ce": sum(run.train_weights[name] * ce for name, ce in train_eval.items()),
-              "tokens_per_s": tokens_per_s,
-              "mfu": tokens_per_s * run.flops_per_token / (run.peak_flops * par.world_size) if run.peak_flops else None,
-              "peak_memory_mb": _peak_memory_mb(device),
-              "peak_memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
-              "corpus_wraps": stream.wraps,
-              "epoch_progress": stream.epoch_progress,
-              "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size,
+    record = {"step": run.step, "lr": lr, "train_loss": sum(recent) / len(recent) if recent else None,
+              **{f"train_{p}": interval[p] / n if n else None for p in run.objective.parts},
+              **run.objective.evaluate(run, interval),
+              "peak_memory_mb": _peak_memory_mb(run.device),
+              "peak_memory_kind": "gpu_allocated" if run.device.type == "cuda" else "process_rss",
               "skipped_steps": interval["skipped"], "loss_spikes": interval["spikes"]}
-    if run.run_data is not None:  # per source: validation CE, samples served so far (the realized mix), epochs
-        record.update(val_ce_by_source={name: v["val_ce"] for name, v in val.items()},
-                      source_samples=stream.source_counts(), source_epochs=stream.source_epochs())
-    alert = run.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps) \
-        if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"]) else None
-    record["memorization"] = alert is not None
-    if alert and par.is_main:
-        banner = "!" * 100
-        run.log(f"{banner}\n{alert}\n{banner}")
-        warnings.warn(alert, RuntimeWarning, stacklevel=3)
     run.metrics.append(record)
     if par.is_main:
         with open(run.out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
@@ -649,14 +801,9 @@ def evaluate_interval(run: Run, lr: float) -> dict:
             run.tensorboard.flush()
     seconds_per_step = interval["seconds"] / max(interval["steps"], 1)
     eta = datetime.timedelta(seconds=round(seconds_per_step * (cfg.steps - run.step)))
-    run.interval = _new_interval()
-    mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-    ce = ("n/a (every step skipped" if record["train_ce"] is None else
-          f"{record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}")
+    run.interval = _new_interval(run.objective.parts)
     skipped = f", {record['skipped_steps']} step(s) skipped" if record["skipped_steps"] else ""
-    run.log(f"step {run.step}: train CE {ce}; now {record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr "
-            f"{lr:.2e}, {tokens_per_s:,.0f} tok/s{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps "
-            f"{stream.wraps}, tokens seen {record['tokens_seen']:,}, ETA {eta}{skipped}")
+    run.log(f"step {run.step}: {run.objective.describe(record, lr)}, ETA {eta}{skipped}")
     return record
 
 
@@ -684,20 +831,20 @@ def _stop_on_signals(log):
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None, overwrite: bool = False,
-          auto_resume: bool = False) -> TrainResult:
-    """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run. `stop_at` stops after that
-    many optimizer steps with a checkpoint, as an interruption would (used to test exact resume). A directory
-    holding a run needs `resume`, `auto_resume` (continue it when it has a checkpoint, else start fresh) or
-    `overwrite`; a directory another process is training in is refused (felix.train.runs). SIGTERM / SIGINT finish the
-    step, save a checkpoint and return (TrainResult.stop_signal); too many skipped steps in a row save a
-    checkpoint and raise TrainingHalted."""
-    from tqdm import tqdm
-
-    run = build_run(cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume)
+          auto_resume: bool = False, objective: Objective | None = None, progress: bool | None = None) -> TrainResult:
+    """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run of `objective` (default: the
+    config's, :func:`objective_for`). `stop_at` stops after that many optimizer steps with a checkpoint, as an
+    interruption would (used to test exact resume). A directory holding a run needs `resume`, `auto_resume`
+    (continue it when it has a checkpoint, else start fresh) or `overwrite`; a directory another process is training
+    in is refused (felix.train.runs). SIGTERM / SIGINT finish the step, save a checkpoint and return
+    (TrainResult.stop_signal); too many skipped steps in a row save a checkpoint and raise TrainingHalted.
+    `progress`: draw a progress bar (default: when stderr is a terminal)."""
+    run = build_run(cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume, objective=objective,
+                    progress=progress)
     par = run.par
     stop, restore_signals = _stop_on_signals(run.log)
     try:
-        return _train_loop(run, stop, stop_at, tqdm)
+        return _train_loop(run, stop, stop_at)
     finally:
         restore_signals()
         if run.tensorboard is not None:
@@ -707,14 +854,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
         par.close()
 
 
-def _train_loop(run: Run, stop: dict, stop_at: int | None, tqdm) -> TrainResult:
-    cfg, par, out = run.cfg, run.par, run.out
+def _train_loop(run: Run, stop: dict, stop_at: int | None) -> TrainResult:
+    cfg, par, out, objective = run.cfg, run.par, run.out, run.objective
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     if par.is_main:  # a resumed run keeps the records up to its checkpoint (rewritten atomically)
         atomic_write_text(out / METRICS_FILE, "".join(json.dumps(jsonable(r)) + "\n" for r in run.metrics))
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step",
-               disable=not (sys.stderr.isatty() and par.is_main))
-    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", disable=not run.progress)
     run.model.train()
     while run.step < end:
         t0 = time.perf_counter()
@@ -729,11 +874,11 @@ def _train_loop(run: Run, stop: dict, stop_at: int | None, tqdm) -> TrainResult:
             if par.world_size > 1:
                 signalled = par.any_rank(stop["signal"] is not None, run.device)
         run.interval["seconds"] += time.perf_counter() - t0
-        run.interval["tokens"] += tokens_per_step
+        run.interval["tokens"] += objective.tokens_per_step
         bar.update(1)
         if run.step_losses and not bar.disable:
-            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}",
-                            tokens=f"{run.step * tokens_per_step / 1e6:.1f}M")
+            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}", **(
+                {"tokens": f"{run.step * objective.tokens_per_step / 1e6:.1f}M"} if objective.tokens_per_step else {}))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate_interval(run, lr)
         if signalled or run.halted:
@@ -746,12 +891,12 @@ def _train_loop(run: Run, stop: dict, stop_at: int | None, tqdm) -> TrainResult:
     if run.saved_step != run.step:  # nothing new since the checkpoint resumed from: it stays as it is
         save_run_checkpoint(run)
     if par.is_main:
-        save_loss_curve(out / PLOT_FILE, run.step_losses, run.metrics)
+        objective.finish(run)
     if run.halted:
         run.log(f"HALTED: {run.halted}; checkpoint {run.ckpt_dir}")
         raise TrainingHalted(run.halted)
     signum = stop["signal"]
     how = f"stopped by {signal.Signals(signum).name}" if signum else "stopped" if run.step < cfg.steps else "finished"
     run.log(f"{how} at step {run.step}; checkpoint {run.ckpt_dir}, metrics {out / METRICS_FILE}, plot "
-            f"{out / PLOT_FILE}")
-    return TrainResult(out, run.step_losses, run.metrics, list(run.monitor.alerts), run.counts, signum)
+            f"{out / objective.plot_file}")
+    return TrainResult(out, run.step_losses, run.metrics, list(objective.alerts), run.counts, signum)

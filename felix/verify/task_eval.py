@@ -37,7 +37,7 @@ from felix.tasks import (  # noqa: F401 (re-exported: the suite, compliance and 
 from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
 from felix.data.teachers import load_teacher_groups
 from felix.model.tokenizer import Tokenizer
-from felix.train.loop import _device
+from felix.train.loop import resolve_device
 
 SCHEMA_NAME, SCHEMA_VERSION = "felix-task-eval", 1
 ENSEMBLE = "ensemble"
@@ -224,7 +224,7 @@ def cmd_eval_tasks(args) -> int:
         items = builtin_task_suite(args.per_task, args.seed)
         outputs: dict[str, list[str]] = {}
         teachers: list[str] = []
-        device = _device(args.device)
+        device = resolve_device(args.device)
 
         def generate(name, ckpt):
             if name in outputs:

@@ -1,17 +1,25 @@
-"""felix.train.distill: teacher data (formats, bad lines by path:line), per-prompt selection (schema-valid first, swappable
-scorer), the agreement report, the student snapshot, the DPO loss against a float64 textbook formula, sequence
-log-probabilities and the QUAIL term against full logits, and tiny SODA runs whose reward margin rises."""
+"""felix.train.distill (and the teacher data it trains on, felix.data.teachers): teacher data (formats, bad lines by
+path:line), per-prompt selection (schema-valid first, swappable scorer), the agreement report, the student snapshot,
+the DPO loss against a float64 textbook formula, sequence log-probabilities and the QUAIL term against full logits,
+and tiny SODA runs of the one training loop: the reward margin rises, the run directory is locked, a resumed run
+equals the uninterrupted one, and the metrics land in the loop's metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from felix.data import teachers
 from felix.tasks import records as task_records
+from felix.tasks import schema_check, word_f1
+from felix.cli.main import main
 from felix.model import chat
-from felix.train import distill
-from felix.model.felix_lm import FelixConfig, FelixLM, save_checkpoint
+from felix.train import distill, runs
+from felix.train.loop import METRICS_FILE
+from felix.model.felix_lm import FelixConfig, FelixLM, load_checkpoint, save_checkpoint
 from felix.ops.reference.dpo import textbook_dpo
 from felix.model.tokenizer import Tokenizer, json_structure_whitelist, train_tokenizer
 
@@ -73,8 +81,6 @@ def test_builtin_teachers_are_deterministic_and_graded_by_design():
     assert [g.responses for g in a] == [g.responses for g in b]
     records = task_records.structured_records(40, seed=3)
     assert [g.responses["exact"] for g in a] == [r["response"] for r in records]
-    from felix.verify.task_eval import schema_check
-
     valid = {t: sum(schema_check(g.task, g.responses[t])["compliant"] for g in a) for t in distill.BUILTIN_TEACHERS}
     assert valid["exact"] == 40 and valid["noisy"] == 40 and 5 <= valid["sloppy"] <= 35  # sloppy breaks ~half
     assert sum(g.responses["noisy"] != g.responses["exact"] for g in a) >= 30
@@ -91,27 +97,27 @@ def _group():
 
 def test_selection_prefers_schema_valid_then_the_scorer():
     g = _group()
-    (s,) = distill.select_responses([g], "consensus")
+    (s,) = teachers.select_responses([g], "consensus")
     assert s.valid and s.teacher in ("short", "other") and s.n_valid == 3 and s.validity["broken"] is False
     # consensus: the response closest to the others; "short" and "other" agree with each other most, tie -> first
-    expected = max(["long", "short", "other"], key=lambda t: (distill.consensus_score(g, t), -list(g.responses).index(t)))
+    expected = max(["long", "short", "other"], key=lambda t: (teachers.consensus_score(g, t), -list(g.responses).index(t)))
     assert s.teacher == expected == "short"
-    (s2,) = distill.select_responses([g], "shortest")
+    (s2,) = teachers.select_responses([g], "shortest")
     assert s2.teacher == min(["long", "short", "other"], key=lambda t: len(g.responses[t]))
     # a swapped-in scorer that loves the broken answer still cannot pick it: valid responses come first
-    (s3,) = distill.select_responses([g], lambda grp, t: 100.0 if t == "broken" else (1.0 if t == "long" else 0.0))
+    (s3,) = teachers.select_responses([g], lambda grp, t: 100.0 if t == "broken" else (1.0 if t == "long" else 0.0))
     assert s3.teacher == "long"
     # with no valid response at all, the scorer picks among the invalid ones, flagged
     bad = distill.TeacherGroup("q", "principle", {"x": "{", "y": "not json"})
-    (s4,) = distill.select_responses([bad], lambda grp, t: float(t == "y"))
+    (s4,) = teachers.select_responses([bad], lambda grp, t: float(t == "y"))
     assert s4.teacher == "y" and not s4.valid and s4.n_valid == 0
     with pytest.raises(distill.DistillError, match="unknown teacher scorer"):
-        distill.select_responses([g], "best")
+        teachers.select_responses([g], "best")
 
 
 def test_ties_go_to_the_teacher_listed_first():
     g = distill.TeacherGroup("p", None, {"b": "same", "a": "same"})  # no task: nothing to check, all valid
-    assert distill.select_responses([g], lambda grp, t: 0.0)[0].teacher == "b"
+    assert teachers.select_responses([g], lambda grp, t: 0.0)[0].teacher == "b"
 
 
 # ------------------------------------------------------------------------------------- agreement
@@ -122,11 +128,11 @@ def test_agreement_report_numbers(tmp_path):
         distill.TeacherGroup("p3", "synthesis", {"a": "One two. Three four.", "b": "one two"}),             # b: 1 sentence
         distill.TeacherGroup("p4", "synthesis", {"a": "Only a."}),                                          # b absent
     ]
-    sel = distill.select_responses(groups)
-    rep = distill.teacher_agreement(groups, sel)
+    sel = teachers.select_responses(groups)
+    rep = teachers.teacher_agreement(groups, sel)
     pair = rep["overall"]["pairs"]["a vs b"]
     assert pair["prompts"] == 3 and pair["exact"] == pytest.approx(1 / 3)
-    f1 = [1.0, distill.word_f1(_principle(True), _principle(False)), distill.word_f1("One two. Three four.", "one two")]
+    f1 = [1.0, word_f1(_principle(True), _principle(False)), word_f1("One two. Three four.", "one two")]
     assert pair["word_f1"] == pytest.approx(sum(f1) / 3)
     assert pair["decisions"] == 2 and pair["decision_agreement"] == pytest.approx(0.5)
     assert pair["both_valid"] == pytest.approx(2 / 3)
@@ -135,7 +141,7 @@ def test_agreement_report_numbers(tmp_path):
     syn = rep["per_task"]["synthesis"]["pairs"]["a vs b"]
     assert syn["prompts"] == 1 and syn["decision_agreement"] is None
     assert sum(rep["selection"]["selected"].values()) == 4 and rep["selection"]["no_valid_response"] == 1
-    files = distill.write_agreement_report(rep, tmp_path)
+    files = teachers.write_agreement_report(rep, tmp_path)
     assert json.loads(files["json"].read_text())["overall"]["pairs"]["a vs b"]["prompts"] == 3
     md = files["markdown"].read_text()
     assert "| a vs b | all | 3 | 0.33 |" in md and "| a vs b | synthesis | 1 | 0.00 |" in md
@@ -261,7 +267,7 @@ def test_sequence_logps_and_quail_term_against_full_logits(student, seed):
 
 def test_pairs_skip_what_carries_no_preference(student):
     _, model, tok = student
-    sel = distill.select_responses(_short_groups(4) + [distill.TeacherGroup("p", "principle", {"t": "{"})])
+    sel = teachers.select_responses(_short_groups(4) + [distill.TeacherGroup("p", "principle", {"t": "{"})])
     student_out = ["item 0 is red.", "wrong", "wrong", "wrong", "x"]
     pairs, skipped = distill.build_pairs(sel, student_out)
     assert [p.prompt for p in pairs] == ["colour of item 1?", "colour of item 2?", "colour of item 3?"]
@@ -291,7 +297,7 @@ def test_tiny_soda_run_raises_the_reward_margin(student, tmp_path):
     assert late > early + 1.0
     assert last["val_chosen_logp"] - last["val_rejected_logp"] > first["val_chosen_logp"] - first["val_rejected_logp"]
     out = res.out_dir
-    assert [json.loads(s)["step"] for s in (out / distill.METRICS_FILE).read_text().splitlines()] == [0, 8, 16, 24]
+    assert [json.loads(s)["step"] for s in (out / METRICS_FILE).read_text().splitlines()] == [0, 8, 16, 24]
     snap = [json.loads(s) for s in (out / distill.SNAPSHOT_FILE).read_text().splitlines()]
     assert snap[0]["meta"]["init_from"] == str(directory) and len(snap) == 25
     assert (out / distill.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
@@ -299,8 +305,6 @@ def test_tiny_soda_run_raises_the_reward_margin(student, tmp_path):
     trained = Tokenizer.load(out / "checkpoint")
     assert trained.vocab_size == tok.vocab_size
     # the reference stayed the snapshot: the saved student differs from it
-    from felix.model.felix_lm import load_checkpoint
-
     a, b = load_checkpoint(directory).state_dict(), load_checkpoint(out / "checkpoint").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # the NLL anchor keeps the teacher responses likelier than DPO alone leaves them
@@ -325,8 +329,6 @@ def test_soda_refusals(student, tmp_path):
 
 
 def test_felix_train_soda_cli(student, tmp_path, capsys):
-    from felix.cli.main import main
-
     directory, _, _ = student
     assert main(["train", "--soda", "--init-from", str(directory), "--preset", "tiny"]) == 2
     assert "not used by --soda: --preset" in capsys.readouterr().err
@@ -346,8 +348,6 @@ def test_felix_train_soda_cli(student, tmp_path, capsys):
 
 
 def test_teacher_data_cli_writes_groups_and_agreement(tmp_path, student):
-    from felix.cli.main import main
-
     directory, _, _ = student
     out = tmp_path / "harvest.jsonl"
     assert main(["teacher-data", str(out), "--n-records", "12", "--task", "principle", "--task", "synthesis",
@@ -357,3 +357,66 @@ def test_teacher_data_cli_writes_groups_and_agreement(tmp_path, student):
     assert all(set(g.responses) <= {"exact", "noisy", "sloppy", "felix-small"} for g in groups)
     rep = json.loads((tmp_path / "teacher-agreement.json").read_text())
     assert rep["teachers"][:3] == ["exact", "noisy", "sloppy"] and "exact vs noisy" in rep["overall"]["pairs"]
+
+
+# ------------------------------------------------------------------------------ SODA in the one loop
+def test_soda_run_takes_the_run_lock(student, tmp_path):
+    """A SODA run claims its directory as `felix train` does: a directory another process holds is refused, naming
+    the holder, before anything is written; a finished run is not silently replaced."""
+    directory, _, _ = student
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, os, time\n"
+        f"fd = os.open({str(out / runs.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'lockhost', 'started': 'then'}).encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runs.RunDirectoryError, match=f"in use by pid {holder.pid} on host lockhost"):
+            distill.train_soda(_soda_cfg(tmp_path, directory, out_dir=str(out)), log=lambda *_: None, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [runs.LOCK_FILE]  # refused before writing anything
+
+
+def _same_records(a: list[dict], b: list[dict]) -> bool:
+    """Metrics records equal but for the process's peak memory (a resumed process has its own)."""
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.startswith("peak_memory")} for r in records]
+    return strip(a) == strip(b)
+
+
+def test_soda_resume_reproduces_the_uninterrupted_run_and_metrics_are_the_loops(student, tmp_path):
+    directory, _, _ = student
+    teacher = tmp_path / "teachers.jsonl"
+    teachers.write_teacher_groups(_short_groups(16), teacher)
+    quiet = dict(log=lambda *_: None, progress=False)
+    kw = dict(teacher_data=[str(teacher)], steps=8, eval_every=4)
+    full = distill.train_soda(_soda_cfg(tmp_path, directory, out_dir=str(tmp_path / "full"), **kw), **quiet)
+    cfg = _soda_cfg(tmp_path, directory, out_dir=str(tmp_path / "split"), **kw)
+    first = distill.train_soda(cfg, stop_at=3, **quiet)
+    assert [m["step"] for m in first.step_metrics] == [1, 2, 3]
+    assert runs.load_trainer_state(tmp_path / "split" / "checkpoint")["step"] == 3
+    with pytest.raises(runs.RunDirectoryError, match="already holds a run"):
+        distill.train_soda(cfg, **quiet)  # neither resume nor overwrite: refused
+    resumed = distill.train_soda(cfg, resume=True, **quiet)
+    assert resumed.step_metrics == full.step_metrics  # bit-exact on CPU
+    assert _same_records(resumed.metrics, full.metrics) and resumed.pairs == full.pairs
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint").state_dict(), \
+        load_checkpoint(tmp_path / "split" / "checkpoint").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics are the loop's metrics.jsonl: SODA's numbers beside the shared ones, each record once after resume
+    for res, name in ((full, "full"), (resumed, "split")):
+        lines = [json.loads(s) for s in (tmp_path / name / METRICS_FILE).read_text().splitlines()]
+        assert [r["step"] for r in lines] == [0, 4, 8] and _same_records(lines, res.metrics)
+    last = lines[-1]
+    assert {"train_loss", "train_dpo_loss", "train_nll", "train_reward_margin", "val_reward_margin", "val_accuracy",
+            "skipped_steps", "loss_spikes", "peak_memory_mb"} <= set(last)
+    assert last["skipped_steps"] == 0 and last["train_loss"] == pytest.approx(
+        sum(m["loss"] for m in full.step_metrics[4:]) / 4)
+    summary = json.loads((tmp_path / "split" / "checkpoint" / distill.SODA_FILE).read_text())
+    assert summary["last"]["step"] == 8 and summary["pairs"]["train"] + summary["pairs"]["val"] == full.pairs

@@ -6,8 +6,10 @@ import random
 
 import pytest
 
+from felix.cli.main import main
 from felix.data import corpus as data
 from felix.model import chat
+from felix.model.tokenizer import train_tokenizer
 from felix.train.loop import MemorizationMonitor, TrainConfig, train, wsd_lr
 
 WORDS = ("alpha beta gamma delta river stone cloud metal paper garden window silver orange tiger maple "
@@ -119,8 +121,6 @@ def write_teacher(path, n, seed, bad_lines=()):
 
 
 def test_sft_stream_learns_only_the_response(tmp_path):
-    from felix.model.tokenizer import train_tokenizer
-
     records, skipped = data.load_teacher_records([write_teacher(tmp_path / "t.jsonl", 6, seed=1,
                                                                 bad_lines=[(2, '{"prompt": "p", "response": "r"}')])])
     assert len(records) == 6 and skipped and skipped[0].startswith(f"{tmp_path / 't.jsonl'}:3:")
@@ -153,8 +153,6 @@ def test_distillation_run_and_init_from(tmp_path):
 
 
 def test_felix_train_cli(tmp_path, capsys):
-    from felix.cli.main import main
-
     docs = write_docs(tmp_path / "docs.jsonl", 20, seed=5)
     args = ["train", "--out-dir", str(tmp_path / "cli"), "--data", docs, "--vocab-size", "300", "--seq-len", "32",
             "--batch-size", "2", "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1"]
