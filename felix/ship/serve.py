@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -180,20 +179,20 @@ class Server:
         while True:
             status = _read_status(status_file)
             if status and "error" in status:
-                raise ServeError(f"cannot serve {self.gguf}: {status['error']}" + self._log_tail())
+                raise ServeError(f"cannot serve {self.gguf}: {status['error']}" + self.log_tail())
             if status and self.port is None:
                 self.port = int(status["port"])
             if self.port is not None and self._ready():
                 return
             if self.proc.poll() is not None:
                 raise ServeError(f"the server for {self.gguf} exited with code {self.proc.returncode} while "
-                                 f"starting{self._log_tail()}")
+                                 f"starting{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise ServeError(f"the server for {self.gguf} did not answer within {timeout:.0f} s"
-                                 + self._log_tail())
+                                 + self.log_tail())
             time.sleep(0.05)
 
-    def _log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_bytes().decode("utf-8", errors="replace")
         except OSError:
@@ -294,59 +293,3 @@ def _read_status(path: Path) -> dict | None:
 def _stop_all() -> None:
     for server in list(_LIVE):
         server.close()
-
-
-# ------------------------------------------------------------------------------------ the CLI
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, cleaning up
-
-
-def cmd_serve(args) -> int:
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        return _serve_until_stopped(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # called in-process (tests, scripts): leave no handler behind
-
-
-def _serve_until_stopped(args) -> int:
-    try:
-        server = Server(args.model, quant=args.quant, host=args.host, port=args.port, lora=args.lora,
-                        lora_scale=args.lora_scale, n_ctx=args.n_ctx, n_threads=args.threads,
-                        log_path=args.log)
-    except ServeError as e:
-        print(f"felix serve: error: {e}", file=sys.stderr)
-        return 2
-    with server:
-        print(f"felix serve: {server.gguf} ({server.arch} arch, {server.runtime} llama.cpp, context {server.n_ctx}"
-              + (f", LoRA {server.lora} at scale {server.lora_scale}" if server.lora else "") + ")")
-        print(f"felix serve: OpenAI-compatible API at {server.base_url} (POST /chat/completions); log "
-              f"{server.log_path}; Ctrl-C stops", flush=True)
-        try:
-            code = server.wait()
-        except KeyboardInterrupt:
-            return 0
-    print(f"felix serve: the server exited with code {code}{server._log_tail()}", file=sys.stderr)
-    return 1
-
-
-def add_serve_parser(sub) -> None:
-    from felix.ops.quant_policy import EXPORT_TYPES
-
-    s = sub.add_parser("serve", help="serve a checkpoint or GGUF on llama.cpp's OpenAI-compatible chat API",
-                       description="Serve a model through llama-cpp-python's OpenAI-compatible server "
-                                   "(/v1/chat/completions, /v1/completions), bound to 127.0.0.1 by default. A "
-                                   "checkpoint directory is exported first (--quant). The GGUF's chat template "
-                                   "puts requests in Felix's chat format; temperature 0 is greedy; "
-                                   "response_format json_object / json_schema constrains decoding to the schema.")
-    s.add_argument("model", help="a GGUF file, or a checkpoint directory (exported to --quant first)")
-    s.add_argument("--quant", choices=EXPORT_TYPES, default=DEFAULT_QUANT,
-                   help=f"export type for a checkpoint (default {DEFAULT_QUANT}; rq4 serves through the fork)")
-    s.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST}: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one, printed)")
-    s.add_argument("--lora", help="a LoRA adapter GGUF to load with the model (e.g. felix export --splice adapter)")
-    s.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (default 1)")
-    s.add_argument("--n-ctx", type=int, help="context length (default: the model's)")
-    s.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
-    s.add_argument("--log", help="append the server's log here (default: a temporary file)")
-    s.set_defaults(func=cmd_serve)

@@ -28,19 +28,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from felix.core.files import atomic_write_text, jsonable, named_path, save_figure
+from felix.core.files import atomic_write_text, jsonable, save_figure
 from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
 from felix.data import corpus as felix_data
 from felix.data.teachers import (
-    SCORERS, DistillError, Selection, TeacherGroup, builtin_teacher_groups, checkpoint_teacher, load_teacher_groups,
-    select_responses, teacher_agreement, write_agreement_report, write_teacher_groups)
+    SCORERS, DistillError, Selection, builtin_teacher_groups, load_teacher_groups,
+    select_responses, teacher_agreement, write_agreement_report)
 from felix.model import chat
 from felix.model import felix_lm as felix_model
 from felix.model.generate import greedy_responses
 from felix.model.tokenizer import Tokenizer
 from felix.ops.loss import linear_ce_quail
-from felix.tasks import MAKERS, SUITE_SEED, TASKS, builtin_task_suite, schema_check
-from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
+from felix.tasks import MAKERS, TASKS, schema_check
 from felix.train.config import TrainConfig
 from felix.train.loop import CHECKPOINT_DIR, Objective, Run, train
 
@@ -490,100 +489,3 @@ def train_soda(cfg: SodaConfig, log=None, progress: bool | None = None, resume: 
     result = train(loop_cfg, resume=resume, stop_at=stop_at, log=log, overwrite=overwrite, auto_resume=auto_resume,
                    objective=objective, progress=progress)
     return SodaResult(result.out_dir, result.metrics, objective.step_metrics, objective.n_pairs, objective.skipped)
-
-
-# ================================================================================================== CLI
-# `felix train --soda` options of its own; the rest of `felix train`'s options it shares are SODA_SHARED.
-SODA_ARGS = ("soda", "beta", "nll_weight", "teacher_scorer", "max_new_tokens", "snapshot_batch_size")
-SODA_SHARED = ("out_dir", "teacher_data", "init_from", "n_records", "tasks", "lambda_q", "margin", "seq_len",
-               "batch_size", "steps", "lr", "warmup_steps", "decay_fraction", "weight_decay", "grad_clip",
-               "val_fraction", "eval_every", "seed", "device")
-
-
-def add_soda_arguments(parser) -> None:
-    """`felix train --soda` and its options (felix/cli/main.py's train parser)."""
-    d = SodaConfig(init_from="-")
-    g = parser.add_argument_group("SODA (--soda): DPO on (teacher, student snapshot) pairs",
-                                  "felix train --soda --init-from STUDENT [--teacher-data T.jsonl ...]: the student's "
-                                  "greedy responses are snapshotted once, then chosen = the selected teacher response, "
-                                  "rejected = the student's, reference = the snapshot's weights (frozen); QUAIL stays "
-                                  f"on. Defaults under --soda: steps {d.steps}, lr {d.lr:g}, batch-size {d.batch_size} "
-                                  f"pairs, eval-every {d.eval_every}, n-records {d.n_records} (built-in teachers when no "
-                                  f"--teacher-data), out-dir {d.out_dir}")
-    g.add_argument("--soda", action="store_true", help="semi-on-policy distillation (felix.train.distill.train_soda)")
-    g.add_argument("--beta", type=float, help=f"DPO temperature (default {d.beta:g})")
-    g.add_argument("--nll-weight", type=float, help=f"+ this x the mean token NLL of the chosen (teacher) responses, "
-                   f"an anchor against DPO lowering both likelihoods (RPO; default {d.nll_weight:g} = DPO alone)")
-    g.add_argument("--teacher-scorer", choices=list(SCORERS),
-                   help=f"picks among the schema-valid teacher responses (default {d.teacher_scorer})")
-    g.add_argument("--max-new-tokens", type=int, help=f"snapshot: response budget (default {d.max_new_tokens})")
-    g.add_argument("--snapshot-batch-size", type=int, help=f"snapshot: prompts per batch (default "
-                                                             f"{d.snapshot_batch_size})")
-
-
-def cmd_soda(args) -> int:
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "func", "soda") and v is not None and v is not False and v != []}
-    unused = sorted(k for k in given if k not in SODA_SHARED and k not in SODA_ARGS)
-    if unused:
-        print("felix train: error: not used by --soda: " + ", ".join("--" + k.replace("_", "-") for k in unused),
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = SodaConfig(**{k: v for k, v in given.items() if k in SODA_SHARED or k in SODA_ARGS})
-        train_soda(cfg)
-    except (ValueError, FileNotFoundError) as e:  # DistillError, CheckpointError, DataError are ValueErrors
-        print(f"felix train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def cmd_teacher_data(args) -> int:
-    args.builtin_teacher = args.builtin_teacher or list(BUILTIN_TEACHERS)
-    if args.seed is None:
-        args.seed = SUITE_SEED if args.suite else 0
-    try:
-        if args.suite:  # the prompts of the task-suite evaluation (felix eval-tasks), so teachers can be compared
-            items = builtin_task_suite(args.per_task, args.seed)
-            records = [{"task": i.task, "prompt": i.prompt, "response": i.reference} for i in items]
-            groups = [TeacherGroup(r["prompt"], r["task"],
-                                   {t: builtin_teacher_responses([r], t, args.seed)[0] for t in args.builtin_teacher},
-                                   {}) for r in records]
-        else:
-            groups = builtin_teacher_groups(args.n_records, args.seed, tuple(args.task or TASKS),
-                                            args.builtin_teacher)
-        for name, ckpt in args.teacher_checkpoint:
-            checkpoint_teacher(name, ckpt, groups, args.max_new_tokens, progress=sys.stderr.isatty())
-        selections = select_responses(groups, args.teacher_scorer)
-        path = write_teacher_groups(groups, args.out)
-        files = write_agreement_report(teacher_agreement(groups, selections), args.report_dir or Path(args.out).parent)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"felix teacher-data: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{path}: {len(groups)} prompts x {len({t for g in groups for t in g.responses})} teachers; agreement "
-          f"report {files['markdown']} (+ json, png)")
-    return 0
-
-
-def add_teacher_data_parser(sub) -> None:
-    p = sub.add_parser("teacher-data", help="multi-teacher JSONL from the built-in task records (+ checkpoints); "
-                       "teacher agreement report",
-                       description="Write teacher data (one line per prompt: {prompt, task, responses: {teacher: "
-                                   "response}}) made from felix.data.corpus's task records by the built-in teachers (exact, "
-                                   "noisy, sloppy) and/or trained Felix checkpoints, plus the teacher-agreement report.")
-    p.add_argument("out", help="output JSONL (written atomically)")
-    p.add_argument("--n-records", type=int, default=256, help="task records (prompts) to answer")
-    p.add_argument("--task", action="append", choices=list(MAKERS), help="task kinds (default: all four)")
-    p.add_argument("--seed", type=int, help="record seed (default 0; with --suite: the suite's seed, as felix "
-                   "eval-tasks uses)")
-    p.add_argument("--builtin-teacher", action="append", choices=list(BUILTIN_TEACHERS),
-                   help="built-in teachers to include (repeatable; default: all)")
-    p.add_argument("--teacher-checkpoint", action="append", type=named_path, default=[], metavar="NAME=DIR",
-                   help="a trained Felix checkpoint as teacher NAME (its greedy responses)")
-    p.add_argument("--max-new-tokens", type=int, default=192, help="checkpoint teachers: response budget")
-    p.add_argument("--teacher-scorer", choices=list(SCORERS), default="consensus")
-    p.add_argument("--suite", action="store_true", help="answer the task-suite prompts of felix eval-tasks instead "
-                   "(--per-task of each task, suite --seed)")
-    p.add_argument("--per-task", type=int, default=8, help="with --suite: items per task")
-    p.add_argument("--report-dir", help="where the agreement report goes (default: beside OUT)")
-    p.set_defaults(func=cmd_teacher_data)

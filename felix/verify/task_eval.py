@@ -24,20 +24,13 @@ the compliance check and the graders live in felix.tasks (re-exported here); thi
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from felix.core.files import atomic_write_text, jsonable, named_path, save_figure
-from felix.model.generate import greedy_responses
-from felix.model.felix_lm import CheckpointError, load_checkpoint
+from felix.core.files import atomic_write_text, jsonable, save_figure
 from felix.tasks import (  # noqa: F401 (re-exported: the suite, compliance and graders lived here)
     LIKERT_MAX, LIKERT_MIN, LLM_RUBRIC, SUITE_SEED, SYNTHESIS_SENTENCES, Grade, Grader, LLMGrader, RuleGrader,
     TaskEvalError, TaskItem, builtin_task_suite, schema_check, sentences, task_schema, value_match, word_f1, words)
-from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
-from felix.data.teachers import load_teacher_groups
-from felix.model.tokenizer import Tokenizer
-from felix.train.loop import resolve_device
 
 SCHEMA_NAME, SCHEMA_VERSION = "felix-task-eval", 1
 ENSEMBLE = "ensemble"
@@ -203,7 +196,7 @@ def write_task_report(report: dict, out_dir, stem: str = "task-eval") -> dict[st
             "plot": png}
 
 
-# ================================================================================================== CLI
+# ================================================================================== teacher outputs
 def teacher_outputs_from_groups(items: list[TaskItem], groups) -> dict[str, list[str]]:
     """Each teacher's response to every suite item, from felix.data.teachers teacher groups matched by prompt. A teacher
     that misses suite prompts is refused (naming how many and one of them)."""
@@ -217,68 +210,3 @@ def teacher_outputs_from_groups(items: list[TaskItem], groups) -> dict[str, list
                                 f"(e.g. {missing[0].id}); write suite teacher data with `felix teacher-data --suite`")
         out[t] = [by_prompt[i.prompt].responses[t] for i in items]
     return out
-
-
-def cmd_eval_tasks(args) -> int:
-    try:
-        items = builtin_task_suite(args.per_task, args.seed)
-        outputs: dict[str, list[str]] = {}
-        teachers: list[str] = []
-        device = resolve_device(args.device)
-
-        def generate(name, ckpt):
-            if name in outputs:
-                raise TaskEvalError(f"two systems are named {name!r}")
-            model, tok = load_checkpoint(ckpt, device), Tokenizer.load(ckpt)
-            outputs[name] = greedy_responses(model, tok, [i.prompt for i in items], args.max_new_tokens,
-                                                     args.batch_size, sys.stderr.isatty(), desc=name)
-
-        for name, ckpt in args.student:
-            generate(name, ckpt)
-        if args.teacher_data:
-            for name, outs in teacher_outputs_from_groups(items, load_teacher_groups(args.teacher_data)).items():
-                outputs[name] = outs
-                teachers.append(name)
-        if args.builtin_teachers or not (args.teacher_data or args.teacher_checkpoint):
-            records = [{"prompt": i.prompt, "response": i.reference, "task": i.task} for i in items]
-            for t in BUILTIN_TEACHERS:
-                outputs[t] = builtin_teacher_responses(records, t, args.seed)
-                teachers.append(t)
-        for name, ckpt in args.teacher_checkpoint:
-            generate(name, ckpt)
-            teachers.append(name)
-        meta = {"suite": f"built-in, {args.per_task} items per task, seed {args.seed}",
-                "students": ", ".join(f"{n}={c}" for n, c in args.student) or "none",
-                "max_new_tokens": args.max_new_tokens}
-        report = evaluate_systems(items, outputs, teachers, [RuleGrader()], meta)
-        files = write_task_report(report, args.out_dir)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"felix eval-tasks: error: {e}", file=sys.stderr)
-        return 2
-    for name, s in report["systems"].items():
-        print(f"{name:12} {s['role']:8} rubric mean {s['mean_joint']:.2f}, joint-min {s['joint_min']:.2f} "
-              f"({s['worst_task']}), compliance {100 * s['compliance']:.0f}%")
-    print(f"report: {files['markdown']} (+ {files['json'].name}, {files['plot'].name})")
-    return 0
-
-
-def add_eval_tasks_parser(sub) -> None:
-    p = sub.add_parser("eval-tasks", help="task-suite report: student checkpoints vs teachers vs the teacher ensemble",
-                       description="Per task of the built-in suite: schema compliance and the rubric score (rule "
-                                   "grader, joint min) of each system's outputs; the ensemble is the best teacher "
-                                   "output per item. Writes task-eval.json, .md and .png.")
-    p.add_argument("--student", action="append", type=named_path, default=[], metavar="NAME=DIR",
-                   help="a checkpoint evaluated by its greedy generations (repeatable)")
-    p.add_argument("--teacher-data", action="append", default=[], help="teacher JSONL answering the suite prompts "
-                   "(felix teacher-data --suite); each teacher in it is a system")
-    p.add_argument("--teacher-checkpoint", action="append", type=named_path, default=[], metavar="NAME=DIR",
-                   help="a trained Felix checkpoint as a teacher (repeatable)")
-    p.add_argument("--builtin-teachers", action="store_true", help="add the built-in teachers (exact, noisy, sloppy; "
-                   "the default when no other teacher is given)")
-    p.add_argument("--per-task", type=int, default=8, help="suite items per task")
-    p.add_argument("--seed", type=int, default=SUITE_SEED, help="suite seed")
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default="reports/task-eval")
-    p.set_defaults(func=cmd_eval_tasks)

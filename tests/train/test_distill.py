@@ -17,6 +17,8 @@ from felix.tasks import records as task_records
 from felix.tasks import schema_check, word_f1
 from felix.cli.main import main
 from felix.model import chat
+from felix.model.generate import greedy_responses
+from felix.tasks.perturbations import BUILTIN_TEACHERS
 from felix.train import distill, runs
 from felix.train.loop import METRICS_FILE
 from felix.model.felix_lm import FelixConfig, FelixLM, load_checkpoint, save_checkpoint
@@ -41,12 +43,12 @@ def test_both_line_formats_group_by_prompt(tmp_path):
         json.dumps({"prompt": "p2", "response": "two sentences. here.", "teacher": "a", "task": "synthesis"}),
         json.dumps({"prompt": "p1", "response": _principle(True), "teacher": "a"}),  # a repeat, identical: fine
     ]) + "\n")
-    groups = distill.load_teacher_groups([path])
+    groups = teachers.load_teacher_groups([path])
     assert [g.prompt for g in groups] == ["p1", "p2"]
     assert list(groups[0].responses) == ["a", "b", "c"] and groups[0].task == "principle"
     assert groups[0].sources["c"] == f"{path}:2" and groups[1].task == "synthesis"
-    out = distill.write_teacher_groups(groups, tmp_path / "round.jsonl")
-    again = distill.load_teacher_groups([out])
+    out = teachers.write_teacher_groups(groups, tmp_path / "round.jsonl")
+    again = teachers.load_teacher_groups([out])
     assert [(g.prompt, g.task, g.responses) for g in again] == [(g.prompt, g.task, g.responses) for g in groups]
 
 
@@ -63,32 +65,32 @@ def test_malformed_teacher_lines_are_named_by_path_and_line(tmp_path, line, reas
     good = json.dumps({"prompt": "p1", "task": "principle", "response": "r", "teacher": "a"})
     path = tmp_path / "bad.jsonl"
     path.write_text(f"{good}\n\n{line}\n")
-    with pytest.raises(distill.DistillError, match=rf"bad\.jsonl:3: .*{reason}"):
-        distill.load_teacher_groups([path])
+    with pytest.raises(teachers.DistillError, match=rf"bad\.jsonl:3: .*{reason}"):
+        teachers.load_teacher_groups([path])
 
 
 def test_missing_and_empty_teacher_files(tmp_path):
-    with pytest.raises(distill.DistillError, match="does not exist"):
-        distill.load_teacher_groups([tmp_path / "nope.jsonl"])
+    with pytest.raises(teachers.DistillError, match="does not exist"):
+        teachers.load_teacher_groups([tmp_path / "nope.jsonl"])
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(distill.DistillError, match="no teacher records"):
-        distill.load_teacher_groups([tmp_path / "empty.jsonl"])
+    with pytest.raises(teachers.DistillError, match="no teacher records"):
+        teachers.load_teacher_groups([tmp_path / "empty.jsonl"])
 
 
 def test_builtin_teachers_are_deterministic_and_graded_by_design():
-    a = distill.builtin_teacher_groups(40, seed=3)
-    b = distill.builtin_teacher_groups(40, seed=3)
+    a = teachers.builtin_teacher_groups(40, seed=3)
+    b = teachers.builtin_teacher_groups(40, seed=3)
     assert [g.responses for g in a] == [g.responses for g in b]
     records = task_records.structured_records(40, seed=3)
     assert [g.responses["exact"] for g in a] == [r["response"] for r in records]
-    valid = {t: sum(schema_check(g.task, g.responses[t])["compliant"] for g in a) for t in distill.BUILTIN_TEACHERS}
+    valid = {t: sum(schema_check(g.task, g.responses[t])["compliant"] for g in a) for t in BUILTIN_TEACHERS}
     assert valid["exact"] == 40 and valid["noisy"] == 40 and 5 <= valid["sloppy"] <= 35  # sloppy breaks ~half
     assert sum(g.responses["noisy"] != g.responses["exact"] for g in a) >= 30
 
 
 # --------------------------------------------------------------------------------------- selection
 def _group():
-    return distill.TeacherGroup("p", "principle", {
+    return teachers.TeacherGroup("p", "principle", {
         "broken": '{"has_principle": true, "title": "Pin',               # invalid JSON
         "long": _principle(True, "Pin dependencies and upgrade them deliberately"),
         "short": _principle(True, "Pin versions"),
@@ -108,25 +110,25 @@ def test_selection_prefers_schema_valid_then_the_scorer():
     (s3,) = teachers.select_responses([g], lambda grp, t: 100.0 if t == "broken" else (1.0 if t == "long" else 0.0))
     assert s3.teacher == "long"
     # with no valid response at all, the scorer picks among the invalid ones, flagged
-    bad = distill.TeacherGroup("q", "principle", {"x": "{", "y": "not json"})
+    bad = teachers.TeacherGroup("q", "principle", {"x": "{", "y": "not json"})
     (s4,) = teachers.select_responses([bad], lambda grp, t: float(t == "y"))
     assert s4.teacher == "y" and not s4.valid and s4.n_valid == 0
-    with pytest.raises(distill.DistillError, match="unknown teacher scorer"):
+    with pytest.raises(teachers.DistillError, match="unknown teacher scorer"):
         teachers.select_responses([g], "best")
 
 
 def test_ties_go_to_the_teacher_listed_first():
-    g = distill.TeacherGroup("p", None, {"b": "same", "a": "same"})  # no task: nothing to check, all valid
+    g = teachers.TeacherGroup("p", None, {"b": "same", "a": "same"})  # no task: nothing to check, all valid
     assert teachers.select_responses([g], lambda grp, t: 0.0)[0].teacher == "b"
 
 
 # ------------------------------------------------------------------------------------- agreement
 def test_agreement_report_numbers(tmp_path):
     groups = [
-        distill.TeacherGroup("p1", "principle", {"a": _principle(True), "b": _principle(True)}),          # identical
-        distill.TeacherGroup("p2", "principle", {"a": _principle(True), "b": _principle(False)}),          # decisions differ
-        distill.TeacherGroup("p3", "synthesis", {"a": "One two. Three four.", "b": "one two"}),             # b: 1 sentence
-        distill.TeacherGroup("p4", "synthesis", {"a": "Only a."}),                                          # b absent
+        teachers.TeacherGroup("p1", "principle", {"a": _principle(True), "b": _principle(True)}),          # identical
+        teachers.TeacherGroup("p2", "principle", {"a": _principle(True), "b": _principle(False)}),          # decisions differ
+        teachers.TeacherGroup("p3", "synthesis", {"a": "One two. Three four.", "b": "one two"}),             # b: 1 sentence
+        teachers.TeacherGroup("p4", "synthesis", {"a": "Only a."}),                                          # b absent
     ]
     sel = teachers.select_responses(groups)
     rep = teachers.teacher_agreement(groups, sel)
@@ -184,7 +186,7 @@ def _short_groups(n=24):
     groups = []
     for i in range(n):
         c = COLOURS[i % len(COLOURS)]
-        groups.append(distill.TeacherGroup(f"colour of item {i}?", None, {"good": f"item {i} is {c}.",
+        groups.append(teachers.TeacherGroup(f"colour of item {i}?", None, {"good": f"item {i} is {c}.",
                                                                          "vague": "no idea."}))
     return groups
 
@@ -204,9 +206,9 @@ def student(tmp_path_factory):
 def test_snapshot_is_deterministic_batched_and_matches_a_plain_greedy_loop(student):
     _, model, tok = student
     prompts = [g.prompt for g in _short_groups(7)]
-    a = distill.greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=3)
-    assert a == distill.greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=3)
-    assert a == distill.greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=1)
+    a = greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=3)
+    assert a == greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=3)
+    assert a == greedy_responses(model, tok, prompts, max_new_tokens=10, batch_size=1)
     stop = {tok.eos_id, tok.token_id(chat.END)}
     for p, got in zip(prompts, a):  # independent: one sequence, argmax of the last logits, no padding
         ids = [tok.bos_id, *tok.encode(chat.chat_prompt(p))]
@@ -220,7 +222,7 @@ def test_snapshot_is_deterministic_batched_and_matches_a_plain_greedy_loop(stude
                 new.append(t)
         assert got == tok.decode(new)
     model.train()
-    distill.greedy_responses(model, tok, prompts[:1], max_new_tokens=2)
+    greedy_responses(model, tok, prompts[:1], max_new_tokens=2)
     assert model.training  # the mode it found is restored
     model.eval()
 
@@ -267,13 +269,13 @@ def test_sequence_logps_and_quail_term_against_full_logits(student, seed):
 
 def test_pairs_skip_what_carries_no_preference(student):
     _, model, tok = student
-    sel = teachers.select_responses(_short_groups(4) + [distill.TeacherGroup("p", "principle", {"t": "{"})])
+    sel = teachers.select_responses(_short_groups(4) + [teachers.TeacherGroup("p", "principle", {"t": "{"})])
     student_out = ["item 0 is red.", "wrong", "wrong", "wrong", "x"]
     pairs, skipped = distill.build_pairs(sel, student_out)
     assert [p.prompt for p in pairs] == ["colour of item 1?", "colour of item 2?", "colour of item 3?"]
     assert skipped == {"no_valid_teacher": 1, "student_equals_teacher": 1}
     assert all(p.chosen.startswith("item") and p.rejected == "wrong" for p in pairs)
-    with pytest.raises(distill.DistillError, match="fits seq_len"):
+    with pytest.raises(teachers.DistillError, match="fits seq_len"):
         distill.encode_pairs(pairs, tok, seq_len=4)
 
 
@@ -286,7 +288,7 @@ def _soda_cfg(tmp_path, directory, **kw):
 def test_tiny_soda_run_raises_the_reward_margin(student, tmp_path):
     directory, _, tok = student
     teacher = tmp_path / "teachers.jsonl"
-    distill.write_teacher_groups(_short_groups(24), teacher)
+    teachers.write_teacher_groups(_short_groups(24), teacher)
     res = distill.train_soda(_soda_cfg(tmp_path, directory, teacher_data=[str(teacher)]), log=lambda *_: None,
                              progress=False)
     first, last = res.metrics[0], res.metrics[-1]
@@ -322,9 +324,9 @@ def test_soda_refusals(student, tmp_path):
         distill.SodaConfig(init_from="x", beta=0.0)
     with pytest.raises(ValueError, match="nll_weight"):
         distill.SodaConfig(init_from="x", nll_weight=-1.0)
-    with pytest.raises(distill.DistillError, match="overwrite the student"):
+    with pytest.raises(teachers.DistillError, match="overwrite the student"):
         distill.train_soda(_soda_cfg(tmp_path, directory, out_dir=str(directory.parent)), log=lambda *_: None)
-    with pytest.raises(distill.DistillError, match="exceeds the student's max_seq_len"):
+    with pytest.raises(teachers.DistillError, match="exceeds the student's max_seq_len"):
         distill.train_soda(_soda_cfg(tmp_path, directory, seq_len=4096), log=lambda *_: None)
 
 
@@ -333,7 +335,7 @@ def test_felix_train_soda_cli(student, tmp_path, capsys):
     assert main(["train", "--soda", "--init-from", str(directory), "--preset", "tiny"]) == 2
     assert "not used by --soda: --preset" in capsys.readouterr().err
     teacher = tmp_path / "t.jsonl"
-    distill.write_teacher_groups(_short_groups(12), teacher)
+    teachers.write_teacher_groups(_short_groups(12), teacher)
     args = ["train", "--soda", "--init-from", str(directory), "--teacher-data", str(teacher), "--out-dir",
             str(tmp_path / "cli"), "--steps", "4", "--warmup-steps", "1", "--batch-size", "4", "--eval-every", "2",
             "--max-new-tokens", "4", "--beta", "0.2", "--teacher-scorer", "shortest", "--device", "cpu"]
@@ -352,7 +354,7 @@ def test_teacher_data_cli_writes_groups_and_agreement(tmp_path, student):
     out = tmp_path / "harvest.jsonl"
     assert main(["teacher-data", str(out), "--n-records", "12", "--task", "principle", "--task", "synthesis",
                  "--teacher-checkpoint", f"felix-small={directory}", "--max-new-tokens", "3"]) == 0
-    groups = distill.load_teacher_groups([out])
+    groups = teachers.load_teacher_groups([out])
     assert len(groups) == 12 and {g.task for g in groups} == {"principle", "synthesis"}
     assert all(set(g.responses) <= {"exact", "noisy", "sloppy", "felix-small"} for g in groups)
     rep = json.loads((tmp_path / "teacher-agreement.json").read_text())

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from felix.tasks import records as task_records
-from felix.train import distill
+from felix.data.teachers import TeacherGroup
+from felix.tasks.perturbations import BUILTIN_TEACHERS, builtin_teacher_responses
 from felix.verify import task_eval
 from felix.verify.task_eval import LLMGrader, RuleGrader, TaskEvalError, TaskItem
 
@@ -98,7 +99,7 @@ def test_llm_grader_interface(suite):
 
 def _systems(suite):
     records = [{"prompt": i.prompt, "response": i.reference, "task": i.task} for i in suite]
-    outs = {t: distill.builtin_teacher_responses(records, t, seed=1) for t in distill.BUILTIN_TEACHERS}
+    outs = {t: builtin_teacher_responses(records, t, seed=1) for t in BUILTIN_TEACHERS}
     outs["student"] = ["{" for _ in suite]
     return outs
 
@@ -157,7 +158,7 @@ def test_harness_bad_input(suite):
 
 
 def test_teacher_outputs_must_cover_the_suite(suite):
-    groups = [distill.TeacherGroup(i.prompt, i.task, {"a": i.reference}) for i in suite]
+    groups = [TeacherGroup(i.prompt, i.task, {"a": i.reference}) for i in suite]
     assert task_eval.teacher_outputs_from_groups(suite, groups)["a"] == [i.reference for i in suite]
     with pytest.raises(TaskEvalError, match="no response to 1 of the 12"):
         task_eval.teacher_outputs_from_groups(suite, groups[:-1])
