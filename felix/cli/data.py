@@ -136,7 +136,7 @@ def add_teacher_data_parser(sub) -> None:
     p = sub.add_parser("teacher-data", help="multi-teacher JSONL from the built-in task records (+ checkpoints); "
                        "teacher agreement report",
                        description="Write teacher data (one line per prompt: {prompt, task, responses: {teacher: "
-                                   "response}}) made from felix.data.corpus's task records by the built-in teachers (exact, "
+                                   "response}}) made from felix.tasks.records' task records by the built-in teachers (exact, "
                                    "noisy, sloppy) and/or trained Felix checkpoints, plus the teacher-agreement report.")
     p.add_argument("out", help="output JSONL (written atomically)")
     p.add_argument("--n-records", type=int, default=256, help="task records (prompts) to answer")

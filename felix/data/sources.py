@@ -2,7 +2,7 @@
 read (docs/data-format.md).
 
 * ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: one JSON object per line, ``{"text": ...}`` (the key is
-  `text_field`) or ``{"prompt": ..., "response": ...}`` (rendered with felix.data.corpus.chat_text), as ``felix train
+  `text_field`) or ``{"prompt": ..., "response": ...}`` (rendered with felix.model.chat.chat_text), as ``felix train
   --data`` reads them (felix.data.corpus.load_user_data). Read line by line (lines split on "\\n" only), never as one
   string. Malformed lines are reported as path:line; a file where more than half the non-empty lines are bad is
   refused (checked when its end is reached).

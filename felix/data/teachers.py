@@ -118,7 +118,7 @@ def write_teacher_groups(groups: list[TeacherGroup], path) -> Path:
 
 def builtin_teacher_groups(n: int, seed: int = 0, tasks=TASKS,
                            teachers=BUILTIN_TEACHERS) -> list[TeacherGroup]:
-    """`n` task records (felix.data.corpus.structured_records(n, seed, tasks)) with every built-in teacher's response."""
+    """`n` task records (felix.tasks.records.structured_records(n, seed, tasks)) with every built-in teacher's response."""
     records = structured_records(n, seed, tuple(tasks))
     by_teacher = {t: builtin_teacher_responses(records, t, seed) for t in teachers}
     groups: dict[str, TeacherGroup] = {}

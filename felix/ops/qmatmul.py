@@ -3,7 +3,7 @@ W [out_features, K] kept as 4-bit ggml blocks (q4_0, iq4_nl, rq4) and decoded in
 
 Declared once as the torch.library custom op ``felix::quant_matmul`` (backend name as an argument),
 validated here, implemented by the ``reference`` (dequantize, then an fp32 matmul: the spec),
-``triton`` (felix/kernels/qmatmul.py) and ``hip`` (csrc/hip via felix._C_gpu, when built) backends.
+``triton`` (kernels/qmatmul.py, felix.ops.kernels.qmatmul) and ``hip`` (csrc/hip via felix._C_gpu, when built) backends.
 The gradient with respect to x is x's gradient through the dequantized weight (so adapters can train
 on top of a quantized base); the blocks get none.
 """

@@ -11,7 +11,7 @@ What goes in the file:
   specials CONTROL) and the special ids, pre-tokenizer ``gpt-2`` (the regex HF's ByteLevel uses), so llama.cpp
   tokenizes exactly as felix.model.tokenizer does; BOS added in front of a prompt (``add_bos_token``, as Felix's token
   streams begin), END as the end-of-turn token (``eot_token_id``: generation stops there), and
-  ``tokenizer.chat_template``: felix.data.corpus.CHAT_TEMPLATE, the Jinja form of Felix's chat format, so a runtime's chat
+  ``tokenizer.chat_template``: felix.model.chat.CHAT_TEMPLATE, the Jinja form of Felix's chat format, so a runtime's chat
   API (``/v1/chat/completions``, ``create_chat_completion``) prompts the model as it was trained.
 * Tensors under the model's own parameter names, which already ARE llama.cpp's (felix/model/felix_lm.py). The model
   rotates adjacent RoPE pairs like llama.cpp's ``llama`` arch, so q/k rows need no permutation (docs/platform-notes.md).

@@ -8,7 +8,7 @@
 The server is llama-cpp-python's (``llama_cpp.server``: ``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/models``; the ``serve`` extra installs it), run in a child process by felix/ship/serve_child.py, which binds the
 port, loads the GGUF and reports back. The GGUF's ``tokenizer.chat_template`` (written by the exporter:
-felix.data.corpus.CHAT_TEMPLATE) makes the chat endpoint prompt the model in Felix's own chat format, and its end-of-turn
+felix.model.chat.CHAT_TEMPLATE) makes the chat endpoint prompt the model in Felix's own chat format, and its end-of-turn
 token (END) ends the answer. A file in the fork's ``felix`` arch or holding RQ4 is served by the fork's llama_cpp
 (felix.core.fork.worker_environment()), anything else by stock llama-cpp-python.
 

@@ -189,7 +189,7 @@ def from_environment(mode: str = "ddp") -> SingleProcess:
     return SingleProcess()
 
 
-class _StateView:
+class StateView:
     """What felix.model.felix_lm.save_checkpoint reads from a model (``state_dict()`` and ``cfg``), given full tensors."""
 
     def __init__(self, state: dict, cfg):

@@ -1,7 +1,7 @@
 """The one training loop of Felix-LM: AdamW + warmup-stable-decay, exact resume, metrics, checkpoints, the step
 guard, for every objective (:class:`Objective`: pretraining and masked SFT here, with CE + the QUAIL hinge from step 0
 and the memorization-signature monitor; SODA's DPO on preference pairs in felix.train.distill). `felix train`
-(felix/cli/main.py) is a thin wrapper over :func:`train`.
+(felix/cli/train.py) is a thin wrapper over :func:`train`.
 
 One run directory holds:
 
@@ -689,7 +689,7 @@ def save_run_checkpoint(run: Run) -> None:
     full_model, full_optimizer = par.full_model_state(model, run.module), par.full_optimizer_state(run.module,
                                                                                                    run.optimizer)
     if par.is_main:
-        full = felix_distributed._StateView(full_model, model.cfg)
+        full = felix_distributed.StateView(full_model, model.cfg)
         extra = {}
         if model.cfg.n_spokes:  # the spokes alone, tied to their hub: the per-task adapter file (felix.model.spokes)
             extra[spokes_lib.SPOKES_FILE] = lambda path: spokes_lib.save_spokes(path, full)

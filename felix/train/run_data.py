@@ -12,7 +12,7 @@ Each source (TrainConfig.data, named by data_names, weighted by data_weights) is
 
 The run's tokenizer: the checkpoint's on resume, else --init-from's, else --tokenizer, else the one every prepared
 source was made with (its manifest's path, when that file still has the recorded sha256), else one trained on a
-bounded sample of the data files (felix.model.tokenizer.train_tokenizer_from_sources) and saved as
+bounded sample of the data files (felix.data.tokenizer_training.train_tokenizer_from_sources) and saved as
 ``OUT/data/tokenizer.json`` before anything is prepared with it. A prepared source made with another tokenizer is
 refused, naming both.
 

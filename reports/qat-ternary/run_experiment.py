@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from felix.data.corpus import TokenStream
+from felix.data.corpus import TokenStream, builtin_corpus, split_documents
 from felix.model import qat
 from felix.model.felix_lm import load_checkpoint
 from felix.model.qat import load_qat_checkpoint
@@ -100,7 +100,9 @@ def measure(seed: int, fp_ckpt: Path, qat_ckpt: Path, work: Path) -> dict:
         raise SystemExit("the two arms trained different tokenizers: not the same data")
     files = export_all(fp_ckpt, qat_ckpt, work / f"seed{seed}" / "gguf")
     cfg = felix_train.TrainConfig(preset="tiny-256", seed=seed)
-    _, val_docs = felix_train._documents(cfg, print)
+    # the held-out documents of the built-in corpus, split as the experiment's runs were (by document, seeded)
+    _, val_docs = split_documents(builtin_corpus(cfg.n_records, cfg.seed, tuple(cfg.tasks), cfg.prose), cfg.val_fraction,
+                                  cfg.seed)
     val = TokenStream.from_documents(val_docs, tok, 128, seed + 1).fixed_batches(1, VAL_WINDOWS)
     windows = [x[0].tolist() + [int(y[0, -1])] for x, y in val]
 

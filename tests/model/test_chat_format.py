@@ -1,4 +1,4 @@
-"""Felix's chat format has one table (felix.data.corpus.ROLE_MARKERS): chat_text / chat_prompt (the training data's one-turn
+"""Felix's chat format has one table (felix.model.chat.ROLE_MARKERS): chat_text / chat_prompt (the training data's one-turn
 format, checked against its original f-string definition), chat_messages (any number of turns), the Jinja template
 every export writes (rendered here with jinja2's sandbox under both whitespace settings; tests/ship/test_serve_llamacpp.py
 renders it with llama-cpp-python), its inverse messages_from_prompt, the exporter's special-token metadata for

@@ -100,7 +100,7 @@ def trained_ctx(gguf) -> int:
 # ------------------------------------------------------------------------------------ the chat template
 def test_gguf_chat_template_renders_felix_format_in_llama_cpp(trained):
     """llama-cpp-python picks the GGUF's template (not its llama-2 fallback) and its Jinja2ChatFormatter renders
-    exactly BOS + felix.data.corpus.chat_messages; tokenized as create_chat_completion does, that is Felix's token ids."""
+    exactly BOS + felix.model.chat.chat_messages; tokenized as create_chat_completion does, that is Felix's token ids."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
