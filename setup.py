@@ -3,6 +3,7 @@
 `kernels/` (the Triton kernels) installs as `felix.ops.kernels`: we never install a top-level module
 called `kernels` (Hugging Face's `kernels` package owns that name).
 """
+
 import os
 import subprocess
 import sys
@@ -32,20 +33,27 @@ def gpu_extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("felix: torch is not importable in this build environment: skipping the GPU extension felix._C_gpu "
-              "(build with `pip install --no-build-isolation -e .` to use the installed torch)")
+        print(
+            "felix: torch is not importable in this build environment: skipping the GPU extension felix._C_gpu "
+            "(build with `pip install --no-build-isolation -e .` to use the installed torch)"
+        )
         return [], None
     if torch.version.hip is None and torch.version.cuda is None:
         print(f"felix: torch {torch.__version__} has neither CUDA nor ROCm: skipping the GPU extension felix._C_gpu")
         return [], None
     home = cpp_extension.ROCM_HOME if torch.version.hip else cpp_extension.CUDA_HOME
     if home is None:
-        print("felix: torch has " + ("ROCm" if torch.version.hip else "CUDA") + " but no toolkit was found "
-              "(ROCM_HOME / CUDA_HOME): skipping the GPU extension felix._C_gpu")
+        print(
+            "felix: torch has " + ("ROCm" if torch.version.hip else "CUDA") + " but no toolkit was found "
+            "(ROCM_HOME / CUDA_HOME): skipping the GPU extension felix._C_gpu"
+        )
         return [], None
     ext = cpp_extension.CUDAExtension(
-        "felix._C_gpu", GPU_EXT_SOURCES, include_dirs=[str(ROOT / "csrc" / "hip")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+        "felix._C_gpu",
+        GPU_EXT_SOURCES,
+        include_dirs=[str(ROOT / "csrc" / "hip")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
     return [ext], cpp_extension.BuildExtension
 
 
@@ -66,7 +74,8 @@ class CMakeBuild(TORCH_BUILD_EXT or build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         configure = [
-            "cmake", str(ROOT),
+            "cmake",
+            str(ROOT),
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -90,15 +99,27 @@ setup(
     package_dir={"felix.ops.kernels": "kernels"},
     ext_modules=[CMakeExtension("felix._C"), *GPU_EXTS],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.5", "numpy>=1.24", "tqdm>=4.60", "tokenizers>=0.19", "safetensors>=0.4",
-                      "matplotlib>=3.7", "PyYAML>=6.0",  # PyYAML: `felix train --config` run configs (safe_load)
-                      "pyarrow>=14", "zstandard>=0.22",  # felix data prepare / tokenizer train: parquet, .jsonl.zst
-                      "gguf==0.19.0"],  # felix export / inspect / fidelity write and read GGUF with gguf-py
+    install_requires=[
+        "torch>=2.5",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "PyYAML>=6.0",  # PyYAML: `felix train --config` run configs (safe_load)
+        "pyarrow>=14",
+        "zstandard>=0.22",  # felix data prepare / tokenizer train: parquet, .jsonl.zst
+        "gguf==0.19.0",
+    ],  # felix export / inspect / fidelity write and read GGUF with gguf-py
     extras_require={
         # `felix serve`: llama-cpp-python's OpenAI-compatible server (fastapi, uvicorn, sse-starlette, ...)
         "serve": ["llama-cpp-python[server]==0.3.36"],
         "test": [
-            "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton>=3.2", "ruff>=0.6",
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "triton>=3.2",
+            "ruff>=0.6",
             "llama-cpp-python[server]==0.3.36",
         ],
         "tensorboard": ["tensorboard>=2.14"],  # felix train --tensorboard (torch.utils.tensorboard)

@@ -4,6 +4,7 @@ writes bench/results/<device>.{json,md,png} (see felix/testing/bench.py).
 FELIX_BENCH_QUICK=1 shrinks every case to a smoke-test size; `--benchmark-disable` runs each case
 once without timing (how CI checks that the benchmarks still run).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ _RECORDERS: dict[str, BenchRecorder] = {}
 def recorder_for(device: torch.device) -> BenchRecorder:
     key = str(device)
     if key not in _RECORDERS:
-        _RECORDERS[key] = BenchRecorder(device, copy_gbps=measure_copy_bandwidth(device, 64 << 20 if QUICK else 256 << 20))
+        _RECORDERS[key] = BenchRecorder(
+            device, copy_gbps=measure_copy_bandwidth(device, 64 << 20 if QUICK else 256 << 20)
+        )
     return _RECORDERS[key]
 
 
@@ -52,8 +55,17 @@ def measure(benchmark):
         benchmark.pedantic(call, rounds=1 if QUICK else rounds, warmup_rounds=0 if QUICK else 1, iterations=1)
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to record
             return
-        recorder_for(device).add(Measurement(case, impl, candidate, benchmark.stats.stats.median,
-                                             bytes_moved, flops, extra() if callable(extra) else dict(extra or {})))
+        recorder_for(device).add(
+            Measurement(
+                case,
+                impl,
+                candidate,
+                benchmark.stats.stats.median,
+                bytes_moved,
+                flops,
+                extra() if callable(extra) else dict(extra or {}),
+            )
+        )
 
     return run
 
@@ -65,4 +77,5 @@ def pytest_sessionfinish(session, exitstatus):
         if rec.measurements:
             path = rec.write(RESULTS_DIR)
             session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-                f"benchmark results: {path} (+ .md, .png)\n\n{rec.markdown()}")
+                f"benchmark results: {path} (+ .md, .png)\n\n{rec.markdown()}"
+            )

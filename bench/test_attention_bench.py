@@ -6,6 +6,7 @@ half. Tokens per case fixed at B * T = 16384, H = 2048 / D (model width 2048), H
 fused backends all take H_kv = H). Goals (reported, not asserted): >= 1.0x the best SDPA backend on
 an H100, >= 1.5x SDPA on gfx1101.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,6 +39,7 @@ def attention_fn(impl: str, causal: bool):
     def fn(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
     return fn
 
 
@@ -61,6 +63,7 @@ def test_attention_gpu(measure, gpu, impl, T, D, mode):
     except RuntimeError as exc:
         pytest.skip(f"{impl} cannot run this case on {torch.cuda.get_device_name()}: {str(exc).splitlines()[0]}")
     if mode == "fwd":
+
         def call():
             with torch.no_grad():
                 fn(q, k, v)
@@ -70,7 +73,9 @@ def test_attention_gpu(measure, gpu, impl, T, D, mode):
         def call():
             out.backward(dout, retain_graph=True)
     else:
+
         def call():
             fn(q, k, v).backward(dout)
+
     case = f"attention {mode} causal bf16 B{B} H{H} T{T} D{D}"
     measure(gpu, case, impl, call, flops=flops(B, H, T, D, causal, mode), candidate=impl == "felix-triton")

@@ -4,6 +4,7 @@
 Goals (reported, not asserted): C++ >= 1.0x ggml C and >= 20x gguf-py; Triton >= 70% of the
 GPU's copy bandwidth.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -78,8 +79,7 @@ def test_quantize_cpu(measure, impl, fmt, shape):
             pytest.skip(f"gguf-py cannot quantize {fmt}")
         xn, qt = x.numpy(), GGMLQuantizationType[get_format(fmt).ggml_name]
         fn = lambda: gq.quantize(xn, qt)  # noqa: E731
-    measure(CPU, case, impl, fn, bytes_moved=traffic(shape, fmt, "q"), candidate=impl == "felix-cpu",
-            rounds=3)
+    measure(CPU, case, impl, fn, bytes_moved=traffic(shape, fmt, "q"), candidate=impl == "felix-cpu", rounds=3)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -103,9 +103,17 @@ def test_dequantize_cpu(measure, impl, fmt, shape):
 
         def fn():  # allocates its output each call, as felix.dequantize does
             out = np.empty(x.numel(), dtype=np.float32)
-            list(pool.map(lambda r0: ggml_c.dequantize(bn[r0:r0 + step], fmt, min(step, shape[0] - r0) * shape[1],
-                                                         out[r0 * shape[1]:(r0 + step) * shape[1]]),
-                          range(0, shape[0], step)))
+            list(
+                pool.map(
+                    lambda r0: ggml_c.dequantize(
+                        bn[r0 : r0 + step],
+                        fmt,
+                        min(step, shape[0] - r0) * shape[1],
+                        out[r0 * shape[1] : (r0 + step) * shape[1]],
+                    ),
+                    range(0, shape[0], step),
+                )
+            )
     else:
         gq = pytest.importorskip("gguf.quants")
         from gguf.constants import GGMLQuantizationType
@@ -129,5 +137,11 @@ def test_codecs_gpu(measure, gpu, impl, direction, fmt, shape):
     else:
         blocks = felix.quantize(x, fmt)
         fn = lambda: felix.dequantize(blocks, fmt, shape, backend=backend)  # noqa: E731
-    measure(gpu, case_name(direction, fmt, shape, "gpu"), impl, fn, bytes_moved=traffic(shape, fmt, direction),
-            candidate=impl == "felix-triton")
+    measure(
+        gpu,
+        case_name(direction, fmt, shape, "gpu"),
+        impl,
+        fn,
+        bytes_moved=traffic(shape, fmt, direction),
+        candidate=impl == "felix-triton",
+    )

@@ -13,6 +13,7 @@ Cases (CPU; the corpus is felix.testing.corpus's synthetic prose, FELIX_BENCH_DA
 
 Timings depend on what else runs on the machine: compare ratios within one run.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,15 @@ def test_encode_batch_one_thread(measure, corpus):
                 fresh.encode_batch(b)
             _BASELINE["cpu_s"] = _cpu_seconds() - cpu
 
-        measure(CPU, _case(corpus), "hf-encode_batch-1-thread", run, bytes_moved=corpus["stats"]["bytes"], rounds=3,
-                extra=lambda: {"tokens_per_cpu_s": _BASELINE["tokens"] / _BASELINE["cpu_s"]})
+        measure(
+            CPU,
+            _case(corpus),
+            "hf-encode_batch-1-thread",
+            run,
+            bytes_moved=corpus["stats"]["bytes"],
+            rounds=3,
+            extra=lambda: {"tokens_per_cpu_s": _BASELINE["tokens"] / _BASELINE["cpu_s"]},
+        )
     finally:
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -103,8 +111,11 @@ def test_prepare(measure, benchmark, corpus, workers):
         c = PreparedCorpus.open(out)
         tokens = sum(c.split(s).n_tokens for s in ("train", "val"))
         disk = sum(e["bytes"] for s in ("train", "val") for e in c.manifest["splits"][s]["shards"])
-        row = {"tokens": tokens, "tokens_per_s": tokens / benchmark.stats.stats.median,
-               "bytes_per_token": disk / tokens}
+        row = {
+            "tokens": tokens,
+            "tokens_per_s": tokens / benchmark.stats.stats.median,
+            "bytes_per_token": disk / tokens,
+        }
         base = _find_baseline_seconds()
         if base:
             row["per_worker_vs_encode_batch"] = base / benchmark.stats.stats.median / workers
@@ -116,8 +127,16 @@ def test_prepare(measure, benchmark, corpus, workers):
             row["per_worker_cpu_vs_encode_batch"] = (tokens / encode_cpu) / (_BASELINE["tokens"] / _BASELINE["cpu_s"])
         return row
 
-    measure(CPU, _case(corpus), f"felix-prepare-{workers}-worker{'s' if workers > 1 else ''}", run,
-            bytes_moved=corpus["stats"]["bytes"], candidate=True, rounds=3, extra=extra)
+    measure(
+        CPU,
+        _case(corpus),
+        f"felix-prepare-{workers}-worker{'s' if workers > 1 else ''}",
+        run,
+        bytes_moved=corpus["stats"]["bytes"],
+        candidate=True,
+        rounds=3,
+        extra=extra,
+    )
 
 
 def _cpu_seconds(who=resource.RUSAGE_SELF) -> float:
@@ -138,8 +157,9 @@ def _find_baseline_seconds() -> float | None:
 def train_split(corpus):
     out = corpus["root"] / "prepared-read"
     shutil.rmtree(out, ignore_errors=True)
-    return prepare_corpus([corpus["src"]], corpus["tokenizer"], out, workers=1, shard_tokens=200_000,
-                          progress=False).split("train")
+    return prepare_corpus(
+        [corpus["src"]], corpus["tokenizer"], out, workers=1, shard_tokens=200_000, progress=False
+    ).split("train")
 
 
 @pytest.mark.parametrize("impl", ["felix-TokenArray.read-memmap", "numpy-slice-in-ram"])
@@ -150,7 +170,13 @@ def test_read_windows(measure, benchmark, train_split, impl):
         fn = lambda: [train.read(s, WINDOW) for s in starts]  # noqa: E731
     else:
         in_ram = train.read(0, train.n_tokens)
-        fn = lambda: [in_ram[s:s + WINDOW].copy() for s in starts]  # noqa: E731
-    measure(CPU, f"read {len(starts)} random {WINDOW}-token windows ({len(train.paths)} shards)", impl, fn,
-            bytes_moved=len(starts) * WINDOW * train.dtype.itemsize, candidate=impl.startswith("felix"),
-            extra=lambda: {"tokens_per_s": len(starts) * WINDOW / benchmark.stats.stats.median})
+        fn = lambda: [in_ram[s : s + WINDOW].copy() for s in starts]  # noqa: E731
+    measure(
+        CPU,
+        f"read {len(starts)} random {WINDOW}-token windows ({len(train.paths)} shards)",
+        impl,
+        fn,
+        bytes_moved=len(starts) * WINDOW * train.dtype.itemsize,
+        candidate=impl.startswith("felix"),
+        extra=lambda: {"tokens_per_s": len(starts) * WINDOW / benchmark.stats.stats.median},
+    )

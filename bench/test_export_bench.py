@@ -7,6 +7,7 @@ the same per-tensor policy: gguf-py's numpy quantizers (`gguf.quants.quantize`) 
 the split of Felix's time into prepare / quantize / write, the file size and bits per weight. Goal (reported, not
 asserted): felix-300m to RQ4 in <= 30 s on a 2-core CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,11 @@ def export_with_gguf_py(model, quant: str, out: str) -> None:
     for choice in plan_tensor_types({k: tuple(v.shape) for k, v in tensors.items()}, quant):
         data = tensors[choice.name].float().numpy()
         qtype = gguf.GGMLQuantizationType[choice.type.upper()]
-        writer.add_tensor(choice.name, gguf.quants.quantize(data, qtype) if choice.type != "f32" else data,
-                          raw_dtype=qtype if choice.type != "f32" else None)
+        writer.add_tensor(
+            choice.name,
+            gguf.quants.quantize(data, qtype) if choice.type != "f32" else data,
+            raw_dtype=qtype if choice.type != "f32" else None,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -80,13 +84,25 @@ def test_export(measure, benchmark, tmp_path, model_and_tokenizer, impl, quant, 
         info = {"file_mb": os.path.getsize(out) / 2**20}
         if results:  # Felix's own split of the time (the last run)
             r = results[-1]
-            info.update(prepare_s=r.seconds_prepare, quantize_s=r.seconds_quantize, write_s=r.seconds_write,
-                        bits_per_weight=r.bits_per_weight)
+            info.update(
+                prepare_s=r.seconds_prepare,
+                quantize_s=r.seconds_quantize,
+                write_s=r.seconds_write,
+                bits_per_weight=r.bits_per_weight,
+            )
         return info
 
     # bytes moved: the fp32 weights read once, the tensors as stored written once
-    measure(torch.device("cpu"), f"export {PRESET} {quant}", impl, run, rounds=1,
-            bytes_moved=4.0 * n_params + stored_bytes, candidate=impl == "felix", extra=extra)
+    measure(
+        torch.device("cpu"),
+        f"export {PRESET} {quant}",
+        impl,
+        run,
+        rounds=1,
+        bytes_moved=4.0 * n_params + stored_bytes,
+        candidate=impl == "felix",
+        extra=extra,
+    )
     # the file holds what the policy says, whichever writer made it (a benchmark that checks what it timed)
     assert stored_bytes <= os.path.getsize(out) < stored_bytes + (8 << 20)
     benchmark.extra_info.update(extra())

@@ -8,6 +8,7 @@ time <= 1.0x torch.
 CPU: the chunked torch path (the reference backend, what CPU training runs) against the same full-logits
 torch loss, with peak resident memory measured in a fresh process per implementation.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def torch_loss(h, w, t, wl):
 def inputs(n, v, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, D, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(v, D, generator=g) / D ** 0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(v, D, generator=g) / D**0.5).to(device, dtype).requires_grad_()
     t = torch.randint(0, v, (n,), generator=g).to(device)
     wl = (torch.rand(v, generator=g) < 0.01).to(device)
     return h, w, t, wl
@@ -48,7 +49,9 @@ def inputs(n, v, device, dtype, seed=0):
 
 def impl_fn(impl, h, w, t, wl):
     if impl == "felix-triton":
-        return lambda: felix.linear_ce_quail(h, w, t, wl, margin=MARGIN, lambda_q=LAMBDA_Q, backend="triton").loss.backward()
+        return lambda: felix.linear_ce_quail(
+            h, w, t, wl, margin=MARGIN, lambda_q=LAMBDA_Q, backend="triton"
+        ).loss.backward()
     if impl == "torch":
         return lambda: torch_loss(h, w, t, wl).backward()
     if impl == "liger-ce-only":
@@ -74,8 +77,15 @@ def test_loss_fwd_bwd_gpu(gpu, measure, impl, n, v):
     fn()
     torch.cuda.synchronize()
     peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    measure(gpu, f"ce+quail fwd+bwd N={n} V={v} d={D} bf16", impl, fn, flops=flops(n, v),
-            candidate=impl == "felix-triton", extra={"peak_mib": peak_mib})
+    measure(
+        gpu,
+        f"ce+quail fwd+bwd N={n} V={v} d={D} bf16",
+        impl,
+        fn,
+        flops=flops(n, v),
+        candidate=impl == "felix-triton",
+        extra={"peak_mib": peak_mib},
+    )
 
 
 # ------------------------------------------------------------------------------------------- CPU
@@ -104,8 +114,13 @@ def peak_rss_mib(impl: str) -> float:
     """Growth of the peak resident set of a fresh process running one forward+backward (MiB; VmHWM, see
     felix.testing.bench.peak_rss_bytes for why not ru_maxrss)."""
     code = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(__file__), n=CPU_N, v=CPU_V, d=CPU_D, impl=impl)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())),
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -114,14 +129,25 @@ def test_loss_fwd_bwd_cpu(measure, impl):
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     h = torch.randn(CPU_N, CPU_D, requires_grad=True)
-    w = (torch.randn(CPU_V, CPU_D) / CPU_D ** 0.5).requires_grad_()
+    w = (torch.randn(CPU_V, CPU_D) / CPU_D**0.5).requires_grad_()
     t = torch.randint(0, CPU_V, (CPU_N,))
     wl = torch.rand(CPU_V) < 0.01
     if impl == "torch":
         fn = lambda: torch_loss(h, w, t, wl).backward()  # noqa: E731
     else:
-        fn = lambda: felix.linear_ce_quail(h, w, t, wl, margin=MARGIN, lambda_q=LAMBDA_Q,  # noqa: E731
-                                           backend="reference", chunk_size=256).loss.backward()
-    measure(cpu, f"ce+quail fwd+bwd N={CPU_N} V={CPU_V} d={CPU_D} fp32 (logits {CPU_N * CPU_V * 4 / 2**20:.0f} MiB)",
-            impl, fn, flops=2.0 * CPU_N * CPU_V * CPU_D * 3, candidate=impl != "torch",
-            extra={"peak_rss_mib": peak_rss_mib(impl)}, rounds=3)
+
+        def fn():
+            felix.linear_ce_quail(
+                h, w, t, wl, margin=MARGIN, lambda_q=LAMBDA_Q, backend="reference", chunk_size=256
+            ).loss.backward()
+
+    measure(
+        cpu,
+        f"ce+quail fwd+bwd N={CPU_N} V={CPU_V} d={CPU_D} fp32 (logits {CPU_N * CPU_V * 4 / 2**20:.0f} MiB)",
+        impl,
+        fn,
+        flops=2.0 * CPU_N * CPU_V * CPU_D * 3,
+        candidate=impl != "torch",
+        extra={"peak_rss_mib": peak_rss_mib(impl)},
+        rounds=3,
+    )

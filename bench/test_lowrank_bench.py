@@ -4,6 +4,7 @@ uses, (c) three separate matmuls, at Felix shapes (d 1024, ffn 2816, r 8 and 64,
 and forward+backward (W frozen, as when training splices on a fixed base, and trainable). Goals
 (reported, not asserted): <= 1.05x the bare GEMM's time and >= 1.3x faster than (b).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,9 +22,9 @@ IMPLS = ["felix-fused", "bare-gemm", "two-gemm-addmm", "three-matmuls"]
 def make(tokens, in_f, out_f, r, device, train_w):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, in_f, generator=g).to(device, torch.bfloat16).requires_grad_()
-    w = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(device, torch.bfloat16).requires_grad_(train_w)
-    a = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(device, torch.bfloat16).requires_grad_()
-    b = (torch.randn(out_f, r, generator=g) / r ** 0.5).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(device, torch.bfloat16).requires_grad_(train_w)
+    a = (torch.randn(r, in_f, generator=g) / in_f**0.5).to(device, torch.bfloat16).requires_grad_()
+    b = (torch.randn(out_f, r, generator=g) / r**0.5).to(device, torch.bfloat16).requires_grad_()
     return x, w, a, b, 0.5
 
 
@@ -57,5 +58,11 @@ def test_lowrank_gpu(gpu, measure, impl, mode, r, tokens, in_f, out_f):
         fn = lambda: fwd().backward(dy)  # noqa: E731
         fl = 2.0 * tokens * in_f * out_f * (3 if w.requires_grad else 2)
     fn()
-    measure(gpu, f"lowrank {mode} x[{tokens},{in_f}] W[{out_f},{in_f}] r={r} bf16", impl, fn, flops=fl,
-            candidate=impl == "felix-fused")
+    measure(
+        gpu,
+        f"lowrank {mode} x[{tokens},{in_f}] W[{out_f},{in_f}] r={r} bf16",
+        impl,
+        fn,
+        flops=fl,
+        candidate=impl == "felix-fused",
+    )

@@ -4,6 +4,7 @@ forward and forward + backward, on the CPU (C++ codecs) and on a GPU (Triton cod
 forward + backward (GPU). The fake-quant overhead is the codec's roundtrip of the weight, once per call: it shrinks
 relative to the matmul as the token count grows. Reported, not asserted.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ from felix.model import qat
 
 CPU = torch.device("cpu")
 MODES = ["plain", "rq4", "q4_0", "q8_0", "tq2_0", "bitnet"] + ([] if QUICK else ["iq4_nl"])
-CPU_CASE = (64, 256, 256) if QUICK else (512, 1024, 1024)        # tokens, in, out
+CPU_CASE = (64, 256, 256) if QUICK else (512, 1024, 1024)  # tokens, in, out
 GPU_CASES = [(256, 1024, 1024)] if QUICK else [(4096, 2048, 2048), (16384, 2048, 5632)]
 
 
@@ -32,15 +33,18 @@ def run_case(measure, device, mode, direction, tokens, in_f, out_f, dtype=torch.
     lin = layer(mode, in_f, out_f, device)
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=direction != "fwd")
     if direction == "fwd":
+
         def fn():
             with torch.no_grad():
                 return F.linear(x, lin.weight.to(dtype))
+
         flops = 2.0 * tokens * in_f * out_f
     else:
         dy = torch.randn(tokens, out_f, device=device, dtype=dtype)
 
         def fn():
             F.linear(x, lin.weight.to(dtype)).backward(dy)
+
         flops = 6.0 * tokens * in_f * out_f
     fn()
 

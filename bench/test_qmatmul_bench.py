@@ -8,6 +8,7 @@ bytes_moved counts the weight as stored by each implementation (4.5 bits/weight 
 device's copy bandwidth the kernel reaches on its own bytes. Goals (reported, not asserted): decode
 >= 70% of copy bandwidth, >= 2.5x faster than the bf16 GEMV.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -55,5 +56,12 @@ def test_quant_matmul_gpu(measure, gpu, impl, layer, m):
         fn = lambda: x @ wb.t()  # noqa: E731
         nbytes = case_bytes(m, n, k, 16)
     phase = "decode" if m <= 8 else "prefill"
-    measure(gpu, f"qmm {phase} {name} {n}x{k} M={m} {FMT} bf16", impl, fn, bytes_moved=nbytes,
-            flops=2.0 * m * n * k, candidate=impl.startswith("felix"))
+    measure(
+        gpu,
+        f"qmm {phase} {name} {n}x{k} M={m} {FMT} bf16",
+        impl,
+        fn,
+        bytes_moved=nbytes,
+        flops=2.0 * m * n * k,
+        candidate=impl.startswith("felix"),
+    )

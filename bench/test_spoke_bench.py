@@ -4,6 +4,7 @@ bottleneck and up-projection in registers, gate + residual in the epilogue) agai
 Python loop over the spokes' small matmuls (the fork's legacy per-spoke path), (c) torch.compile of (a), at Felix
 shapes (d 1024 / 1280, 4 spokes of rank 8 / 64, 2K-16K tokens), forward and forward+backward with the hub frozen
 (dh still flows, as when training spokes). Ratios are reported, never asserted."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,7 @@ def per_spoke(h, g, wd, wu, gb, n, eps=1e-5):
     hf = h.float()
     normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * g).to(h.dtype)
     r = wd.shape[0] // n
-    total = sum(F.silu(normed @ wd[s * r:(s + 1) * r].t()) @ wu[:, s * r:(s + 1) * r].t() for s in range(n))
+    total = sum(F.silu(normed @ wd[s * r : (s + 1) * r].t()) @ wu[:, s * r : (s + 1) * r].t() for s in range(n))
     return h + (torch.sigmoid(gb) * total.float() / n).to(h.dtype)
 
 
@@ -59,11 +60,12 @@ def test_spoke_gpu(gpu, measure, impl, mode, rank, tokens, d):
     width = N_SPOKES * rank
     h = torch.randn(tokens, d, generator=gen).to(gpu, torch.bfloat16).requires_grad_(mode != "fwd")
     g = (1 + 0.1 * torch.randn(d, generator=gen)).to(gpu).requires_grad_(mode != "fwd")
-    wd = (torch.randn(width, d, generator=gen) / d ** 0.5).to(gpu, torch.bfloat16).requires_grad_(mode != "fwd")
+    wd = (torch.randn(width, d, generator=gen) / d**0.5).to(gpu, torch.bfloat16).requires_grad_(mode != "fwd")
     wu = (torch.randn(d, width, generator=gen) * 0.02).to(gpu, torch.bfloat16).requires_grad_(mode != "fwd")
     gb = torch.zeros(1, device=gpu).requires_grad_(mode != "fwd")
     fwd = forward_fn(impl, h, g, wd, wu, gb)
     if mode == "fwd":
+
         def fn():
             with torch.no_grad():
                 fwd()
@@ -72,5 +74,12 @@ def test_spoke_gpu(gpu, measure, impl, mode, rank, tokens, d):
         fn = lambda: fwd().backward(dy)  # noqa: E731
     fn()
     flops = 4.0 * tokens * d * width * (1 if mode == "fwd" else 3)
-    measure(gpu, f"spoke {mode} h[{tokens},{d}] {N_SPOKES}x{rank} bf16", impl, fn, flops=flops,
-            bytes_moved=2.0 * tokens * d * 2 * (1 if mode == "fwd" else 3), candidate=impl == "felix-fused")
+    measure(
+        gpu,
+        f"spoke {mode} h[{tokens},{d}] {N_SPOKES}x{rank} bf16",
+        impl,
+        fn,
+        flops=flops,
+        bytes_moved=2.0 * tokens * d * 2 * (1 if mode == "fwd" else 3),
+        candidate=impl == "felix-fused",
+    )

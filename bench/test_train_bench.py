@@ -7,6 +7,7 @@ TFLOP/s over the device's bf16 peak is the MFU. Peak memory goes into each case'
 not asserted): felix-300m peak <= 10 GB at micro-batch 4 with checkpointing; MFU >= 40% on an H100.
 CPU: tokens/s of the tiny preset (fp32).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,6 +31,7 @@ def step_fn(model, tokens, device, attention_backend, bf16):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -61,6 +63,12 @@ def test_train_step_cpu_tiny(measure, benchmark):
     model = M.FelixLM(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     fn = step_fn(model, tokens, cpu, "reference", bf16=False)
-    measure(cpu, f"train step tiny b{batch} T{seq} cpu fp32", "reference", fn,
-            flops=batch * seq * flops_per_token(cfg, seq), candidate=True)
+    measure(
+        cpu,
+        f"train step tiny b{batch} T{seq} cpu fp32",
+        "reference",
+        fn,
+        flops=batch * seq * flops_per_token(cfg, seq),
+        candidate=True,
+    )
     benchmark.extra_info["tokens_per_step"] = batch * seq

@@ -8,6 +8,7 @@ trainer's resident memory against corpus size.
 * Memory: peak RSS of `felix train` (tiny preset, 3 steps, one prepared source) in a fresh process, on prepared
   corpora of 10x and 100x the tokens of a base corpus. Goal: growth < 0.01 byte per token.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from felix.data.tokenizer_training import train_tokenizer_from_sources
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_TOKENS_PER_S = 100 * 6_500
 BATCH, SEQ = (4, 256) if QUICK else (8, 2048)
-BASE_BYTES = 25_000 if QUICK else 250_000        # the "1x" corpus; the memory cases use 10x and 100x of it
+BASE_BYTES = 25_000 if QUICK else 250_000  # the "1x" corpus; the memory cases use 10x and 100x of it
 SCALES = (10, 100)
 RSS: dict[int, dict] = {}
 
@@ -40,14 +41,21 @@ def corpora(tmp_path_factory):
     """A tokenizer (vocab 2048, the tiny preset's) and prepared corpora: "web" and "code" for the mix, and one per
     memory scale, all from felix.testing.corpus (no download)."""
     root = tmp_path_factory.mktemp("train-data")
-    sizes = {"web": 70 * BASE_BYTES // 10 * (1 if QUICK else 4), "code": 30 * BASE_BYTES // 10 * (1 if QUICK else 4),
-             **{f"x{s}": s * BASE_BYTES for s in SCALES}}
+    sizes = {
+        "web": 70 * BASE_BYTES // 10 * (1 if QUICK else 4),
+        "code": 30 * BASE_BYTES // 10 * (1 if QUICK else 4),
+        **{f"x{s}": s * BASE_BYTES for s in SCALES},
+    }
     for i, (name, size) in enumerate(sizes.items()):
         write_text_corpus(root / f"{name}.jsonl", size, seed=i)
     tok, _ = train_tokenizer_from_sources([root / "web.jsonl"], 2048, max_chars=2_000_000)
     tok_path = save_tokenizer_file(tok, root / "tokenizer.json")
-    prepared = {name: prepare_corpus([root / f"{name}.jsonl"], tok_path, root / name, val_fraction=0.005,
-                                     progress=False, log=lambda m: None) for name in sizes}
+    prepared = {
+        name: prepare_corpus(
+            [root / f"{name}.jsonl"], tok_path, root / name, val_fraction=0.005, progress=False, log=lambda m: None
+        )
+        for name in sizes
+    }
     return root, tok_path, prepared
 
 
@@ -66,13 +74,21 @@ def test_loader_throughput(measure, benchmark, corpora, impl):
         for _ in range(steps):
             stream.next_batch(BATCH)
 
-    measure(torch.device("cpu"), f"loader [{BATCH}, {SEQ}] x {steps} batches, 0.7/0.3 mix", impl, load,
-            bytes_moved=steps * BATCH * (SEQ + 1) * 8, candidate=impl == "felix-mix-shards")
+    measure(
+        torch.device("cpu"),
+        f"loader [{BATCH}, {SEQ}] x {steps} batches, 0.7/0.3 mix",
+        impl,
+        load,
+        bytes_moved=steps * BATCH * (SEQ + 1) * 8,
+        candidate=impl == "felix-mix-shards",
+    )
     if benchmark.stats is not None:
         tokens_per_s = steps * BATCH * SEQ / benchmark.stats.stats.median
         benchmark.extra_info.update(tokens_per_s=tokens_per_s, x_goal=tokens_per_s / GOAL_TOKENS_PER_S)
-        print(f"\n{impl}: {tokens_per_s:,.0f} tokens/s = {tokens_per_s / GOAL_TOKENS_PER_S:.1f}x the goal "
-              f"({GOAL_TOKENS_PER_S:,} tokens/s)")
+        print(
+            f"\n{impl}: {tokens_per_s:,.0f} tokens/s = {tokens_per_s / GOAL_TOKENS_PER_S:.1f}x the goal "
+            f"({GOAL_TOKENS_PER_S:,} tokens/s)"
+        )
 
 
 def np_concat(parts):
@@ -83,11 +99,36 @@ def np_concat(parts):
 
 def train_peak_rss(data_dir: Path, tok_path: Path, out: Path) -> dict:
     """Peak RSS (MiB) of a fresh `felix train` process: 3 steps of the tiny preset on one prepared source."""
-    cmd = [sys.executable, "-m", "felix", "train", "--data", str(data_dir), "--tokenizer", str(tok_path),
-           "--out-dir", str(out), "--steps", "3", "--warmup-steps", "1", "--eval-every", "3", "--eval-batches", "2",
-           "--batch-size", "4", "--seq-len", "128", "--device", "cpu"]
-    code = ("import resource, subprocess, sys, json; subprocess.run(sys.argv[1:], check=True, "
-            "stdout=subprocess.DEVNULL); print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))")
+    cmd = [
+        sys.executable,
+        "-m",
+        "felix",
+        "train",
+        "--data",
+        str(data_dir),
+        "--tokenizer",
+        str(tok_path),
+        "--out-dir",
+        str(out),
+        "--steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "128",
+        "--device",
+        "cpu",
+    ]
+    code = (
+        "import resource, subprocess, sys, json; subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL); print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, env=env, check=True)
     return {"peak_rss_mib": json.loads(run.stdout.strip().splitlines()[-1]) / 1024}
@@ -103,8 +144,15 @@ def test_train_peak_rss_against_corpus_tokens(measure, benchmark, corpora, tmp_p
     def run():
         result.update(train_peak_rss(root / f"x{scale}", tok_path, tmp_path / f"run{scale}"))
 
-    measure(torch.device("cpu"), "felix train tiny, 3 steps, one prepared source", f"{scale}x corpus ({tokens:,} tokens)",
-            run, rounds=1, candidate=scale == SCALES[-1], extra=lambda: {**result, "tokens": tokens})
+    measure(
+        torch.device("cpu"),
+        "felix train tiny, 3 steps, one prepared source",
+        f"{scale}x corpus ({tokens:,} tokens)",
+        run,
+        rounds=1,
+        candidate=scale == SCALES[-1],
+        extra=lambda: {**result, "tokens": tokens},
+    )
     if not result:
         run()
     RSS[scale] = {**result, "tokens": tokens}
@@ -113,5 +161,7 @@ def test_train_peak_rss_against_corpus_tokens(measure, benchmark, corpora, tmp_p
         lo, hi = RSS[SCALES[0]], RSS[SCALES[-1]]
         growth = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) * 2**20 / (hi["tokens"] - lo["tokens"])
         benchmark.extra_info["rss_growth_bytes_per_token"] = growth
-        print(f"\npeak RSS {lo['peak_rss_mib']:.1f} MiB at {lo['tokens']:,} tokens, {hi['peak_rss_mib']:.1f} MiB at "
-              f"{hi['tokens']:,}: growth {growth:.5f} bytes/token (goal < 0.01)")
+        print(
+            f"\npeak RSS {lo['peak_rss_mib']:.1f} MiB at {lo['tokens']:,} tokens, {hi['peak_rss_mib']:.1f} MiB at "
+            f"{hi['tokens']:,}: growth {growth:.5f} bytes/token (goal < 0.01)"
+        )

@@ -17,6 +17,7 @@ Public API:
 * :func:`backends` -- which backends run on this machine, and why not where they do not.
 * :data:`FORMATS` / :func:`get_format` -- the format table (block sizes, ggml ids, codebooks).
 """
+
 from felix.core.formats import FORMATS, QuantFormat, get_format
 from felix.ops.dispatch import backends
 from felix.ops.attention import attention
@@ -29,6 +30,20 @@ from felix.model.quant_linear import QuantLinear, quantize_model_linears
 
 __version__ = "0.1.0"
 
-__all__ = ["FORMATS", "QuantFormat", "get_format", "backends", "quantize", "dequantize", "__version__",
-           "attention", "quant_matmul", "QuantLinear", "quantize_model_linears", "linear_ce_quail", "LinearCEQuail",
-           "lowrank_linear", "spoke_residual"]
+__all__ = [
+    "FORMATS",
+    "QuantFormat",
+    "get_format",
+    "backends",
+    "quantize",
+    "dequantize",
+    "__version__",
+    "attention",
+    "quant_matmul",
+    "QuantLinear",
+    "quantize_model_linears",
+    "linear_ce_quail",
+    "LinearCEQuail",
+    "lowrank_linear",
+    "spoke_residual",
+]

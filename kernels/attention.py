@@ -19,6 +19,7 @@ P and dS are cast to the input dtype before their dots. fp32 dots use ``input_pr
 tf32), and float64 inputs accumulate in float64 (for gradcheck under the interpreter). On
 register-starved targets (RDNA3) the backward can stream head_dim slices of its operands (STREAM).
 """
+
 from __future__ import annotations
 
 
@@ -30,6 +31,7 @@ from felix.ops.dispatch import arch_key
 from felix.ops.reference.attention import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
+
 
 # Launch configurations per architecture and head_dim, as data. Tile constraints: fwd and dq need
 # BLOCK_M % BLOCK_N == 0, dkdv needs BLOCK_N % BLOCK_M == 0 (the causal diagonal band is whole tiles).
@@ -44,28 +46,63 @@ def _cfg(bm, bn, warps, stages, **extra):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, **extra}
 
 
-_INTERPRETER = {"fwd": _cfg(16, 16, 1, 1), "preprocess": _cfg(16, 16, 1, 1),
-                "dkdv": _cfg(16, 16, 1, 1), "dq": _cfg(16, 16, 1, 1)}
+_INTERPRETER = {
+    "fwd": _cfg(16, 16, 1, 1),
+    "preprocess": _cfg(16, 16, 1, 1),
+    "dkdv": _cfg(16, 16, 1, 1),
+    "dq": _cfg(16, 16, 1, 1),
+}
 LAUNCH_CONFIGS = {
     "interpreter": {d: _INTERPRETER for d in SUPPORTED_HEAD_DIMS},
     "gfx11": {
-        32: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
-        64: {"fwd": _cfg(64, 32, 4, 1), "preprocess": _cfg(64, 64, 4, 1),
-             "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
-        128: {"fwd": _cfg(64, 16, 8, 1), "preprocess": _cfg(64, 64, 4, 1),
-              "dkdv": _cfg(32, 64, 8, 1, stream=32), "dq": _cfg(64, 32, 8, 1, stream=32)},
+        32: {
+            "fwd": _cfg(64, 32, 4, 1),
+            "preprocess": _cfg(64, 64, 4, 1),
+            "dkdv": _cfg(32, 64, 8, 1, stream=32),
+            "dq": _cfg(64, 32, 8, 1, stream=32),
+        },
+        64: {
+            "fwd": _cfg(64, 32, 4, 1),
+            "preprocess": _cfg(64, 64, 4, 1),
+            "dkdv": _cfg(32, 64, 8, 1, stream=32),
+            "dq": _cfg(64, 32, 8, 1, stream=32),
+        },
+        128: {
+            "fwd": _cfg(64, 16, 8, 1),
+            "preprocess": _cfg(64, 64, 4, 1),
+            "dkdv": _cfg(32, 64, 8, 1, stream=32),
+            "dq": _cfg(64, 32, 8, 1, stream=32),
+        },
     },
     "sm90": {
-        32: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
-             "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 4, 3)},
-        64: {"fwd": _cfg(128, 64, 4, 3), "preprocess": _cfg(128, 128, 4, 1),
-             "dkdv": _cfg(32, 128, 8, 3), "dq": _cfg(128, 32, 4, 3)},
-        128: {"fwd": _cfg(128, 64, 8, 3), "preprocess": _cfg(128, 128, 4, 1),
-              "dkdv": _cfg(32, 64, 8, 2), "dq": _cfg(128, 32, 8, 3)},
+        32: {
+            "fwd": _cfg(128, 64, 4, 3),
+            "preprocess": _cfg(128, 128, 4, 1),
+            "dkdv": _cfg(32, 128, 8, 3),
+            "dq": _cfg(128, 32, 4, 3),
+        },
+        64: {
+            "fwd": _cfg(128, 64, 4, 3),
+            "preprocess": _cfg(128, 128, 4, 1),
+            "dkdv": _cfg(32, 128, 8, 3),
+            "dq": _cfg(128, 32, 4, 3),
+        },
+        128: {
+            "fwd": _cfg(128, 64, 8, 3),
+            "preprocess": _cfg(128, 128, 4, 1),
+            "dkdv": _cfg(32, 64, 8, 2),
+            "dq": _cfg(128, 32, 8, 3),
+        },
     },
-    "default": {d: {"fwd": _cfg(64, 32, 4, 2), "preprocess": _cfg(64, 64, 4, 1),
-                    "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)} for d in SUPPORTED_HEAD_DIMS},
+    "default": {
+        d: {
+            "fwd": _cfg(64, 32, 4, 2),
+            "preprocess": _cfg(64, 64, 4, 1),
+            "dkdv": _cfg(32, 64, 4, 2),
+            "dq": _cfg(64, 32, 4, 2),
+        }
+        for d in SUPPORTED_HEAD_DIMS
+    },
 }
 
 
@@ -78,9 +115,26 @@ def launch_config(arch: str, head_dim: int, kernel: str) -> dict:
 
 # ------------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               ACC_DTYPE: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q_ptrs,
+    row_ok,
+    k_base,
+    v_base,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    T_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
     """Online softmax over KV tiles [lo, hi). MASK: apply the key bound (and causal) mask."""
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     for start_n in range(lo, hi, BLOCK_N):
@@ -110,9 +164,23 @@ def _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, k_base, v_base, offs_m, offs_d, lo
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    T_q,
+    T_k,
+    H,
+    GROUP,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
     # heaviest causal tiles (the last rows) first: better tail balance across the grid
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -128,27 +196,64 @@ def _attn_fwd(Q, K, V, O, LSE, T_q, T_k, H, GROUP, qk_scale,
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), ACC_DTYPE)
     if CAUSAL:
-        full_hi = start_m                                  # keys < start_m: visible to every row
-        band_hi = tl.minimum(start_m + BLOCK_M, T_k)       # diagonal band, masked
+        full_hi = start_m  # keys < start_m: visible to every row
+        band_hi = tl.minimum(start_m + BLOCK_M, T_k)  # diagonal band, masked
     else:
         full_hi = (T_k // BLOCK_N) * BLOCK_N
-        band_hi = T_k                                      # ragged tail, masked
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, 0, full_hi,
-                               T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, ACC_DTYPE)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q_ptrs, row_ok, K + kv_off, V + kv_off, offs_m, offs_d, full_hi,
-                               band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, True, ACC_DTYPE)
+        band_hi = T_k  # ragged tail, masked
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q_ptrs,
+        row_ok,
+        K + kv_off,
+        V + kv_off,
+        offs_m,
+        offs_d,
+        0,
+        full_hi,
+        T_k,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        CAUSAL,
+        False,
+        ACC_DTYPE,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q_ptrs,
+        row_ok,
+        K + kv_off,
+        V + kv_off,
+        offs_m,
+        offs_d,
+        full_hi,
+        band_hi,
+        T_k,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        CAUSAL,
+        True,
+        ACC_DTYPE,
+    )
     out = acc / l_i[:, None]
-    tl.store(O + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(O + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     # natural-log LSE: (m + log2 l) / log2 e
-    tl.store(LSE + bh.to(tl.int64) * T_q + offs_m, ((m_i + tl.log2(l_i)) * 0.6931471805599453).to(
-        LSE.dtype.element_ty), mask=row_ok)
+    tl.store(
+        LSE + bh.to(tl.int64) * T_q + offs_m,
+        ((m_i + tl.log2(l_i)) * 0.6931471805599453).to(LSE.dtype.element_ty),
+        mask=row_ok,
+    )
 
 
 # ----------------------------------------------------------------------------------- backward
 @triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         ACC_DTYPE: tl.constexpr):
+def _attn_bwd_preprocess(O, DO, DELTA, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """delta[b, h, t] = sum_d dO * O (the softmax-backward row term)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
@@ -161,9 +266,30 @@ def _attn_bwd_preprocess(O, DO, DELTA, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k_base, v_base, col_ok, q_base, do_base, lse_base, delta_base, offs_n, offs_d, lo, hi,
-                T_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
+def _dkdv_tiles(
+    dk,
+    dv,
+    k_base,
+    v_base,
+    col_ok,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    T_q,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    STREAM: tl.constexpr,
+):
     """Accumulate dK, dV of one KV tile over q tiles [lo, hi) of one q head (transposed: rows = keys).
     STREAM > 0: S^T and dP^T contract over head_dim in STREAM-wide slices loaded just in time (K, V
     never whole in registers); 0: the K and V tiles stay in registers."""
@@ -189,8 +315,18 @@ def _dkdv_tiles(dk, dv, k_base, v_base, col_ok, q_base, do_base, lse_base, delta
             # the K/V slices' mask depends on the loop (it is always true here): keeps the compiler from
             # hoisting them out of the loop, which would make K and V resident again
             kv_ok = col_ok & (tl.full(col_ok.shape, start_m, tl.int32) < T_q)
-            sT = _dot_abT(k_base, offs_n, kv_ok, q_base, offs_m, row_ok, tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
-                          HEAD_DIM, STREAM, ACC_DTYPE)
+            sT = _dot_abT(
+                k_base,
+                offs_n,
+                kv_ok,
+                q_base,
+                offs_m,
+                row_ok,
+                tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
+                HEAD_DIM,
+                STREAM,
+                ACC_DTYPE,
+            )
         else:
             # q^T loaded transposed (a cache hit) rather than transposed in registers: fewer VGPRs
             qT_ptrs = q_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
@@ -207,8 +343,18 @@ def _dkdv_tiles(dk, dv, k_base, v_base, col_ok, q_base, do_base, lse_base, delta
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, out_dtype=ACC_DTYPE, input_precision="ieee")
         if STREAM > 0:
-            dpT = _dot_abT(v_base, offs_n, kv_ok, do_base, offs_m, row_ok, tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
-                           HEAD_DIM, STREAM, ACC_DTYPE)
+            dpT = _dot_abT(
+                v_base,
+                offs_n,
+                kv_ok,
+                do_base,
+                offs_m,
+                row_ok,
+                tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE),
+                HEAD_DIM,
+                STREAM,
+                ACC_DTYPE,
+            )
         else:
             doT_ptrs = do_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None]
             if MASK:
@@ -222,34 +368,141 @@ def _dkdv_tiles(dk, dv, k_base, v_base, col_ok, q_base, do_base, lse_base, delta
 
 
 @triton.jit
-def _dkdv_over_group(dk, dv, K, V, Q, DO, LSE, DELTA, col_ok, offs_n, offs_d, b, kv_head, H, GROUP,
-                     T_q, band_lo, band_hi, full_lo, full_hi, qk_scale, HEAD_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                     STREAM: tl.constexpr):
+def _dkdv_over_group(
+    dk,
+    dv,
+    K,
+    V,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    col_ok,
+    offs_n,
+    offs_d,
+    b,
+    kv_head,
+    H,
+    GROUP,
+    T_q,
+    band_lo,
+    band_hi,
+    full_lo,
+    full_hi,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    STREAM: tl.constexpr,
+):
     """dK/dV contributions of every q head sharing this kv head: the diagonal band (masked), the
     fully visible q tiles (unmasked), the ragged tail (masked)."""
     for g in range(0, GROUP):
         bh = b * H + kv_head * GROUP + g
         q_off = bh.to(tl.int64) * T_q * HEAD_DIM
         r_off = bh.to(tl.int64) * T_q
-        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
-                             offs_d, band_lo, band_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True,
-                             ACC_DTYPE, STREAM)
-        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
-                             offs_d, full_lo, full_hi, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, False,
-                             ACC_DTYPE, STREAM)
-        dk, dv = _dkdv_tiles(dk, dv, K, V, col_ok, Q + q_off, DO + q_off, LSE + r_off, DELTA + r_off, offs_n,
-                             offs_d, full_hi, T_q, T_q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True,
-                             ACC_DTYPE, STREAM)
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            K,
+            V,
+            col_ok,
+            Q + q_off,
+            DO + q_off,
+            LSE + r_off,
+            DELTA + r_off,
+            offs_n,
+            offs_d,
+            band_lo,
+            band_hi,
+            T_q,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            True,
+            ACC_DTYPE,
+            STREAM,
+        )
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            K,
+            V,
+            col_ok,
+            Q + q_off,
+            DO + q_off,
+            LSE + r_off,
+            DELTA + r_off,
+            offs_n,
+            offs_d,
+            full_lo,
+            full_hi,
+            T_q,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            False,
+            ACC_DTYPE,
+            STREAM,
+        )
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            K,
+            V,
+            col_ok,
+            Q + q_off,
+            DO + q_off,
+            LSE + r_off,
+            DELTA + r_off,
+            offs_n,
+            offs_d,
+            full_hi,
+            T_q,
+            T_q,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            True,
+            ACC_DTYPE,
+            STREAM,
+        )
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    T_q,
+    T_k,
+    H,
+    GROUP,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    STREAM: tl.constexpr,
+):
     start_n = tl.program_id(0) * BLOCK_N
-    kv_bh = tl.program_id(1)                               # b * H_kv + kv head
+    kv_bh = tl.program_id(1)  # b * H_kv + kv head
     H_kv = H // GROUP
     b = kv_bh // H_kv
     kv_off = kv_bh.to(tl.int64) * T_k * HEAD_DIM
@@ -260,24 +513,60 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, T_q, T_k, H, GROUP, sm_scale
     dk = tl.zeros((BLOCK_N, HEAD_DIM), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), ACC_DTYPE)
     if CAUSAL:
-        band_lo = start_n                                  # q rows >= start_n see this tile
-        band_hi = tl.minimum(start_n + BLOCK_N, T_q)       # diagonal band, masked
+        band_lo = start_n  # q rows >= start_n see this tile
+        band_hi = tl.minimum(start_n + BLOCK_N, T_q)  # diagonal band, masked
     else:
         band_lo = 0
         band_hi = 0
     full_lo = tl.maximum(band_hi, band_lo)
     full_hi = tl.maximum((T_q // BLOCK_M) * BLOCK_M, full_lo)
     kv_head = kv_bh % H_kv
-    dk, dv = _dkdv_over_group(dk, dv, K + kv_off, V + kv_off, Q, DO, LSE, DELTA, col_ok, offs_n, offs_d, b,
-                              kv_head, H, GROUP, T_q, band_lo, band_hi, full_lo, full_hi, qk_scale, HEAD_DIM,
-                              BLOCK_M, BLOCK_N, CAUSAL, ACC_DTYPE, STREAM)
+    dk, dv = _dkdv_over_group(
+        dk,
+        dv,
+        K + kv_off,
+        V + kv_off,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        col_ok,
+        offs_n,
+        offs_d,
+        b,
+        kv_head,
+        H,
+        GROUP,
+        T_q,
+        band_lo,
+        band_hi,
+        full_lo,
+        full_hi,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        CAUSAL,
+        ACC_DTYPE,
+        STREAM,
+    )
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dot_abT(a_base, a_rows, a_ok, b_base, b_rows, b_ok, acc, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-             ACC_DTYPE: tl.constexpr):
+def _dot_abT(
+    a_base,
+    a_rows,
+    a_ok,
+    b_base,
+    b_rows,
+    b_ok,
+    acc,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
     """acc + A @ B^T for A = a_base[a_rows, :], B = b_base[b_rows, :] (row-major, HEAD_DIM wide),
     contracted over head_dim in CHUNK-wide slices, each loaded (a cache hit) just before its dot:
     neither operand is ever whole in registers."""
@@ -290,9 +579,29 @@ def _dot_abT(a_base, a_rows, a_ok, b_base, b_rows, b_ok, acc, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _dq_tiles(dq, q_base, do_base, row_ok, lse2, delta, k_base, v_base, offs_m, offs_d, lo, hi, T_k, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
+def _dq_tiles(
+    dq,
+    q_base,
+    do_base,
+    row_ok,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    T_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    STREAM: tl.constexpr,
+):
     """Accumulate dQ of one q tile over KV tiles [lo, hi). STREAM > 0: q, dO, K^T, V^T are streamed in
     STREAM-wide head_dim slices (for register-starved targets); 0: q and dO stay in registers."""
     if STREAM == 0:
@@ -305,8 +614,18 @@ def _dq_tiles(dq, q_base, do_base, row_ok, lse2, delta, k_base, v_base, offs_m, 
             # the q/dO slices' mask depends on the loop (always true here): keeps the compiler from
             # hoisting them out of the loop, which would make q and dO resident again
             q_ok = row_ok & (tl.full(row_ok.shape, start_n, tl.int32) < T_k)
-            s = _dot_abT(q_base, offs_m, q_ok, k_base, offs_n, col_ok, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
-                         HEAD_DIM, STREAM, ACC_DTYPE)
+            s = _dot_abT(
+                q_base,
+                offs_m,
+                q_ok,
+                k_base,
+                offs_n,
+                col_ok,
+                tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
+                HEAD_DIM,
+                STREAM,
+                ACC_DTYPE,
+            )
         else:
             kT_ptrs = k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
             if MASK:
@@ -321,8 +640,18 @@ def _dq_tiles(dq, q_base, do_base, row_ok, lse2, delta, k_base, v_base, offs_m, 
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
         if STREAM > 0:
-            dp = _dot_abT(do_base, offs_m, q_ok, v_base, offs_n, col_ok, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
-                          HEAD_DIM, STREAM, ACC_DTYPE)
+            dp = _dot_abT(
+                do_base,
+                offs_m,
+                q_ok,
+                v_base,
+                offs_n,
+                col_ok,
+                tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE),
+                HEAD_DIM,
+                STREAM,
+                ACC_DTYPE,
+            )
         else:
             vT_ptrs = v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
             if MASK:
@@ -342,9 +671,27 @@ def _dq_tiles(dq, q_base, do_base, row_ok, lse2, delta, k_base, v_base, offs_m, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, STREAM: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    T_q,
+    T_k,
+    H,
+    GROUP,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    STREAM: tl.constexpr,
+):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     kv_bh = (bh // H) * (H // GROUP) + (bh % H) // GROUP
@@ -363,10 +710,52 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T_q, T_k, H, GROUP, sm_scale, qk_s
     else:
         full_hi = (T_k // BLOCK_N) * BLOCK_N
         band_hi = T_k
-    dq = _dq_tiles(dq, Q + q_off, DO + q_off, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d, 0,
-                   full_hi, T_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, False, ACC_DTYPE, STREAM)
-    dq = _dq_tiles(dq, Q + q_off, DO + q_off, row_ok, lse2, delta, K + kv_off, V + kv_off, offs_m, offs_d,
-                   full_hi, band_hi, T_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, True, ACC_DTYPE, STREAM)
+    dq = _dq_tiles(
+        dq,
+        Q + q_off,
+        DO + q_off,
+        row_ok,
+        lse2,
+        delta,
+        K + kv_off,
+        V + kv_off,
+        offs_m,
+        offs_d,
+        0,
+        full_hi,
+        T_k,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        CAUSAL,
+        False,
+        ACC_DTYPE,
+        STREAM,
+    )
+    dq = _dq_tiles(
+        dq,
+        Q + q_off,
+        DO + q_off,
+        row_ok,
+        lse2,
+        delta,
+        K + kv_off,
+        V + kv_off,
+        offs_m,
+        offs_d,
+        full_hi,
+        band_hi,
+        T_k,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        CAUSAL,
+        True,
+        ACC_DTYPE,
+        STREAM,
+    )
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -395,9 +784,24 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     lse = torch.empty((B, H, T_q), dtype=acc_torch, device=q.device)
     cfg = launch_config(arch_key(q.device), D, "fwd")
     grid = (triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, out, lse, T_q, T_k, H, H // H_kv, scale * LOG2E,
-                    HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
-                    ACC_DTYPE=_acc_dtype(q.dtype), **_options(cfg))
+    _attn_fwd[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        T_q,
+        T_k,
+        H,
+        H // H_kv,
+        scale * LOG2E,
+        HEAD_DIM=D,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=bool(causal),
+        ACC_DTYPE=_acc_dtype(q.dtype),
+        **_options(cfg),
+    )
     return out, lse
 
 
@@ -411,19 +815,57 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     delta = torch.empty_like(lse)
     cfg = launch_config(arch, D, "preprocess")
     _attn_bwd_preprocess[(triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)](
-        out, dout, delta, T_q, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], ACC_DTYPE=acc, **_options(cfg))
+        out, dout, delta, T_q, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], ACC_DTYPE=acc, **_options(cfg)
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * LOG2E
     cfg = launch_config(arch, D, "dkdv")
     _attn_bwd_dkdv[(triton.cdiv(T_k, cfg["BLOCK_N"]), B * H_kv)](
-        q, k, v, dout, lse, delta, dk, dv, T_q, T_k, H, H // H_kv, scale, qk_scale,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        STREAM=cfg.get("stream", 0), **_options(cfg))
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        T_q,
+        T_k,
+        H,
+        H // H_kv,
+        scale,
+        qk_scale,
+        HEAD_DIM=D,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=bool(causal),
+        ACC_DTYPE=acc,
+        STREAM=cfg.get("stream", 0),
+        **_options(cfg),
+    )
     cfg = launch_config(arch, D, "dq")
     _attn_bwd_dq[(triton.cdiv(T_q, cfg["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, T_q, T_k, H, H // H_kv, scale, qk_scale,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), ACC_DTYPE=acc,
-        STREAM=cfg.get("stream", 0), **_options(cfg))
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        T_q,
+        T_k,
+        H,
+        H // H_kv,
+        scale,
+        qk_scale,
+        HEAD_DIM=D,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=bool(causal),
+        ACC_DTYPE=acc,
+        STREAM=cfg.get("stream", 0),
+        **_options(cfg),
+    )
     return dq, dk, dv
 
 
@@ -446,35 +888,98 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
             return cfg, o
 
         cfg, o = opts("fwd")
-        specs.append({"name": f"attn_fwd_{tag}", "fn": _attn_fwd, "expects_matrix_instructions": True,
-                      "signature": {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "O": f"*{ty}", "LSE": "*fp32",
-                                    "T_q": "i32", "T_k": "i32", "H": "i32", "GROUP": "i32", "qk_scale": "fp32",
-                                    "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                    "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr"},
-                      "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                     "CAUSAL": causal, "ACC_DTYPE": tl.float32},
-                      "options": o})
+        specs.append(
+            {
+                "name": f"attn_fwd_{tag}",
+                "fn": _attn_fwd,
+                "expects_matrix_instructions": True,
+                "signature": {
+                    "Q": f"*{ty}",
+                    "K": f"*{ty}",
+                    "V": f"*{ty}",
+                    "O": f"*{ty}",
+                    "LSE": "*fp32",
+                    "T_q": "i32",
+                    "T_k": "i32",
+                    "H": "i32",
+                    "GROUP": "i32",
+                    "qk_scale": "fp32",
+                    "HEAD_DIM": "constexpr",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                    "CAUSAL": "constexpr",
+                    "ACC_DTYPE": "constexpr",
+                },
+                "constexprs": {
+                    "HEAD_DIM": d,
+                    "BLOCK_M": cfg["BLOCK_M"],
+                    "BLOCK_N": cfg["BLOCK_N"],
+                    "CAUSAL": causal,
+                    "ACC_DTYPE": tl.float32,
+                },
+                "options": o,
+            }
+        )
         if causal:
             cfg, o = opts("preprocess")
-            specs.append({"name": f"attn_bwd_preprocess_d{d}_{ty}", "fn": _attn_bwd_preprocess,
-                          "signature": {"O": f"*{ty}", "DO": f"*{ty}", "DELTA": "*fp32", "T_q": "i32",
-                                        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "ACC_DTYPE": "constexpr"},
-                          "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "ACC_DTYPE": tl.float32},
-                          "options": o})
+            specs.append(
+                {
+                    "name": f"attn_bwd_preprocess_d{d}_{ty}",
+                    "fn": _attn_bwd_preprocess,
+                    "signature": {
+                        "O": f"*{ty}",
+                        "DO": f"*{ty}",
+                        "DELTA": "*fp32",
+                        "T_q": "i32",
+                        "HEAD_DIM": "constexpr",
+                        "BLOCK_M": "constexpr",
+                        "ACC_DTYPE": "constexpr",
+                    },
+                    "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "ACC_DTYPE": tl.float32},
+                    "options": o,
+                }
+            )
         for kernel, fn in (("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
             cfg, o = opts(kernel)
             outs = {"DK": f"*{ty}", "DV": f"*{ty}"} if kernel == "dkdv" else {"DQ": f"*{ty}"}
             variant = {"STREAM": cfg.get("stream", 0)}
-            specs.append({"name": f"attn_bwd_{kernel}_{tag}", "fn": fn, "expects_matrix_instructions": True,
-                          "signature": {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}",
-                                        "LSE": "*fp32", "DELTA": "*fp32", **outs, "T_q": "i32", "T_k": "i32",
-                                        "H": "i32", "GROUP": "i32", "sm_scale": "fp32", "qk_scale": "fp32",
-                                        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                        "CAUSAL": "constexpr", "ACC_DTYPE": "constexpr",
-                                        **{k: "constexpr" for k in variant}},
-                          "constexprs": {"HEAD_DIM": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                         "CAUSAL": causal, "ACC_DTYPE": tl.float32, **variant},
-                          "options": o})
+            specs.append(
+                {
+                    "name": f"attn_bwd_{kernel}_{tag}",
+                    "fn": fn,
+                    "expects_matrix_instructions": True,
+                    "signature": {
+                        "Q": f"*{ty}",
+                        "K": f"*{ty}",
+                        "V": f"*{ty}",
+                        "DO": f"*{ty}",
+                        "LSE": "*fp32",
+                        "DELTA": "*fp32",
+                        **outs,
+                        "T_q": "i32",
+                        "T_k": "i32",
+                        "H": "i32",
+                        "GROUP": "i32",
+                        "sm_scale": "fp32",
+                        "qk_scale": "fp32",
+                        "HEAD_DIM": "constexpr",
+                        "BLOCK_M": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "CAUSAL": "constexpr",
+                        "ACC_DTYPE": "constexpr",
+                        **{k: "constexpr" for k in variant},
+                    },
+                    "constexprs": {
+                        "HEAD_DIM": d,
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_N": cfg["BLOCK_N"],
+                        "CAUSAL": causal,
+                        "ACC_DTYPE": tl.float32,
+                        **variant,
+                    },
+                    "options": o,
+                }
+            )
     for spec in specs:  # torch allocations are 16-byte aligned: the JIT specializes these pointers so
         spec["aligned"] = [a for a, ty in spec["signature"].items() if ty.startswith("*")]
     return specs

@@ -12,6 +12,7 @@ Exactness on real GPUs: quantize kernels are launched with ``enable_fp_fusion=Fa
 multiply-add would change ggml's rounding) and divide with ``tl.math.div_rn`` (IEEE division).
 The IQ4_NL scale search sums its 32 products sequentially, in ggml's order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,10 @@ from felix.ops.dispatch import arch_key
 KERNEL_PACKING = {"q8_0": "int8", "q4_0": "halves", "iq4_nl": "halves", "rq4": "pairs", "tq2_0": "crumbs"}
 for _name, _packing in KERNEL_PACKING.items():
     if FORMATS[_name].packing != _packing:
-        raise ImportError(f"kernels/codecs.py implements {_name} as {_packing!r} packing, the format table says "
-                          f"{FORMATS[_name].packing!r}")
+        raise ImportError(
+            f"kernels/codecs.py implements {_name} as {_packing!r} packing, the format table says "
+            f"{FORMATS[_name].packing!r}"
+        )
 
 
 def _geometry(name: str):
@@ -44,7 +47,7 @@ RQ4_BLOCK, RQ4_BYTES, RQ4_SCALE, RQ4_QS = _geometry("rq4")
 RQ4_LEVELS = tl.constexpr(len(FORMATS["rq4"].codebook))
 TQ2_0_BLOCK, TQ2_0_BYTES, TQ2_0_SCALE, TQ2_0_QS = _geometry("tq2_0")
 TQ2_0_QS_BYTES = tl.constexpr(FORMATS["tq2_0"].qs_bytes)
-TQ2_0_STRIDE = tl.constexpr(FORMATS["tq2_0"].crumb_stride)   # bytes per group of 4 * stride weights
+TQ2_0_STRIDE = tl.constexpr(FORMATS["tq2_0"].crumb_stride)  # bytes per group of 4 * stride weights
 TQ2_0_BITS = tl.constexpr(FORMATS["tq2_0"].index_bits)
 TQ2_0_LANES = tl.constexpr(8 // FORMATS["tq2_0"].index_bits)  # indices per byte
 TQ2_0_MASK = tl.constexpr((1 << FORMATS["tq2_0"].index_bits) - 1)
@@ -53,8 +56,8 @@ TQ2_0_MASK = tl.constexpr((1 << FORMATS["tq2_0"].index_bits) - 1)
 # warps per program. 2048 weights over 128 lanes keeps every codec spill-free on gfx1101 (wave32).
 LAUNCH_CONFIGS = {
     "interpreter": {"tile_weights": 256, "num_warps": 1},
-    "gfx11": {"tile_weights": 2048, "num_warps": 4},      # RDNA3 (RX 7800 XT): wave32
-    "sm90": {"tile_weights": 4096, "num_warps": 8},       # Hopper
+    "gfx11": {"tile_weights": 2048, "num_warps": 4},  # RDNA3 (RX 7800 XT): wave32
+    "sm90": {"tile_weights": 4096, "num_warps": 8},  # Hopper
     "default": {"tile_weights": 2048, "num_warps": 4},
 }
 # IQ4_NL's scale search is compute-bound (15 x 32 sequential steps): a quarter of the tile, spill-free.
@@ -141,8 +144,11 @@ def _dequantize_q8_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
     d = _load_fp16_le(yb + Q8_0_SCALE, rmask)
     q = tl.load(yb[:, None] + Q8_0_QS + cols[None, :], mask=rmask[:, None], other=0).to(tl.int8, bitcast=True)
     out = q.to(tl.float32) * d[:, None]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * Q8_0_BLOCK + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * Q8_0_BLOCK + cols[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None],
+    )
 
 
 # ------------------------------------------------------------------ halves layout (q4_0, iq4_nl)
@@ -160,16 +166,20 @@ def _first_absmax(lo, hi, BLOCK: tl.constexpr):
     """(amax, signed value of the first element of largest |x|), +0 for an all-zero block (ggml)."""
     c = tl.arange(0, BLOCK // 2)[None, :]
     amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
-    first = tl.minimum(tl.min(tl.where(tl.abs(lo) == amax[:, None], c, BLOCK), axis=1),
-                       tl.min(tl.where(tl.abs(hi) == amax[:, None], c + BLOCK // 2, BLOCK), axis=1))
-    mx = tl.sum(tl.where(c == first[:, None], lo, 0.0), axis=1) + \
-        tl.sum(tl.where(c + BLOCK // 2 == first[:, None], hi, 0.0), axis=1)
+    first = tl.minimum(
+        tl.min(tl.where(tl.abs(lo) == amax[:, None], c, BLOCK), axis=1),
+        tl.min(tl.where(tl.abs(hi) == amax[:, None], c + BLOCK // 2, BLOCK), axis=1),
+    )
+    mx = tl.sum(tl.where(c == first[:, None], lo, 0.0), axis=1) + tl.sum(
+        tl.where(c + BLOCK // 2 == first[:, None], hi, 0.0), axis=1
+    )
     return amax, tl.where(amax > 0.0, mx, 0.0)
 
 
 @triton.jit
-def _store_halves(y_ptr, rows, rmask, d, qlo, qhi, BLOCK: tl.constexpr, BYTES: tl.constexpr,
-                  SCALE: tl.constexpr, QS: tl.constexpr):
+def _store_halves(
+    y_ptr, rows, rmask, d, qlo, qhi, BLOCK: tl.constexpr, BYTES: tl.constexpr, SCALE: tl.constexpr, QS: tl.constexpr
+):
     yb = y_ptr + rows.to(tl.int64) * BYTES
     _store_fp16_le(yb + SCALE, d, rmask)
     c = tl.arange(0, BLOCK // 2)
@@ -177,8 +187,9 @@ def _store_halves(y_ptr, rows, rmask, d, qlo, qhi, BLOCK: tl.constexpr, BYTES: t
 
 
 @triton.jit
-def _load_packed_halves(y_ptr, rows, rmask, BLOCK: tl.constexpr, BYTES: tl.constexpr, SCALE: tl.constexpr,
-                        QS: tl.constexpr):
+def _load_packed_halves(
+    y_ptr, rows, rmask, BLOCK: tl.constexpr, BYTES: tl.constexpr, SCALE: tl.constexpr, QS: tl.constexpr
+):
     yb = y_ptr + rows.to(tl.int64) * BYTES
     c = tl.arange(0, BLOCK // 2)
     b = tl.load(yb[:, None] + QS + c[None, :], mask=rmask[:, None], other=0).to(tl.int32)
@@ -211,8 +222,9 @@ def _dequantize_q4_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
     rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     rmask = rows < n_blocks
     d, qlo, qhi = _load_packed_halves(y_ptr, rows, rmask, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SCALE, Q4_0_QS)
-    _store_out_halves(out_ptr, rows, rmask, (qlo - 8).to(tl.float32) * d[:, None],
-                      (qhi - 8).to(tl.float32) * d[:, None], Q4_0_BLOCK)
+    _store_out_halves(
+        out_ptr, rows, rmask, (qlo - 8).to(tl.float32) * d[:, None], (qhi - 8).to(tl.float32) * d[:, None], Q4_0_BLOCK
+    )
 
 
 @triton.jit
@@ -252,8 +264,18 @@ def _quantize_iq4_nl(x_ptr, y_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
         best = tl.where(better, d * sumqx, best)
     scale = tl.where(live, d, 0.0)
     inv = _safe_recip(scale)[:, None]
-    _store_halves(y_ptr, rows, rmask, scale, _best_index_int8(lo * inv, cb_ptr),
-                  _best_index_int8(hi * inv, cb_ptr), IQ4_NL_BLOCK, IQ4_NL_BYTES, IQ4_NL_SCALE, IQ4_NL_QS)
+    _store_halves(
+        y_ptr,
+        rows,
+        rmask,
+        scale,
+        _best_index_int8(lo * inv, cb_ptr),
+        _best_index_int8(hi * inv, cb_ptr),
+        IQ4_NL_BLOCK,
+        IQ4_NL_BYTES,
+        IQ4_NL_SCALE,
+        IQ4_NL_QS,
+    )
 
 
 @triton.jit
@@ -261,8 +283,9 @@ def _dequantize_iq4_nl(y_ptr, out_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
     rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     rmask = rows < n_blocks
     d, qlo, qhi = _load_packed_halves(y_ptr, rows, rmask, IQ4_NL_BLOCK, IQ4_NL_BYTES, IQ4_NL_SCALE, IQ4_NL_QS)
-    _store_out_halves(out_ptr, rows, rmask, d[:, None] * tl.load(cb_ptr + qlo), d[:, None] * tl.load(cb_ptr + qhi),
-                      IQ4_NL_BLOCK)
+    _store_out_halves(
+        out_ptr, rows, rmask, d[:, None] * tl.load(cb_ptr + qlo), d[:, None] * tl.load(cb_ptr + qhi), IQ4_NL_BLOCK
+    )
 
 
 # ---------------------------------------------------------------------------------- RQ4
@@ -273,8 +296,8 @@ def _quantize_rq4(x_ptr, y_ptr, cb_ptr, n_blocks, BLOCKS: tl.constexpr):
     rmask = rows < n_blocks
     c = tl.arange(0, RQ4_BLOCK // 2)
     base = x_ptr + rows.to(tl.int64)[:, None] * RQ4_BLOCK + 2 * c[None, :]
-    ev = tl.load(base, mask=rmask[:, None], other=0.0)       # elements 2j   (low nibble of byte j)
-    od = tl.load(base + 1, mask=rmask[:, None], other=0.0)   # elements 2j+1 (high nibble)
+    ev = tl.load(base, mask=rmask[:, None], other=0.0)  # elements 2j   (low nibble of byte j)
+    od = tl.load(base + 1, mask=rmask[:, None], other=0.0)  # elements 2j+1 (high nibble)
     amax = tl.maximum(tl.max(tl.abs(ev), axis=1), tl.max(tl.abs(od), axis=1))
     d = tl.math.div_rn(amax, tl.zeros_like(amax) + tl.load(cb_ptr + RQ4_LEVELS - 1))
     big = d > 1e-10
@@ -328,8 +351,7 @@ def _quantize_tq2_0(x_ptr, y_ptr, n_blocks, BLOCKS: tl.constexpr):
     m = rmask[:, None]
     amax = tl.zeros((BLOCKS,), tl.float32)
     for lane in tl.static_range(TQ2_0_LANES):
-        amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_ptr + offs + TQ2_0_STRIDE * lane, mask=m, other=0.0)),
-                                       axis=1))
+        amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_ptr + offs + TQ2_0_STRIDE * lane, mask=m, other=0.0)), axis=1))
     inv = _safe_recip(amax)[:, None]
     q = tl.zeros(offs.shape, tl.int32)
     for lane in tl.static_range(TQ2_0_LANES):
@@ -357,10 +379,20 @@ def _dequantize_tq2_0(y_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------ launchers
-QUANTIZE_KERNELS = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "iq4_nl": _quantize_iq4_nl,
-                    "rq4": _quantize_rq4, "tq2_0": _quantize_tq2_0}
-DEQUANTIZE_KERNELS = {"q8_0": _dequantize_q8_0, "q4_0": _dequantize_q4_0, "iq4_nl": _dequantize_iq4_nl,
-                      "rq4": _dequantize_rq4, "tq2_0": _dequantize_tq2_0}
+QUANTIZE_KERNELS = {
+    "q8_0": _quantize_q8_0,
+    "q4_0": _quantize_q4_0,
+    "iq4_nl": _quantize_iq4_nl,
+    "rq4": _quantize_rq4,
+    "tq2_0": _quantize_tq2_0,
+}
+DEQUANTIZE_KERNELS = {
+    "q8_0": _dequantize_q8_0,
+    "q4_0": _dequantize_q4_0,
+    "iq4_nl": _dequantize_iq4_nl,
+    "rq4": _dequantize_rq4,
+    "tq2_0": _dequantize_tq2_0,
+}
 
 
 def launch_config(fmt: str, key: str) -> dict:
@@ -380,14 +412,16 @@ def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     f = get_format(fmt)
     src = x.to(torch.float32).contiguous()
     n_blocks = src.numel() // f.block_size
-    out = torch.empty((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), dtype=torch.uint8,
-                      device=x.device)
+    out = torch.empty(
+        (*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), dtype=torch.uint8, device=x.device
+    )
     if n_blocks == 0:
         return out
     cfg = _config(f.name, x.device)
     args = (src, out) + ((f.codebook_tensor(x.device),) if f.codebook is not None else ()) + (n_blocks,)
     QUANTIZE_KERNELS[f.name][(triton.cdiv(n_blocks, cfg["BLOCKS"]),)](
-        *args, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"], enable_fp_fusion=False)
+        *args, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"], enable_fp_fusion=False
+    )
     return out
 
 
@@ -399,7 +433,8 @@ def dequantize(blocks: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> tor
         cfg = _config(f.name, blocks.device)
         args = (blocks.contiguous(), out) + ((f.codebook_tensor(blocks.device),) if f.codebook is not None else ())
         DEQUANTIZE_KERNELS[f.name][(triton.cdiv(n_blocks, cfg["BLOCKS"]),)](
-            *args, n_blocks, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"])
+            *args, n_blocks, BLOCKS=cfg["BLOCKS"], num_warps=cfg["num_warps"]
+        )
     return out.to(dtype)
 
 
@@ -411,13 +446,29 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
         cfg = launch_config(name, arch)
         blocks = cfg["BLOCKS"]
         cb = {"cb_ptr": "*fp32"} if f.codebook is not None else {}
-        specs.append({"name": f"quantize_{name}", "fn": QUANTIZE_KERNELS[name],
-                      "signature": {"x_ptr": "*fp32", "y_ptr": "*u8", **cb, "n_blocks": "i32", "BLOCKS": "constexpr"},
-                      "constexprs": {"BLOCKS": blocks},
-                      "options": {"num_warps": cfg["num_warps"], "enable_fp_fusion": False}})
+        specs.append(
+            {
+                "name": f"quantize_{name}",
+                "fn": QUANTIZE_KERNELS[name],
+                "signature": {"x_ptr": "*fp32", "y_ptr": "*u8", **cb, "n_blocks": "i32", "BLOCKS": "constexpr"},
+                "constexprs": {"BLOCKS": blocks},
+                "options": {"num_warps": cfg["num_warps"], "enable_fp_fusion": False},
+            }
+        )
         for out_ty in ("fp32", "fp16", "bf16"):
-            specs.append({"name": f"dequantize_{name}_{out_ty}", "fn": DEQUANTIZE_KERNELS[name],
-                          "signature": {"y_ptr": "*u8", "out_ptr": f"*{out_ty}", **cb, "n_blocks": "i32",
-                                        "BLOCKS": "constexpr"},
-                          "constexprs": {"BLOCKS": blocks}, "options": {"num_warps": cfg["num_warps"]}})
+            specs.append(
+                {
+                    "name": f"dequantize_{name}_{out_ty}",
+                    "fn": DEQUANTIZE_KERNELS[name],
+                    "signature": {
+                        "y_ptr": "*u8",
+                        "out_ptr": f"*{out_ty}",
+                        **cb,
+                        "n_blocks": "i32",
+                        "BLOCKS": "constexpr",
+                    },
+                    "constexprs": {"BLOCKS": blocks},
+                    "options": {"num_warps": cfg["num_warps"]},
+                }
+            )
     return specs

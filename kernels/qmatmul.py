@@ -17,6 +17,7 @@ the matching order (element QK b + 2j / QK b + 2j + 1 for "pairs" layouts, QK b 
 
 Ragged M and N are masked; K must be a multiple of QK (whole blocks; the op layer says so).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,29 +31,39 @@ from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS, decode_table, four
 def _shared_geometry():
     """(weights per block, bytes per block, scale offset, index offset), the same for every 4-bit format the
     kernels take (they differ only in value table and nibble order, kernel arguments), read off the format table."""
-    geometries = {name: (lay.block_size, lay.bytes_per_block, lay.scale_offset, lay.qs_offset)
-                  for name, lay in ((n, four_bit_layout(n)) for n in QUANT_MATMUL_FORMATS)}
+    geometries = {
+        name: (lay.block_size, lay.bytes_per_block, lay.scale_offset, lay.qs_offset)
+        for name, lay in ((n, four_bit_layout(n)) for n in QUANT_MATMUL_FORMATS)
+    }
     if len(set(geometries.values())) != 1:
         raise ImportError(f"kernels/qmatmul.py decodes one block geometry; the 4-bit formats differ: {geometries}")
     return tuple(tl.constexpr(v) for v in next(iter(geometries.values())))
 
 
 QK, BLOCK_BYTES, SCALE_OFFSET, QS_OFFSET = _shared_geometry()
-HALF = tl.constexpr(QK // 2)   # index bytes per block: one nibble per weight
+HALF = tl.constexpr(QK // 2)  # index bytes per block: one nibble per weight
 GEMV_MAX_M = 8  # decode: up to 8 tokens take the GEMV path
 
 # Launch configurations per architecture, as data. gemv: BN output columns x NB blocks (QK weights each)
 # per step at M = 1 (NB shrinks as M grows, keeping the [M, BN, NB*HALF] product in registers).
 # gemm: BM x BN tiles, NB blocks per K step, GROUP_M for L2-friendly program order.
 LAUNCH_CONFIGS = {
-    "interpreter": {"gemv": {"BN": 8, "NB": 2, "num_warps": 1},
-                    "gemm": {"BM": 16, "BN": 16, "NB": 1, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}},
-    "gfx11": {"gemv": {"BN": 32, "NB": 4, "num_warps": 4},          # RDNA3 (RX 7800 XT), wave32
-              "gemm": {"BM": 64, "BN": 64, "NB": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 2}},
-    "sm90": {"gemv": {"BN": 32, "NB": 8, "num_warps": 4},           # Hopper
-             "gemm": {"BM": 128, "BN": 128, "NB": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}},
-    "default": {"gemv": {"BN": 32, "NB": 4, "num_warps": 4},
-                "gemm": {"BM": 64, "BN": 64, "NB": 2, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}},
+    "interpreter": {
+        "gemv": {"BN": 8, "NB": 2, "num_warps": 1},
+        "gemm": {"BM": 16, "BN": 16, "NB": 1, "GROUP_M": 2, "num_warps": 1, "num_stages": 1},
+    },
+    "gfx11": {
+        "gemv": {"BN": 32, "NB": 4, "num_warps": 4},  # RDNA3 (RX 7800 XT), wave32
+        "gemm": {"BM": 64, "BN": 64, "NB": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 2},
+    },
+    "sm90": {
+        "gemv": {"BN": 32, "NB": 8, "num_warps": 4},  # Hopper
+        "gemm": {"BM": 128, "BN": 128, "NB": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    },
+    "default": {
+        "gemv": {"BN": 32, "NB": 4, "num_warps": 4},
+        "gemm": {"BM": 64, "BN": 64, "NB": 2, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+    },
 }
 # GEMV split-K aims for this many programs per compute unit (enough waves in flight to cover DRAM latency).
 PROGRAMS_PER_CU = 8
@@ -60,8 +71,9 @@ PROGRAMS_PER_CU = 8
 
 # ------------------------------------------------------------------------------------ helpers
 @triton.jit
-def _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS: tl.constexpr,
-                 BN: tl.constexpr, NB: tl.constexpr):
+def _decode_tile(
+    w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr
+):
     """Blocks kb0 .. kb0+NB-1 of rows `rn`, decoded to fp32: (w_lo, w_hi) [BN, NB*HALF] holding the low and
     high nibbles' weights, their K offsets k_lo, k_hi [NB*HALF], and the K mask [NB*HALF]."""
     j = tl.arange(0, HALF)
@@ -69,10 +81,10 @@ def _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS: tl.co
     bmask = b < kb_end
     m3 = nmask[:, None, None] & bmask[None, :, None]
     blk = w_ptr + rn.to(tl.int64)[:, None, None] * row_bytes + (b * BLOCK_BYTES)[None, :, None]  # [BN, NB, 1]
-    q = tl.load(blk + QS_OFFSET + j[None, None, :], mask=m3, other=0).to(tl.int32)              # [BN, NB, HALF]
+    q = tl.load(blk + QS_OFFSET + j[None, None, :], mask=m3, other=0).to(tl.int32)  # [BN, NB, HALF]
     lo16 = tl.load(blk + SCALE_OFFSET, mask=m3, other=0).to(tl.uint16)
     hi16 = tl.load(blk + SCALE_OFFSET + 1, mask=m3, other=0).to(tl.uint16)
-    d = (lo16 | (hi16 << 8)).to(tl.float16, bitcast=True).to(tl.float32)                         # [BN, NB, 1]
+    d = (lo16 | (hi16 << 8)).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, NB, 1]
     w_lo = tl.reshape(tl.load(lut_ptr + (q & 0xF)) * d, (BN, NB * HALF))
     w_hi = tl.reshape(tl.load(lut_ptr + (q >> 4)) * d, (BN, NB * HALF))
     c = tl.arange(0, NB * HALF)
@@ -88,8 +100,21 @@ def _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS: tl.co
 
 # --------------------------------------------------------------------------------------- GEMV
 @triton.jit
-def _qmm_gemv(x_ptr, w_ptr, lut_ptr, part_ptr, M, N, K, stride_xm, kb_per_split,
-              PAIRS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+def _qmm_gemv(
+    x_ptr,
+    w_ptr,
+    lut_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    kb_per_split,
+    PAIRS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+):
     """part[pid_k, m, n] = sum over this program's K range of x[m, k] * w[n, k] (fp32)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -102,8 +127,7 @@ def _qmm_gemv(x_ptr, w_ptr, lut_ptr, part_ptr, M, N, K, stride_xm, kb_per_split,
     kb_end = tl.minimum(kb_start + kb_per_split, K // QK)
     acc = tl.zeros((BM, BN), tl.float32)
     for kb0 in range(kb_start, kb_end, NB):
-        w_lo, w_hi, k_lo, k_hi, kmask = _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes,
-                                                     PAIRS, BN, NB)
+        w_lo, w_hi, k_lo, k_hi, kmask = _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_end, row_bytes, PAIRS, BN, NB)
         xm = mmask[:, None] & kmask[None, :]
         xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
         x_lo = tl.load(xrow + k_lo[None, :], mask=xm, other=0.0).to(tl.float32)
@@ -115,9 +139,23 @@ def _qmm_gemv(x_ptr, w_ptr, lut_ptr, part_ptr, M, N, K, stride_xm, kb_per_split,
 
 # --------------------------------------------------------------------------------------- GEMM
 @triton.jit
-def _qmm_gemm(x_ptr, w_ptr, lut_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-              PAIRS: tl.constexpr, DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              NB: tl.constexpr, GROUP_M: tl.constexpr):
+def _qmm_gemm(
+    x_ptr,
+    w_ptr,
+    lut_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    PAIRS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
@@ -135,8 +173,7 @@ def _qmm_gemm(x_ptr, w_ptr, lut_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BM, BN), tl.float32)
     for kb0 in range(0, kb_total, NB):
-        w_lo, w_hi, k_lo, k_hi, kmask = _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_total, row_bytes,
-                                                     PAIRS, BN, NB)
+        w_lo, w_hi, k_lo, k_hi, kmask = _decode_tile(w_ptr, lut_ptr, rn, nmask, kb0, kb_total, row_bytes, PAIRS, BN, NB)
         xm = mmask[:, None] & kmask[None, :]
         x_lo = tl.load(xrow + k_lo[None, :], mask=xm, other=0.0)
         x_hi = tl.load(xrow + k_hi[None, :], mask=xm, other=0.0)
@@ -176,8 +213,14 @@ def choose_split_k(n_tiles: int, k_blocks: int, nb: int, device: torch.device) -
     return max(1, min(want, -(-k_blocks // nb)))
 
 
-def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int,
-                 path: str | None = None, split_k: int | None = None) -> torch.Tensor:
+def quant_matmul(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    fmt: str,
+    out_features: int,
+    path: str | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
     """x [M, K] (fp32/fp16/bf16, K a multiple of the block) @ dequantize(blocks [N, K/QK*BLOCK_BYTES])^T -> [M, N].
 
     `path` ("gemv" or "gemm") and `split_k` override the automatic choice (M <= 8 -> gemv), for tests."""
@@ -204,18 +247,46 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: 
         kb_per_split = triton.cdiv(triton.cdiv(k_blocks, split), cfg["NB"]) * cfg["NB"]
         split = triton.cdiv(k_blocks, kb_per_split)
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        _qmm_gemv[(n_tiles, split)](x, blocks, lut, part, m, n, k, x.stride(0), kb_per_split,
-                                    PAIRS=layout.pairs, BM=cfg["BM"], BN=cfg["BN"], NB=cfg["NB"],
-                                    num_warps=cfg["num_warps"])
+        _qmm_gemv[(n_tiles, split)](
+            x,
+            blocks,
+            lut,
+            part,
+            m,
+            n,
+            k,
+            x.stride(0),
+            kb_per_split,
+            PAIRS=layout.pairs,
+            BM=cfg["BM"],
+            BN=cfg["BN"],
+            NB=cfg["NB"],
+            num_warps=cfg["num_warps"],
+        )
         return (part[0] if split == 1 else part.sum(0)).to(x.dtype)
     if path != "gemm":
         raise ValueError(f"unknown path {path!r}; paths: gemv, gemm")
     cfg = gemm_config(key)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-    _qmm_gemm[grid](x, blocks, lut, out, m, n, k, x.stride(0), out.stride(0),
-                    PAIRS=layout.pairs, DOT_FP32=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"],
-                    NB=cfg["NB"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"])
+    _qmm_gemm[grid](
+        x,
+        blocks,
+        lut,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        PAIRS=layout.pairs,
+        DOT_FP32=x.dtype == torch.float32,
+        BM=cfg["BM"],
+        BN=cfg["BN"],
+        NB=cfg["NB"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return out
 
 
@@ -228,21 +299,60 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
             pairs = four_bit_layout(fmt).pairs
             for m in (1, GEMV_MAX_M):
                 cfg = gemv_config(m, arch)
-                specs.append({
-                    "name": f"qmm_gemv_{fmt}_{act}_m{m}", "fn": _qmm_gemv,
-                    "signature": {"x_ptr": f"*{act}", "w_ptr": "*u8", "lut_ptr": "*fp32", "part_ptr": "*fp32",
-                                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "kb_per_split": "i32",
-                                  "PAIRS": "constexpr", "BM": "constexpr", "BN": "constexpr", "NB": "constexpr"},
-                    "constexprs": {"PAIRS": pairs, "BM": cfg["BM"], "BN": cfg["BN"], "NB": cfg["NB"]},
-                    "options": {"num_warps": cfg["num_warps"]}})
-            specs.append({
-                "name": f"qmm_gemm_{fmt}_{act}", "fn": _qmm_gemm,
-                "signature": {"x_ptr": f"*{act}", "w_ptr": "*u8", "lut_ptr": "*fp32", "out_ptr": f"*{act}",
-                              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
-                              "PAIRS": "constexpr", "DOT_FP32": "constexpr", "BM": "constexpr",
-                              "BN": "constexpr", "NB": "constexpr", "GROUP_M": "constexpr"},
-                "constexprs": {"PAIRS": pairs, "DOT_FP32": False, "BM": gemm["BM"], "BN": gemm["BN"],
-                               "NB": gemm["NB"], "GROUP_M": gemm["GROUP_M"]},
-                "options": {"num_warps": gemm["num_warps"], "num_stages": gemm["num_stages"]},
-                "expects_matrix_instructions": True})
+                specs.append(
+                    {
+                        "name": f"qmm_gemv_{fmt}_{act}_m{m}",
+                        "fn": _qmm_gemv,
+                        "signature": {
+                            "x_ptr": f"*{act}",
+                            "w_ptr": "*u8",
+                            "lut_ptr": "*fp32",
+                            "part_ptr": "*fp32",
+                            "M": "i32",
+                            "N": "i32",
+                            "K": "i32",
+                            "stride_xm": "i32",
+                            "kb_per_split": "i32",
+                            "PAIRS": "constexpr",
+                            "BM": "constexpr",
+                            "BN": "constexpr",
+                            "NB": "constexpr",
+                        },
+                        "constexprs": {"PAIRS": pairs, "BM": cfg["BM"], "BN": cfg["BN"], "NB": cfg["NB"]},
+                        "options": {"num_warps": cfg["num_warps"]},
+                    }
+                )
+            specs.append(
+                {
+                    "name": f"qmm_gemm_{fmt}_{act}",
+                    "fn": _qmm_gemm,
+                    "signature": {
+                        "x_ptr": f"*{act}",
+                        "w_ptr": "*u8",
+                        "lut_ptr": "*fp32",
+                        "out_ptr": f"*{act}",
+                        "M": "i32",
+                        "N": "i32",
+                        "K": "i32",
+                        "stride_xm": "i32",
+                        "stride_om": "i32",
+                        "PAIRS": "constexpr",
+                        "DOT_FP32": "constexpr",
+                        "BM": "constexpr",
+                        "BN": "constexpr",
+                        "NB": "constexpr",
+                        "GROUP_M": "constexpr",
+                    },
+                    "constexprs": {
+                        "PAIRS": pairs,
+                        "DOT_FP32": False,
+                        "BM": gemm["BM"],
+                        "BN": gemm["BN"],
+                        "NB": gemm["NB"],
+                        "GROUP_M": gemm["GROUP_M"],
+                    },
+                    "options": {"num_warps": gemm["num_warps"], "num_stages": gemm["num_stages"]},
+                    "expects_matrix_instructions": True,
+                }
+            )
     return specs

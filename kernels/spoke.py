@@ -19,6 +19,7 @@ dW_up = c dyᵀ silu(z) and dW_down = (dz ⊙ rs)ᵀ h ⊙ g run on felix.ops.ke
 Dots take the operands in h's dtype (fp16/bf16 matrix units, fp32 as IEEE, never tf32; fp64 for gradient
 checks); accumulation and elementwise math in fp32 (fp64 for fp64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ from felix.ops.reference.spoke import MAX_WIDTH  # n_spokes * rank: the bottlene
 
 from .lowrank import gemm  # relative: kernels/ installs as felix.ops.kernels, and a source checkout has it as kernels
 
-RK_CHUNK = 64    # the dh sweep's K-chunk over the bottleneck
+RK_CHUNK = 64  # the dh sweep's K-chunk over the bottleneck
 
 LAUNCH_CONFIGS = {
     "interpreter": {"BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 1, "num_stages": 1},
@@ -46,9 +47,30 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _spoke_fwd(h_ptr, g_ptr, wd_ptr, wu_ptr, gb_ptr, y_ptr, z_ptr, rs_ptr, M, D, R, inv_spokes, eps,
-               s_hm, s_wdr, s_wud, s_ym, s_zm,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACC_FP64: tl.constexpr):
+def _spoke_fwd(
+    h_ptr,
+    g_ptr,
+    wd_ptr,
+    wu_ptr,
+    gb_ptr,
+    y_ptr,
+    z_ptr,
+    rs_ptr,
+    M,
+    D,
+    R,
+    inv_spokes,
+    eps,
+    s_hm,
+    s_wdr,
+    s_wud,
+    s_ym,
+    s_zm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     acc_t = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
     rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -59,8 +81,9 @@ def _spoke_fwd(h_ptr, g_ptr, wd_ptr, wu_ptr, gb_ptr, y_ptr, z_ptr, rs_ptr, M, D,
     ss = tl.zeros((BLOCK_M,), dtype=acc_t)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(h_ptr + rm[:, None] * s_hm + dd[None, :], mask=mmask[:, None] & (dd[None, :] < D),
-                    other=0.0).to(acc_t)
+        x = tl.load(h_ptr + rm[:, None] * s_hm + dd[None, :], mask=mmask[:, None] & (dd[None, :] < D), other=0.0).to(
+            acc_t
+        )
         ss += tl.sum(x * x, 1)
     rs = 1.0 / tl.sqrt(ss / D + eps)
     tl.store(rs_ptr + rm, rs, mask=mmask)
@@ -89,10 +112,28 @@ def _spoke_fwd(h_ptr, g_ptr, wd_ptr, wu_ptr, gb_ptr, y_ptr, z_ptr, rs_ptr, M, D,
 
 
 @triton.jit
-def _spoke_bwd_bottleneck(dy_ptr, h_ptr, wu_ptr, gb_ptr, z_ptr, dz_ptr, dzc_ptr, ap_ptr, M, D, R, inv_spokes,
-                          s_dym, s_wud, s_zm, s_dzm,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                          ACC_FP64: tl.constexpr):
+def _spoke_bwd_bottleneck(
+    dy_ptr,
+    h_ptr,
+    wu_ptr,
+    gb_ptr,
+    z_ptr,
+    dz_ptr,
+    dzc_ptr,
+    ap_ptr,
+    M,
+    D,
+    R,
+    inv_spokes,
+    s_dym,
+    s_wud,
+    s_zm,
+    s_dzm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     """Per BLOCK_M rows: P = dy W_up, then dz = c P silu'(z) (stored in the accumulation dtype for dW_down and in
     h's dtype for the dh sweep) and the per-row a·P of dgate."""
     acc_t = tl.float64 if ACC_FP64 else tl.float32
@@ -112,7 +153,7 @@ def _spoke_bwd_bottleneck(dy_ptr, h_ptr, wu_ptr, gb_ptr, z_ptr, dz_ptr, dzc_ptr,
     z = tl.load(z_ptr + rm[:, None] * s_zm + rr[None, :], mask=m2, other=0.0)
     sz = _sigmoid(z)
     a = (z * sz).to(h_ptr.dtype.element_ty).to(acc_t)
-    tl.store(ap_ptr + rm, tl.sum(a * p, 1), mask=mmask)          # dgate = Σ rows * c (1 - sigmoid(gb))
+    tl.store(ap_ptr + rm, tl.sum(a * p, 1), mask=mmask)  # dgate = Σ rows * c (1 - sigmoid(gb))
     c = _sigmoid(tl.load(gb_ptr).to(acc_t)) * inv_spokes
     dz = c * p * (sz * (1.0 + z * (1.0 - sz)))
     tl.store(dz_ptr + rm[:, None] * s_dzm + rr[None, :], dz, mask=m2)
@@ -120,8 +161,21 @@ def _spoke_bwd_bottleneck(dy_ptr, h_ptr, wu_ptr, gb_ptr, z_ptr, dz_ptr, dzc_ptr,
 
 
 @triton.jit
-def _dz_wd_tile(dzc_ptr, wd_ptr, rm, mmask, dd, dmask, R, s_dzm, s_wdr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RK: tl.constexpr, acc_t: tl.constexpr):
+def _dz_wd_tile(
+    dzc_ptr,
+    wd_ptr,
+    rm,
+    mmask,
+    dd,
+    dmask,
+    R,
+    s_dzm,
+    s_wdr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    acc_t: tl.constexpr,
+):
     """(dz W_down)[rows, dd], K-looped over the bottleneck in BLOCK_RK chunks (read from L2, not held whole)."""
     dn = tl.zeros((BLOCK_M, BLOCK_D), dtype=acc_t)
     for r0 in range(0, R, BLOCK_RK):
@@ -134,9 +188,28 @@ def _dz_wd_tile(dzc_ptr, wd_ptr, rm, mmask, dd, dmask, R, s_dzm, s_wdr,
 
 
 @triton.jit
-def _spoke_bwd_norm(dy_ptr, h_ptr, g_ptr, wd_ptr, dzc_ptr, rs_ptr, dh_ptr, dg_ptr, M, D, R,
-                    s_dym, s_hm, s_wdr, s_dzm, s_dhm,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RK: tl.constexpr, ACC_FP64: tl.constexpr):
+def _spoke_bwd_norm(
+    dy_ptr,
+    h_ptr,
+    g_ptr,
+    wd_ptr,
+    dzc_ptr,
+    rs_ptr,
+    dh_ptr,
+    dg_ptr,
+    M,
+    D,
+    R,
+    s_dym,
+    s_hm,
+    s_wdr,
+    s_dzm,
+    s_dhm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     """Per BLOCK_M rows, two sweeps over d: q·h (q = (dz W_down) g, needed whole before the RMSNorm backward),
     then dh = dy + rs q - h rs³ (q·h)/d with dz W_down recomputed per tile (R-thin: cheaper than a round trip
     through memory), and this block's partial column sums of dnorm_weight."""
@@ -151,8 +224,7 @@ def _spoke_bwd_norm(dy_ptr, h_ptr, g_ptr, wd_ptr, dzc_ptr, rs_ptr, dh_ptr, dg_pt
         dmask = dd < D
         dn = _dz_wd_tile(dzc_ptr, wd_ptr, rm, mmask, dd, dmask, R, s_dzm, s_wdr, BLOCK_M, BLOCK_D, BLOCK_RK, acc_t)
         g = tl.load(g_ptr + dd, mask=dmask, other=0.0).to(acc_t)
-        x = tl.load(h_ptr + rm[:, None] * s_hm + dd[None, :], mask=mmask[:, None] & dmask[None, :],
-                    other=0.0).to(acc_t)
+        x = tl.load(h_ptr + rm[:, None] * s_hm + dd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(acc_t)
         qh += tl.sum(dn * g[None, :] * x, 1)
     coef = rs * rs * rs * qh / D
     for d0 in range(0, D, BLOCK_D):
@@ -181,18 +253,42 @@ def forward(h, norm_weight, w_down, w_up, gate_bias, n_spokes: int, eps: float):
     M, D = h.shape
     R = w_down.shape[0]
     if R > MAX_WIDTH:
-        raise ValueError(f"n_spokes * spoke_rank = {R} > {MAX_WIDTH}: the fused spoke kernel holds the bottleneck "
-                         f"in one register tile")
+        raise ValueError(
+            f"n_spokes * spoke_rank = {R} > {MAX_WIDTH}: the fused spoke kernel holds the bottleneck "
+            f"in one register tile"
+        )
     cfg = LAUNCH_CONFIGS[arch_key(h.device)]
     acc = _acc_dtype(h.dtype)
     y = torch.empty_like(h)
     z = torch.empty(M, R, dtype=acc, device=h.device)
     rs = torch.empty(M, dtype=acc, device=h.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _spoke_fwd[grid](h, norm_weight.to(acc).contiguous(), w_down, w_up, gate_bias.to(acc).contiguous(), y, z, rs,
-                     M, D, R, 1.0 / n_spokes, eps, h.stride(0), w_down.stride(0), w_up.stride(0), y.stride(0),
-                     z.stride(0), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_R=block_r(R),
-                     ACC_FP64=acc == torch.float64, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _spoke_fwd[grid](
+        h,
+        norm_weight.to(acc).contiguous(),
+        w_down,
+        w_up,
+        gate_bias.to(acc).contiguous(),
+        y,
+        z,
+        rs,
+        M,
+        D,
+        R,
+        1.0 / n_spokes,
+        eps,
+        h.stride(0),
+        w_down.stride(0),
+        w_up.stride(0),
+        y.stride(0),
+        z.stride(0),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_R=block_r(R),
+        ACC_FP64=acc == torch.float64,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     return y, z, rs
 
 
@@ -210,22 +306,67 @@ def backward(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes: int):
     dz_compute = torch.empty(M, R, dtype=h.dtype, device=h.device)
     ap = torch.empty(M, dtype=acc, device=h.device)
     dg_part = torch.empty(grid_m, D, dtype=acc, device=h.device)
-    meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_R=block_r(R), ACC_FP64=acc == torch.float64,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _spoke_bwd_bottleneck[(grid_m,)](dy, h, w_up, gb, z, dz, dz_compute, ap, M, D, R, 1.0 / n_spokes,
-                                     dy.stride(0), w_up.stride(0), z.stride(0), dz.stride(0), **meta)
+    meta = dict(
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_R=block_r(R),
+        ACC_FP64=acc == torch.float64,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    _spoke_bwd_bottleneck[(grid_m,)](
+        dy,
+        h,
+        w_up,
+        gb,
+        z,
+        dz,
+        dz_compute,
+        ap,
+        M,
+        D,
+        R,
+        1.0 / n_spokes,
+        dy.stride(0),
+        w_up.stride(0),
+        z.stride(0),
+        dz.stride(0),
+        **meta,
+    )
     meta = dict(meta)
     norm_meta = {**meta, "BLOCK_RK": min(meta.pop("BLOCK_R"), RK_CHUNK)}
-    _spoke_bwd_norm[(grid_m,)](dy, h, g, w_down, dz_compute, rs, dh, dg_part, M, D, R, dy.stride(0), h.stride(0),
-                               w_down.stride(0), dz_compute.stride(0), dh.stride(0), **norm_meta)
+    _spoke_bwd_norm[(grid_m,)](
+        dy,
+        h,
+        g,
+        w_down,
+        dz_compute,
+        rs,
+        dh,
+        dg_part,
+        M,
+        D,
+        R,
+        dy.stride(0),
+        h.stride(0),
+        w_down.stride(0),
+        dz_compute.stride(0),
+        dh.stride(0),
+        **norm_meta,
+    )
     sig = torch.sigmoid(gb.reshape(()))
     c = sig / n_spokes
     a = torch.nn.functional.silu(z).to(h.dtype)
-    dwu = gemm(dy.t(), a, out_dtype=acc) * c                               # c dyᵀ silu(z)      [d, R]
+    dwu = gemm(dy.t(), a, out_dtype=acc) * c  # c dyᵀ silu(z)      [d, R]
     dwd = gemm((dz * rs[:, None]).to(h.dtype).t(), h, out_dtype=acc) * g  # (dz rs)ᵀ h ⊙ g     [R, d]
     dgate = ap.sum() * c * (1 - sig)
-    return (dh, dg_part.sum(0).to(norm_weight.dtype), dwd.to(w_down.dtype), dwu.to(w_up.dtype),
-            dgate.reshape(gate_bias.shape).to(gate_bias.dtype))
+    return (
+        dh,
+        dg_part.sum(0).to(norm_weight.dtype),
+        dwd.to(w_down.dtype),
+        dwu.to(w_up.dtype),
+        dgate.reshape(gate_bias.shape).to(gate_bias.dtype),
+    )
 
 
 def aot_specs(arch: str = "gfx11") -> list[dict]:
@@ -236,28 +377,105 @@ def aot_specs(arch: str = "gfx11") -> list[dict]:
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     specs = []
     for dt in ("fp16", "bf16"):
-        fwd_sig = {"h_ptr": f"*{dt}", "g_ptr": "*fp32", "wd_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "gb_ptr": "*fp32",
-                   "y_ptr": f"*{dt}", "z_ptr": "*fp32", "rs_ptr": "*fp32", "M": "i32", "D": "i32", "R": "i32",
-                   "inv_spokes": "fp32", "eps": "fp32", "s_hm": "i32", "s_wdr": "i32", "s_wud": "i32", "s_ym": "i32",
-                   "s_zm": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_R": "constexpr",
-                   "ACC_FP64": "constexpr"}
-        specs.append({"name": f"spoke_fwd_{dt}", "fn": _spoke_fwd, "signature": fwd_sig, "constexprs": common,
-                      "options": opts, "aligned": ["h_ptr", "g_ptr", "wd_ptr", "wu_ptr", "y_ptr", "z_ptr", "rs_ptr"],
-                      "expects_matrix_instructions": True})
-        bott_sig = {"dy_ptr": f"*{dt}", "h_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "gb_ptr": "*fp32", "z_ptr": "*fp32",
-                    "dz_ptr": "*fp32", "dzc_ptr": f"*{dt}", "ap_ptr": "*fp32", "M": "i32", "D": "i32", "R": "i32",
-                    "inv_spokes": "fp32", "s_dym": "i32", "s_wud": "i32", "s_zm": "i32", "s_dzm": "i32",
-                    "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_R": "constexpr", "ACC_FP64": "constexpr"}
-        specs.append({"name": f"spoke_bwd_bottleneck_{dt}", "fn": _spoke_bwd_bottleneck, "signature": bott_sig,
-                      "constexprs": common, "options": opts,
-                      "aligned": ["dy_ptr", "h_ptr", "wu_ptr", "z_ptr", "dz_ptr", "dzc_ptr"],
-                      "expects_matrix_instructions": True})
-        norm_sig = {"dy_ptr": f"*{dt}", "h_ptr": f"*{dt}", "g_ptr": "*fp32", "wd_ptr": f"*{dt}", "dzc_ptr": f"*{dt}",
-                    "rs_ptr": "*fp32", "dh_ptr": f"*{dt}", "dg_ptr": "*fp32", "M": "i32", "D": "i32", "R": "i32",
-                    "s_dym": "i32", "s_hm": "i32", "s_wdr": "i32", "s_dzm": "i32", "s_dhm": "i32",
-                    "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_RK": "constexpr", "ACC_FP64": "constexpr"}
-        specs.append({"name": f"spoke_bwd_norm_{dt}", "fn": _spoke_bwd_norm, "signature": norm_sig,
-                      "constexprs": {**{k: v for k, v in common.items() if k != "BLOCK_R"}, "BLOCK_RK": RK_CHUNK}, "options": opts,
-                      "aligned": ["dy_ptr", "h_ptr", "g_ptr", "wd_ptr", "dzc_ptr", "dh_ptr", "dg_ptr"],
-                      "expects_matrix_instructions": True})
+        fwd_sig = {
+            "h_ptr": f"*{dt}",
+            "g_ptr": "*fp32",
+            "wd_ptr": f"*{dt}",
+            "wu_ptr": f"*{dt}",
+            "gb_ptr": "*fp32",
+            "y_ptr": f"*{dt}",
+            "z_ptr": "*fp32",
+            "rs_ptr": "*fp32",
+            "M": "i32",
+            "D": "i32",
+            "R": "i32",
+            "inv_spokes": "fp32",
+            "eps": "fp32",
+            "s_hm": "i32",
+            "s_wdr": "i32",
+            "s_wud": "i32",
+            "s_ym": "i32",
+            "s_zm": "i32",
+            "BLOCK_M": "constexpr",
+            "BLOCK_D": "constexpr",
+            "BLOCK_R": "constexpr",
+            "ACC_FP64": "constexpr",
+        }
+        specs.append(
+            {
+                "name": f"spoke_fwd_{dt}",
+                "fn": _spoke_fwd,
+                "signature": fwd_sig,
+                "constexprs": common,
+                "options": opts,
+                "aligned": ["h_ptr", "g_ptr", "wd_ptr", "wu_ptr", "y_ptr", "z_ptr", "rs_ptr"],
+                "expects_matrix_instructions": True,
+            }
+        )
+        bott_sig = {
+            "dy_ptr": f"*{dt}",
+            "h_ptr": f"*{dt}",
+            "wu_ptr": f"*{dt}",
+            "gb_ptr": "*fp32",
+            "z_ptr": "*fp32",
+            "dz_ptr": "*fp32",
+            "dzc_ptr": f"*{dt}",
+            "ap_ptr": "*fp32",
+            "M": "i32",
+            "D": "i32",
+            "R": "i32",
+            "inv_spokes": "fp32",
+            "s_dym": "i32",
+            "s_wud": "i32",
+            "s_zm": "i32",
+            "s_dzm": "i32",
+            "BLOCK_M": "constexpr",
+            "BLOCK_D": "constexpr",
+            "BLOCK_R": "constexpr",
+            "ACC_FP64": "constexpr",
+        }
+        specs.append(
+            {
+                "name": f"spoke_bwd_bottleneck_{dt}",
+                "fn": _spoke_bwd_bottleneck,
+                "signature": bott_sig,
+                "constexprs": common,
+                "options": opts,
+                "aligned": ["dy_ptr", "h_ptr", "wu_ptr", "z_ptr", "dz_ptr", "dzc_ptr"],
+                "expects_matrix_instructions": True,
+            }
+        )
+        norm_sig = {
+            "dy_ptr": f"*{dt}",
+            "h_ptr": f"*{dt}",
+            "g_ptr": "*fp32",
+            "wd_ptr": f"*{dt}",
+            "dzc_ptr": f"*{dt}",
+            "rs_ptr": "*fp32",
+            "dh_ptr": f"*{dt}",
+            "dg_ptr": "*fp32",
+            "M": "i32",
+            "D": "i32",
+            "R": "i32",
+            "s_dym": "i32",
+            "s_hm": "i32",
+            "s_wdr": "i32",
+            "s_dzm": "i32",
+            "s_dhm": "i32",
+            "BLOCK_M": "constexpr",
+            "BLOCK_D": "constexpr",
+            "BLOCK_RK": "constexpr",
+            "ACC_FP64": "constexpr",
+        }
+        specs.append(
+            {
+                "name": f"spoke_bwd_norm_{dt}",
+                "fn": _spoke_bwd_norm,
+                "signature": norm_sig,
+                "constexprs": {**{k: v for k, v in common.items() if k != "BLOCK_R"}, "BLOCK_RK": RK_CHUNK},
+                "options": opts,
+                "aligned": ["dy_ptr", "h_ptr", "g_ptr", "wd_ptr", "dzc_ptr", "dh_ptr", "dg_ptr"],
+                "expects_matrix_instructions": True,
+            }
+        )
     return specs

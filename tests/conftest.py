@@ -1,4 +1,5 @@
 """Shared test fixtures: fresh seeds, isolated Triton workers, tier markers, the AOT report."""
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ try:
     _hypothesis_settings.load_profile("felix-explore" if EXPLORING else "felix-ci")
 except ImportError:  # hypothesis comes with `setup.sh --test`; the property tests import it themselves
     pass
+
 
 # Test tiers follow file names, so a new op's tests land in the right tier by naming alone:
 # test_<op>_triton.py -> interpreter, test_aot*.py -> aot, test_<op>_ggml.py / test_*llamacpp*.py ->

@@ -1,6 +1,7 @@
 """Every file a user can hand Felix, broken or hostile: an error that names the file and the problem (`felix`
 exits 2), never a traceback, a hang, a terabyte allocation, a dead interpreter, an overwritten input or code run
 from the file. One tiny checkpoint (tokenizer, splices) and its F32 GGUF serve every case."""
+
 import hashlib
 import json
 import os
@@ -16,8 +17,16 @@ from safetensors.torch import save_file
 
 from felix.cli.main import main
 from felix.testing.payload import PicklePayload, pickle_payload
-from felix.model.felix_lm import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, FelixConfig, FelixLM, load_checkpoint, \
-    load_config, save_checkpoint
+from felix.model.felix_lm import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    FelixConfig,
+    FelixLM,
+    load_checkpoint,
+    load_config,
+    save_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +62,22 @@ def _tiny_checkpoint(directory):
     return save_checkpoint(directory, FelixLM(cfg))
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("n_layer", 1_000_000, "n_layer 1000000 exceeds"),
-    ("vocab_size", 2 ** 40, "vocab_size 1099511627776 exceeds"),
-    ("d_model", 2 ** 33, "d_model 8589934592 exceeds"),
-    ("n_head", 0, "n_head 0 and n_kv_head 1 must be positive"),
-    ("n_kv_head", 0, "must be positive"),
-    ("n_head", 3, "d_model 32 is not a multiple of n_head 3"),
-    ("n_layer", "4", "n_layer must be an integer, got '4'"),
-    ("d_model", 32.0, "d_model must be an integer"),
-    ("tie_embeddings", "yes", "tie_embeddings must be true or false"),
-    ("norm_eps", -1.0, "norm_eps must be a positive finite number"),
-    ("splice_layers", "all", "splice_layers must be null or a list"),
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("n_layer", 1_000_000, "n_layer 1000000 exceeds"),
+        ("vocab_size", 2**40, "vocab_size 1099511627776 exceeds"),
+        ("d_model", 2**33, "d_model 8589934592 exceeds"),
+        ("n_head", 0, "n_head 0 and n_kv_head 1 must be positive"),
+        ("n_kv_head", 0, "must be positive"),
+        ("n_head", 3, "d_model 32 is not a multiple of n_head 3"),
+        ("n_layer", "4", "n_layer must be an integer, got '4'"),
+        ("d_model", 32.0, "d_model must be an integer"),
+        ("tie_embeddings", "yes", "tie_embeddings must be true or false"),
+        ("norm_eps", -1.0, "norm_eps must be a positive finite number"),
+        ("splice_layers", "all", "splice_layers must be null or a list"),
+    ],
+)
 def test_config_json_hyperparameters_are_checked(tmp_path, field, value, fragment):
     directory = _tiny_checkpoint(tmp_path / "ck")
     cfg = json.loads((directory / CONFIG_FILE).read_text())
@@ -81,13 +93,15 @@ def test_config_that_its_weights_do_not_hold_is_refused_before_building(tmp_path
     is, so the config is refused before a model of its size is allocated."""
     directory = _tiny_checkpoint(tmp_path / "ck")
     cfg = json.loads((directory / CONFIG_FILE).read_text())
-    (directory / CONFIG_FILE).write_text(json.dumps({**cfg, "vocab_size": 4_000_000, "d_model": 65536,
-                                                     "n_head": 512, "n_kv_head": 256, "n_layer": 1024}))
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({**cfg, "vocab_size": 4_000_000, "d_model": 65536, "n_head": 512, "n_kv_head": 256, "n_layer": 1024})
+    )
     with pytest.raises(CheckpointError, match="does not fit the model") as e:
         load_checkpoint(directory)
     assert str(directory / WEIGHTS_FILE) in str(e.value) and "n_layer 1024, the file holds blk.0..blk.1" in str(e.value)
-    (directory / CONFIG_FILE).write_text(json.dumps({**cfg, "vocab_size": 4_000_000, "d_model": 65536,
-                                                     "n_head": 512, "n_kv_head": 256}))
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({**cfg, "vocab_size": 4_000_000, "d_model": 65536, "n_head": 512, "n_kv_head": 256})
+    )
     with pytest.raises(CheckpointError, match=r"token_embd.weight is \(64, 32\), its config says vocab_size 4000000"):
         load_checkpoint(directory)
     (directory / CONFIG_FILE).write_text(json.dumps({**cfg, "ffn_hidden": 262144}))
@@ -97,8 +111,11 @@ def test_config_that_its_weights_do_not_hold_is_refused_before_building(tmp_path
 
 def test_config_json_that_is_not_json_or_not_utf8(tmp_path, capsys):
     directory = _tiny_checkpoint(tmp_path / "ck")
-    for data, fragment in [(b"\xff\xfe\x00binary", "as UTF-8 text"), (b'{"n_layer": ', "is corrupt or not a Felix"),
-                           (b"[1, 2, 3]", "holds a JSON list")]:
+    for data, fragment in [
+        (b"\xff\xfe\x00binary", "as UTF-8 text"),
+        (b'{"n_layer": ', "is corrupt or not a Felix"),
+        (b"[1, 2, 3]", "holds a JSON list"),
+    ]:
         (directory / CONFIG_FILE).write_bytes(data)
         with pytest.raises(CheckpointError, match=fragment):
             load_config(directory)
@@ -121,15 +138,18 @@ def _forge(src, dst, **values):
     return dst
 
 
-@pytest.mark.parametrize("forged,fragment", [
-    ({"llama__block_count": 1_000_000}, "llama.block_count = 1000000 is outside 1..1,024"),
-    ({"llama__block_count": 3}, "llama.block_count = 3, but the file holds blk.0..blk.1, 2 layers"),
-    ({"llama__embedding_length": 4_000_000_000}, "llama.embedding_length = 4000000000 is outside"),
-    ({"llama__embedding_length": 128}, r"token_embd.weight is \(\d+, 64\), but"),
-    ({"llama__attention__head_count": 0}, "llama.attention.head_count = 0 is outside"),
-    ({"llama__attention__head_count": 3}, "d_model 64 is not a multiple of n_head 3"),
-    ({"llama__feed_forward_length": 4096}, "mis-shaped blk.0.ffn_gate.weight"),
-])
+@pytest.mark.parametrize(
+    "forged,fragment",
+    [
+        ({"llama__block_count": 1_000_000}, "llama.block_count = 1000000 is outside 1..1,024"),
+        ({"llama__block_count": 3}, "llama.block_count = 3, but the file holds blk.0..blk.1, 2 layers"),
+        ({"llama__embedding_length": 4_000_000_000}, "llama.embedding_length = 4000000000 is outside"),
+        ({"llama__embedding_length": 128}, r"token_embd.weight is \(\d+, 64\), but"),
+        ({"llama__attention__head_count": 0}, "llama.attention.head_count = 0 is outside"),
+        ({"llama__attention__head_count": 3}, "d_model 64 is not a multiple of n_head 3"),
+        ({"llama__feed_forward_length": 4096}, "mis-shaped blk.0.ffn_gate.weight"),
+    ],
+)
 def test_gguf_hyperparameters_are_checked_against_its_tensors(gguf_path, tmp_path, capsys, forged, fragment):
     from felix.ship.export import ExportError, model_from_gguf
 
@@ -172,9 +192,12 @@ def test_bad_tokenizer_json(ckpt, tmp_path, capsys):
     no_specials = json.loads(tok_path.read_text())
     no_specials["added_tokens"] = []
     no_specials["model"]["vocab"] = {k: v for k, v in no_specials["model"]["vocab"].items() if "<|" not in k}
-    for data, fragment in [(b"\x80\x81\xff binary", "as UTF-8 text"), (b'{"model": 1}', "not a valid tokenizers"),
-                           (b"[", "not a valid tokenizers"),
-                           (json.dumps(no_specials).encode(), "lacks Felix special tokens")]:
+    for data, fragment in [
+        (b"\x80\x81\xff binary", "as UTF-8 text"),
+        (b'{"model": 1}', "not a valid tokenizers"),
+        (b"[", "not a valid tokenizers"),
+        (json.dumps(no_specials).encode(), "lacks Felix special tokens"),
+    ]:
         tok_path.write_bytes(data)
         with pytest.raises(TokenizerError, match=fragment) as e:
             Tokenizer.load(directory)
@@ -191,8 +214,12 @@ def test_corrupt_edits_manifest_and_binary_requests(ckpt, tmp_path, capsys):
     binary.write_bytes(bytes(range(256)) * 4)
     code, err = _cli(["edit", directory, "--requests", binary, "--out", tmp_path / "out", "--no-null-space"], capsys)
     assert code == 2 and str(binary) in err and "UTF-8" in err and "Traceback" not in err
-    for data, fragment in [(b"\xff\xff", "as UTF-8 text"), (b"{", "as JSON"), (b'"text"', "holds a JSON str"),
-                           (b'{"format": "felix-splice-edits"}', "corrupt or does not match")]:
+    for data, fragment in [
+        (b"\xff\xff", "as UTF-8 text"),
+        (b"{", "as JSON"),
+        (b'"text"', "holds a JSON str"),
+        (b'{"format": "felix-splice-edits"}', "corrupt or does not match"),
+    ]:
         (directory / "edits.json").write_bytes(data)
         (directory / "edits.safetensors").write_bytes(b"")
         if fragment == "corrupt or does not match":
@@ -218,22 +245,31 @@ def test_edit_requests_with_line_separators_inside_strings_load(tmp_path):
 def _spoke_file(path, model, spoke_config):
     from felix.model.spokes import hub_fingerprint
 
-    save_file({"blk.0.spoke.norm.weight": torch.ones(model.cfg.d_model)}, str(path),
-              metadata={"format": "felix-spokes", "hub_fingerprint": hub_fingerprint(model),
-                        "spoke_config": spoke_config})
+    save_file(
+        {"blk.0.spoke.norm.weight": torch.ones(model.cfg.d_model)},
+        str(path),
+        metadata={"format": "felix-spokes", "hub_fingerprint": hub_fingerprint(model), "spoke_config": spoke_config},
+    )
     return path
 
 
-@pytest.mark.parametrize("spoke_config,fragment", [
-    ("{not json", "spoke_config metadata is not valid JSON"),
-    ("[1, 2]", "is a JSON list, not an object"),
-    (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 10 ** 9, "spoke_rank": 10 ** 9}), "exceeds"),
-    (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": "4", "spoke_rank": 8}), "n_spokes must be a positive"),
-    (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 2, "spoke_rank": 4, "spoke_layers": [7]}),
-     "spoke layer\\(s\\) \\[7\\] outside"),
-    (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 2, "spoke_rank": 4, "spoke_gate_init": "up"}),
-     "spoke_gate_init must be two numbers"),
-])
+@pytest.mark.parametrize(
+    "spoke_config,fragment",
+    [
+        ("{not json", "spoke_config metadata is not valid JSON"),
+        ("[1, 2]", "is a JSON list, not an object"),
+        (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 10**9, "spoke_rank": 10**9}), "exceeds"),
+        (json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": "4", "spoke_rank": 8}), "n_spokes must be a positive"),
+        (
+            json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 2, "spoke_rank": 4, "spoke_layers": [7]}),
+            "spoke layer\\(s\\) \\[7\\] outside",
+        ),
+        (
+            json.dumps({"n_layer": 2, "d_model": 64, "n_spokes": 2, "spoke_rank": 4, "spoke_gate_init": "up"}),
+            "spoke_gate_init must be two numbers",
+        ),
+    ],
+)
 def test_corrupt_spoke_metadata(ckpt, tmp_path, capsys, spoke_config, fragment):
     from felix.model.spokes import SpokeError, load_spokes
 
@@ -250,12 +286,19 @@ def test_corrupt_qat_record(ckpt, tmp_path, capsys):
     from felix.model.qat import QAT_FILE, QAT_SCHEMA, read_qat_config
 
     directory = _copy(ckpt, tmp_path)
-    for data, fragment in [(b"\xfe\xff\x00", "as UTF-8 text"), (b"{", "is not JSON"),
-                           (json.dumps({"schema": QAT_SCHEMA, "mode": "q4_0", "tensor_types": {"a": "zz"}}).encode(),
-                            "unknown type of tensor 'a' 'zz'"),
-                           (json.dumps({"schema": QAT_SCHEMA, "mode": "q4_0", "activations": "all"}).encode(),
-                            "unknown activations 'all'"),
-                           (json.dumps({"schema": QAT_SCHEMA, "mode": "q9"}).encode(), "unknown QAT mode")]:
+    for data, fragment in [
+        (b"\xfe\xff\x00", "as UTF-8 text"),
+        (b"{", "is not JSON"),
+        (
+            json.dumps({"schema": QAT_SCHEMA, "mode": "q4_0", "tensor_types": {"a": "zz"}}).encode(),
+            "unknown type of tensor 'a' 'zz'",
+        ),
+        (
+            json.dumps({"schema": QAT_SCHEMA, "mode": "q4_0", "activations": "all"}).encode(),
+            "unknown activations 'all'",
+        ),
+        (json.dumps({"schema": QAT_SCHEMA, "mode": "q9"}).encode(), "unknown QAT mode"),
+    ]:
         (directory / QAT_FILE).write_bytes(data)
         with pytest.raises(ValueError, match=fragment) as e:
             read_qat_config(directory)
@@ -264,15 +307,27 @@ def test_corrupt_qat_record(ckpt, tmp_path, capsys):
         assert code == 2 and str(directory / QAT_FILE) in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("report,fragment", [
-    (b"\xff\x00", "as UTF-8 text"),
-    (b"{", "as JSON"),
-    (json.dumps({"schema": "felix-fidelity-report", "results": [1]}).encode(), "'results' is a JSON list"),
-    (json.dumps({"schema": "felix-fidelity-report", "results": {"simulated": "x"}}).encode(),
-     "lacks summary.margin.change_quantiles"),
-    (json.dumps({"schema": "felix-fidelity-report", "results": {"simulated": {"summary": {"margin": {
-        "change_quantiles": {"0.01": "low"}}}}}}).encode(), r"change_quantiles\['0.01'\] is 'low', not a number"),
-])
+@pytest.mark.parametrize(
+    "report,fragment",
+    [
+        (b"\xff\x00", "as UTF-8 text"),
+        (b"{", "as JSON"),
+        (json.dumps({"schema": "felix-fidelity-report", "results": [1]}).encode(), "'results' is a JSON list"),
+        (
+            json.dumps({"schema": "felix-fidelity-report", "results": {"simulated": "x"}}).encode(),
+            "lacks summary.margin.change_quantiles",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": "felix-fidelity-report",
+                    "results": {"simulated": {"summary": {"margin": {"change_quantiles": {"0.01": "low"}}}}},
+                }
+            ).encode(),
+            r"change_quantiles\['0.01'\] is 'low', not a number",
+        ),
+    ],
+)
 def test_corrupt_fidelity_report_for_margin_from(tmp_path, report, fragment):
     from felix.core.quail import CalibrationError, margin_from_fidelity
 
@@ -294,8 +349,9 @@ def test_export_refuses_to_overwrite_its_own_inputs(ckpt, tmp_path, capsys):
     link.symlink_to(directory / "model.safetensors")
     code, err = _cli(["export", directory, link, "--force"], capsys)
     assert code == 2 and "is an input of this export" in err
-    code, err = _cli(["export", directory, tmp_path / "m.gguf", "--splice", "adapter", "--adapter-out",
-                      tmp_path / "m.gguf"], capsys)
+    code, err = _cli(
+        ["export", directory, tmp_path / "m.gguf", "--splice", "adapter", "--adapter-out", tmp_path / "m.gguf"], capsys
+    )
     assert code == 2 and "both be written to" in err
     assert {p.name: _sha(p) for p in directory.iterdir()} == before
 
@@ -369,8 +425,10 @@ def test_pickle_payloads_planted_in_every_file_felix_reads_do_not_run(ckpt, tmp_
             directory = planted(name, payload)
             with pytest.raises((ValueError, ImportError)) as e:  # ImportError: no llama.cpp here
                 load(directory)
-            assert isinstance(e.value, ImportError) or name in str(e.value) or str(directory) in str(e.value), \
-                (name, str(e.value)[:300])
+            assert isinstance(e.value, ImportError) or name in str(e.value) or str(directory) in str(e.value), (
+                name,
+                str(e.value)[:300],
+            )
             assert not marker.exists(), f"loading a planted {name} ran the payload"
         # and edits.safetensors beside a readable manifest
         directory = planted("edits.safetensors", payload)

@@ -1,4 +1,5 @@
 """A forged GGUF does not kill the caller in stock llama.cpp (llamacpp tier: needs llama-cpp-python)."""
+
 import os
 import subprocess
 import sys
@@ -36,7 +37,12 @@ def test_forged_gguf_does_not_kill_the_interpreter_in_stock_llamacpp(gguf_path, 
     that a regression cannot take pytest down with it."""
     pytest.importorskip("llama_cpp")
     path = _forge(gguf_path, tmp_path / "forged.gguf", llama__block_count=1_000_000)
-    out = subprocess.run([sys.executable, "-c", _STOCK_LOAD, str(path)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GGML_NO_BACKTRACE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", _STOCK_LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GGML_NO_BACKTRACE": "1"},
+    )
     assert out.returncode == 3, (out.returncode, out.stdout, out.stderr[-2000:])  # caught, not killed
     assert out.stdout.startswith("LlamaCppLoadError") and f"{path} aborted llama.cpp" in out.stdout, out.stdout

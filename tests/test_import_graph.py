@@ -7,6 +7,7 @@ imported. kernels/ is read as felix.ops.kernels, the name it installs under.
 A Felix module is imported at the top of the file that uses it, so the file headers show the graph; inside a function
 only where the import pulls in a heavy optional dependency (LOCAL_IMPORTS_ALLOWED says which, and why).
 """
+
 from __future__ import annotations
 
 import ast
@@ -97,7 +98,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -113,9 +114,9 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph("module")
-    assert "felix.tasks.records" in graph["felix.data.corpus"]                 # top of the file
-    assert "felix.ops.kernels.lowrank" in graph["felix.ops.kernels.spoke"]      # relative (from .lowrank import gemm)
-    assert "felix.ops.kernels.attention" in graph["felix.ops.attention"]    # inside a function (Triton stays lazy)
+    assert "felix.tasks.records" in graph["felix.data.corpus"]  # top of the file
+    assert "felix.ops.kernels.lowrank" in graph["felix.ops.kernels.spoke"]  # relative (from .lowrank import gemm)
+    assert "felix.ops.kernels.attention" in graph["felix.ops.attention"]  # inside a function (Triton stays lazy)
 
 
 @pytest.mark.parametrize("level", ["top", "module"])
@@ -169,8 +170,9 @@ def test_tests_mirror_the_stages():
     """tests/<folder>/ are stage names, and pytest's pythonpath lists each (a test run alone finds the helpers it
     shares with another stage's tests)."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name.isidentifier()
-                     and any(p.glob("test_*.py")))
+    folders = sorted(
+        p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name.isidentifier() and any(p.glob("test_*.py"))
+    )
     assert folders and set(folders) <= set(STAGES), folders
     pythonpath = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["pythonpath"]
     assert set(pythonpath) == {"tests", *(f"tests/{f}" for f in folders)}, pythonpath
@@ -208,16 +210,20 @@ def function_level_imports() -> dict[tuple[str, str], list[str]]:
 
 def test_felix_modules_are_imported_at_the_top_of_the_file():
     found = function_level_imports()
-    hidden = [f"{module} imports {target} inside a function ({', '.join(where)})"
-              for (module, target), where in sorted(found.items()) if (module, target) not in LOCAL_IMPORTS_ALLOWED]
-    assert not hidden, (f"{len(hidden)} function-level import(s) of Felix modules: move them to the top of the file "
-                        "(or, for a heavy optional dependency, add the pair to LOCAL_IMPORTS_ALLOWED with why):\n"
-                        + "\n".join(hidden))
+    hidden = [
+        f"{module} imports {target} inside a function ({', '.join(where)})"
+        for (module, target), where in sorted(found.items())
+        if (module, target) not in LOCAL_IMPORTS_ALLOWED
+    ]
+    assert not hidden, (
+        f"{len(hidden)} function-level import(s) of Felix modules: move them to the top of the file "
+        "(or, for a heavy optional dependency, add the pair to LOCAL_IMPORTS_ALLOWED with why):\n" + "\n".join(hidden)
+    )
     stale = sorted(LOCAL_IMPORTS_ALLOWED - set(found))
     assert not stale, f"LOCAL_IMPORTS_ALLOWED lists pairs no longer imported in a function: {stale}"
 
 
 def test_the_local_import_finder_sees_imports_in_functions_only():
     found = function_level_imports()
-    assert ("felix.ops.attention", "felix.ops.kernels.attention") in found         # in a function
-    assert ("felix.data.corpus", "felix.tasks.records") not in found                # at the top of the file
+    assert ("felix.ops.attention", "felix.ops.kernels.attention") in found  # in a function
+    assert ("felix.data.corpus", "felix.tasks.records") not in found  # at the top of the file

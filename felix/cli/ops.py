@@ -1,4 +1,5 @@
 """`felix quantize`, `felix backends`, `felix aot-report`, `felix selftest`: the ops stage (felix/ops) on this machine."""
+
 from __future__ import annotations
 
 import importlib
@@ -54,8 +55,10 @@ def cmd_quantize(args) -> int:
     x = builtin_weights(args.rows, args.cols, args.seed).to(device)
     backend_names = args.backend or runnable_backends("quantize", device)
     formats = args.format or list(FORMATS)
-    print(f"felix {__version__}: built-in weight matrix {args.rows}x{args.cols} (Student-t, outlier "
-          f"columns, seed {args.seed}) on {device}; backends: {', '.join(backend_names)}")
+    print(
+        f"felix {__version__}: built-in weight matrix {args.rows}x{args.cols} (Student-t, outlier "
+        f"columns, seed {args.seed}) on {device}; backends: {', '.join(backend_names)}"
+    )
     rows = []
     jobs = [(fmt, b) for fmt in formats for b in backend_names]
     reference_bytes = {}
@@ -67,16 +70,31 @@ def cmd_quantize(args) -> int:
         snr = 10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum().clamp_min(1e-30))
         same = reference_bytes.setdefault(fmt, blocks.cpu())
         nbytes = x.numel() * 4 + blocks.numel()
-        rows.append((fmt, backend, f.bits_per_weight, float(err.max()), float(err.mean()),
-                     float(err.sum() / x.abs().sum()), float(snr), nbytes / tq / 1e9, nbytes / td / 1e9,
-                     "yes" if torch.equal(same, blocks.cpu()) else "NO"))
-    head = (f"{'format':8} {'backend':9} {'bits/w':>6} {'max|err|':>9} {'mean|err|':>9} {'rel err':>8} "
-            f"{'SNR dB':>7} {'quant GB/s':>10} {'deq GB/s':>9} {'same bytes':>10}")
+        rows.append(
+            (
+                fmt,
+                backend,
+                f.bits_per_weight,
+                float(err.max()),
+                float(err.mean()),
+                float(err.sum() / x.abs().sum()),
+                float(snr),
+                nbytes / tq / 1e9,
+                nbytes / td / 1e9,
+                "yes" if torch.equal(same, blocks.cpu()) else "NO",
+            )
+        )
+    head = (
+        f"{'format':8} {'backend':9} {'bits/w':>6} {'max|err|':>9} {'mean|err|':>9} {'rel err':>8} "
+        f"{'SNR dB':>7} {'quant GB/s':>10} {'deq GB/s':>9} {'same bytes':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r[0]:8} {r[1]:9} {r[2]:6.3f} {r[3]:9.5f} {r[4]:9.6f} {r[5]:8.4f} {r[6]:7.2f} {r[7]:10.2f} "
-              f"{r[8]:9.2f} {r[9]:>10}")
+        print(
+            f"{r[0]:8} {r[1]:9} {r[2]:6.3f} {r[3]:9.5f} {r[4]:9.6f} {r[5]:8.4f} {r[6]:7.2f} {r[7]:10.2f} "
+            f"{r[8]:9.2f} {r[9]:>10}"
+        )
     print("'same bytes' compares each backend with the first one listed: every backend writes ggml's exact bytes.")
     return 0 if all(r[9] == "yes" for r in rows) else 1
 
@@ -108,8 +126,10 @@ def cmd_aot_report(args) -> int:
 
 def cmd_selftest(args) -> int:
     device = torch.device(args.device)
-    print(f"felix {__version__} selftest on {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}")
+    print(
+        f"felix {__version__} selftest on {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch {torch.__version__}"
+    )
     for name, s in backends().items():
         print(f"  backend {name:9} {'yes' if s.available else 'no ':3} {s.reason}")
     rows = selftest.run(device, args.op, args.seed)
@@ -121,13 +141,20 @@ def cmd_selftest(args) -> int:
 
 def add_quantize_parser(sub) -> None:
     q = sub.add_parser("quantize", help="codec demo on a built-in weight matrix: error and speed per format")
-    q.add_argument("--format", action="append", choices=list(FORMATS),
-                   help="format to run (repeatable; default: all)")
-    q.add_argument("--backend", action="append", choices=["reference", "triton", "cpu"],
-                   help="backend to run (repeatable; default: every available one)")
+    q.add_argument("--format", action="append", choices=list(FORMATS), help="format to run (repeatable; default: all)")
+    q.add_argument(
+        "--backend",
+        action="append",
+        choices=["reference", "triton", "cpu"],
+        help="backend to run (repeatable; default: every available one)",
+    )
     q.add_argument("--rows", type=int, default=1024)
-    q.add_argument("--cols", type=int, default=4096,
-                   help=f"a multiple of {LARGEST_BLOCK} (the largest block) so every format applies")
+    q.add_argument(
+        "--cols",
+        type=int,
+        default=4096,
+        help=f"a multiple of {LARGEST_BLOCK} (the largest block) so every format applies",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

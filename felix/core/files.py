@@ -3,6 +3,7 @@
 Every report writer in Felix (fidelity, task evaluation, teacher data, SODA, the experiment scripts) goes through
 these, so an interrupted or failing run leaves either the previous file or nothing, never half of a new one.
 Checkpoint directories have their own atomic writer (felix.model.felix_lm.save_checkpoint), as does the GGUF exporter."""
+
 from __future__ import annotations
 
 import argparse
@@ -129,8 +130,10 @@ def read_json(path, error: type[Exception] = ValueError, kind: str = "file", exp
     except RecursionError as e:
         raise error(f"{kind} {path} is nested too deeply to read as JSON") from e
     if expect is not None and not isinstance(value, expect):
-        raise error(f"{kind} {path} holds a JSON {type(value).__name__}, expected a JSON "
-                    f"{'object' if expect is dict else expect.__name__}")
+        raise error(
+            f"{kind} {path} holds a JSON {type(value).__name__}, expected a JSON "
+            f"{'object' if expect is dict else expect.__name__}"
+        )
     return value
 
 

@@ -30,6 +30,7 @@ shared libraries in ``cmake-build/bin`` and the llama-cpp-python sources it was 
 honours, and ``PYTHONPATH``). The stock and fork ``llama_cpp`` modules cannot share a process, so the fork
 always runs in a worker process (felix.ship.llamacpp).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,7 @@ SPOKE_TENSOR_NAMES = {
     "w_up": "blk.{layer}.spoke.w_up.{spoke}.weight",
 }
 # The hub: the llama block's tensors (same names as the stock llama arch, and as felix.model.felix_lm's parameters).
-LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                 "ffn_down")
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 # ggml types that only the fork knows (stock llama.cpp rejects a file holding one): felix.core.formats' table says which
 FORK_ONLY_TYPES = tuple(name for name in RUNTIME_TYPES["fork"] if name not in RUNTIME_TYPES["stock"])
 
@@ -67,6 +67,8 @@ def runtime_of(quant: str) -> str:
 def arch_of(quant: str) -> str:
     """The GGUF architecture an export to `quant` is written in: the fork's ``felix`` arch for fork-only formats."""
     return ARCH if runtime_of(quant) == "fork" else "llama"
+
+
 # (num_spokes, spoke_rank) of the exact no-op spoke written for a model without spokes
 NOOP_SPOKES = (1, 1)
 # The per-spoke form (w_down.S / w_up.S) lands in fixed arrays of 4 per layer (src/llama-model.h: spoke_w_down[4]);
@@ -85,8 +87,17 @@ class ForkLoadError(ValueError):
 def hub_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Every non-spoke tensor a felix-arch file of FelixConfig `cfg` holds, by name, in PyTorch order."""
     d, kv, f = cfg.d_model, cfg.n_kv_head * cfg.head_dim, cfg.ffn_hidden
-    per_layer = {"attn_norm": (d,), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
-                 "ffn_norm": (d,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+    per_layer = {
+        "attn_norm": (d,),
+        "attn_q": (d, d),
+        "attn_k": (kv, d),
+        "attn_v": (kv, d),
+        "attn_output": (d, d),
+        "ffn_norm": (d,),
+        "ffn_gate": (f, d),
+        "ffn_up": (f, d),
+        "ffn_down": (d, f),
+    }
     shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (cfg.vocab_size, d)
@@ -95,8 +106,9 @@ def hub_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def spoke_shapes(n_layer: int, d_model: int, num_spokes: int, spoke_rank: int,
-                 fused: bool = True) -> dict[str, tuple[int, ...]]:
+def spoke_shapes(
+    n_layer: int, d_model: int, num_spokes: int, spoke_rank: int, fused: bool = True
+) -> dict[str, tuple[int, ...]]:
     """The spoke tensors the fork requires in every layer (fused pair, or per-spoke pairs), PyTorch order."""
     out = {}
     for i in range(n_layer):
@@ -153,35 +165,48 @@ def check_loadable(shapes: dict[str, tuple[int, ...]], metadata: dict, cfg) -> N
             problems.append(f"metadata {key} is missing (the fork requires it)")
     n_spokes, rank = int(metadata.get(NUM_SPOKES_KEY, 0)), int(metadata.get(SPOKE_RANK_KEY, 0))
     if NUM_SPOKES_KEY in metadata and (n_spokes < 1 or rank < 1):
-        problems.append(f"num_spokes {n_spokes} and spoke_rank {rank} must be >= 1: the fork requires spoke "
-                        "tensors in every layer, and a zero-sized one cannot be created")
+        problems.append(
+            f"num_spokes {n_spokes} and spoke_rank {rank} must be >= 1: the fork requires spoke "
+            "tensors in every layer, and a zero-sized one cannot be created"
+        )
     if max(n_spokes, rank, n_spokes * rank) > UINT32_MAX:
         problems.append(f"num_spokes {n_spokes} x spoke_rank {rank} does not fit the fork's uint32 metadata")
     want = dict(hub_shapes(cfg))
     fused_names = {SPOKE_TENSOR_NAMES["w_down_fused"].format(layer=i) for i in range(cfg.n_layer)}
     fused = any(n in shapes for n in fused_names) or not any(".spoke.w_down." in n for n in shapes)
     if not fused and n_spokes > MAX_PER_SPOKE_TENSORS:
-        problems.append(f"{n_spokes} spokes in the per-spoke form (w_down.S / w_up.S): the fork holds at most "
-                        f"{MAX_PER_SPOKE_TENSORS} per layer; write the fused form (w_down_fused / w_up_fused)")
+        problems.append(
+            f"{n_spokes} spokes in the per-spoke form (w_down.S / w_up.S): the fork holds at most "
+            f"{MAX_PER_SPOKE_TENSORS} per layer; write the fused form (w_down_fused / w_up_fused)"
+        )
     elif n_spokes >= 1 and rank >= 1:
         want.update(spoke_shapes(cfg.n_layer, cfg.d_model, n_spokes, rank, fused=fused))
     missing = [n for n in want if n not in shapes]
     extra = [n for n in shapes if n not in want]
-    wrong = [f"{n} {tuple(shapes[n])} (the fork expects {want[n]})" for n in want
-             if n in shapes and tuple(shapes[n]) != tuple(want[n])]
+    wrong = [
+        f"{n} {tuple(shapes[n])} (the fork expects {want[n]})"
+        for n in want
+        if n in shapes and tuple(shapes[n]) != tuple(want[n])
+    ]
     if missing:
-        problems.append(f"missing tensor(s) the fork requires: {', '.join(missing[:6])}"
-                        + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+        problems.append(
+            f"missing tensor(s) the fork requires: {', '.join(missing[:6])}"
+            + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        )
     if extra:
-        problems.append(f"tensor(s) the felix arch does not know ({len(extra)}; the fork fails with 'wrong number of "
-                        f"tensors'): {', '.join(extra[:6])}")
+        problems.append(
+            f"tensor(s) the felix arch does not know ({len(extra)}; the fork fails with 'wrong number of "
+            f"tensors'): {', '.join(extra[:6])}"
+        )
     if wrong:
         problems.append("mis-shaped: " + "; ".join(wrong[:6]))
     if cfg.head_dim % 2:
         problems.append(f"head_dim {cfg.head_dim} must be even (the fork ropes the whole head)")
     if problems:
-        raise ForkLoadError("the llama.cpp fork could not load this felix-arch file, so nothing was written:\n  "
-                            + "\n  ".join(problems))
+        raise ForkLoadError(
+            "the llama.cpp fork could not load this felix-arch file, so nothing was written:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 # ------------------------------------------------------------------------------------ the CPU build
@@ -205,8 +230,10 @@ def available() -> tuple[bool, str]:
     """Whether the fork's CPU build is here, and if not, how to get it."""
     libs = lib_dir()
     if not (libs / "libllama.so").is_file() or not (libs / "libggml-base.so").is_file():
-        return False, (f"the llama.cpp fork is not built in {build_dir()} (set FELIX_LLAMA_FORK_DIR, or run "
-                       "`bash scripts/setup.sh --test`, which builds it from ../shared/llama-fork once per machine)")
+        return False, (
+            f"the llama.cpp fork is not built in {build_dir()} (set FELIX_LLAMA_FORK_DIR, or run "
+            "`bash scripts/setup.sh --test`, which builds it from ../shared/llama-fork once per machine)"
+        )
     if python_dir() is None:
         return False, f"the fork's llama-cpp-python sources are missing from {build_dir()}; rerun its build"
     return True, f"fork build in {build_dir()}"

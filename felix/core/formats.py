@@ -23,6 +23,7 @@ tq2_0      256    66     64 bytes: element 128c+32l+m in byte 32c+m, bits 2l..2l
 RQ4 ("BetaQ") is the Felix deployment format of the llama.cpp fork: ggml type 42, its codebook the
 conditional means of 16 equal-probability bins of Beta(127.5, 127.5) on [-1, 1].
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,12 +35,15 @@ import torch
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 # The fork's rq4_codebook (ggml-quants.c), ascending. Stored as float32 literals exactly as in C.
+# Four entries a row, as in the C table (kept out of ruff format).
+# fmt: off
 RQ4_CODEBOOK = (
     -0.12281943, -0.08296703, -0.06342665, -0.04873108,
     -0.03634204, -0.02524078, -0.01488395, -0.00492020,
     0.00492020, 0.01488395, 0.02524078, 0.03634204,
     0.04873108, 0.06342665, 0.08296703, 0.12281943,
 )
+# fmt: on
 
 FP16_MAX = 65504.0
 SCALE_BYTES = 2  # every format's block scale is one little-endian fp16
@@ -60,33 +64,36 @@ FLOAT_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}
 class QuantFormat:
     """Geometry of one ggml block format."""
 
-    name: str                 # Felix's name, as accepted by felix.quantize
-    ggml_type: int            # enum ggml_type value
-    ggml_name: str            # name in gguf-py / ggml
-    block_size: int           # weights per block
-    bytes_per_block: int      # bytes per block, scale included
-    scale_offset: int         # byte offset of the fp16 scale inside a block
-    qs_offset: int            # byte offset of the packed quant indices inside a block
-    packing: str              # one of PACKINGS: which element each index bits hold
-    index_bits: int           # bits per quant index
-    codebook: tuple | None    # index -> value in units of the scale; None for linear grids
-    range_divisor: float      # |d| <= amax / range_divisor for every block (bounds the input range)
+    name: str  # Felix's name, as accepted by felix.quantize
+    ggml_type: int  # enum ggml_type value
+    ggml_name: str  # name in gguf-py / ggml
+    block_size: int  # weights per block
+    bytes_per_block: int  # bytes per block, scale included
+    scale_offset: int  # byte offset of the fp16 scale inside a block
+    qs_offset: int  # byte offset of the packed quant indices inside a block
+    packing: str  # one of PACKINGS: which element each index bits hold
+    index_bits: int  # bits per quant index
+    codebook: tuple | None  # index -> value in units of the scale; None for linear grids
+    range_divisor: float  # |d| <= amax / range_divisor for every block (bounds the input range)
     description: str
     # ggml CPU's vec_dot_type: what a matmul against this weight type rounds its activations to first
     # (felix.ops.activation_rounding models it for the fidelity harness's simulated path)
     vec_dot_type: str = "q8_0"
-    runtime: str = "stock"    # "stock": stock llama.cpp runs it; "fork": only the Felix llama.cpp fork does
+    runtime: str = "stock"  # "stock": stock llama.cpp runs it; "fork": only the Felix llama.cpp fork does
     llama_file_type: int | None = None  # llama_ftype (llama.h) of a file mostly in this type; None: not public
-    crumb_stride: int = 0     # "crumbs" packing: bytes per group of 4 * stride weights (0 for other packings)
+    crumb_stride: int = 0  # "crumbs" packing: bytes per group of 4 * stride weights (0 for other packings)
 
     def __post_init__(self):
         if self.packing not in PACKINGS:
             raise ValueError(f"{self.name}: unknown packing {self.packing!r}; known: {', '.join(PACKINGS)}")
         if self.qs_bytes * 8 != self.block_size * self.index_bits:
-            raise ValueError(f"{self.name}: {self.qs_bytes} index bytes cannot hold {self.block_size} "
-                             f"{self.index_bits}-bit indices")
-        scale, qs = set(range(*self.scale_slice.indices(self.bytes_per_block))), \
-            set(range(*self.qs_slice.indices(self.bytes_per_block)))
+            raise ValueError(
+                f"{self.name}: {self.qs_bytes} index bytes cannot hold {self.block_size} {self.index_bits}-bit indices"
+            )
+        scale, qs = (
+            set(range(*self.scale_slice.indices(self.bytes_per_block))),
+            set(range(*self.qs_slice.indices(self.bytes_per_block))),
+        )
         if scale & qs or len(scale | qs) != self.bytes_per_block:
             raise ValueError(f"{self.name}: scale and index bytes must tile the {self.bytes_per_block}-byte block")
 
@@ -130,26 +137,83 @@ class QuantFormat:
 FORMATS: dict[str, QuantFormat] = {
     f.name: f
     for f in (
-        QuantFormat("q8_0", ggml_type=8, ggml_name="Q8_0", block_size=32, bytes_per_block=34, scale_offset=0,
-                    qs_offset=2, packing="int8", index_bits=8, codebook=None, range_divisor=127.0,
-                    description="8-bit linear, absmax scale (ggml Q8_0)", llama_file_type=7),
-        QuantFormat("q4_0", ggml_type=2, ggml_name="Q4_0", block_size=32, bytes_per_block=18, scale_offset=0,
-                    qs_offset=2, packing="halves", index_bits=4, codebook=None, range_divisor=8.0,
-                    description="4-bit linear, signed-max scale (ggml Q4_0)", llama_file_type=2),
-        QuantFormat("iq4_nl", ggml_type=20, ggml_name="IQ4_NL", block_size=32, bytes_per_block=18, scale_offset=0,
-                    qs_offset=2, packing="halves", index_bits=4, codebook=IQ4_NL_VALUES,
-                    range_divisor=100.0,  # scale search: d ~ amax/120
-                    description="4-bit non-linear grid with ggml's weighted scale search (ggml IQ4_NL)",
-                    llama_file_type=25),
-        QuantFormat("rq4", ggml_type=42, ggml_name="RQ4", block_size=32, bytes_per_block=18, scale_offset=0,
-                    qs_offset=2, packing="pairs", index_bits=4, codebook=RQ4_CODEBOOK,
-                    range_divisor=RQ4_CODEBOOK[-1],
-                    description="4-bit Beta(127.5,127.5) codebook, absmax scale (Felix fork's RQ4 / BetaQ)",
-                    runtime="fork"),
-        QuantFormat("tq2_0", ggml_type=35, ggml_name="TQ2_0", block_size=256, bytes_per_block=66, scale_offset=64,
-                    qs_offset=0, packing="crumbs", index_bits=2, codebook=None, range_divisor=1.0,
-                    description="ternary {-1,0,1} x absmax, 2 bits per weight (ggml TQ2_0)", vec_dot_type="q8_k",
-                    llama_file_type=37, crumb_stride=32),
+        QuantFormat(
+            "q8_0",
+            ggml_type=8,
+            ggml_name="Q8_0",
+            block_size=32,
+            bytes_per_block=34,
+            scale_offset=0,
+            qs_offset=2,
+            packing="int8",
+            index_bits=8,
+            codebook=None,
+            range_divisor=127.0,
+            description="8-bit linear, absmax scale (ggml Q8_0)",
+            llama_file_type=7,
+        ),
+        QuantFormat(
+            "q4_0",
+            ggml_type=2,
+            ggml_name="Q4_0",
+            block_size=32,
+            bytes_per_block=18,
+            scale_offset=0,
+            qs_offset=2,
+            packing="halves",
+            index_bits=4,
+            codebook=None,
+            range_divisor=8.0,
+            description="4-bit linear, signed-max scale (ggml Q4_0)",
+            llama_file_type=2,
+        ),
+        QuantFormat(
+            "iq4_nl",
+            ggml_type=20,
+            ggml_name="IQ4_NL",
+            block_size=32,
+            bytes_per_block=18,
+            scale_offset=0,
+            qs_offset=2,
+            packing="halves",
+            index_bits=4,
+            codebook=IQ4_NL_VALUES,
+            range_divisor=100.0,  # scale search: d ~ amax/120
+            description="4-bit non-linear grid with ggml's weighted scale search (ggml IQ4_NL)",
+            llama_file_type=25,
+        ),
+        QuantFormat(
+            "rq4",
+            ggml_type=42,
+            ggml_name="RQ4",
+            block_size=32,
+            bytes_per_block=18,
+            scale_offset=0,
+            qs_offset=2,
+            packing="pairs",
+            index_bits=4,
+            codebook=RQ4_CODEBOOK,
+            range_divisor=RQ4_CODEBOOK[-1],
+            description="4-bit Beta(127.5,127.5) codebook, absmax scale (Felix fork's RQ4 / BetaQ)",
+            runtime="fork",
+        ),
+        QuantFormat(
+            "tq2_0",
+            ggml_type=35,
+            ggml_name="TQ2_0",
+            block_size=256,
+            bytes_per_block=66,
+            scale_offset=64,
+            qs_offset=0,
+            packing="crumbs",
+            index_bits=2,
+            codebook=None,
+            range_divisor=1.0,
+            description="ternary {-1,0,1} x absmax, 2 bits per weight (ggml TQ2_0)",
+            vec_dot_type="q8_k",
+            llama_file_type=37,
+            crumb_stride=32,
+        ),
     )
 }
 
@@ -160,8 +224,10 @@ RUNTIME_TYPES: dict[str, tuple[str, ...]] = {
     "fork": tuple(FORMATS),
 }
 # llama_ftype (general.file_type) per export type; the fork-only formats have no public one and are left out
-FILE_TYPES: dict[str, int] = {**FLOAT_FILE_TYPES, **{n: f.llama_file_type for n, f in FORMATS.items()
-                                                     if f.llama_file_type is not None}}
+FILE_TYPES: dict[str, int] = {
+    **FLOAT_FILE_TYPES,
+    **{n: f.llama_file_type for n, f in FORMATS.items() if f.llama_file_type is not None},
+}
 # The largest block: a row length that every format divides
 LARGEST_BLOCK = max(f.block_size for f in FORMATS.values())
 

@@ -12,6 +12,7 @@
 Works with an HF ``tokenizers.Tokenizer`` (``get_vocab_size``/``decode``/``encode(...).ids``) or a
 transformers-style tokenizer (``len``/``decode``/``encode`` returning ids).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,6 @@ DEFAULT_NOISE_QUANTILE = 0.01
 NOISE_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5)  # what the fidelity harness reports (summary.margin.change_quantiles)
 
 
-
 @dataclass(frozen=True)
 class QuailConfig:
     """The QUAIL hinge's settings as one object: the margin (logits) protected decisions must keep, the hinge's
@@ -63,8 +63,9 @@ class QuailConfig:
             raise ValueError(f"QUAIL noise quantile must lie in (0, 1), got {self.noise_quantile}")
 
     @classmethod
-    def calibrated(cls, report, quantile: float = DEFAULT_NOISE_QUANTILE,
-                   lambda_q: float = DEFAULT_LAMBDA_Q) -> QuailConfig:
+    def calibrated(
+        cls, report, quantile: float = DEFAULT_NOISE_QUANTILE, lambda_q: float = DEFAULT_LAMBDA_Q
+    ) -> QuailConfig:
         """The margin measured in a `felix fidelity` report (margin_from_fidelity at `quantile`)."""
         return cls(margin_from_fidelity(report, quantile), lambda_q, quantile)
 
@@ -95,9 +96,14 @@ def _decode(tokenizer, token_id: int) -> str:
         return tokenizer.decode([token_id])
 
 
-def build_whitelist(tokenizer, strings: Iterable[str] = (), patterns: Iterable[str] = (),
-                    structure_chars: str = JSON_STRUCTURE_CHARS, literals: Iterable[str] = JSON_LITERALS,
-                    vocab_size: int | None = None) -> torch.Tensor:
+def build_whitelist(
+    tokenizer,
+    strings: Iterable[str] = (),
+    patterns: Iterable[str] = (),
+    structure_chars: str = JSON_STRUCTURE_CHARS,
+    literals: Iterable[str] = JSON_LITERALS,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """A bool mask [vocab_size] of the tokens the QUAIL hinge protects (see the module docstring).
 
     `strings`: field names, refusal phrases, ... (their tokens are marked); `patterns`: regular
@@ -148,9 +154,11 @@ def margin_from_noise(change_quantile: float) -> float:
     if not math.isfinite(q):
         raise CalibrationError(f"the measured margin-change quantile is {q}: not a number to calibrate from")
     if q >= 0:
-        raise CalibrationError(f"the measured margin-change quantile is {q:+.4f} >= 0: quantization did not lower "
-                               f"whitelisted margins at this quantile, so it gives no margin to protect against; "
-                               f"keep the default ({DEFAULT_MARGIN}) or pick a lower quantile")
+        raise CalibrationError(
+            f"the measured margin-change quantile is {q:+.4f} >= 0: quantization did not lower "
+            f"whitelisted margins at this quantile, so it gives no margin to protect against; "
+            f"keep the default ({DEFAULT_MARGIN}) or pick a lower quantile"
+        )
     return -q
 
 
@@ -169,8 +177,10 @@ def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path:
         where = str(report)
         report = read_json(report, CalibrationError, "fidelity report", expect=None)
     if not isinstance(report, dict) or report.get("schema") != "felix-fidelity-report":
-        raise CalibrationError(f"{where} is not a felix fidelity report (no schema 'felix-fidelity-report'); pass "
-                               f"the fidelity-<quant>.json that `felix fidelity` writes")
+        raise CalibrationError(
+            f"{where} is not a felix fidelity report (no schema 'felix-fidelity-report'); pass "
+            f"the fidelity-<quant>.json that `felix fidelity` writes"
+        )
     results = report.get("results") or {}
     if not isinstance(results, dict):
         raise CalibrationError(f"{where}: 'results' is a JSON {type(results).__name__}, not an object")
@@ -181,13 +191,17 @@ def margin_from_fidelity(report, quantile: float = DEFAULT_NOISE_QUANTILE, path:
         margin = margin.get(part, {}) if isinstance(margin, dict) else {}
     quantiles = margin.get("change_quantiles") if isinstance(margin, dict) else None
     if not isinstance(quantiles, dict):
-        raise CalibrationError(f"{where} lacks summary.margin.change_quantiles (written by felix fidelity since "
-                               f"schema version 2; this report is version {report.get('schema_version')}): rerun "
-                               f"`felix fidelity` on the checkpoint")
+        raise CalibrationError(
+            f"{where} lacks summary.margin.change_quantiles (written by felix fidelity since "
+            f"schema version 2; this report is version {report.get('schema_version')}): rerun "
+            f"`felix fidelity` on the checkpoint"
+        )
     key = quantile_key(quantile)
     if quantiles.get(key) is None:
-        raise CalibrationError(f"{where} reports margin-change quantiles {', '.join(quantiles)}, not {key}; choose "
-                               f"one of those (or no whitelisted position was measured)")
+        raise CalibrationError(
+            f"{where} reports margin-change quantiles {', '.join(quantiles)}, not {key}; choose "
+            f"one of those (or no whitelisted position was measured)"
+        )
     if isinstance(quantiles[key], bool) or not isinstance(quantiles[key], (int, float)):
         raise CalibrationError(f"{where}: change_quantiles[{key!r}] is {quantiles[key]!r}, not a number")
     return margin_from_noise(quantiles[key])

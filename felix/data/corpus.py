@@ -17,6 +17,7 @@ Everything here works offline on any machine:
 * :class:`TokenStream` -- documents -> one token stream -> fixed-length windows served in a seeded order per
   epoch, with an exactly restorable cursor and a count of corpus *wraps* (the memorization monitor needs it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,19 +31,51 @@ from pydoc_data.topics import topics
 
 from felix.core.files import jsonl_lines, read_text
 from felix.model.chat import END, chat_prompt, chat_text
+
 # the task world's records live in felix.tasks; re-exported here, where the corpus and older callers find them
 from felix.tasks.records import (  # noqa: F401 (re-exported)
-    HEDGES, MAKERS, N_REVIEWERS, PRINCIPLE_HEDGED, PRINCIPLE_WEIGHED, REVIEW_WEIGHTS, TASKS, hedge_bayes_margin,
-    hedged_probe_records, structured_records, weighed_evidence, weighed_probe_records)
+    HEDGES,
+    MAKERS,
+    N_REVIEWERS,
+    PRINCIPLE_HEDGED,
+    PRINCIPLE_WEIGHED,
+    REVIEW_WEIGHTS,
+    TASKS,
+    hedge_bayes_margin,
+    hedged_probe_records,
+    structured_records,
+    weighed_evidence,
+    weighed_probe_records,
+)
+
 
 class DataError(ValueError):
     """A data file cannot be used (missing, unreadable, or mostly malformed lines)."""
 
 
 # ------------------------------------------------------------------------------- built-in prose
-_STDLIB_MODULES = ("json", "collections", "functools", "itertools", "textwrap", "string", "pathlib",
-                   "argparse", "dataclasses", "heapq", "bisect", "statistics", "fractions", "difflib",
-                   "shlex", "csv", "contextlib", "enum", "random", "typing")
+_STDLIB_MODULES = (
+    "json",
+    "collections",
+    "functools",
+    "itertools",
+    "textwrap",
+    "string",
+    "pathlib",
+    "argparse",
+    "dataclasses",
+    "heapq",
+    "bisect",
+    "statistics",
+    "fractions",
+    "difflib",
+    "shlex",
+    "csv",
+    "contextlib",
+    "enum",
+    "random",
+    "typing",
+)
 _SOURCE_MODULES = ("textwrap", "heapq", "bisect", "difflib", "shlex")
 
 
@@ -82,8 +115,9 @@ def builtin_prose() -> list[str]:
     return [chunk for doc in docs for chunk in paragraph_chunks(doc)]
 
 
-def builtin_corpus(n_records: int = 2000, seed: int = 0, tasks: tuple[str, ...] = TASKS,
-                   prose: bool = True) -> list[str]:
+def builtin_corpus(
+    n_records: int = 2000, seed: int = 0, tasks: tuple[str, ...] = TASKS, prose: bool = True
+) -> list[str]:
     """The default training corpus: built-in prose (unless `prose` is False) plus `n_records` structured chat
     records of `tasks`."""
     records = [chat_text(r["prompt"], r["response"]) for r in structured_records(n_records, seed, tuple(tasks))]
@@ -94,6 +128,7 @@ def builtin_corpus(n_records: int = 2000, seed: int = 0, tasks: tuple[str, ...] 
 @dataclass
 class LoadedData:
     """Documents from user files, plus the malformed lines that were skipped ("path:line: reason")."""
+
     documents: list[str]
     records: list[dict]
     skipped: list[str]
@@ -117,19 +152,21 @@ def load_user_data(paths, max_bad_fraction: float = 0.5) -> LoadedData:
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
                 documents.append(obj["text"])
-            elif (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                  and isinstance(obj.get("response"), str)):
+            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
                 records.append(obj)
                 documents.append(chat_text(obj["prompt"], obj["response"]))
             else:
-                bad.append(f"{where}: expected an object with a non-empty string 'text', or string "
-                           f"'prompt' and 'response'")
+                bad.append(
+                    f"{where}: expected an object with a non-empty string 'text', or string 'prompt' and 'response'"
+                )
                 continue
             good += 1
         if bad and len(bad) > max_bad_fraction * (len(bad) + good):
             shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise DataError(f"{path}: {len(bad)} of {len(bad) + good} non-empty lines are malformed; refusing to "
-                            f"train on the rest:\n  {shown}")
+            raise DataError(
+                f"{path}: {len(bad)} of {len(bad) + good} non-empty lines are malformed; refusing to "
+                f"train on the rest:\n  {shown}"
+            )
         skipped += bad
     if not documents:
         raise DataError(f"no usable documents in {', '.join(map(str, paths))}")
@@ -141,9 +178,11 @@ def split_documents(docs: list, val_fraction: float = 0.05, seed: int = 0, key=s
     document has text on both sides. At least one document goes to each side when there are two or more."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
     def score(i_doc):
         h = hashlib.sha256(f"{seed}:{i_doc[0]}:{key(i_doc[1])}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64
+
     scored = sorted(enumerate(docs), key=score)
     n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1) if len(docs) > 1 else 0
     val_ids = {i for i, _ in scored[:n_val]}
@@ -195,9 +234,11 @@ class EpochCursor:
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_windows"] != self.n_windows or state["seed"] != self.seed:
-            raise DataError(f"cannot resume: the data stream has {self.n_windows} windows (seed {self.seed}) but the "
-                            f"checkpoint was taken on {state['n_windows']} windows (seed {state['seed']}); "
-                            f"resume with the same data, tokenizer and --seq-len")
+            raise DataError(
+                f"cannot resume: the data stream has {self.n_windows} windows (seed {self.seed}) but the "
+                f"checkpoint was taken on {state['n_windows']} windows (seed {state['seed']}); "
+                f"resume with the same data, tokenizer and --seq-len"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._order_for(self.epoch)
 
@@ -208,8 +249,10 @@ class TokenStream(EpochCursor):
 
     def __init__(self, token_ids: torch.Tensor, seq_len: int, seed: int = 0):
         if token_ids.numel() < seq_len + 1:
-            raise DataError(f"the corpus has {token_ids.numel()} tokens, fewer than one window of seq_len+1 = "
-                            f"{seq_len + 1}; add data or lower --seq-len")
+            raise DataError(
+                f"the corpus has {token_ids.numel()} tokens, fewer than one window of seq_len+1 = "
+                f"{seq_len + 1}; add data or lower --seq-len"
+            )
         self.tokens = token_ids.long()
         self.seq_len = seq_len
         self._start_cursor((self.tokens.numel() - 1) // seq_len, seed)
@@ -222,7 +265,7 @@ class TokenStream(EpochCursor):
         return cls(torch.tensor(ids, dtype=torch.long), seq_len, seed)
 
     def _windows(self, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = torch.stack([self.tokens[w * self.seq_len: (w + 1) * self.seq_len + 1] for w in picks])
+        batch = torch.stack([self.tokens[w * self.seq_len : (w + 1) * self.seq_len + 1] for w in picks])
         return batch[:, :-1], batch[:, 1:]
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +275,7 @@ class TokenStream(EpochCursor):
     def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Windows spread evenly over the corpus, for evaluation; does not move the cursor."""
         picks = self.spread_indices(batch_size * n_batches)
-        return [self._windows(picks[s:s + batch_size]) for s in range(0, len(picks), batch_size)]
+        return [self._windows(picks[s : s + batch_size]) for s in range(0, len(picks), batch_size)]
 
 
 # ------------------------------------------------------------------ distillation (masked SFT)
@@ -247,14 +290,17 @@ def load_teacher_records(paths, max_bad_fraction: float = 0.5) -> tuple[list[dic
             if problem:
                 bad.append(f"{where}: {problem}")
                 continue
-            if isinstance(obj, dict) and all(isinstance(obj.get(k), str) and obj[k] for k in
-                                             ("prompt", "response", "teacher")):
+            if isinstance(obj, dict) and all(
+                isinstance(obj.get(k), str) and obj[k] for k in ("prompt", "response", "teacher")
+            ):
                 good.append(obj)
             else:
                 bad.append(f"{where}: expected non-empty strings 'prompt', 'response' and 'teacher'")
         if bad and len(bad) > max_bad_fraction * (len(bad) + len(good)):
-            raise DataError(f"{path}: {len(bad)} of {len(bad) + len(good)} non-empty lines are malformed; refusing "
-                            f"to train on the rest:\n  " + "\n  ".join(bad[:10]))
+            raise DataError(
+                f"{path}: {len(bad)} of {len(bad) + len(good)} non-empty lines are malformed; refusing "
+                f"to train on the rest:\n  " + "\n  ".join(bad[:10])
+            )
         records += good
         skipped += bad
     if not records:
@@ -281,7 +327,7 @@ class SFTStream(EpochCursor):
             ids, learn = prompt + answer, [False] * len(prompt) + [True] * len(answer)
             if len(ids) > seq_len + 1:
                 self.truncated += 1
-                ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
+                ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
             pad = seq_len + 1 - len(ids)
             rows.append(ids + [tokenizer.pad_id] * pad)
             masks.append(learn + [False] * pad)
@@ -301,4 +347,4 @@ class SFTStream(EpochCursor):
 
     def fixed_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         picks = self.spread_indices(batch_size * n_batches)
-        return [self._rows(picks[s:s + batch_size]) for s in range(0, len(picks), batch_size)]
+        return [self._rows(picks[s : s + batch_size]) for s in range(0, len(picks), batch_size)]

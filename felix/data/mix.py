@@ -29,6 +29,7 @@ its next epoch) sooner than a large one: :meth:`MixSampler.epochs` tracks it per
 with ``n_tokens`` and ``read(start, length)``, e.g. felix.data.shards.TokenArray): memory-mapped reads, no per-token
 Python objects, so the loader's memory does not grow with the corpus.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ import math
 import numpy as np
 import torch
 
-QUOTA_TOTAL = 1 << 20   # weights are apportioned to integer quotas summing to this (resolution ~1e-6)
+QUOTA_TOTAL = 1 << 20  # weights are apportioned to integer quotas summing to this (resolution ~1e-6)
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 4
 
@@ -59,7 +60,9 @@ def normalize_weights(weights, names=None) -> list[float]:
         raise MixError("data mix weights must be finite and >= 0; got " + ", ".join(bad))
     total = sum(weights)
     if total <= 0:
-        raise MixError(f"data mix weights sum to zero ({', '.join(names)}): at least one source needs a positive weight")
+        raise MixError(
+            f"data mix weights sum to zero ({', '.join(names)}): at least one source needs a positive weight"
+        )
     return [w / total for w in weights]
 
 
@@ -69,7 +72,7 @@ def integer_quotas(fractions, total: int = QUOTA_TOTAL) -> list[int]:
     exact = [f * total for f in fractions]
     quotas = [math.floor(x) for x in exact]
     order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - quotas[i]), i))
-    for i in order[:total - sum(quotas)]:
+    for i in order[: total - sum(quotas)]:
         quotas[i] += 1
     for i, f in enumerate(fractions):
         if f > 0 and quotas[i] == 0:
@@ -100,7 +103,7 @@ class MixSchedule:
         if j == i:
             return k
         num, den = (2 * k + 1) * self.quotas[j], self.quotas[i]
-        odd_limit = num // den if j < i else (num - 1) // den   # odd m = 2k'+1 with m/p_j before (2k+1)/p_i
+        odd_limit = num // den if j < i else (num - 1) // den  # odd m = 2k'+1 with m/p_j before (2k+1)/p_i
         return (odd_limit + 1) // 2
 
     def position(self, i: int, k: int) -> int:
@@ -224,8 +227,9 @@ class MixSampler:
         if perm is None:
             if len(self._perms) > 64:  # only the current epochs are ever needed again
                 self._perms.clear()
-            perm = self._perms[(source, epoch)] = WindowPermutation(self.n_windows[source],
-                                                                    derive_key(self.seed, source, epoch))
+            perm = self._perms[(source, epoch)] = WindowPermutation(
+                self.n_windows[source], derive_key(self.seed, source, epoch)
+            )
         return perm(j)
 
     def samples(self, g: int, count: int) -> list[tuple[int, int]]:
@@ -274,7 +278,7 @@ def fixed_batches(array, seq_len: int, batch_size: int, n_batches: int) -> list[
     """Evaluation batches of windows spread evenly over `array` (as felix.data.corpus.TokenStream.fixed_batches)."""
     picks = spread_windows(window_count(array.n_tokens, seq_len), batch_size * n_batches)
     rows = torch.from_numpy(read_windows(array, picks, seq_len))
-    return [(rows[s:s + batch_size, :-1], rows[s:s + batch_size, 1:]) for s in range(0, len(picks), batch_size)]
+    return [(rows[s : s + batch_size, :-1], rows[s : s + batch_size, 1:]) for s in range(0, len(picks), batch_size)]
 
 
 class MixStream:
@@ -346,12 +350,18 @@ class MixStream:
                 if old is None or new is None:
                     changed.append(f"source {name!r} {'added' if old is None else 'removed'}")
                 else:
-                    changed += [f"source {name!r}: {key} {old.get(key)!r} -> {new.get(key)!r}"
-                                for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+                    changed += [
+                        f"source {name!r}: {key} {old.get(key)!r} -> {new.get(key)!r}"
+                        for key in sorted(set(old) | set(new))
+                        if old.get(key) != new.get(key)
+                    ]
         for key in ("seed", "seq_len", "names", "quotas", "n_windows"):
             if not changed and state.get(key) != mine[key]:
                 changed.append(f"{key} {state.get(key)!r} -> {mine[key]!r}")
         if changed:
-            raise MixError("cannot resume: the training data differs from the checkpoint's: " + "; ".join(changed)
-                           + ". Resume with the data, tokenizer, weights, seed and seq_len the run started with")
+            raise MixError(
+                "cannot resume: the training data differs from the checkpoint's: "
+                + "; ".join(changed)
+                + ". Resume with the data, tokenizer, weights, seed and seq_len the run started with"
+            )
         self.position = int(state["position"])

@@ -19,6 +19,7 @@ the inputs lands on the same side every time.
 Reader API (what the trainer uses): :class:`PreparedCorpus` (``open``, ``split``, ``fingerprint``) and
 :class:`TokenArray` (``read(start, length)``: tokens across shard boundaries, from np.memmap, no per-token Python
 objects)."""
+
 from __future__ import annotations
 
 import bisect
@@ -58,8 +59,8 @@ SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SHARD_TOKENS = 100_000_000
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
-BATCH_CHARS = 1 << 20         # characters per batch sent to a worker
-CHECKPOINT_SECONDS = 10.0     # how often a running prepare records where it is (what a rerun continues from)
+BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
+CHECKPOINT_SECONDS = 10.0  # how often a running prepare records where it is (what a rerun continues from)
 _SHARD_NAME = re.compile(r"^(train|val)_(\d{6})\.bin$")
 _PARTIAL_NAME = re.compile(r"^\.(train|val)_(\d{6})\.bin\.partial$")
 
@@ -83,8 +84,16 @@ def make_header(n_tokens: int, n_documents: int, vocab_size: int, itemsize: int,
     if n_tokens > MAX_SHARD_TOKENS or n_documents > MAX_SHARD_TOKENS:
         raise ShardError(f"a shard of {n_tokens} tokens does not fit the header's int32 count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:8] = (MAGIC, FORMAT_VERSION, itemsize, n_tokens, n_documents, vocab_size if vocab_size < 2**31 else -1,
-                  SPLITS.index(split), index)
+    header[:8] = (
+        MAGIC,
+        FORMAT_VERSION,
+        itemsize,
+        n_tokens,
+        n_documents,
+        vocab_size if vocab_size < 2**31 else -1,
+        SPLITS.index(split),
+        index,
+    )
     return header.tobytes()
 
 
@@ -105,8 +114,14 @@ def read_header(path) -> dict:
         raise ShardError(f"shard {path} has format version {h[1]}; this Felix reads version {FORMAT_VERSION}")
     if h[2] not in (2, 4) or h[3] < 0 or h[4] < 0:
         raise ShardError(f"shard {path} has a corrupt header (bytes per token {h[2]}, tokens {h[3]})")
-    return {"bytes_per_token": int(h[2]), "tokens": int(h[3]), "documents": int(h[4]), "vocab_size": int(h[5]),
-            "split": SPLITS[h[6]] if 0 <= h[6] < len(SPLITS) else None, "index": int(h[7])}
+    return {
+        "bytes_per_token": int(h[2]),
+        "tokens": int(h[3]),
+        "documents": int(h[4]),
+        "vocab_size": int(h[5]),
+        "split": SPLITS[h[6]] if 0 <= h[6] < len(SPLITS) else None,
+        "index": int(h[7]),
+    }
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -128,9 +143,13 @@ class TokenArray:
 
     def _map(self, i: int) -> np.ndarray:
         if self._maps[i] is None:  # a plain ndarray view of the memmap: slicing it skips np.memmap's bookkeeping
-            self._maps[i] = (np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                                       shape=(int(self._counts[i]),)).view(np.ndarray) if self._counts[i] else
-                             np.empty(0, dtype=self.dtype))
+            self._maps[i] = (
+                np.memmap(
+                    self.paths[i], dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(int(self._counts[i]),)
+                ).view(np.ndarray)
+                if self._counts[i]
+                else np.empty(0, dtype=self.dtype)
+            )
         return self._maps[i]
 
     def read(self, start: int, length: int) -> np.ndarray:
@@ -141,14 +160,14 @@ class TokenArray:
         i = bisect.bisect_right(self._start_list, start) - 1
         offset = start - self._start_list[i] if i < len(self.paths) else 0
         if i < len(self.paths) and offset + length <= self._start_list[i + 1] - self._start_list[i]:
-            return self._map(i)[offset:offset + length].copy()  # the common case: inside one shard
+            return self._map(i)[offset : offset + length].copy()  # the common case: inside one shard
         out = np.empty(length, dtype=self.dtype)
         done = 0
         while done < length:
             offset = start + done - int(self._starts[i])
             take = min(length - done, int(self._counts[i]) - offset)
             if take > 0:
-                out[done:done + take] = self._map(i)[offset:offset + take]
+                out[done : done + take] = self._map(i)[offset : offset + take]
                 done += take
             i += 1
         return out
@@ -157,6 +176,7 @@ class TokenArray:
 @dataclass
 class PreparedCorpus:
     """A complete prepared corpus directory (see the module docstring), validated on open."""
+
     path: Path
     manifest: dict
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)
@@ -170,9 +190,11 @@ class PreparedCorpus:
         if not directory.is_dir():
             raise ShardError(f"prepared corpus {directory} does not exist (run `felix data prepare`)")
         if not manifest_path.is_file():
-            hint = (" (an interrupted `felix data prepare`: rerun it to finish)"
-                    if (directory / STATE).exists() or any(_PARTIAL_NAME.match(p.name) for p in directory.iterdir())
-                    else "")
+            hint = (
+                " (an interrupted `felix data prepare`: rerun it to finish)"
+                if (directory / STATE).exists() or any(_PARTIAL_NAME.match(p.name) for p in directory.iterdir())
+                else ""
+            )
             raise ShardError(f"{directory} is not a complete prepared corpus: it has no {MANIFEST}{hint}")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -181,8 +203,10 @@ class PreparedCorpus:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise ShardError(f"{manifest_path} is not a Felix token-shard manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{manifest_path} has format version {manifest.get('format_version')}; this Felix reads "
-                             f"version {FORMAT_VERSION} (prepare the corpus again)")
+            raise ShardError(
+                f"{manifest_path} has format version {manifest.get('format_version')}; this Felix reads "
+                f"version {FORMAT_VERSION} (prepare the corpus again)"
+            )
         corpus = cls(directory, manifest)
         try:
             dtype = corpus.dtype
@@ -201,13 +225,21 @@ class PreparedCorpus:
         size = path.stat().st_size
         expected = HEADER_BYTES + header["tokens"] * header["bytes_per_token"]
         if size != expected:
-            raise ShardError(f"shard {path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its "
-                             f"header says {header['tokens']} tokens = {expected} bytes")
-        if (header["bytes_per_token"] != dtype.itemsize or header["tokens"] != entry["tokens"]
-                or header["documents"] != entry["documents"] or header["split"] != split
-                or size != entry["bytes"]):
-            raise ShardError(f"shard {path} does not match {self.path / MANIFEST} (header: {header}; manifest: "
-                             f"{entry}, dtype {dtype})")
+            raise ShardError(
+                f"shard {path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its "
+                f"header says {header['tokens']} tokens = {expected} bytes"
+            )
+        if (
+            header["bytes_per_token"] != dtype.itemsize
+            or header["tokens"] != entry["tokens"]
+            or header["documents"] != entry["documents"]
+            or header["split"] != split
+            or size != entry["bytes"]
+        ):
+            raise ShardError(
+                f"shard {path} does not match {self.path / MANIFEST} (header: {header}; manifest: "
+                f"{entry}, dtype {dtype})"
+            )
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -228,8 +260,11 @@ class PreparedCorpus:
     def fingerprint(self) -> str:
         """sha256 over the dtype and every shard's split, name, size, token count and sha256: it changes iff the
         token data changes."""
-        rows = [self.manifest["dtype"]] + [[s, e["file"], e["bytes"], e["tokens"], e["sha256"]]
-                                           for s in SPLITS for e in self.manifest["splits"][s]["shards"]]
+        rows = [self.manifest["dtype"]] + [
+            [s, e["file"], e["bytes"], e["tokens"], e["sha256"]]
+            for s in SPLITS
+            for e in self.manifest["splits"][s]["shards"]
+        ]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def split(self, name: str) -> TokenArray:
@@ -237,8 +272,12 @@ class PreparedCorpus:
             raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
         if name not in self._arrays:
             info = self.manifest["splits"][name]
-            self._arrays[name] = TokenArray([self.path / e["file"] for e in info["shards"]],
-                                            [e["tokens"] for e in info["shards"]], info["documents"], self.dtype)
+            self._arrays[name] = TokenArray(
+                [self.path / e["file"] for e in info["shards"]],
+                [e["tokens"] for e in info["shards"]],
+                info["documents"],
+                self.dtype,
+            )
         return self._arrays[name]
 
     def verify(self) -> None:
@@ -283,12 +322,13 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     pos = 0
     for doc, n in zip(ids, lengths.tolist()):
         out[pos] = tok.bos_id
-        out[pos + 1:pos + n - 1] = doc
+        out[pos + 1 : pos + n - 1] = doc
         out[pos + n - 1] = tok.eos_id
         pos += n
     if len(out) and (out.max() >= tok.vocab_size or out.min() < 0):
-        raise ShardError(f"token id {int(out.max())} >= the vocabulary size {tok.vocab_size}: the tokenizer file "
-                         f"is inconsistent")
+        raise ShardError(
+            f"token id {int(out.max())} >= the vocabulary size {tok.vocab_size}: the tokenizer file is inconsistent"
+        )
     out = out.astype(dtype)
     is_val = np.fromiter((document_is_val(t, _WORKER["val_fraction"]) for t in texts), dtype=bool, count=len(texts))
     return out, lengths, is_val
@@ -297,8 +337,17 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 class _SplitWriter:
     """Appends documents to the shards of one split: ``.name.partial`` while open, renamed when full."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, vocab_size: int, shard_tokens: int,
-                 closed: list[dict] | None = None, open_tokens: int = 0, open_documents: int = 0):
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        dtype: np.dtype,
+        vocab_size: int,
+        shard_tokens: int,
+        closed: list[dict] | None = None,
+        open_tokens: int = 0,
+        open_documents: int = 0,
+    ):
         self.directory, self.split, self.dtype = directory, split, dtype
         self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
         self.closed = list(closed or [])
@@ -354,16 +403,24 @@ class _SplitWriter:
         if self.tokens > MAX_SHARD_TOKENS:
             raise ShardError(f"a document of more than {MAX_SHARD_TOKENS} tokens does not fit a shard")
         self._fh.seek(0)
-        self._fh.write(make_header(self.tokens, self.documents, self.vocab_size, self.dtype.itemsize, self.split,
-                                   self.index))
+        self._fh.write(
+            make_header(self.tokens, self.documents, self.vocab_size, self.dtype.itemsize, self.split, self.index)
+        )
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
         final = self.directory / shard_name(self.split, self.index)
         os.replace(self.partial_path, final)
-        self.closed.append({"file": final.name, "tokens": self.tokens, "documents": self.documents,
-                            "bytes": final.stat().st_size, "sha256": file_sha256(final)})
+        self.closed.append(
+            {
+                "file": final.name,
+                "tokens": self.tokens,
+                "documents": self.documents,
+                "bytes": final.stat().st_size,
+                "sha256": file_sha256(final),
+            }
+        )
         self.tokens = self.documents = 0
 
     def abandon(self) -> None:
@@ -385,8 +442,13 @@ def _our_files(directory: Path) -> tuple[list[Path], list[Path]]:
     ours, other = [], []
     for p in directory.iterdir():
         name = p.name
-        if (name in (MANIFEST, STATE) or _SHARD_NAME.match(name) or _PARTIAL_NAME.match(name)
-                or name.startswith(f".{MANIFEST}.tmp-") or name.startswith(f".{STATE}.tmp-")):
+        if (
+            name in (MANIFEST, STATE)
+            or _SHARD_NAME.match(name)
+            or _PARTIAL_NAME.match(name)
+            or name.startswith(f".{MANIFEST}.tmp-")
+            or name.startswith(f".{STATE}.tmp-")
+        ):
             ours.append(p)
         else:
             other.append(p)
@@ -408,10 +470,18 @@ def _read_json(path: Path):
         return None
 
 
-def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
-                   val_fraction: float = DEFAULT_VAL_FRACTION, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                   text_field: str = "text", force: bool = False, progress: bool = True,
-                   log=None) -> PreparedCorpus:
+def prepare_corpus(
+    sources,
+    tokenizer_path,
+    out_dir,
+    workers: int | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    text_field: str = "text",
+    force: bool = False,
+    progress: bool = True,
+    log=None,
+) -> PreparedCorpus:
     """Tokenize `sources` (files, folders, globs: felix.data.sources) once with the tokenizer at
     `tokenizer_path`, in `workers` processes (default: every core), into token shards in `out_dir`.
 
@@ -433,18 +503,37 @@ def prepare_corpus(sources, tokenizer_path, out_dir, workers: int | None = None,
     tok = Tokenizer.load(tokenizer_path)
     vocab_size = tok.vocab_size
     dtype = dtype_for_vocab(vocab_size)
-    inputs = {"format_version": FORMAT_VERSION, "tokenizer_sha256": file_sha256(tokenizer_path),
-              "vocab_size": vocab_size, "dtype": dtype.name, "val_fraction": val_fraction,
-              "shard_tokens": shard_tokens, "text_field": text_field,
-              "sources": [_source_identity(p) for p in files]}
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "text_field": text_field,
+        "sources": [_source_identity(p) for p in files],
+    }
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        return _prepare_locked(out, files, inputs, tok, tokenizer_path, dtype, workers, val_fraction, shard_tokens,
-                               text_field, force, progress, log)
+        return _prepare_locked(
+            out,
+            files,
+            inputs,
+            tok,
+            tokenizer_path,
+            dtype,
+            workers,
+            val_fraction,
+            shard_tokens,
+            text_field,
+            force,
+            progress,
+            log,
+        )
 
 
 @contextlib.contextmanager
@@ -464,15 +553,28 @@ def _exclusive(directory: Path):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, dtype: np.dtype, workers: int,
-                    val_fraction: float, shard_tokens: int, text_field: str, force: bool, progress: bool,
-                    log) -> PreparedCorpus:
+def _prepare_locked(
+    out: Path,
+    files,
+    inputs: dict,
+    tok,
+    tokenizer_path: Path,
+    dtype: np.dtype,
+    workers: int,
+    val_fraction: float,
+    shard_tokens: int,
+    text_field: str,
+    force: bool,
+    progress: bool,
+    log,
+) -> PreparedCorpus:
     vocab_size = tok.vocab_size
     ours, other = _our_files(out)
     if other:
         names = ", ".join(sorted(p.name for p in other)[:5])
-        raise ShardError(f"{out} holds files that are not part of a prepared corpus ({names}); choose an empty or "
-                         f"new directory")
+        raise ShardError(
+            f"{out} holds files that are not part of a prepared corpus ({names}); choose an empty or new directory"
+        )
     manifest = _read_json(out / MANIFEST) if (out / MANIFEST).exists() else None
     if (out / MANIFEST).exists():
         if manifest is not None and manifest.get("inputs") == inputs:
@@ -482,12 +584,15 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
                 return corpus
             except ShardError as e:
                 if not force:
-                    raise ShardError(f"{out} holds a damaged corpus of the same inputs ({e}); rerun with --force to "
-                                     f"prepare it again") from e
+                    raise ShardError(
+                        f"{out} holds a damaged corpus of the same inputs ({e}); rerun with --force to prepare it again"
+                    ) from e
         elif not force:
             what = _difference(manifest.get("inputs") if isinstance(manifest, dict) else None, inputs)
-            raise ShardError(f"{out} already holds a different prepared corpus ({what}); use --force to replace it, "
-                             f"or choose another --out")
+            raise ShardError(
+                f"{out} already holds a different prepared corpus ({what}); use --force to replace it, "
+                f"or choose another --out"
+            )
         _clear(out)
     state = _read_json(out / STATE)
     resume = state if isinstance(state, dict) and state.get("inputs") == inputs else None
@@ -505,17 +610,22 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
                 partial = out / f".{shard_name(split, len(s['closed']))}.partial"
                 committed = HEADER_BYTES + s["open_tokens"] * dtype.itemsize
                 if (s["open_tokens"] or s["open_documents"]) and (
-                        not partial.is_file() or partial.stat().st_size < committed):
+                    not partial.is_file() or partial.stat().st_size < committed
+                ):
                     raise KeyError(partial.name)
         except (KeyError, TypeError):
             resume = None
     if resume is None:
         if ours:
-            log(f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: "
-                "starting over")
+            log(
+                f"{out}: an earlier prepare with other inputs (or an unusable checkpoint) was interrupted: "
+                "starting over"
+            )
         _clear(out)
-        resume = {"documents_done": 0, "splits": {s: {"closed": [], "open_tokens": 0, "open_documents": 0}
-                                                  for s in SPLITS}}
+        resume = {
+            "documents_done": 0,
+            "splits": {s: {"closed": [], "open_tokens": 0, "open_documents": 0} for s in SPLITS},
+        }
     else:
         log(f"{out}: continuing an interrupted prepare after {resume['documents_done']} documents")
         for p in out.iterdir():  # shards past the checkpoint: written after it, redone now
@@ -526,20 +636,39 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
             index, partial = int(m.group(2)), p.name.endswith(".partial")
             if index > n_closed or (index == n_closed and not partial) or (partial and index < n_closed):
                 p.unlink()
-    writers = {s: _SplitWriter(out, s, dtype, vocab_size, shard_tokens, resume["splits"][s]["closed"],
-                               resume["splits"][s]["open_tokens"], resume["splits"][s]["open_documents"])
-               for s in SPLITS}
+    writers = {
+        s: _SplitWriter(
+            out,
+            s,
+            dtype,
+            vocab_size,
+            shard_tokens,
+            resume["splits"][s]["closed"],
+            resume["splits"][s]["open_tokens"],
+            resume["splits"][s]["open_documents"],
+        )
+        for s in SPLITS
+    }
     skip = int(resume["documents_done"])
 
     def checkpoint(documents_done: int) -> None:
         for w in writers.values():
             w.flush()
-        atomic_write_text(out / STATE, json.dumps({"inputs": inputs, "documents_done": documents_done,
-                                                   "splits": {s: w.state() for s, w in writers.items()}}))
+        atomic_write_text(
+            out / STATE,
+            json.dumps(
+                {
+                    "inputs": inputs,
+                    "documents_done": documents_done,
+                    "splits": {s: w.state() for s, w in writers.items()},
+                }
+            ),
+        )
 
     total_bytes = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True
+    )
     readers: list[SourceReader] = []
     source_info: list[dict] = []
     done_bytes = [0]
@@ -561,8 +690,16 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
                     yield batch, seen
                     batch, chars = [], 0
             st = reader.stats
-            source_info.append({**_source_identity(path), "sha256": sha, "documents": st.documents,
-                                "chars": st.chars, "skipped": st.bad, "skipped_examples": st.problems})
+            source_info.append(
+                {
+                    **_source_identity(path),
+                    "sha256": sha,
+                    "documents": st.documents,
+                    "chars": st.chars,
+                    "skipped": st.bad,
+                    "skipped_examples": st.problems,
+                }
+            )
             done_bytes[0] += reader.size
             if st.bad:
                 log(f"{path}: skipped {st.bad} malformed line(s)/row(s), e.g. {st.problems[0]}")
@@ -579,8 +716,9 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
             # a fork after this process used its thread pool (e.g. to train the tokenizer); restored below
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_pool_worker,
-                            initargs=(str(tokenizer_path), dtype.name, val_fraction))
+            pool = ctx.Pool(
+                workers, initializer=_init_pool_worker, initargs=(str(tokenizer_path), dtype.name, val_fraction)
+            )
             pending: deque = deque()
 
             def results():
@@ -629,17 +767,41 @@ def _prepare_locked(out: Path, files, inputs: dict, tok, tokenizer_path: Path, d
         for w in writers.values():
             w.abandon()
     elapsed = time.perf_counter() - started
-    splits = {s: {"documents": sum(e["documents"] for e in w.closed), "tokens": sum(e["tokens"] for e in w.closed),
-                  "shards": w.closed} for s, w in writers.items()}
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "header_bytes": HEADER_BYTES,
-                "dtype": dtype.name, "bytes_per_token": dtype.itemsize,
-                "tokenizer": {"path": str(tokenizer_path), "sha256": inputs["tokenizer_sha256"],
-                              "vocab_size": vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
-                "val_fraction": val_fraction, "split_rule": "sha256(document text)[:8] / 2**64 < val_fraction",
-                "shard_tokens": shard_tokens, "text_field": text_field, "sources": source_info, "splits": splits,
-                "inputs": inputs,
-                "last_run": {"seconds": round(elapsed, 3), "tokens_encoded": n_tokens, "workers": workers,
-                             "continued_after_documents": skip}}
+    splits = {
+        s: {
+            "documents": sum(e["documents"] for e in w.closed),
+            "tokens": sum(e["tokens"] for e in w.closed),
+            "shards": w.closed,
+        }
+        for s, w in writers.items()
+    }
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "header_bytes": HEADER_BYTES,
+        "dtype": dtype.name,
+        "bytes_per_token": dtype.itemsize,
+        "tokenizer": {
+            "path": str(tokenizer_path),
+            "sha256": inputs["tokenizer_sha256"],
+            "vocab_size": vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+        },
+        "val_fraction": val_fraction,
+        "split_rule": "sha256(document text)[:8] / 2**64 < val_fraction",
+        "shard_tokens": shard_tokens,
+        "text_field": text_field,
+        "sources": source_info,
+        "splits": splits,
+        "inputs": inputs,
+        "last_run": {
+            "seconds": round(elapsed, 3),
+            "tokens_encoded": n_tokens,
+            "workers": workers,
+            "continued_after_documents": skip,
+        },
+    }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     (out / STATE).unlink(missing_ok=True)
     return PreparedCorpus.open(out)

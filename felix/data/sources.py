@@ -14,6 +14,7 @@ read (docs/data-format.md).
   (``data/*.parquet``, ``**`` allowed): its matches of the above kinds in sorted order.
 
 Every problem is a :class:`felix.data.corpus.DataError` (a ValueError) naming the file."""
+
 from __future__ import annotations
 
 import glob
@@ -39,7 +40,7 @@ SHOWN_PROBLEMS = 10
 
 
 def source_kind(path) -> str | None:
-    """"jsonl", "jsonl.gz", "jsonl.zst", "parquet" or "txt" by the file name's ending; None if unsupported."""
+    """ "jsonl", "jsonl.gz", "jsonl.zst", "parquet" or "txt" by the file name's ending; None if unsupported."""
     name = Path(path).name.lower()
     for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
@@ -64,8 +65,9 @@ def expand_sources(sources) -> list[Path]:
                 raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
             found = [path]
         elif glob.has_magic(str(source)):
-            found = sorted(Path(p) for p in glob.glob(str(source), recursive=True)
-                           if Path(p).is_file() and source_kind(p))
+            found = sorted(
+                Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file() and source_kind(p)
+            )
             if not found:
                 raise DataError(f"pattern {source!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} files")
         else:
@@ -79,6 +81,7 @@ def expand_sources(sources) -> list[Path]:
 @dataclass
 class SourceStats:
     """What reading one file gave: usable documents, their characters, and the bad lines or rows skipped."""
+
     path: str
     documents: int = 0
     chars: int = 0
@@ -94,10 +97,13 @@ class SourceStats:
         """Refuse a file that gave no document, or where most lines/rows were bad."""
         total = self.documents + self.bad
         if self.bad and self.bad > MAX_BAD_FRACTION * total:
-            shown = "\n  ".join(self.problems) + (f"\n  ... and {self.bad - len(self.problems)} more"
-                                                  if self.bad > len(self.problems) else "")
-            raise DataError(f"{self.path}: {self.bad} of {total} non-empty lines/rows are malformed; refusing to "
-                            f"use the rest:\n  {shown}")
+            shown = "\n  ".join(self.problems) + (
+                f"\n  ... and {self.bad - len(self.problems)} more" if self.bad > len(self.problems) else ""
+            )
+            raise DataError(
+                f"{self.path}: {self.bad} of {total} non-empty lines/rows are malformed; refusing to "
+                f"use the rest:\n  {shown}"
+            )
         if not self.documents:
             raise DataError(f"{self.path}: no usable documents (empty file, or no non-empty text)")
 
@@ -160,12 +166,17 @@ class SourceReader:
                         self.stats.note_bad(f"{where}: {problem}")
                     elif isinstance(obj, dict) and isinstance(obj.get(key), str) and obj[key].strip():
                         yield self._emit(obj[key])
-                    elif (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                          and isinstance(obj.get("response"), str)):
+                    elif (
+                        isinstance(obj, dict)
+                        and isinstance(obj.get("prompt"), str)
+                        and isinstance(obj.get("response"), str)
+                    ):
                         yield self._emit(chat_text(obj["prompt"], obj["response"]))
                     else:
-                        self.stats.note_bad(f"{where}: expected an object with a non-empty string {key!r}, or "
-                                            f"string 'prompt' and 'response'")
+                        self.stats.note_bad(
+                            f"{where}: expected an object with a non-empty string {key!r}, or "
+                            f"string 'prompt' and 'response'"
+                        )
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path}: not UTF-8 text ({e})") from e
         except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:  # gzip.BadGzipFile is an OSError
@@ -179,8 +190,9 @@ class SourceReader:
             raise DataError(f"cannot read {self.path} as parquet: {e}") from e
         schema = pf.schema_arrow
         if key not in schema.names:
-            raise DataError(f"{self.path}: no column {key!r} (columns: {', '.join(schema.names)}); "
-                            f"choose one with --text-field")
+            raise DataError(
+                f"{self.path}: no column {key!r} (columns: {', '.join(schema.names)}); choose one with --text-field"
+            )
         if not (pa.types.is_string(schema.field(key).type) or pa.types.is_large_string(schema.field(key).type)):
             raise DataError(f"{self.path}: column {key!r} holds {schema.field(key).type}, not strings")
         n_rows = max(1, pf.metadata.num_rows)

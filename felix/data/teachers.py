@@ -18,6 +18,7 @@
 Selection and agreement are facts about the teacher data alone (no student, no training): `felix teacher-data`
 reports them, and a distillation objective (felix.train.distill) trains on what :func:`select_responses` picks.
 """
+
 from __future__ import annotations
 
 import collections
@@ -77,27 +78,35 @@ def load_teacher_groups(paths) -> list[TeacherGroup]:
                 continue
             if "responses" in obj:
                 resp = obj["responses"]
-                if not (isinstance(resp, dict) and resp and all(_nonempty_str(k) and _nonempty_str(v)
-                                                                for k, v in resp.items())):
+                if not (
+                    isinstance(resp, dict)
+                    and resp
+                    and all(_nonempty_str(k) and _nonempty_str(v) for k, v in resp.items())
+                ):
                     problems.append(f"{where}: 'responses' must map teacher names to non-empty response strings")
                     continue
                 pairs = list(resp.items())
             elif _nonempty_str(obj.get("response")) and _nonempty_str(obj.get("teacher")):
                 pairs = [(obj["teacher"], obj["response"])]
             else:
-                problems.append(f"{where}: expected 'responses' {{teacher: response}}, or non-empty strings "
-                                f"'response' and 'teacher'")
+                problems.append(
+                    f"{where}: expected 'responses' {{teacher: response}}, or non-empty strings "
+                    f"'response' and 'teacher'"
+                )
                 continue
             g = groups.setdefault(obj["prompt"], TeacherGroup(obj["prompt"], task, {}, {}))
             if task is not None and g.task is not None and task != g.task:
-                problems.append(f"{where}: task {task!r} for a prompt that {next(iter(g.sources.values()))} gave "
-                                f"task {g.task!r}")
+                problems.append(
+                    f"{where}: task {task!r} for a prompt that {next(iter(g.sources.values()))} gave task {g.task!r}"
+                )
                 continue
             g.task = g.task or task
             for teacher, response in pairs:
                 if teacher in g.responses and g.responses[teacher] != response:
-                    problems.append(f"{where}: teacher {teacher!r} already gave a different response to this prompt "
-                                    f"at {g.sources[teacher]}")
+                    problems.append(
+                        f"{where}: teacher {teacher!r} already gave a different response to this prompt "
+                        f"at {g.sources[teacher]}"
+                    )
                     continue
                 g.responses.setdefault(teacher, response)
                 g.sources.setdefault(teacher, where)
@@ -111,29 +120,45 @@ def load_teacher_groups(paths) -> list[TeacherGroup]:
 
 def write_teacher_groups(groups: list[TeacherGroup], path) -> Path:
     """Write groups as one-line-per-prompt JSONL (atomically)."""
-    lines = [json.dumps({"prompt": g.prompt, **({"task": g.task} if g.task else {}), "responses": g.responses})
-             for g in groups]
+    lines = [
+        json.dumps({"prompt": g.prompt, **({"task": g.task} if g.task else {}), "responses": g.responses})
+        for g in groups
+    ]
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
-def builtin_teacher_groups(n: int, seed: int = 0, tasks=TASKS,
-                           teachers=BUILTIN_TEACHERS) -> list[TeacherGroup]:
+def builtin_teacher_groups(n: int, seed: int = 0, tasks=TASKS, teachers=BUILTIN_TEACHERS) -> list[TeacherGroup]:
     """`n` task records (felix.tasks.records.structured_records(n, seed, tasks)) with every built-in teacher's response."""
     records = structured_records(n, seed, tuple(tasks))
     by_teacher = {t: builtin_teacher_responses(records, t, seed) for t in teachers}
     groups: dict[str, TeacherGroup] = {}
     for i, r in enumerate(records):  # a repeated prompt (rare) keeps its first record
-        groups.setdefault(r["prompt"], TeacherGroup(r["prompt"], r["task"], {t: by_teacher[t][i] for t in teachers},
-                                                    {t: f"builtin:{seed}:{i}" for t in teachers}))
+        groups.setdefault(
+            r["prompt"],
+            TeacherGroup(
+                r["prompt"],
+                r["task"],
+                {t: by_teacher[t][i] for t in teachers},
+                {t: f"builtin:{seed}:{i}" for t in teachers},
+            ),
+        )
     return list(groups.values())
 
 
-def checkpoint_teacher(name: str, checkpoint, groups: list[TeacherGroup], max_new_tokens: int = 192,
-                       batch_size: int = 16, device="cpu", progress: bool = False) -> list[TeacherGroup]:
+def checkpoint_teacher(
+    name: str,
+    checkpoint,
+    groups: list[TeacherGroup],
+    max_new_tokens: int = 192,
+    batch_size: int = 16,
+    device="cpu",
+    progress: bool = False,
+) -> list[TeacherGroup]:
     """Add a trained Felix checkpoint as teacher `name`: its greedy responses to every group's prompt."""
     model, tok = load_checkpoint(checkpoint, device), Tokenizer.load(checkpoint)
-    outs = greedy_responses(model, tok, [g.prompt for g in groups], max_new_tokens, batch_size, progress,
-                            desc=f"teacher {name}")
+    outs = greedy_responses(
+        model, tok, [g.prompt for g in groups], max_new_tokens, batch_size, progress, desc=f"teacher {name}"
+    )
     for g, out in zip(groups, outs):
         if name in g.responses:
             raise DistillError(f"teacher {name!r} already answers prompt {g.prompt[:60]!r}")
@@ -164,10 +189,10 @@ class Selection:
     task: str | None
     teacher: str
     response: str
-    valid: bool            # the chosen response passes its task's schema check
+    valid: bool  # the chosen response passes its task's schema check
     score: float
-    n_valid: int           # how many teachers gave a schema-valid response
-    validity: dict         # teacher -> schema-valid
+    n_valid: int  # how many teachers gave a schema-valid response
+    validity: dict  # teacher -> schema-valid
 
 
 def _resolve_scorer(scorer):
@@ -190,8 +215,18 @@ def select_responses(groups: list[TeacherGroup], scorer="consensus") -> list[Sel
         tier = [t for t in teachers if validity[t]] or teachers
         scores = {t: float(score_fn(g, t)) for t in tier}
         best = max(tier, key=lambda t: (scores[t], -teachers.index(t)))
-        out.append(Selection(g.prompt, g.task, best, g.responses[best], validity[best], scores[best],
-                             sum(validity.values()), validity))
+        out.append(
+            Selection(
+                g.prompt,
+                g.task,
+                best,
+                g.responses[best],
+                validity[best],
+                scores[best],
+                sum(validity.values()),
+                validity,
+            )
+        )
     return out
 
 
@@ -207,17 +242,32 @@ def _decision(text: str):
 def _pair_stats(groups: list[TeacherGroup], a: str, b: str) -> dict:
     common = [g for g in groups if a in g.responses and b in g.responses]
     if not common:
-        return {"prompts": 0, "exact": None, "word_f1": None, "both_valid": None, "decision_agreement": None,
-                "decisions": 0}
-    decisions = [(da, db) for g in common for da, db in [(_decision(g.responses[a]), _decision(g.responses[b]))]
-                 if da is not None and db is not None]
-    return {"prompts": len(common),
-            "exact": sum(g.responses[a].strip() == g.responses[b].strip() for g in common) / len(common),
-            "word_f1": sum(word_f1(g.responses[a], g.responses[b]) for g in common) / len(common),
-            "both_valid": sum(schema_check(g.task, g.responses[a])["compliant"]
-                              and schema_check(g.task, g.responses[b])["compliant"] for g in common) / len(common),
-            "decision_agreement": (sum(da == db for da, db in decisions) / len(decisions)) if decisions else None,
-            "decisions": len(decisions)}
+        return {
+            "prompts": 0,
+            "exact": None,
+            "word_f1": None,
+            "both_valid": None,
+            "decision_agreement": None,
+            "decisions": 0,
+        }
+    decisions = [
+        (da, db)
+        for g in common
+        for da, db in [(_decision(g.responses[a]), _decision(g.responses[b]))]
+        if da is not None and db is not None
+    ]
+    return {
+        "prompts": len(common),
+        "exact": sum(g.responses[a].strip() == g.responses[b].strip() for g in common) / len(common),
+        "word_f1": sum(word_f1(g.responses[a], g.responses[b]) for g in common) / len(common),
+        "both_valid": sum(
+            schema_check(g.task, g.responses[a])["compliant"] and schema_check(g.task, g.responses[b])["compliant"]
+            for g in common
+        )
+        / len(common),
+        "decision_agreement": (sum(da == db for da, db in decisions) / len(decisions)) if decisions else None,
+        "decisions": len(decisions),
+    }
 
 
 def teacher_agreement(groups: list[TeacherGroup], selections: list[Selection] | None = None) -> dict:
@@ -231,28 +281,45 @@ def teacher_agreement(groups: list[TeacherGroup], selections: list[Selection] | 
         per_teacher = {}
         for t in teachers:
             answered = [g for g in gs if t in g.responses]
-            per_teacher[t] = {"responses": len(answered),
-                              "valid": (sum(schema_check(g.task, g.responses[t])["compliant"] for g in answered)
-                                        / len(answered)) if answered else None}
-        pairs = {f"{a} vs {b}": _pair_stats(gs, a, b) for i, a in enumerate(teachers) for b in teachers[i + 1:]}
+            per_teacher[t] = {
+                "responses": len(answered),
+                "valid": (sum(schema_check(g.task, g.responses[t])["compliant"] for g in answered) / len(answered))
+                if answered
+                else None,
+            }
+        pairs = {f"{a} vs {b}": _pair_stats(gs, a, b) for i, a in enumerate(teachers) for b in teachers[i + 1 :]}
         return {"prompts": len(gs), "teachers": per_teacher, "pairs": pairs}
 
-    report = {"schema": "felix-teacher-agreement", "version": 1, "teachers": teachers, "tasks": tasks,
-              "overall": section(groups),
-              "per_task": {task: section([g for g in groups if (g.task or "(none)") == task]) for task in tasks}}
+    report = {
+        "schema": "felix-teacher-agreement",
+        "version": 1,
+        "teachers": teachers,
+        "tasks": tasks,
+        "overall": section(groups),
+        "per_task": {task: section([g for g in groups if (g.task or "(none)") == task]) for task in tasks},
+    }
     if selections is not None:
         report["selection"] = {
             "selected": {t: picked.get(t, 0) for t in teachers},
             "no_valid_response": sum(not s.valid for s in selections),
-            "per_task": {task: dict(collections.Counter(s.teacher for s in selections
-                                                        if (s.task or "(none)") == task)) for task in tasks}}
+            "per_task": {
+                task: dict(collections.Counter(s.teacher for s in selections if (s.task or "(none)") == task))
+                for task in tasks
+            },
+        }
     return report
 
 
 def agreement_markdown(report: dict, plot_name: str | None = None) -> str:
     o = report["overall"]
-    lines = ["# Teacher agreement", "", f"{o['prompts']} prompts, teachers: {', '.join(report['teachers'])}", "",
-             "| teacher | responses | schema-valid | selected |", "|---|---|---|---|"]
+    lines = [
+        "# Teacher agreement",
+        "",
+        f"{o['prompts']} prompts, teachers: {', '.join(report['teachers'])}",
+        "",
+        "| teacher | responses | schema-valid | selected |",
+        "|---|---|---|---|",
+    ]
     sel = (report.get("selection") or {}).get("selected", {})
     for t, s in o["teachers"].items():
         valid = f"{100 * s['valid']:.0f}%" if s["valid"] is not None else "-"
@@ -260,12 +327,18 @@ def agreement_markdown(report: dict, plot_name: str | None = None) -> str:
 
     def fmt(x):
         return "-" if x is None else f"{x:.2f}"
-    lines += ["", "| pair | task | prompts | exact | word F1 | both valid | has_principle agreement |",
-              "|---|---|---|---|---|---|---|"]
+
+    lines += [
+        "",
+        "| pair | task | prompts | exact | word F1 | both valid | has_principle agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scope, sec in [("all", o)] + list(report["per_task"].items()):
         for pair, s in sec["pairs"].items():
-            lines.append(f"| {pair} | {scope} | {s['prompts']} | {fmt(s['exact'])} | {fmt(s['word_f1'])} | "
-                         f"{fmt(s['both_valid'])} | {fmt(s['decision_agreement'])} |")
+            lines.append(
+                f"| {pair} | {scope} | {s['prompts']} | {fmt(s['exact'])} | {fmt(s['word_f1'])} | "
+                f"{fmt(s['both_valid'])} | {fmt(s['decision_agreement'])} |"
+            )
     if "selection" in report:
         lines += ["", f"Prompts with no schema-valid teacher response: {report['selection']['no_valid_response']}."]
     if plot_name:
@@ -283,9 +356,18 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teachers = report["teachers"]
-    m = [[1.0 if a == b else (report["overall"]["pairs"].get(f"{a} vs {b}") or
-                              report["overall"]["pairs"].get(f"{b} vs {a}"))["word_f1"] or 0.0
-          for b in teachers] for a in teachers]
+    m = [
+        [
+            1.0
+            if a == b
+            else (report["overall"]["pairs"].get(f"{a} vs {b}") or report["overall"]["pairs"].get(f"{b} vs {a}"))[
+                "word_f1"
+            ]
+            or 0.0
+            for b in teachers
+        ]
+        for a in teachers
+    ]
     fig, ax = plt.subplots(figsize=(1.2 * len(teachers) + 2, 1.0 * len(teachers) + 1.5))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(teachers)))
@@ -300,5 +382,8 @@ def write_agreement_report(report: dict, out_dir, stem: str = AGREEMENT_STEM) ->
     fig.tight_layout()
     png = save_figure(fig, out / f"{stem}.png", dpi=100)
     plt.close(fig)
-    return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
-            "markdown": atomic_write_text(out / f"{stem}.md", agreement_markdown(report, png.name)), "plot": png}
+    return {
+        "json": atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
+        "markdown": atomic_write_text(out / f"{stem}.md", agreement_markdown(report, png.name)),
+        "plot": png,
+    }

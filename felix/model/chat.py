@@ -1,6 +1,7 @@
 """Felix's chat format: the role markers and one table that every renderer reads (the training data's chat text, the
 prompts the decoder and the fidelity probes build, the Jinja template exported GGUFs carry, and its inverse for chat
 requests). The tokenizer registers the markers as special tokens (felix/model/tokenizer.py)."""
+
 from __future__ import annotations
 
 # Chat role markers. The tokenizer registers them as special tokens (felix/model/tokenizer.py).
@@ -40,7 +41,7 @@ def messages_from_prompt(prompt: str) -> list[dict] | None:
     header = f"{ASSISTANT}\n"
     if not prompt.endswith(header):
         return None
-    body, messages = prompt[:-len(header)], []
+    body, messages = prompt[: -len(header)], []
     if body:
         if not body.endswith(END + TURN_SEPARATOR):
             return None
@@ -49,7 +50,7 @@ def messages_from_prompt(prompt: str) -> list[dict] | None:
             head = next((h for h in by_marker if turn.startswith(h)), None)
             if head is None:
                 return None
-            messages.append({"role": by_marker[head], "content": turn[len(head):]})
+            messages.append({"role": by_marker[head], "content": turn[len(head) :]})
     return messages if chat_messages(messages, add_generation_prompt=True) == prompt else None
 
 
@@ -63,21 +64,29 @@ def _chat_template() -> str:
     from ROLE_MARKERS. All text is in Jinja expressions and every tag trims the whitespace around it, so the output
     does not depend on trim_blocks / lstrip_blocks (llama-cpp-python's Jinja2ChatFormatter sets both)."""
     q = _jinja_literal
-    out = ["{{- bos_token -}}", "{%- set ns = namespace(turns=0) -%}", "{%- for message in messages -%}",
-           "{%- if message['content'] is not string -%}",
-           "{{- raise_exception('Felix chat format: message content must be a string') -}}",
-           "{%- elif message['role'] == 'system' and message['content'] == '' -%}",  # no turn, as chat_messages
-           "{%- else -%}",
-           f"{{%- if ns.turns > 0 -%}}{{{{- {q(TURN_SEPARATOR)} -}}}}{{%- endif -%}}"]
+    out = [
+        "{{- bos_token -}}",
+        "{%- set ns = namespace(turns=0) -%}",
+        "{%- for message in messages -%}",
+        "{%- if message['content'] is not string -%}",
+        "{{- raise_exception('Felix chat format: message content must be a string') -}}",
+        "{%- elif message['role'] == 'system' and message['content'] == '' -%}",  # no turn, as chat_messages
+        "{%- else -%}",
+        f"{{%- if ns.turns > 0 -%}}{{{{- {q(TURN_SEPARATOR)} -}}}}{{%- endif -%}}",
+    ]
     for i, (role, marker) in enumerate(ROLE_MARKERS.items()):
-        out.append(f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {q(role)} -%}}{{{{- {q(marker + chr(10))} -}}}}")
-    out += ["{%- else -%}{{- raise_exception('Felix chat format: unknown role ' + message['role']) -}}{%- endif -%}",
-            f"{{{{- message['content'] + {q(END)} -}}}}",
-            "{%- set ns.turns = ns.turns + 1 -%}",
-            "{%- endif -%}",
-            "{%- endfor -%}",
-            f"{{%- if add_generation_prompt -%}}{{%- if ns.turns > 0 -%}}{{{{- {q(TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
-            f"{{{{- {q(ASSISTANT + chr(10))} -}}}}{{%- endif -%}}"]
+        out.append(
+            f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {q(role)} -%}}{{{{- {q(marker + chr(10))} -}}}}"
+        )
+    out += [
+        "{%- else -%}{{- raise_exception('Felix chat format: unknown role ' + message['role']) -}}{%- endif -%}",
+        f"{{{{- message['content'] + {q(END)} -}}}}",
+        "{%- set ns.turns = ns.turns + 1 -%}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{%- if ns.turns > 0 -%}}{{{{- {q(TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
+        f"{{{{- {q(ASSISTANT + chr(10))} -}}}}{{%- endif -%}}",
+    ]
     return "\n".join(out)
 
 
@@ -86,11 +95,17 @@ CHAT_TEMPLATE = _chat_template()
 
 def chat_text(prompt: str, response: str, system: str | None = None) -> str:
     """One chat exchange in Felix's chat format (role markers on their own lines, END closes each turn)."""
-    return chat_messages([{"role": "system", "content": system or ""}, {"role": "user", "content": prompt},
-                          {"role": "assistant", "content": response}])
+    return chat_messages(
+        [
+            {"role": "system", "content": system or ""},
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ]
+    )
 
 
 def chat_prompt(prompt: str, system: str | None = None) -> str:
     """The prompt part of :func:`chat_text`, ending where the assistant's response begins."""
-    return chat_messages([{"role": "system", "content": system or ""}, {"role": "user", "content": prompt}],
-                         add_generation_prompt=True)
+    return chat_messages(
+        [{"role": "system", "content": system or ""}, {"role": "user", "content": prompt}], add_generation_prompt=True
+    )

@@ -13,6 +13,7 @@ Layout decisions (so a GGUF export is a rename, not a transformation):
   permutation (docs/platform-notes.md: checked identical to 4e-15; HF-layout models need convert_hf_to_gguf's permute).
 * Attention goes through ``attention`` (causal, grouped-query when n_kv_head < n_head).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -76,14 +77,18 @@ class FelixConfig:
 
     def __post_init__(self):
         _check_field_types(self)
-        problems = [f"{name} {getattr(self, name)} exceeds {limit:,} (CONFIG_LIMITS: larger is no model Felix "
-                    f"builds, and an allocation this size would not fit in memory)"
-                    for name, limit in CONFIG_LIMITS.items() if getattr(self, name) > limit]
+        problems = [
+            f"{name} {getattr(self, name)} exceeds {limit:,} (CONFIG_LIMITS: larger is no model Felix "
+            f"builds, and an allocation this size would not fit in memory)"
+            for name, limit in CONFIG_LIMITS.items()
+            if getattr(self, name) > limit
+        ]
         if problems:
             raise ValueError("invalid FelixConfig: " + "; ".join(problems))
         if min(self.n_head, self.n_kv_head) < 1:
-            raise ValueError(f"invalid FelixConfig: n_head {self.n_head} and n_kv_head {self.n_kv_head} must be "
-                             "positive")
+            raise ValueError(
+                f"invalid FelixConfig: n_head {self.n_head} and n_kv_head {self.n_kv_head} must be positive"
+            )
         if self.d_model % self.n_head:
             problems.append(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         elif self.head_dim % 2:
@@ -104,14 +109,17 @@ class FelixConfig:
             if self.spoke_rank < 1:
                 problems.append(f"spoke_rank must be >= 1, got {self.spoke_rank}")
             elif self.n_spokes * self.spoke_rank > MAX_SPOKE_WIDTH:
-                problems.append(f"n_spokes x spoke_rank = {self.n_spokes * self.spoke_rank} > {MAX_SPOKE_WIDTH}: the "
-                                f"fused spoke kernel holds the bottleneck in one register tile")
+                problems.append(
+                    f"n_spokes x spoke_rank = {self.n_spokes * self.spoke_rank} > {MAX_SPOKE_WIDTH}: the "
+                    f"fused spoke kernel holds the bottleneck in one register tile"
+                )
             bad = [i for i in self.resolved_spoke_layers() if not 0 <= i < self.n_layer]
             if bad:
                 problems.append(f"spoke layer(s) {bad} outside 0..{self.n_layer - 1}")
             if len(self.spoke_gate_init) != 2 or not all(math.isfinite(float(g)) for g in self.spoke_gate_init):
-                problems.append(f"spoke_gate_init must be two finite numbers [first layer, last layer], got "
-                                f"{self.spoke_gate_init}")
+                problems.append(
+                    f"spoke_gate_init must be two finite numbers [first layer, last layer], got {self.spoke_gate_init}"
+                )
         if min(self.vocab_size, self.n_layer, self.d_model, self.ffn_hidden, self.max_seq_len) < 1:
             problems.append("vocab_size, n_layer, d_model, ffn_hidden, max_seq_len must be positive")
         if not self.rope_theta > 0 or not math.isfinite(self.rope_theta):
@@ -149,11 +157,30 @@ class FelixConfig:
 
 # Upper bounds a config must respect (checked before anything is allocated: a config.json or GGUF header that says
 # n_layer 1000000 or vocab_size 2**40 is refused, not built). Generous: 4x the largest open models' values.
-CONFIG_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "d_model": 1 << 16, "n_head": 1024, "n_kv_head": 1024,
-                 "ffn_hidden": 1 << 18, "max_seq_len": 1 << 21, "splice_rank": 1 << 14, "n_spokes": 1 << 12,
-                 "spoke_rank": 1 << 12}
-_INT_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden", "max_seq_len", "splice_rank",
-               "n_spokes", "spoke_rank")
+CONFIG_LIMITS = {
+    "vocab_size": 1 << 22,
+    "n_layer": 1024,
+    "d_model": 1 << 16,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "ffn_hidden": 1 << 18,
+    "max_seq_len": 1 << 21,
+    "splice_rank": 1 << 14,
+    "n_spokes": 1 << 12,
+    "spoke_rank": 1 << 12,
+}
+_INT_FIELDS = (
+    "vocab_size",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "n_kv_head",
+    "ffn_hidden",
+    "max_seq_len",
+    "splice_rank",
+    "n_spokes",
+    "spoke_rank",
+)
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "splice_gate_init", "init_std")
 
 
@@ -168,15 +195,21 @@ def _is_number(v) -> bool:
 def _check_field_types(cfg: FelixConfig) -> None:
     """Every field of the right JSON type (a config.json is user input), before any arithmetic on them."""
     problems = [f"{n} must be an integer, got {getattr(cfg, n)!r}" for n in _INT_FIELDS if not _is_int(getattr(cfg, n))]
-    problems += [f"{n} must be a number, got {getattr(cfg, n)!r}" for n in _FLOAT_FIELDS
-                 if not _is_number(getattr(cfg, n))]
-    problems += [f"{n} must be true or false, got {getattr(cfg, n)!r}" for n in ("tie_embeddings", "checkpoint_activations")
-                 if not isinstance(getattr(cfg, n), bool)]
+    problems += [
+        f"{n} must be a number, got {getattr(cfg, n)!r}" for n in _FLOAT_FIELDS if not _is_number(getattr(cfg, n))
+    ]
+    problems += [
+        f"{n} must be true or false, got {getattr(cfg, n)!r}"
+        for n in ("tie_embeddings", "checkpoint_activations")
+        if not isinstance(getattr(cfg, n), bool)
+    ]
     for n in ("splice_layers", "spoke_layers"):
         v = getattr(cfg, n)
         if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)):
             problems.append(f"{n} must be null or a list of layer numbers, got {v!r}")
-    if not (isinstance(cfg.splice_projections, (list, tuple)) and all(isinstance(p, str) for p in cfg.splice_projections)):
+    if not (
+        isinstance(cfg.splice_projections, (list, tuple)) and all(isinstance(p, str) for p in cfg.splice_projections)
+    ):
         problems.append(f"splice_projections must be a list of projection names, got {cfg.splice_projections!r}")
     if not (isinstance(cfg.spoke_gate_init, (list, tuple)) and all(_is_number(g) for g in cfg.spoke_gate_init)):
         problems.append(f"spoke_gate_init must be a list of two numbers, got {cfg.spoke_gate_init!r}")
@@ -196,21 +229,47 @@ def expected_shapes(cfg: FelixConfig) -> dict[str, tuple[int, ...]]:
 # spokes are off (n_spokes 0) until asked for: `felix train --spokes N` or `--train-only spokes`.
 PRESETS: dict[str, dict] = {
     # CPU, seconds: 4 layers x 128 (head_dim 32, GQA 4:2), one splice on layer 3.
-    "tiny": dict(vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128,
-                 spoke_rank=8),
+    "tiny": dict(
+        vocab_size=2048, n_layer=4, d_model=128, n_head=4, n_kv_head=2, ffn_hidden=352, max_seq_len=128, spoke_rank=8
+    ),
     # CPU, minutes: 2 layers x 256 (head_dim 64, GQA 4:2), SwiGLU 512. Rows of 256 and 512 fit every block
     # format, TQ2_0's 256 included, so a fidelity run quantizes the same tensors in every format (QUAIL experiment).
-    "tiny-256": dict(vocab_size=2048, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=128,
-                     spoke_rank=8),
+    "tiny-256": dict(
+        vocab_size=2048, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=128, spoke_rank=8
+    ),
     # The seed's scale-down pilot: ~50M.
-    "pilot-50m": dict(vocab_size=32768, n_layer=12, d_model=512, n_head=8, n_kv_head=4, ffn_hidden=1408,
-                      max_seq_len=2048, spoke_rank=32),
+    "pilot-50m": dict(
+        vocab_size=32768,
+        n_layer=12,
+        d_model=512,
+        n_head=8,
+        n_kv_head=4,
+        ffn_hidden=1408,
+        max_seq_len=2048,
+        spoke_rank=32,
+    ),
     # 24 x 1024 x 16 heads (head_dim 64), GQA 16:4, SwiGLU 3072, tied 32K vocab: ~323M.
-    "felix-300m": dict(vocab_size=32768, n_layer=24, d_model=1024, n_head=16, n_kv_head=4, ffn_hidden=3072,
-                       max_seq_len=2048, spoke_rank=64),
+    "felix-300m": dict(
+        vocab_size=32768,
+        n_layer=24,
+        d_model=1024,
+        n_head=16,
+        n_kv_head=4,
+        ffn_hidden=3072,
+        max_seq_len=2048,
+        spoke_rank=64,
+    ),
     # 24 x 1280 x 20 heads (head_dim 64), GQA 20:4, SwiGLU 4096, tied 32K vocab: ~514M.
-    "felix-500m": dict(vocab_size=32768, n_layer=24, d_model=1280, n_head=20, n_kv_head=4, ffn_hidden=4096,
-                       max_seq_len=2048, spoke_rank=64),
+    "felix-500m": dict(
+        vocab_size=32768,
+        n_layer=24,
+        d_model=1280,
+        n_head=20,
+        n_kv_head=4,
+        ffn_hidden=4096,
+        max_seq_len=2048,
+        spoke_rank=64,
+    ),
 }
 
 
@@ -224,20 +283,36 @@ def preset(name: str, **overrides) -> FelixConfig:
 def _projection_shape(cfg: FelixConfig, proj: str) -> tuple[int, int]:
     """(out_features, in_features) of a projection."""
     d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
-    return {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
-            "ffn_gate": (cfg.ffn_hidden, d), "ffn_up": (cfg.ffn_hidden, d), "ffn_down": (d, cfg.ffn_hidden)}[proj]
+    return {
+        "attn_q": (d, d),
+        "attn_k": (kv, d),
+        "attn_v": (kv, d),
+        "attn_output": (d, d),
+        "ffn_gate": (cfg.ffn_hidden, d),
+        "ffn_up": (cfg.ffn_hidden, d),
+        "ffn_down": (d, cfg.ffn_hidden),
+    }[proj]
 
 
 def parameter_counts(cfg: FelixConfig) -> dict[str, int]:
     """Parameters per part, by arithmetic (no allocation), for any preset size."""
     attn = sum(math.prod(_projection_shape(cfg, p)) for p in PROJECTIONS[:4])
     ffn = sum(math.prod(_projection_shape(cfg, p)) for p in PROJECTIONS[4:])
-    splice = sum(cfg.splice_rank * sum(_projection_shape(cfg, p)) + 1
-                 for _ in cfg.resolved_splice_layers() for p in cfg.splice_projections)
+    splice = sum(
+        cfg.splice_rank * sum(_projection_shape(cfg, p)) + 1
+        for _ in cfg.resolved_splice_layers()
+        for p in cfg.splice_projections
+    )
     spokes = len(cfg.resolved_spoke_layers()) * (2 * cfg.n_spokes * cfg.spoke_rank * cfg.d_model + cfg.d_model + 1)
-    counts = {"embedding": cfg.vocab_size * cfg.d_model, "attention": cfg.n_layer * attn, "ffn": cfg.n_layer * ffn,
-              "norms": (2 * cfg.n_layer + 1) * cfg.d_model, "splice": splice, "spokes": spokes,
-              "output_head": 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model}
+    counts = {
+        "embedding": cfg.vocab_size * cfg.d_model,
+        "attention": cfg.n_layer * attn,
+        "ffn": cfg.n_layer * ffn,
+        "norms": (2 * cfg.n_layer + 1) * cfg.d_model,
+        "splice": splice,
+        "spokes": spokes,
+        "output_head": 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model,
+    }
     counts["total"] = sum(counts.values())
     return counts
 
@@ -253,22 +328,37 @@ def format_parameter_counts(cfg: FelixConfig) -> str:
 _autocast_dtype = autocast_dtype  # felix.ops.dispatch: the ops apply the same rule themselves
 
 
-def _splice_linear(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   gate: torch.Tensor) -> torch.Tensor:
+def _splice_linear(
+    x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
     """y = x W^T + gate * (x A^T) B^T  (W [out, in], A [r, in], B [out, r], gate a 1-element tensor), fused.
     Under autocast the operands take the autocast dtype, as F.linear's would."""
     dt = _autocast_dtype(x.device) or x.dtype
     return lowrank_linear(x.to(dt), weight.to(dt), a.to(dt), b.to(dt), gate)
 
 
-def _lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, whitelist: torch.Tensor | None,
-             margin: float, lambda_q: float, ignore_index: int = -100) -> LossParts:
+def _lm_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    whitelist: torch.Tensor | None,
+    margin: float,
+    lambda_q: float,
+    ignore_index: int = -100,
+) -> LossParts:
     """Cross-entropy of logits = h W^T plus lambda_q times the QUAIL margin hinge over whitelisted targets
     (token ids or a vocabulary mask): linear_ce_quail, which never materializes the logits."""
     dt = _autocast_dtype(h.device) or h.dtype
     wl = whitelist if whitelist is not None and whitelist.numel() else None
-    return linear_ce_quail(h.reshape(-1, h.shape[-1]).to(dt), weight.to(dt), targets.reshape(-1), wl,
-                                 margin=margin, lambda_q=lambda_q, ignore_index=ignore_index)
+    return linear_ce_quail(
+        h.reshape(-1, h.shape[-1]).to(dt),
+        weight.to(dt),
+        targets.reshape(-1),
+        wl,
+        margin=margin,
+        lambda_q=lambda_q,
+        ignore_index=ignore_index,
+    )
 
 
 # -------------------------------------------------------------------------------------- layers
@@ -317,9 +407,17 @@ class Block(nn.Module):
         spliced = cfg.splice_projections if layer in cfg.resolved_splice_layers() else []
         # felix.model.splice.SpliceCore (B = 0: the model starts exactly as the base); module paths
         # blk.N.splice.<proj> make the tensor names blk.N.splice.<proj>.a|b|gate (felix.model.splice's name API)
-        self.splice = nn.ModuleDict({p: SpliceCore(_projection_shape(cfg, p)[1], _projection_shape(cfg, p)[0],
-                                                   cfg.splice_rank, gate_init=cfg.splice_gate_init)
-                                     for p in spliced})
+        self.splice = nn.ModuleDict(
+            {
+                p: SpliceCore(
+                    _projection_shape(cfg, p)[1],
+                    _projection_shape(cfg, p)[0],
+                    cfg.splice_rank,
+                    gate_init=cfg.splice_gate_init,
+                )
+                for p in spliced
+            }
+        )
         for core in self.splice.values():
             nn.init.normal_(core.a, 0.0, cfg.init_std)
         self.spoke = None
@@ -347,8 +445,9 @@ class Block(nn.Module):
             return _splice_linear(x, w, s.a, s.b, s.gate)
         return F.linear(x, w)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attention_backend: str | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_backend: str | None = None
+    ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         h = self.attn_norm(x)
@@ -432,10 +531,25 @@ class FelixLM(nn.Module):
             h = self.activation_rounding(self.head_weight_name, h)
         return F.linear(h, self.head_weight)
 
-    def loss(self, tokens, targets, whitelist=None, margin: float = DEFAULT_MARGIN, lambda_q: float = 0.0,
-             ignore_index: int = -100, attention_backend: str | None = None) -> LossParts:
-        return _lm_loss(self.hidden_states(tokens, attention_backend), self.head_weight, targets, whitelist, margin,
-                        lambda_q, ignore_index)
+    def loss(
+        self,
+        tokens,
+        targets,
+        whitelist=None,
+        margin: float = DEFAULT_MARGIN,
+        lambda_q: float = 0.0,
+        ignore_index: int = -100,
+        attention_backend: str | None = None,
+    ) -> LossParts:
+        return _lm_loss(
+            self.hidden_states(tokens, attention_backend),
+            self.head_weight,
+            targets,
+            whitelist,
+            margin,
+            lambda_q,
+            ignore_index,
+        )
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -529,8 +643,9 @@ def load_config(directory) -> FelixConfig:
     except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path} is corrupt or not a Felix config: {e}") from e
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path} is corrupt or not a Felix config: it holds a JSON {type(d).__name__}, not "
-                              "an object")
+        raise CheckpointError(
+            f"{path} is corrupt or not a Felix config: it holds a JSON {type(d).__name__}, not an object"
+        )
     try:
         return FelixConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -546,19 +661,24 @@ def check_stored_shapes(cfg: FelixConfig, stored: dict[str, tuple[int, ...]], so
     layers = sorted({int(k.split(".")[1]) for k in stored if k.startswith("blk.") and k.split(".")[1].isdigit()})
     if layers != list(range(cfg.n_layer)):
         held = f"blk.{layers[0]}..blk.{layers[-1]} ({len(layers)} layers)" if layers else "no blk.N tensors"
-        raise CheckpointError(f"{source} does not fit the model: its config says n_layer {cfg.n_layer}, the file "
-                              f"holds {held}")
+        raise CheckpointError(
+            f"{source} does not fit the model: its config says n_layer {cfg.n_layer}, the file holds {held}"
+        )
     embd = tuple(stored.get("token_embd.weight", ()))
     if embd != (cfg.vocab_size, cfg.d_model):
-        raise CheckpointError(f"{source} does not fit the model: token_embd.weight is {embd}, its config says "
-                              f"vocab_size {cfg.vocab_size} x d_model {cfg.d_model}")
+        raise CheckpointError(
+            f"{source} does not fit the model: token_embd.weight is {embd}, its config says "
+            f"vocab_size {cfg.vocab_size} x d_model {cfg.d_model}"
+        )
     load_state_into(None, stored, source=source, expected=expected_shapes(cfg))
 
 
-def load_state_into(model: FelixLM | None, tensors: dict, source: str = "checkpoint",
-                    expected: dict[str, tuple[int, ...]] | None = None) -> None:
+def load_state_into(
+    model: FelixLM | None, tensors: dict, source: str = "checkpoint", expected: dict[str, tuple[int, ...]] | None = None
+) -> None:
     """Copy `tensors` into `model`, first listing every missing, unexpected and mis-shaped tensor. With `model`
     None, only compare `tensors` (tensors or shapes) with the `expected` shapes."""
+
     def shape(t):
         return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
 
@@ -566,8 +686,11 @@ def load_state_into(model: FelixLM | None, tensors: dict, source: str = "checkpo
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    misshaped = sorted(f"{k}: {shape(tensors[k])} in {source}, model wants {expected[k]}"
-                       for k in set(expected) & set(tensors) if shape(tensors[k]) != expected[k])
+    misshaped = sorted(
+        f"{k}: {shape(tensors[k])} in {source}, model wants {expected[k]}"
+        for k in set(expected) & set(tensors)
+        if shape(tensors[k]) != expected[k]
+    )
     if missing or extra or misshaped:
         lines = [f"{source} does not fit the model:"]
         if missing:

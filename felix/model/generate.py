@@ -11,6 +11,7 @@
 
 Deterministic: the argmax of float32 logits, ties to the lowest token id.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,11 +31,11 @@ class TorchSource:
 
     def _batches(self, seqs: list[list[int]]):
         for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
+            chunk = seqs[s : s + self.batch_size]
             width = max(len(x) for x in chunk)
             batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             for i, x in enumerate(chunk):  # right padding: causal attention keeps it out of real positions
-                batch[i, :len(x)] = torch.tensor(x)
+                batch[i, : len(x)] = torch.tensor(x)
             yield chunk, self.model(batch.to(self.device)).float()
 
     @torch.no_grad()
@@ -42,7 +43,7 @@ class TorchSource:
         """Per sequence, its logits at every position [len, vocab] (float32)."""
         out = []
         for chunk, z in self._batches(seqs):
-            out += [z[i, :len(x)].clone() for i, x in enumerate(chunk)]
+            out += [z[i, : len(x)].clone() for i, x in enumerate(chunk)]
         return out
 
     @torch.no_grad()
@@ -67,7 +68,7 @@ def greedy_generate(source, prompts: list[list[int]], budgets: list[int], stop_i
     seqs, new = [list(p) for p in prompts], [[] for _ in prompts]
     active = [i for i, b in enumerate(budgets) if b > 0]
     while active:
-        logits = step_logits([seqs[i][-source.n_ctx:] for i in active])
+        logits = step_logits([seqs[i][-source.n_ctx :] for i in active])
         still = []
         for i, z in zip(active, logits):
             nxt = int(z.argmax())
@@ -81,8 +82,15 @@ def greedy_generate(source, prompts: list[list[int]], budgets: list[int], stop_i
     return new
 
 
-def greedy_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                     progress: bool = False, desc: str = "generating") -> list[str]:
+def greedy_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
     """Greedy responses of `model` to chat prompts, batched, each stopping at END / EOS or when prompt + response
     would not fit the context (so its log-probability can later be computed on exactly the context it was generated
     in: room for the response, its END and EOS within max_seq_len + 1 tokens). Restores the model's training mode.
@@ -96,6 +104,6 @@ def greedy_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     budgets = [max(0, min(max_new_tokens, source.n_ctx - 1 - len(e))) for e in encoded]
     outs: list[list[int]] = []
     for s in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        outs += greedy_generate(source, encoded[s:s + batch_size], budgets[s:s + batch_size], stop)
+        outs += greedy_generate(source, encoded[s : s + batch_size], budgets[s : s + batch_size], stop)
     model.train(was_training)
     return [tokenizer.decode(o) for o in outs]

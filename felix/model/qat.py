@@ -29,6 +29,7 @@
 What the exporter cannot reproduce is refused there: ``--splice merge`` would re-quantize W + gate B A, which the
 forward never saw (the forward quantizes W and adds the splice in F32, which is what ``--splice adapter`` ships).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,14 @@ from felix.core.files import read_text
 from felix.core.formats import FORMATS
 from felix.model.felix_lm import load_checkpoint
 from felix.ops.attention import attention
-from felix.ops.quant_policy import BITNET_CODEC, FLOAT_TYPES, check_type, choose_tensor_type, decode_tensor, encode_tensor
+from felix.ops.quant_policy import (
+    BITNET_CODEC,
+    FLOAT_TYPES,
+    check_type,
+    choose_tensor_type,
+    decode_tensor,
+    encode_tensor,
+)
 from felix.ops.reference.codecs import quantize_tq2_0_absmean, tq2_0_absmean_values
 
 BITNET = BITNET_CODEC  # the mode is named after the codec its ternary tensors are written with
@@ -234,8 +242,13 @@ def _rename_to_parametrized(module, state_dict, prefix, local_metadata, strict, 
             state_dict[f"{prefix}{owner + '.' if owner else ''}parametrizations.{attr}.original"] = state_dict.pop(key)
 
 
-def apply_qat(model: nn.Module, mode: str, embedding_type: str | None = None, activations: str | None = "default",
-              backend: str | None = None) -> nn.Module:
+def apply_qat(
+    model: nn.Module,
+    mode: str,
+    embedding_type: str | None = None,
+    activations: str | None = "default",
+    backend: str | None = None,
+) -> nn.Module:
     """Patch `model` (in place; also returned) for quantization-aware training in `mode` (see the module doc).
 
     `activations`: ``"default"`` (``"runtime"`` for bitnet, None otherwise), ``"runtime"`` (round matmul inputs
@@ -259,13 +272,19 @@ def apply_qat(model: nn.Module, mode: str, embedding_type: str | None = None, ac
         parametrize.register_parametrization(owner, attr, FakeQuant(type_name, mode, backend), unsafe=True)
     cfg = QATConfig(mode, embedding_type, activations, types)
     model._felix_qat = cfg
-    model._felix_qat_hooks = [model._register_state_dict_hook(_rename_to_latent),
-                              model._register_load_state_dict_pre_hook(_rename_to_parametrized, with_module=True)]
+    model._felix_qat_hooks = [
+        model._register_state_dict_hook(_rename_to_latent),
+        model._register_load_state_dict_pre_hook(_rename_to_parametrized, with_module=True),
+    ]
     if activations == "runtime":
         if not hasattr(model, "set_activation_rounding"):
-            raise ValueError("activations='runtime' needs a model with set_activation_rounding (felix.model.felix_lm.FelixLM)")
-        all_types = {n: choose_tensor_type(n, tuple(p.shape), export_type(mode), embedding_type).type
-                     for n, p in model.named_parameters(remove_duplicate=True)}
+            raise ValueError(
+                "activations='runtime' needs a model with set_activation_rounding (felix.model.felix_lm.FelixLM)"
+            )
+        all_types = {
+            n: choose_tensor_type(n, tuple(p.shape), export_type(mode), embedding_type).type
+            for n, p in model.named_parameters(remove_duplicate=True)
+        }
         all_types.update(types)
         model.set_activation_rounding(QATActivations(all_types))
     return model
@@ -342,4 +361,4 @@ def describe(cfg: QATConfig) -> str:
         key = f"{t}{' (bitnet absmean)' if codec_of(t, cfg.mode) == BITNET else ''}"
         counts[key] = counts.get(key, 0) + 1
     acts = ", int8 activations as llama.cpp rounds them (STE)" if cfg.activations == "runtime" else ""
-    return (f"QAT {cfg.mode}: fake-quant STE on " + ", ".join(f"{n} x {k}" for k, n in counts.items()) + acts)
+    return f"QAT {cfg.mode}: fake-quant STE on " + ", ".join(f"{n} x {k}" for k, n in counts.items()) + acts

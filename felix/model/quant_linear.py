@@ -4,6 +4,7 @@ weights; and `quantize_model_linears`, which swaps a model's eligible Linears fo
 fork's policy, the exporter's (felix.ops.quant_policy: 2-D weights with >= MIN_QUANT_ELEMENTS elements whose inner
 dimension divides into the format's blocks; norms and embeddings stay as they are unless asked).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,18 +27,32 @@ NORM_NAME = re.compile(r"norm", re.I)
 class QuantLinear(nn.Module):
     """y = x @ dequantize(blocks)^T + bias, with `blocks` a uint8 buffer of ggml blocks [out, in/block*bytes]."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: str = "rq4", bias: bool = True,
-                 device=None, dtype: torch.dtype = torch.float32, backend: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str = "rq4",
+        bias: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ):
         super().__init__()
         f = get_format(fmt)
         if f.name not in QUANT_MATMUL_FORMATS:
             raise ValueError(f"QuantLinear supports {', '.join(QUANT_MATMUL_FORMATS)}, not {f.name!r}")
         if in_features % f.block_size:
-            raise ValueError(f"QuantLinear: in_features ({in_features}) must be a multiple of {f.block_size} "
-                             f"(the {f.name} block size)")
+            raise ValueError(
+                f"QuantLinear: in_features ({in_features}) must be a multiple of {f.block_size} "
+                f"(the {f.name} block size)"
+            )
         self.in_features, self.out_features, self.fmt, self.backend = in_features, out_features, f.name, backend
-        self.register_buffer("blocks", torch.zeros(out_features, in_features // f.block_size * f.bytes_per_block,
-                                                   dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "blocks",
+            torch.zeros(
+                out_features, in_features // f.block_size * f.bytes_per_block, dtype=torch.uint8, device=device
+            ),
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -46,8 +61,15 @@ class QuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        q = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None, device=w.device,
-                dtype=w.dtype, backend=backend)
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            fmt,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+            backend=backend,
+        )
         q.blocks.copy_(quantize(w.to(torch.float32), fmt))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
@@ -61,12 +83,15 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+            f"bias={self.bias is not None}"
+        )
 
 
-def fork_policy(name: str, module: nn.Module, tied: bool, include_embeddings: bool = False,
-                fmt: str = "rq4") -> str | None:
+def fork_policy(
+    name: str, module: nn.Module, tied: bool, include_embeddings: bool = False, fmt: str = "rq4"
+) -> str | None:
     """None if `module` (called `name`) should be quantized to `fmt`, else the reason it is kept: the exporter's
     rules (felix.ops.quant_policy) on nn.Linear modules, without its fallback types (QuantLinear holds `fmt` only)."""
     if not isinstance(module, nn.Linear):
@@ -83,9 +108,13 @@ def fork_policy(name: str, module: nn.Module, tied: bool, include_embeddings: bo
     return None
 
 
-def quantize_model_linears(model: nn.Module, fmt: str = "rq4", include_embeddings: bool = False,
-                           policy: Callable[[str, nn.Module, bool], str | None] | None = None,
-                           backend: str | None = None) -> dict[str, str]:
+def quantize_model_linears(
+    model: nn.Module,
+    fmt: str = "rq4",
+    include_embeddings: bool = False,
+    policy: Callable[[str, nn.Module, bool], str | None] | None = None,
+    backend: str | None = None,
+) -> dict[str, str]:
     """Replace `model`'s eligible nn.Linear modules by QuantLinear, in place.
 
     `policy(name, module, tied)` returns None to quantize or a reason to keep (default: :func:`fork_policy`;

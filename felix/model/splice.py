@@ -17,6 +17,7 @@ e.g. ``blk.3.splice.ffn_down.a``. :func:`list_splices`, :func:`read_splice`, :fu
 layers; a write with the wrong shape or dtype (or a non-finite value) is refused with a clear error and
 changes nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,25 @@ class SpliceCore(nn.Module):
     `per_output_gate`: a gate per output feature instead of one scalar; `gate_init`: its initial value
     (1.0: the term is fully on once B has learned something; B = 0 keeps the start exactly the identity)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int = 8, per_output_gate: bool = False,
-                 gate_init: float = 1.0, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        per_output_gate: bool = False,
+        gate_init: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         if not 1 <= rank <= MAX_RANK:
             raise ValueError(f"SpliceCore rank must be in [1, {MAX_RANK}], got {rank}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.a = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
-        self.gate = nn.Parameter(torch.full((out_features if per_output_gate else 1,), float(gate_init),
-                                            dtype=torch.float32, device=device))
+        self.gate = nn.Parameter(
+            torch.full((out_features if per_output_gate else 1,), float(gate_init), dtype=torch.float32, device=device)
+        )
         nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
@@ -63,9 +73,18 @@ class SplicedLinear(nn.Module):
     `layer` and `projection` (e.g. 3, "ffn_down") name its splice tensors; `terms` maps term names
     ("splice", "adapter", ...) to SpliceCores. With no terms it is a plain linear layer."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, layer: int = 0,
-                 projection: str = "proj", terms: dict[str, SpliceCore] | None = None, backend: str | None = None,
-                 dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        layer: int = 0,
+        projection: str = "proj",
+        terms: dict[str, SpliceCore] | None = None,
+        backend: str | None = None,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -76,8 +95,14 @@ class SplicedLinear(nn.Module):
     def add_term(self, name: str, rank: int, **kwargs) -> SpliceCore:
         if name in self.terms:
             raise ValueError(f"layer {self.layer} {self.projection} already has a term named {name!r}")
-        core = SpliceCore(self.weight.shape[1], self.weight.shape[0], rank, dtype=self.weight.dtype,
-                          device=self.weight.device, **kwargs)
+        core = SpliceCore(
+            self.weight.shape[1],
+            self.weight.shape[0],
+            rank,
+            dtype=self.weight.dtype,
+            device=self.weight.device,
+            **kwargs,
+        )
         self.terms[name] = core
         return core
 
@@ -85,8 +110,15 @@ class SplicedLinear(nn.Module):
         if not self.terms:
             return nn.functional.linear(x, self.weight, self.bias)
         cores = list(self.terms.values())
-        return lowrank_linear(x, self.weight, [c.a for c in cores], [c.b for c in cores],
-                                    [c.gate for c in cores], bias=self.bias, backend=self.backend)
+        return lowrank_linear(
+            x,
+            self.weight,
+            [c.a for c in cores],
+            [c.b for c in cores],
+            [c.gate for c in cores],
+            bias=self.bias,
+            backend=self.backend,
+        )
 
     def splice_tensors(self) -> dict[str, nn.Parameter]:
         """{GGUF name: parameter} for every term of this projection."""
@@ -112,8 +144,9 @@ def _table(model: nn.Module) -> dict[str, nn.Parameter]:
         owned.update(id(c) for c in module.terms.values())
         for name, p in module.splice_tensors().items():
             if name in table:
-                raise ValueError(f"two splice tensors are named {name!r}: give each SplicedLinear a "
-                                 "distinct (layer, projection)")
+                raise ValueError(
+                    f"two splice tensors are named {name!r}: give each SplicedLinear a distinct (layer, projection)"
+                )
             table[name] = p
     for path, module in model.named_modules():
         if isinstance(module, SpliceCore) and id(module) not in owned:
@@ -137,8 +170,10 @@ def list_splices(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dty
 def _lookup(table, name):
     if name not in table:
         near = [n for n in table if n.split(".")[:2] == name.split(".")[:2]]
-        raise KeyError(f"no splice tensor named {name!r}" + (f"; this layer has: {', '.join(near)}" if near
-                                                             else f" ({len(table)} splice tensors exist)"))
+        raise KeyError(
+            f"no splice tensor named {name!r}"
+            + (f"; this layer has: {', '.join(near)}" if near else f" ({len(table)} splice tensors exist)")
+        )
     return table[name]
 
 

@@ -19,6 +19,7 @@ The seed's workflow: a trained hub, frozen (:func:`freeze_hub`), and spokes trai
 beside a checkpoint) holds only the spokes plus the fingerprint of the hub they were trained on
 (:func:`hub_fingerprint`); :func:`load_spokes` refuses spokes whose hub does not match.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ from felix.ops.spoke import spoke_residual
 
 SPOKE_MARKER = ".spoke."
 DEFAULT_GATE_INIT = (-2.0, 2.0)  # gate_bias of the first and last layer; linear in between
-SEED_RECIPE = {"n_spokes": 4}     # the seed system's count (its rank was 64 at 100M; presets carry their own)
+SEED_RECIPE = {"n_spokes": 4}  # the seed system's count (its rank was 64 at 100M; presets carry their own)
 SPOKES_FILE = "spokes.safetensors"
 
 
@@ -45,8 +46,9 @@ class SpokeError(ValueError):
     """Spokes that cannot be attached, loaded or trained as asked (shapes, a different hub, bad counts)."""
 
 
-def gate_init_schedule(n_layer: int, start: float = DEFAULT_GATE_INIT[0], end: float = DEFAULT_GATE_INIT[1]
-                       ) -> list[float]:
+def gate_init_schedule(
+    n_layer: int, start: float = DEFAULT_GATE_INIT[0], end: float = DEFAULT_GATE_INIT[1]
+) -> list[float]:
     """gate_bias per layer: start + (end - start) * i / (L - 1) (one layer: start)."""
     if n_layer == 1:
         return [float(start)]
@@ -84,9 +86,16 @@ class SpokeResidual(nn.Module):
 
     def forward(self, h: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         dt = h.dtype
-        return spoke_residual(h, self.norm.weight, self.w_down_fused.weight.to(dt),
-                                    self.w_up_fused.weight.to(dt), self.gate_bias, self.n_spokes, self.eps,
-                                    backend=backend)
+        return spoke_residual(
+            h,
+            self.norm.weight,
+            self.w_down_fused.weight.to(dt),
+            self.w_up_fused.weight.to(dt),
+            self.gate_bias,
+            self.n_spokes,
+            self.eps,
+            backend=backend,
+        )
 
     def extra_repr(self) -> str:
         return f"n_spokes={self.n_spokes}, rank={self.rank}, d={self.norm.weight.shape[0]}"
@@ -155,10 +164,20 @@ def save_spokes(path, model) -> Path:
     """Write only the spokes, with the hub's fingerprint and the spoke config, to `path` (safetensors; temp+rename)."""
     path = Path(path)
     cfg = model.cfg
-    meta = {"format": "felix-spokes", "hub_fingerprint": hub_fingerprint(model),
-            "spoke_config": json.dumps({"n_spokes": cfg.n_spokes, "spoke_rank": cfg.spoke_rank,
-                                        "spoke_layers": cfg.spoke_layers, "spoke_gate_init": cfg.spoke_gate_init,
-                                        "n_layer": cfg.n_layer, "d_model": cfg.d_model})}
+    meta = {
+        "format": "felix-spokes",
+        "hub_fingerprint": hub_fingerprint(model),
+        "spoke_config": json.dumps(
+            {
+                "n_spokes": cfg.n_spokes,
+                "spoke_rank": cfg.spoke_rank,
+                "spoke_layers": cfg.spoke_layers,
+                "spoke_gate_init": cfg.spoke_gate_init,
+                "n_layer": cfg.n_layer,
+                "d_model": cfg.d_model,
+            }
+        ),
+    }
     remove_stale_temps(path)
     tmp = temp_path(path)
     try:
@@ -183,16 +202,22 @@ def _spoke_config(text: str, path) -> dict:
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    problems = [f"{k} must be a positive integer, got {sc.get(k)!r}"
-                for k in ("n_layer", "d_model", "n_spokes", "spoke_rank") if not is_int(sc.get(k)) or sc[k] < 1]
+    problems = [
+        f"{k} must be a positive integer, got {sc.get(k)!r}"
+        for k in ("n_layer", "d_model", "n_spokes", "spoke_rank")
+        if not is_int(sc.get(k)) or sc[k] < 1
+    ]
     if not problems and sc["n_spokes"] * sc["spoke_rank"] > MAX_WIDTH:
         problems.append(f"n_spokes x spoke_rank = {sc['n_spokes'] * sc['spoke_rank']} exceeds {MAX_WIDTH}")
     layers = sc.get("spoke_layers")
     if layers is not None and not (isinstance(layers, list) and all(is_int(i) for i in layers)):
         problems.append(f"spoke_layers must be null or a list of layer numbers, got {layers!r}")
     gates = sc.get("spoke_gate_init", list(DEFAULT_GATE_INIT))
-    if not (isinstance(gates, list) and len(gates) == 2
-            and all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in gates)):
+    if not (
+        isinstance(gates, list)
+        and len(gates) == 2
+        and all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in gates)
+    ):
         problems.append(f"spoke_gate_init must be two numbers, got {gates!r}")
     if problems:
         raise SpokeError(f"{path}: corrupt spoke_config metadata: " + "; ".join(problems))
@@ -217,15 +242,21 @@ def load_spokes(model, path, check_hub: bool = True) -> None:
     sc = _spoke_config(meta["spoke_config"], path)
     cfg = model.cfg
     if (sc["n_layer"], sc["d_model"]) != (cfg.n_layer, cfg.d_model):
-        raise SpokeError(f"{path}: spokes for a hub of {sc['n_layer']} layers x d {sc['d_model']}, but this model "
-                         f"has {cfg.n_layer} x {cfg.d_model}: the spokes' hub does not match")
+        raise SpokeError(
+            f"{path}: spokes for a hub of {sc['n_layer']} layers x d {sc['d_model']}, but this model "
+            f"has {cfg.n_layer} x {cfg.d_model}: the spokes' hub does not match"
+        )
     if check_hub and meta.get("hub_fingerprint") != hub_fingerprint(model):
-        raise SpokeError(f"{path}: these spokes were trained on a different hub (fingerprint "
-                         f"{meta.get('hub_fingerprint', '?')[:12]}…, this model's {hub_fingerprint(model)[:12]}…); "
-                         "spokes only mean something on the hub they were trained with")
+        raise SpokeError(
+            f"{path}: these spokes were trained on a different hub (fingerprint "
+            f"{meta.get('hub_fingerprint', '?')[:12]}…, this model's {hub_fingerprint(model)[:12]}…); "
+            "spokes only mean something on the hub they were trained with"
+        )
     if cfg.n_spokes and (cfg.n_spokes, cfg.spoke_rank) != (sc["n_spokes"], sc["spoke_rank"]):
-        raise SpokeError(f"the model has {cfg.n_spokes} spokes of rank {cfg.spoke_rank}, the file "
-                         f"{sc['n_spokes']} of rank {sc['spoke_rank']}")
+        raise SpokeError(
+            f"the model has {cfg.n_spokes} spokes of rank {cfg.spoke_rank}, the file "
+            f"{sc['n_spokes']} of rank {sc['spoke_rank']}"
+        )
     if not cfg.n_spokes:
         try:
             add_spokes(model, sc["n_spokes"], sc["spoke_rank"], sc["spoke_layers"], sc["spoke_gate_init"])
@@ -235,8 +266,10 @@ def load_spokes(model, path, check_hub: bool = True) -> None:
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     bad = [k for k in set(want) & set(tensors) if tuple(want[k].shape) != tuple(tensors[k].shape)]
     if missing or extra or bad:
-        raise SpokeError(f"{path} does not fit the model's spokes: missing {missing[:4]}, unexpected {extra[:4]}, "
-                         f"mis-shaped {bad[:4]}")
+        raise SpokeError(
+            f"{path} does not fit the model's spokes: missing {missing[:4]}, unexpected {extra[:4]}, "
+            f"mis-shaped {bad[:4]}"
+        )
     nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if nonfinite:
         raise SpokeError(f"{path}: non-finite values in {nonfinite[:4]}")

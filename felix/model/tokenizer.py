@@ -5,6 +5,7 @@ is what a GGUF ``tokenizer.ggml.model = "gpt2"`` export needs (see docs/platform
 vocabulary (ids 0..): bos, eos, pad and the chat role markers of felix/data/corpus.py. Saved as ``tokenizer.json``
 beside a checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,14 +85,20 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer
     """Train byte-level BPE on `texts` (an iterable of strings) up to `vocab_size` tokens, specials included."""
     n_base = len(SPECIAL_TOKENS) + 256
     if vocab_size < n_base + 1:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {n_base}, "
-                         f"plus at least one merge")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {n_base}, "
+            f"plus at least one merge"
+        )
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
 

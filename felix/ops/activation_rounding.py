@@ -34,6 +34,7 @@ returns the tensor as the runtime computes with it; its ``attention(q, k, v)`` r
 deployment computes, not only what its weights are; tests/ship/test_fork_llamacpp.py measures how much closer to the
 fork's logits that brings the simulated path.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ import torch
 
 from felix.core.formats import FORMATS, get_format
 
-KV_CACHE_TYPE = "f16"          # llama.cpp's default KV cache type (and so the type Q and P meet in K·Q and V·P)
+KV_CACHE_TYPE = "f16"  # llama.cpp's default KV cache type (and so the type Q and P meet in K·Q and V·P)
 # block sizes of ggml's activation formats (Q8_0 shares Q8_0-weight geometry; Q8_K is the k-quant super-block)
 Q8_K_BLOCK = 256
 
@@ -74,7 +75,7 @@ def round_q8_0(x: torch.Tensor) -> torch.Tensor:
     amax = b.abs().amax(-1, keepdim=True)
     d16 = (amax / 127.0).half().float()
     inv = torch.where(amax > 0, _div(127.0, amax), torch.zeros_like(amax))
-    q = torch.round(b * inv)          # torch.round: half to even, like _mm256_round_ps(_MM_ROUND_NEAREST)
+    q = torch.round(b * inv)  # torch.round: half to even, like _mm256_round_ps(_MM_ROUND_NEAREST)
     return (q * d16).reshape(x.shape)
 
 
@@ -86,8 +87,7 @@ def round_q8_k(x: torch.Tensor) -> torch.Tensor:
     nonzero = mx != 0
     iscale = torch.where(nonzero, _div(-127.0, torch.where(nonzero, mx, torch.ones_like(mx))), torch.zeros_like(mx))
     q = torch.round(b * iscale).clamp(max=127.0)
-    d = torch.where(nonzero, _div(1.0, torch.where(nonzero, iscale, torch.ones_like(iscale))),
-                    torch.zeros_like(iscale))
+    d = torch.where(nonzero, _div(1.0, torch.where(nonzero, iscale, torch.ones_like(iscale))), torch.zeros_like(iscale))
     return (q * d).reshape(x.shape)
 
 
@@ -108,8 +108,9 @@ def round_activations(x: torch.Tensor, activation_type: str | None) -> torch.Ten
     return y.to(x.dtype)
 
 
-def runtime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_type: str | None = KV_CACHE_TYPE,
-                      causal: bool = True) -> torch.Tensor:
+def runtime_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_type: str | None = KV_CACHE_TYPE, causal: bool = True
+) -> torch.Tensor:
     """Causal GQA attention [B, H, T, D] as llama.cpp's CPU graph computes it (no flash attention): q, k, v and the
     softmax probabilities rounded to the KV cache type, scores and softmax in float32, scale 1/sqrt(D)."""
     B, H, T, D = q.shape
@@ -118,8 +119,7 @@ def runtime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_type
     r = lambda t: round_activations(t.float(), kv_type)  # noqa: E731
     scores = (r(q) @ r(k).transpose(-1, -2)) * (1.0 / math.sqrt(D))
     if causal:
-        scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).triu(1),
-                                    float("-inf"))
+        scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     p = torch.softmax(scores, -1)
     return (r(p) @ r(v)).to(q.dtype)
 

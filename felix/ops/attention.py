@@ -9,6 +9,7 @@ Shapes: q ``[B, H, T_q, D]``, k and v ``[B, H_kv, T_k, D]`` with ``H % H_kv == 0
 attention: q head h reads kv head ``h // (H // H_kv)``). Causal attention lets query i see keys
 j <= i and needs T_q == T_k. head_dim D in (32, 64, 128). The output has q's dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ import torch
 from felix.ops.dispatch import autocast_operands, implementation, register_impl, resolve_backend
 from felix.ops.reference import attention as reference
 from felix.ops.reference.attention import SUPPORTED_HEAD_DIMS
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -27,8 +29,9 @@ def _check_inputs(q, k, v, causal, scale) -> None:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"attention expects torch.Tensor inputs, {name} is {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"attention expects 4-D [batch, heads, seq, head_dim] tensors, {name} has shape "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"attention expects 4-D [batch, heads, seq, head_dim] tensors, {name} has shape {tuple(t.shape)}"
+            )
         if t.dtype not in _DTYPES:
             raise ValueError(f"attention supports float16/bfloat16/float32/float64, {name} is {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -57,8 +60,9 @@ def _check_inputs(q, k, v, causal, scale) -> None:
 
 # ---------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("felix::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("attention_fwd", backend)(q, k, v, causal, scale)
 
 
@@ -69,9 +73,17 @@ def _(q, k, v, causal, scale, backend):
 
 
 @torch.library.custom_op("felix::attention_bwd", mutates_args=())
-def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return implementation("attention_bwd", backend)(dout, q, k, v, out, lse, causal, scale)
 
 
@@ -99,8 +111,14 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------- public API
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale [+ causal mask]) v, fused (never materializing T x T on the Triton path).
 
     q ``[B, H, T_q, D]``, k/v ``[B, H_kv, T_k, D]``, ``H % H_kv == 0``; D in (32, 64, 128); fp16, bf16,

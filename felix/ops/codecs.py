@@ -4,6 +4,7 @@ Declared once here as torch.library custom ops (``felix::quantize``, ``felix::de
 the backend name as an argument, validated here, and implemented by the reference (torch), Triton
 and C++ backends. Every backend produces ggml's exact bytes (see felix/ops/reference/codecs.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,13 +26,16 @@ def _check_quantize_input(x: torch.Tensor, f: QuantFormat) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"quantize expects a floating-point tensor (float32/float16/bfloat16/"
-                         f"float64), got dtype {x.dtype}")
+        raise ValueError(
+            f"quantize expects a floating-point tensor (float32/float16/bfloat16/float64), got dtype {x.dtype}"
+        )
     if x.dim() == 0:
         raise ValueError("quantize expects a tensor with a last (row) dimension, got a scalar")
     if x.shape[-1] % f.block_size:
-        raise ValueError(f"{f.name}: the last dimension ({x.shape[-1]}) must be a multiple of the "
-                         f"block size {f.block_size} (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{f.name}: the last dimension ({x.shape[-1]}) must be a multiple of the "
+            f"block size {f.block_size} (shape {tuple(x.shape)})"
+        )
     if torch.compiler.is_compiling() or x.numel() == 0 or x.device.type == "meta":
         return  # value checks need a host sync (and values): eager callers get them, compiled graphs do not
     lo, hi = torch.aminmax(x.detach())  # one pass, no temporary; NaN propagates
@@ -39,17 +43,22 @@ def _check_quantize_input(x: torch.Tensor, f: QuantFormat) -> None:
     if not bool(torch.isfinite(amax)):
         bad = (~torch.isfinite(x.detach())).nonzero()
         kinds = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-        raise ValueError(f"{f.name}: input holds {bad.shape[0]} non-finite value(s) ({kinds}), "
-                         f"first at index {tuple(bad[0].tolist())}")
+        raise ValueError(
+            f"{f.name}: input holds {bad.shape[0]} non-finite value(s) ({kinds}), "
+            f"first at index {tuple(bad[0].tolist())}"
+        )
     if float(amax) > f.max_abs_input:
-        raise ValueError(f"{f.name}: |x| reaches {float(amax):.4g}, beyond {f.max_abs_input:.4g}, "
-                         "where the block scale overflows fp16")
+        raise ValueError(
+            f"{f.name}: |x| reaches {float(amax):.4g}, beyond {f.max_abs_input:.4g}, "
+            "where the block scale overflows fp16"
+        )
 
 
 def _blocks_per_shape(shape: Sequence[int], f: QuantFormat) -> int:
     if len(shape) == 0 or shape[-1] % f.block_size:
-        raise ValueError(f"{f.name}: the last dimension of shape {tuple(shape)} must be a multiple of "
-                         f"the block size {f.block_size}")
+        raise ValueError(
+            f"{f.name}: the last dimension of shape {tuple(shape)} must be a multiple of the block size {f.block_size}"
+        )
     if any(s < 0 for s in shape):
         raise ValueError(f"invalid shape {tuple(shape)}")
     return math.prod(shape) // f.block_size
@@ -63,9 +72,11 @@ def _check_dequantize_input(blocks: torch.Tensor, f: QuantFormat, shape, dtype) 
         raise ValueError(f"dequantize can produce {', '.join(map(str, _FLOAT_DTYPES))}, not {dtype}")
     need = _blocks_per_shape(shape, f) * f.bytes_per_block
     if blocks.numel() != need:
-        raise ValueError(f"{f.name}: shape {tuple(shape)} needs {need} bytes "
-                         f"({need // f.bytes_per_block} blocks of {f.bytes_per_block}), "
-                         f"the blocks tensor has {blocks.numel()}")
+        raise ValueError(
+            f"{f.name}: shape {tuple(shape)} needs {need} bytes "
+            f"({need // f.bytes_per_block} blocks of {f.bytes_per_block}), "
+            f"the blocks tensor has {blocks.numel()}"
+        )
     check_blocks_layout(blocks, block_shape(shape, f), f.name)
 
 
@@ -81,13 +92,17 @@ def check_blocks_layout(blocks: torch.Tensor, expected: tuple[int, ...], fmt: st
     transposed or strided view has the right byte count but not ggml's byte order, and would decode to garbage
     without a word: refused."""
     if not blocks.is_contiguous():
-        raise ValueError(f"{fmt}: the blocks tensor (shape {tuple(blocks.shape)}, strides {blocks.stride()}) is not "
-                         "contiguous: a transposed or strided view of ggml blocks is not in ggml's byte order; pass "
-                         "the tensor quantize returned (or .contiguous() of a view whose logical order is ggml's)")
+        raise ValueError(
+            f"{fmt}: the blocks tensor (shape {tuple(blocks.shape)}, strides {blocks.stride()}) is not "
+            "contiguous: a transposed or strided view of ggml blocks is not in ggml's byte order; pass "
+            "the tensor quantize returned (or .contiguous() of a view whose logical order is ggml's)"
+        )
     nbytes = get_format(fmt).bytes_per_block
     if blocks.dim() and blocks.numel() and blocks.shape[-1] % nbytes:
-        raise ValueError(f"{fmt}: the blocks tensor has shape {tuple(blocks.shape)}, whose rows are not whole "
-                         f"{nbytes}-byte blocks; expected {tuple(expected)} (as quantize returns) or a flat buffer")
+        raise ValueError(
+            f"{fmt}: the blocks tensor has shape {tuple(blocks.shape)}, whose rows are not whole "
+            f"{nbytes}-byte blocks; expected {tuple(expected)} (as quantize returns) or a flat buffer"
+        )
 
 
 # ------------------------------------------------------------------------------- custom ops
@@ -99,13 +114,13 @@ def _quantize_op(x: torch.Tensor, fmt: str, backend: str) -> torch.Tensor:
 @_quantize_op.register_fake
 def _(x, fmt, backend):
     f = get_format(fmt)
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block),
-                       dtype=torch.uint8)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // f.block_size * f.bytes_per_block), dtype=torch.uint8)
 
 
 @torch.library.custom_op("felix::dequantize", mutates_args=())
-def _dequantize_op(blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torch.dtype,
-                   backend: str) -> torch.Tensor:
+def _dequantize_op(
+    blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torch.dtype, backend: str
+) -> torch.Tensor:
     return implementation("dequantize", backend)(blocks, fmt, list(shape), dtype)
 
 
@@ -131,8 +146,9 @@ def quantize(x: torch.Tensor, fmt: str, backend: str | None = None) -> torch.Ten
     return _quantize_op(x.contiguous(), f.name, chosen)
 
 
-def dequantize(blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-               backend: str | None = None) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, fmt: str, shape: Sequence[int], dtype: torch.dtype = torch.float32, backend: str | None = None
+) -> torch.Tensor:
     """Decode ggml blocks of format `fmt` into a tensor of `shape` and `dtype`."""
     f = get_format(fmt)
     shape = [int(s) for s in (shape if isinstance(shape, (list, tuple, torch.Size)) else [shape])]

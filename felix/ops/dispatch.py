@@ -25,6 +25,7 @@ quant_matmul, linear_ce_quail) takes autocast into account *before* the op, as t
 under ``torch.autocast(..., dtype=torch.bfloat16)`` the op is the spec on bf16 operands, with fp32
 accumulation (and, for the loss, fp32 logits). Codecs are not matmuls: autocast does not change them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,6 +95,7 @@ def autocast_operands(*tensors):
     """The operands of a matmul-like op as autocast would hand them to F.linear: floating tensors other than
     float64 cast to the autocast dtype of their device; everything else (None, ints, float64) unchanged.
     Lists of tensors are cast element-wise. Outside autocast, the inputs are returned as given."""
+
     def cast(t):
         if isinstance(t, (list, tuple)):
             return type(t)(cast(e) for e in t)
@@ -129,13 +131,16 @@ def _triton_status() -> BackendStatus:
 
     if torch.cuda.is_available():
         kind = "ROCm" if torch.version.hip else "CUDA"
-        return BackendStatus(True, f"triton {triton.__version__} on {kind} device "
-                                   f"{torch.cuda.get_device_name()}")
+        return BackendStatus(True, f"triton {triton.__version__} on {kind} device {torch.cuda.get_device_name()}")
     if triton_interpreting():
-        return BackendStatus(True, f"triton {triton.__version__} interpreter on CPU tensors "
-                                   "(TRITON_INTERPRET=1; slow, for tests)")
-    return BackendStatus(False, f"triton {triton.__version__} is installed but there is no GPU "
-                                "(set TRITON_INTERPRET=1 to run kernels on CPU tensors, slowly)")
+        return BackendStatus(
+            True, f"triton {triton.__version__} interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for tests)"
+        )
+    return BackendStatus(
+        False,
+        f"triton {triton.__version__} is installed but there is no GPU "
+        "(set TRITON_INTERPRET=1 to run kernels on CPU tensors, slowly)",
+    )
 
 
 def _cpu_status() -> BackendStatus:
@@ -202,13 +207,13 @@ def device_mismatch(backend: str, device: torch.device) -> str | None:
     if backend == "hip" and device.type != "cuda":
         return f"backend 'hip' needs GPU tensors, got a tensor on {device}"
     if backend == "triton" and device.type == "cpu" and not triton_interpreting():
-        return ("backend 'triton' needs GPU tensors; CPU tensors run only under the "
-                "Triton interpreter (TRITON_INTERPRET=1)")
+        return (
+            "backend 'triton' needs GPU tensors; CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+        )
     return None
 
 
 def runnable_backends(op: str, device: torch.device) -> list[str]:
     """The backends implementing `op` that are available here and run on `device`, in registration order."""
     status = backends()
-    return [name for name in _IMPLS.get(op, {})
-            if status[name].available and device_mismatch(name, device) is None]
+    return [name for name in _IMPLS.get(op, {}) if status[name].available and device_mismatch(name, device) is None]

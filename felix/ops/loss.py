@@ -10,6 +10,7 @@ Defaults: ``margin`` and ``lambda_q`` default to felix.core.quail.DEFAULT_MARGIN
 default the trainer, the fidelity harness and the README also use (the evidence for the values is next to
 their definition).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,17 +34,20 @@ def whitelist_mask(whitelist, vocab_size: int, device) -> torch.Tensor | None:
         return None
     if isinstance(whitelist, torch.Tensor) and whitelist.dtype == torch.bool:
         if whitelist.shape != (vocab_size,):
-            raise ValueError(f"whitelist mask must have shape [{vocab_size}] (the vocabulary), got "
-                             f"{tuple(whitelist.shape)}")
+            raise ValueError(
+                f"whitelist mask must have shape [{vocab_size}] (the vocabulary), got {tuple(whitelist.shape)}"
+            )
         return whitelist.to(device)
     ids = torch.as_tensor(whitelist if not isinstance(whitelist, torch.Tensor) else whitelist.cpu())
     if ids.numel() and (ids.dtype.is_floating_point or ids.dim() != 1):
-        raise ValueError(f"whitelist must be a bool mask [V] or a 1-D list of token ids, got "
-                         f"{ids.dtype} of shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"whitelist must be a bool mask [V] or a 1-D list of token ids, got {ids.dtype} of shape {tuple(ids.shape)}"
+        )
     ids = ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"whitelist token ids must lie in [0, {vocab_size}), got range "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+        raise ValueError(
+            f"whitelist token ids must lie in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]"
+        )
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[ids] = True
     return mask.to(device)
@@ -57,19 +61,25 @@ def _check_inputs(h, weight, targets, bias, ignore_index, chunk_size) -> None:
     if h.dtype not in _FLOATS or weight.dtype != h.dtype:
         raise ValueError(f"h and weight must share a float dtype, got {h.dtype} and {weight.dtype}")
     if weight.shape[1] != h.shape[1]:
-        raise ValueError(f"hidden sizes differ: h is {tuple(h.shape)}, weight is {tuple(weight.shape)} "
-                         "(expected weight [V, d] for h [N, d])")
+        raise ValueError(
+            f"hidden sizes differ: h is {tuple(h.shape)}, weight is {tuple(weight.shape)} "
+            "(expected weight [V, d] for h [N, d])"
+        )
     if h.shape[0] == 0 or weight.shape[0] == 0:
         raise ValueError(f"empty input: h {tuple(h.shape)}, weight {tuple(weight.shape)}")
     if not isinstance(targets, torch.Tensor) or targets.shape != (h.shape[0],):
-        raise ValueError(f"targets must be a [N] = [{h.shape[0]}] tensor, got "
-                         f"{getattr(targets, 'shape', type(targets).__name__)}")
+        raise ValueError(
+            f"targets must be a [N] = [{h.shape[0]}] tensor, got {getattr(targets, 'shape', type(targets).__name__)}"
+        )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
-                             or bias.dtype != h.dtype):
-        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor of dtype {h.dtype}, got "
-                         f"{getattr(bias, 'shape', None)} {getattr(bias, 'dtype', None)}")
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],) or bias.dtype != h.dtype
+    ):
+        raise ValueError(
+            f"bias must be a [{weight.shape[0]}] tensor of dtype {h.dtype}, got "
+            f"{getattr(bias, 'shape', None)} {getattr(bias, 'dtype', None)}"
+        )
     if len({t.device for t in (h, weight, targets) + ((bias,) if bias is not None else ())}) > 1:
         raise ValueError("h, weight, targets (and bias) must be on one device")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -84,13 +94,18 @@ def _check_target_values(targets, vocab_size, ignore_index) -> None:
     checked on the device, asynchronously (torch._assert_async), so a GPU training step never waits for it."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if targets.device.type != "cpu":
-        torch._assert_async(~bad.any(), f"linear_ce_quail: a target is outside the vocabulary [0, {vocab_size}) "
-                                        f"and is not the ignore_index {ignore_index}")
+        torch._assert_async(
+            ~bad.any(),
+            f"linear_ce_quail: a target is outside the vocabulary [0, {vocab_size}) "
+            f"and is not the ignore_index {ignore_index}",
+        )
         return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"target {int(targets[i])} at position {i} is outside the vocabulary [0, "
-                         f"{vocab_size}) and is not the ignore_index {ignore_index}")
+        raise ValueError(
+            f"target {int(targets[i])} at position {i} is outside the vocabulary [0, "
+            f"{vocab_size}) and is not the ignore_index {ignore_index}"
+        )
 
 
 def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> int:
@@ -104,23 +119,68 @@ def default_chunk_size(n: int, v: int, backend: str, device: torch.device) -> in
 
 # ---------------------------------------------------------------------------------- custom op
 @torch.library.custom_op("felix::linear_ce_quail", mutates_args=())
-def _linear_ce_quail_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        whitelist: torch.Tensor | None, bias: torch.Tensor | None, margin: float,
-                        lambda_q: float, z_loss: float, ignore_index: int, chunk_size: int,
-                        accum_dtype: torch.dtype, need_grads: bool, backend: str, reduction: str = "mean",
-                        label_smoothing: float = 0.0, softcap: float = 0.0, row_weight: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_ce_quail_op(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    whitelist: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    margin: float,
+    lambda_q: float,
+    z_loss: float,
+    ignore_index: int,
+    chunk_size: int,
+    accum_dtype: torch.dtype,
+    need_grads: bool,
+    backend: str,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(parts [6], per-token rows [4, N], dh, dW, db). The gradients are for grad_output 1 (mean / sum) or
     for `row_weight` (a "none" loss's incoming gradient, given by the backward's second call)."""
     parts, dh, dw, db, rows = implementation("linear_ce_quail", backend)(
-        h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype,
-        need_grads, reduction, label_smoothing, softcap, row_weight)
+        h,
+        weight,
+        targets,
+        whitelist,
+        bias,
+        margin,
+        lambda_q,
+        z_loss,
+        ignore_index,
+        chunk_size,
+        accum_dtype,
+        need_grads,
+        reduction,
+        label_smoothing,
+        softcap,
+        row_weight,
+    )
     return parts, rows, dh, dw, db
 
 
 @_linear_ce_quail_op.register_fake
-def _(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype,
-      need_grads, backend, reduction="mean", label_smoothing=0.0, softcap=0.0, row_weight=None):
+def _(
+    h,
+    weight,
+    targets,
+    whitelist,
+    bias,
+    margin,
+    lambda_q,
+    z_loss,
+    ignore_index,
+    chunk_size,
+    accum_dtype,
+    need_grads,
+    backend,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=0.0,
+    row_weight=None,
+):
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
     parts, rows = h.new_empty(6, dtype=dt), h.new_empty((4, h.shape[0]), dtype=dt)
     if not need_grads:
@@ -144,16 +204,49 @@ def _backward(ctx, g_parts, g_rows, g_dh, g_dw, g_db):
     nones = (None,) * 13
     if ctx.reduction == "none":
         h, weight, targets, whitelist, bias = ctx.saved_tensors
-        (_, _, _, _, _, margin, lambda_q, z_loss, ignore_index, chunk_size, accum_dtype, _, backend, _,
-         label_smoothing, softcap) = ctx.inputs[:16]
-        _, _, dh, dw, db = _linear_ce_quail_op(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss,
-                                               ignore_index, chunk_size, accum_dtype, True, backend, "none",
-                                               label_smoothing, softcap, g_rows[0].contiguous())
+        (
+            _,
+            _,
+            _,
+            _,
+            _,
+            margin,
+            lambda_q,
+            z_loss,
+            ignore_index,
+            chunk_size,
+            accum_dtype,
+            _,
+            backend,
+            _,
+            label_smoothing,
+            softcap,
+        ) = ctx.inputs[:16]
+        _, _, dh, dw, db = _linear_ce_quail_op(
+            h,
+            weight,
+            targets,
+            whitelist,
+            bias,
+            margin,
+            lambda_q,
+            z_loss,
+            ignore_index,
+            chunk_size,
+            accum_dtype,
+            True,
+            backend,
+            "none",
+            label_smoothing,
+            softcap,
+            g_rows[0].contiguous(),
+        )
         return (dh, dw, None, None, db if ctx.has_bias else None, *nones[:8], None, None, None, None)
     dh, dw, db = ctx.saved_tensors
     if dh.numel() == 0 and dw.numel() == 0:
-        raise RuntimeError("linear_ce_quail was run without gradients (no input required grad): "
-                           "nothing to backpropagate")
+        raise RuntimeError(
+            "linear_ce_quail was run without gradients (no input required grad): nothing to backpropagate"
+        )
     g = g_parts[0]
     scale = lambda t: (t * g).to(t.dtype)  # noqa: E731 - grad_output is a 0-d tensor
     return (scale(dh), scale(dw), None, None, scale(db) if ctx.has_bias else None, *nones[:8], None, None, None, None)
@@ -163,12 +256,23 @@ _linear_ce_quail_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------- public API
-def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    whitelist: torch.Tensor | Sequence[int] | None = None, margin: float = DEFAULT_MARGIN,
-                    lambda_q: float = DEFAULT_LAMBDA_Q, z_loss: float = 0.0, bias: torch.Tensor | None = None,
-                    ignore_index: int = -100, chunk_size: int | None = None, backend: str | None = None,
-                    accum_dtype: torch.dtype = torch.float32, reduction: str = "mean",
-                    label_smoothing: float = 0.0, softcap: float | None = None) -> LossParts:
+def linear_ce_quail(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    whitelist: torch.Tensor | Sequence[int] | None = None,
+    margin: float = DEFAULT_MARGIN,
+    lambda_q: float = DEFAULT_LAMBDA_Q,
+    z_loss: float = 0.0,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+) -> LossParts:
     """Cross-entropy + lambda_q * QUAIL margin hinge (+ z-loss) of logits h Wᵀ + b, without the N x V logits.
 
     h ``[N, d]``, weight ``[V, d]`` (same float dtype), targets ``[N]`` int ids (``ignore_index`` skips a
@@ -199,9 +303,24 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         chunk_size = default_chunk_size(h.shape[0], weight.shape[0], chosen, h.device)
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     parts, rows, _, _, _ = _linear_ce_quail_op(
-        h.contiguous(), weight.contiguous(), targets, mask, bias.contiguous() if bias is not None else None,
-        float(margin), float(lambda_q), float(z_loss), int(ignore_index), int(chunk_size), accum_dtype,
-        bool(need) and reduction != "none", chosen, reduction, float(label_smoothing), float(softcap or 0.0), None)
+        h.contiguous(),
+        weight.contiguous(),
+        targets,
+        mask,
+        bias.contiguous() if bias is not None else None,
+        float(margin),
+        float(lambda_q),
+        float(z_loss),
+        int(ignore_index),
+        int(chunk_size),
+        accum_dtype,
+        bool(need) and reduction != "none",
+        chosen,
+        reduction,
+        float(label_smoothing),
+        float(softcap or 0.0),
+        None,
+    )
     d = parts.detach()
     if reduction == "none":
         r = rows.detach()
@@ -212,10 +331,19 @@ def linear_ce_quail(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 class LinearCEQuail(torch.nn.Module):
     """The training loss as a module: holds the whitelist and hyper-parameters, takes (h, weight, targets)."""
 
-    def __init__(self, whitelist: torch.Tensor | None = None, margin: float = DEFAULT_MARGIN,
-                 lambda_q: float = DEFAULT_LAMBDA_Q, z_loss: float = 0.0, ignore_index: int = -100,
-                 chunk_size: int | None = None, backend: str | None = None, reduction: str = "mean",
-                 label_smoothing: float = 0.0, softcap: float | None = None):
+    def __init__(
+        self,
+        whitelist: torch.Tensor | None = None,
+        margin: float = DEFAULT_MARGIN,
+        lambda_q: float = DEFAULT_LAMBDA_Q,
+        z_loss: float = 0.0,
+        ignore_index: int = -100,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        softcap: float | None = None,
+    ):
         super().__init__()
         self.register_buffer("whitelist", whitelist.bool() if whitelist is not None else None, persistent=False)
         self.margin, self.lambda_q, self.z_loss = margin, lambda_q, z_loss
@@ -229,9 +357,22 @@ class LinearCEQuail(torch.nn.Module):
         return cls(whitelist, config.margin, config.lambda_q, **options)
 
     def forward(self, h, weight, targets, bias=None) -> LossParts:
-        return linear_ce_quail(h, weight, targets, self.whitelist, self.margin, self.lambda_q, self.z_loss, bias,
-                               self.ignore_index, self.chunk_size, self.backend, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing, softcap=self.softcap)
+        return linear_ce_quail(
+            h,
+            weight,
+            targets,
+            self.whitelist,
+            self.margin,
+            self.lambda_q,
+            self.z_loss,
+            bias,
+            self.ignore_index,
+            self.chunk_size,
+            self.backend,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
+        )
 
     def extra_repr(self) -> str:
         n = int(self.whitelist.sum()) if self.whitelist is not None else 0

@@ -13,6 +13,7 @@ Declared as ``felix::lowrank_fwd`` (returns y and U = x A_catᵀ, which the back
 frozen base weight costs no weight-gradient GEMM). Backends: ``reference`` (torch, the spec) and
 ``triton`` (kernels/lowrank.py: the low-rank term fused into the main GEMM's epilogue).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("felix::lowrank_fwd", mutates_args=())
-def _lowrank_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                    b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("lowrank_fwd", backend)(x, weight, bias, a, b)
 
 
@@ -36,9 +38,17 @@ def _(x, weight, bias, a, b, backend):
 
 
 @torch.library.custom_op("felix::lowrank_bwd", mutates_args=())
-def _lowrank_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                    u: torch.Tensor, need_weight_grad: bool, has_bias: bool, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lowrank_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    u: torch.Tensor,
+    need_weight_grad: bool,
+    has_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return implementation("lowrank_bwd", backend)(dy, x, weight, a, b, u, need_weight_grad, has_bias)
 
 
@@ -101,19 +111,24 @@ def _check(x, weight, a_list, b_list, gates, bias):
         if isinstance(g, (int, float)):
             continue
         if not isinstance(g, torch.Tensor) or g.numel() not in (1, out_f) or g.dim() > 1:
-            raise ValueError(f"gate[{i}] must be a number, a 1-element tensor or a [{out_f}] per-output tensor, "
-                             f"got {getattr(g, 'shape', type(g).__name__)}")
+            raise ValueError(
+                f"gate[{i}] must be a number, a 1-element tensor or a [{out_f}] per-output tensor, "
+                f"got {getattr(g, 'shape', type(g).__name__)}"
+            )
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_f,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be a [{out_f}] tensor of dtype {x.dtype}, got "
-                         f"{getattr(bias, 'shape', None)} {getattr(bias, 'dtype', None)}")
+        raise ValueError(
+            f"bias must be a [{out_f}] tensor of dtype {x.dtype}, got "
+            f"{getattr(bias, 'shape', None)} {getattr(bias, 'dtype', None)}"
+        )
     devices = {t.device for t in [x, weight, *a_list, *b_list] + ([bias] if bias is not None else [])}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
 # ---------------------------------------------------------------------------------- public API
-def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, a, b, gate=1.0, bias: torch.Tensor | None = None,
-                   backend: str | None = None) -> torch.Tensor:
+def lowrank_linear(
+    x: torch.Tensor, weight: torch.Tensor, a, b, gate=1.0, bias: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
     """y = x Wᵀ + bias + Σ_t gate_t ⊙ (x A_tᵀ) B_tᵀ, fused (see the module docstring).
 
     `a`, `b`: tensors, or lists of tensors for several terms; `gate`: a number, a 1-element tensor or a
@@ -127,8 +142,13 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, a, b, gate=1.0, bias: 
     _check(x, weight, a_list, b_list, gates, bias)
     chosen = resolve_backend("lowrank_fwd", backend, x.device)
     out_f = weight.shape[0]
-    b_eff = torch.cat([(g.reshape(-1, 1) * bt if isinstance(g, torch.Tensor) else g * bt).to(x.dtype)
-                       for g, bt in zip(gates, b_list)], dim=1)
+    b_eff = torch.cat(
+        [
+            (g.reshape(-1, 1) * bt if isinstance(g, torch.Tensor) else g * bt).to(x.dtype)
+            for g, bt in zip(gates, b_list)
+        ],
+        dim=1,
+    )
     a_cat = torch.cat(a_list, dim=0) if len(a_list) > 1 else a_list[0]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y, _ = _lowrank_fwd_op(x2, weight.contiguous(), bias, a_cat.contiguous(), b_eff.contiguous(), chosen)

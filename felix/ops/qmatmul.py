@@ -7,6 +7,7 @@ validated here, implemented by the ``reference`` (dequantize, then an fp32 matmu
 The gradient with respect to x is x's gradient through the dequantized weight (so adapters can train
 on top of a quantized base); the blocks get none.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,10 @@ def _check_inputs(x, blocks, fmt: str, out_features) -> None:
     k = x.shape[-1]
     f = get_format(fmt)
     if k % f.block_size:
-        raise ValueError(f"quant_matmul: the input-feature dimension K = x.shape[-1] = {k} must be a multiple "
-                         f"of {f.block_size} (the {fmt} block size); x has shape {tuple(x.shape)}")
+        raise ValueError(
+            f"quant_matmul: the input-feature dimension K = x.shape[-1] = {k} must be a multiple "
+            f"of {f.block_size} (the {fmt} block size); x has shape {tuple(x.shape)}"
+        )
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ValueError(f"quant_matmul: out_features must be a non-negative int, got {out_features!r}")
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
@@ -39,10 +42,12 @@ def _check_inputs(x, blocks, fmt: str, out_features) -> None:
         raise ValueError(f"quant_matmul expects the weight as a uint8 tensor of ggml blocks, got {got}")
     need = out_features * (k // f.block_size) * f.bytes_per_block
     if blocks.numel() != need:
-        raise ValueError(f"quant_matmul: a [{out_features}, {k}] {fmt} weight needs {need} bytes "
-                         f"({out_features} rows x {k // f.block_size} blocks x {f.bytes_per_block}), "
-                         f"the blocks tensor has {blocks.numel()} "
-                         f"(shape {tuple(blocks.shape)})")
+        raise ValueError(
+            f"quant_matmul: a [{out_features}, {k}] {fmt} weight needs {need} bytes "
+            f"({out_features} rows x {k // f.block_size} blocks x {f.bytes_per_block}), "
+            f"the blocks tensor has {blocks.numel()} "
+            f"(shape {tuple(blocks.shape)})"
+        )
     if blocks.device != x.device:
         raise ValueError(f"quant_matmul: x is on {x.device} but the blocks are on {blocks.device}")
     check_blocks_layout(blocks, block_shape((out_features, k), f), fmt)
@@ -50,8 +55,7 @@ def _check_inputs(x, blocks, fmt: str, out_features) -> None:
 
 # ------------------------------------------------------------------------------- custom op
 @torch.library.custom_op("felix::quant_matmul", mutates_args=())
-def _quant_matmul_op(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int,
-                     backend: str) -> torch.Tensor:
+def _quant_matmul_op(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int, backend: str) -> torch.Tensor:
     return implementation("quant_matmul", backend)(x, blocks, fmt, out_features)
 
 
@@ -78,8 +82,9 @@ _quant_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------- public API
-def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int,
-                 backend: str | None = None) -> torch.Tensor:
+def quant_matmul(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int, backend: str | None = None
+) -> torch.Tensor:
     """y = x @ dequantize(blocks, fmt, [out_features, K])^T, without materializing the weight.
 
     x: [..., K] float32/float16/bfloat16 with K a multiple of the block size; blocks: uint8 holding
@@ -118,5 +123,11 @@ def _quant_matmul_hip(x, blocks, fmt, out_features):
     layout = four_bit_layout(fmt)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        return ext.quant_matmul(x.contiguous(), blocks.contiguous(), reference.decode_table(fmt, x.device),
-                                layout.pairs, out_features, stream)
+        return ext.quant_matmul(
+            x.contiguous(),
+            blocks.contiguous(),
+            reference.decode_table(fmt, x.device),
+            layout.pairs,
+            out_features,
+            stream,
+        )

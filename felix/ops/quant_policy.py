@@ -15,6 +15,7 @@ The rules, in order (like the fork's policy, docs/fork.md):
 5. Other 2-D tensors get the chosen type, if their rows (the last dimension, ggml's ne0) divide into its
    blocks; otherwise they fall back to Q8_0 (rows of a multiple of 32) or F16, and the reason says why.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class TensorChoice:
 
     name: str
     shape: tuple[int, ...]
-    type: str          # one of EXPORT_TYPES
+    type: str  # one of EXPORT_TYPES
     reason: str
     fallback: bool = False  # True when the tensor wanted a block format whose block size its rows do not fit
 
@@ -96,8 +97,9 @@ def choose_tensor_type(name: str, shape, quant: str, embedding_type: str | None 
     if row % bs == 0:
         return TensorChoice(name, shape, want, why)
     fb = "q8_0" if row % FORMATS["q8_0"].block_size == 0 else "f16"
-    return TensorChoice(name, shape, fb, f"rows of {row} not divisible by {want}'s block of {bs}: {fb.upper()}",
-                        fallback=True)
+    return TensorChoice(
+        name, shape, fb, f"rows of {row} not divisible by {want}'s block of {bs}: {fb.upper()}", fallback=True
+    )
 
 
 def plan_tensor_types(named_shapes, quant: str, embedding_type: str | None = None) -> list[TensorChoice]:
@@ -106,8 +108,9 @@ def plan_tensor_types(named_shapes, quant: str, embedding_type: str | None = Non
     return [choose_tensor_type(n, s, quant, embedding_type) for n, s in items]
 
 
-def encode_tensor(t: torch.Tensor, type_name: str, backend: str | None = None,
-                  codec: str | None = None) -> torch.Tensor:
+def encode_tensor(
+    t: torch.Tensor, type_name: str, backend: str | None = None, codec: str | None = None
+) -> torch.Tensor:
     """`t` as stored under `type_name`: a float tensor for f32/f16/bf16, else uint8 ggml blocks (felix.quantize).
     `codec` picks another quantizer of the type (ALTERNATIVE_CODECS: ``"bitnet"`` for tq2_0); None or the type's
     own name is ggml's."""
@@ -116,14 +119,17 @@ def encode_tensor(t: torch.Tensor, type_name: str, backend: str | None = None,
         return t.detach().to(_TORCH_FLOAT[type_name]).contiguous()
     if codec is not None and codec != type_name:
         if (type_name, codec) not in ALTERNATIVE_CODECS:
-            raise ValueError(f"no codec {codec!r} for {type_name}; its codecs: {type_name} (ggml's)"
-                             + "".join(f", {c}" for t, c in ALTERNATIVE_CODECS if t == type_name))
+            raise ValueError(
+                f"no codec {codec!r} for {type_name}; its codecs: {type_name} (ggml's)"
+                + "".join(f", {c}" for t, c in ALTERNATIVE_CODECS if t == type_name)
+            )
         return ALTERNATIVE_CODECS[type_name, codec](t)
     return quantize(t.detach().float().contiguous(), type_name, backend=backend)
 
 
-def decode_tensor(stored: torch.Tensor, type_name: str, shape, dtype=torch.float32,
-                  backend: str | None = None) -> torch.Tensor:
+def decode_tensor(
+    stored: torch.Tensor, type_name: str, shape, dtype=torch.float32, backend: str | None = None
+) -> torch.Tensor:
     """Inverse of encode_tensor: the weights a runtime computes with, as `dtype`."""
     type_name = check_type(type_name)
     if type_name in FLOAT_TYPES:

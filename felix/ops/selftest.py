@@ -11,6 +11,7 @@ cpu and reference backends run; with TRITON_INTERPRET=1 the Triton kernels run t
 The truths are the float64 textbook references of felix/ops/reference/ and the bounds come from
 felix/ops/reference/tolerances.py, the same ones the tests use.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,8 +72,10 @@ def _max_rel_error(got, want, floor: float = 1e-30) -> float:
     """max over tensors of max|got - want| / max(max|want|, floor); NaN when any output is not finite."""
     if not all(bool(torch.isfinite(g).all()) for g in got):
         return float("nan")
-    return max(float((g.detach().double() - w.detach()).abs().max() / w.detach().abs().max().clamp_min(floor))
-               for g, w in zip(got, want))
+    return max(
+        float((g.detach().double() - w.detach()).abs().max() / w.detach().abs().max().clamp_min(floor))
+        for g, w in zip(got, want)
+    )
 
 
 def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
@@ -89,12 +92,30 @@ def check_codecs(device: torch.device, gen: torch.Generator) -> list[Check]:
             if backend == "reference":
                 continue
             got, dt = _timed(lambda: quantize(x, fmt, backend=backend), device)
-            rows.append(Check("quantize", backend, str(device), f"{fmt} {shape[0]}x{shape[1]} (bytes differing)",
-                              float((got.cpu() != want).sum()), 0.0, dt))
+            rows.append(
+                Check(
+                    "quantize",
+                    backend,
+                    str(device),
+                    f"{fmt} {shape[0]}x{shape[1]} (bytes differing)",
+                    float((got.cpu() != want).sum()),
+                    0.0,
+                    dt,
+                )
+            )
             values, dt = _timed(lambda: dequantize(want.to(device), fmt, shape, backend=backend), device)
             err = (values.cpu() - want_values).abs().max()
-            rows.append(Check("dequantize", backend, str(device), f"{fmt} {shape[0]}x{shape[1]}",
-                              float(err) if torch.isfinite(values).all() else float("nan"), 0.0, dt))
+            rows.append(
+                Check(
+                    "dequantize",
+                    backend,
+                    str(device),
+                    f"{fmt} {shape[0]}x{shape[1]}",
+                    float(err) if torch.isfinite(values).all() else float("nan"),
+                    0.0,
+                    dt,
+                )
+            )
     return rows
 
 
@@ -105,8 +126,9 @@ QMM_BOUNDS = tolerances("quant_matmul")
 
 def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check]:
     small = device.type == "cpu"
-    shapes = [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816),
-                                                                     (300, 2816, 1024)]
+    shapes = (
+        [(1, 40, 64), (5, 24, 96), (20, 33, 64)] if small else [(1, 2816, 1024), (8, 1024, 2816), (300, 2816, 1024)]
+    )
     rows = []
     for backend in runnable_backends("quant_matmul", device):
         dtypes = _dtypes(backend, device)
@@ -124,9 +146,17 @@ def check_quant_matmul(device: torch.device, gen: torch.Generator) -> list[Check
                     err = float((y.double() - ref).abs().max() / scale)
                     if not bool(torch.isfinite(y).all()):
                         err = float("nan")
-                    rows.append(Check("quant_matmul", backend, str(device),
-                                      f"{fmt} M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}",
-                                      err, QMM_BOUNDS[dtype], dt))
+                    rows.append(
+                        Check(
+                            "quant_matmul",
+                            backend,
+                            str(device),
+                            f"{fmt} M={m} N={n} K={k} {str(dtype).removeprefix('torch.')}",
+                            err,
+                            QMM_BOUNDS[dtype],
+                            dt,
+                        )
+                    )
     return rows
 
 
@@ -138,8 +168,11 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
     """Forward and backward (dq, dk, dv) of felix.attention vs float64 autograd, GQA and causal."""
 
     small = device.type == "cpu"
-    cases = [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)] if small else \
-            [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
+    cases = (
+        [(1, 4, 2, 37, 32, True), (2, 2, 2, 19, 64, False)]
+        if small
+        else [(2, 16, 4, 1024, 128, True), (1, 8, 8, 777, 64, False)]
+    )
     rows = []
     for backend in runnable_backends("attention_fwd", device):
         dtypes = _dtypes(backend, device)
@@ -160,9 +193,18 @@ def check_attention(device: torch.device, gen: torch.Generator) -> list[Check]:
                 ref_out, _ = attention_textbook(qd, kd, vd, causal)
                 want = (ref_out, *torch.autograd.grad(ref_out, (qd, kd, vd), dout.double()))
                 err = _max_rel_error(got, want, floor=1.0)
-                rows.append(Check("attention", backend, str(device),
-                                  f"B{b} H{h}/{hkv} T{t} D{d} {'causal' if causal else 'full'} "
-                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, ATTENTION_BOUNDS[dtype], dt))
+                rows.append(
+                    Check(
+                        "attention",
+                        backend,
+                        str(device),
+                        f"B{b} H{h}/{hkv} T{t} D{d} {'causal' if causal else 'full'} "
+                        f"{str(dtype).removeprefix('torch.')} fwd+bwd",
+                        err,
+                        ATTENTION_BOUNDS[dtype],
+                        dt,
+                    )
+                )
     return rows
 
 
@@ -178,7 +220,7 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
     for backend in runnable_backends("linear_ce_quail", device):
         dtypes = _dtypes(backend, device)
         for n, d, v, chunk in cases:
-            h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d ** 0.5
+            h32, w32 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) / d**0.5
             t = torch.randint(0, v, (n,), generator=gen)
             t[::7] = -100
             wl = torch.rand(v, generator=gen) < (0.2 if small else 0.02)
@@ -198,8 +240,17 @@ def check_linear_ce_quail(device: torch.device, gen: torch.Generator) -> list[Ch
                 ref = full_logits_loss(hd, wd, tt, wlt, margin=m, z_loss=1e-3)
                 want = (ref.loss, *torch.autograd.grad(ref.loss, (hd, wd)))
                 err = _max_rel_error(got, want)
-                rows.append(Check("ce_quail", backend, str(device), f"N{n} d{d} V{v} chunk {chunk} "
-                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOSS_BOUNDS[dtype], dt))
+                rows.append(
+                    Check(
+                        "ce_quail",
+                        backend,
+                        str(device),
+                        f"N{n} d{d} V{v} chunk {chunk} {str(dtype).removeprefix('torch.')} fwd+bwd",
+                        err,
+                        LOSS_BOUNDS[dtype],
+                        dt,
+                    )
+                )
     return rows
 
 
@@ -216,9 +267,13 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
     for backend in runnable_backends("lowrank_fwd", device):
         dtypes = _dtypes(backend, device)
         for m, k, n, r in cases:
-            base = [torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5,
-                    torch.randn(n, generator=gen) * 0.1, torch.randn(r, k, generator=gen) / k ** 0.5,
-                    torch.randn(n, r, generator=gen) / r ** 0.5]
+            base = [
+                torch.randn(m, k, generator=gen),
+                torch.randn(n, k, generator=gen) / k**0.5,
+                torch.randn(n, generator=gen) * 0.1,
+                torch.randn(r, k, generator=gen) / k**0.5,
+                torch.randn(n, r, generator=gen) / r**0.5,
+            ]
             dy32 = torch.randn(m, n, generator=gen)
             for dtype in dtypes:
                 x, w, bias, a, b = (t.to(device, dtype).requires_grad_() for t in base)
@@ -233,8 +288,17 @@ def check_lowrank_linear(device: torch.device, gen: torch.Generator) -> list[Che
                 yd = lowrank_textbook(xd, wd, [ad], [bbd], [0.75], bd)
                 want = (yd, *torch.autograd.grad(yd, (xd, wd, bd, ad, bbd), dy.double()))
                 err = _max_rel_error(got, want)
-                rows.append(Check("lowrank", backend, str(device), f"M{m} in{k} out{n} r{r} "
-                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err, LOWRANK_BOUNDS[dtype], dt))
+                rows.append(
+                    Check(
+                        "lowrank",
+                        backend,
+                        str(device),
+                        f"M{m} in{k} out{n} r{r} {str(dtype).removeprefix('torch.')} fwd+bwd",
+                        err,
+                        LOWRANK_BOUNDS[dtype],
+                        dt,
+                    )
+                )
     return rows
 
 
@@ -250,13 +314,19 @@ def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Che
     rows = []
     for backend in runnable_backends("spoke_fwd", device):
         for m, d, n, r in cases:
-            base = [torch.randn(m, d, generator=gen), 1 + 0.3 * torch.randn(d, generator=gen),
-                    torch.randn(n * r, d, generator=gen) / d ** 0.5, torch.randn(d, n * r, generator=gen) / (n * r) ** 0.5,
-                    torch.randn(1, generator=gen)]
+            base = [
+                torch.randn(m, d, generator=gen),
+                1 + 0.3 * torch.randn(d, generator=gen),
+                torch.randn(n * r, d, generator=gen) / d**0.5,
+                torch.randn(d, n * r, generator=gen) / (n * r) ** 0.5,
+                torch.randn(1, generator=gen),
+            ]
             dy32 = torch.randn(m, d, generator=gen)
             for dtype in _dtypes(backend, device):
-                h, g, wd, wu, gb = (t.to(device, dtype if i in (0, 2, 3) else torch.float32).requires_grad_()
-                                    for i, t in enumerate(base))
+                h, g, wd, wu, gb = (
+                    t.to(device, dtype if i in (0, 2, 3) else torch.float32).requires_grad_()
+                    for i, t in enumerate(base)
+                )
                 dy = dy32.to(device, dtype)
 
                 def fwd_bwd():
@@ -269,15 +339,28 @@ def check_spoke_residual(device: torch.device, gen: torch.Generator) -> list[Che
                 want = (yd - hd.detach(), *torch.autograd.grad(yd, (hd, gd, wdd, wud, gbd), dy.double()))
                 # the update (y - h) is compared, so y's own rounding of |h| is not counted against the op
                 err = _max_rel_error(got, want)
-                rows.append(Check("spoke", backend, str(device), f"M{m} d{d} {n}x{r} "
-                                  f"{str(dtype).removeprefix('torch.')} fwd+bwd", err,
-                                  SPOKE_BOUNDS[dtype], dt))
+                rows.append(
+                    Check(
+                        "spoke",
+                        backend,
+                        str(device),
+                        f"M{m} d{d} {n}x{r} {str(dtype).removeprefix('torch.')} fwd+bwd",
+                        err,
+                        SPOKE_BOUNDS[dtype],
+                        dt,
+                    )
+                )
     return rows
 
 
-CHECKS = {"codecs": check_codecs, "quant_matmul": check_quant_matmul, "attention": check_attention,
-          "linear_ce_quail": check_linear_ce_quail, "lowrank_linear": check_lowrank_linear,
-          "spoke_residual": check_spoke_residual}
+CHECKS = {
+    "codecs": check_codecs,
+    "quant_matmul": check_quant_matmul,
+    "attention": check_attention,
+    "linear_ce_quail": check_linear_ce_quail,
+    "lowrank_linear": check_lowrank_linear,
+    "spoke_residual": check_spoke_residual,
+}
 
 
 def run(device: str | torch.device | None = None, ops: list[str] | None = None, seed: int = 0) -> list[Check]:
@@ -292,10 +375,11 @@ def run(device: str | torch.device | None = None, ops: list[str] | None = None, 
 
 
 def format_table(rows: list[Check]) -> str:
-    head = (f"{'op':13} {'backend':9} {'device':7} {'case':40} {'max error':>10} {'bound':>9} {'result':6} "
-            f"{'ms':>8}")
+    head = f"{'op':13} {'backend':9} {'device':7} {'case':40} {'max error':>10} {'bound':>9} {'result':6} {'ms':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.op:13} {r.backend:9} {r.device:7} {r.case:40} {r.max_error:10.3g} {r.bound:9.3g} "
-                     f"{'pass' if r.passed else 'FAIL':6} {1e3 * r.seconds:8.2f}")
+        lines.append(
+            f"{r.op:13} {r.backend:9} {r.device:7} {r.case:40} {r.max_error:10.3g} {r.bound:9.3g} "
+            f"{'pass' if r.passed else 'FAIL':6} {1e3 * r.seconds:8.2f}"
+        )
     return "\n".join(lines)

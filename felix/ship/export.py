@@ -38,6 +38,7 @@ What goes in the file:
 RQ4 (ggml type 42) exists only in the fork, so ``--quant rq4`` needs ``--arch felix``. Files are written to a
 temporary name beside the output and renamed into place, so an error or a full disk never leaves a partial file.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,13 +55,27 @@ from felix.core import fork
 from felix.model import qat as felix_qat
 from felix.model.chat import CHAT_TEMPLATE, END
 from felix.model.felix_lm import (
-    CONFIG_FILE, CONFIG_LIMITS, WEIGHTS_FILE, FelixConfig, FelixLM, load_checkpoint, load_state_into)
+    CONFIG_FILE,
+    CONFIG_LIMITS,
+    WEIGHTS_FILE,
+    FelixConfig,
+    FelixLM,
+    load_checkpoint,
+    load_state_into,
+)
 from felix.model.spokes import SpokeError, load_spokes
 from felix.model.tokenizer import PAD, SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 from felix.core.files import remove_stale_temps, temp_path
 from felix.core.formats import FILE_TYPES, FORMATS  # FILE_TYPES: llama_ftype per export type (none for fork-only)
 from felix.ship.gguf_file import (
-    GGML_TYPE_IDS, FelixGGUFWriter, metadata, open_gguf, remove_quietly, tensor_to_torch, torch_shape)
+    GGML_TYPE_IDS,
+    FelixGGUFWriter,
+    metadata,
+    open_gguf,
+    remove_quietly,
+    tensor_to_torch,
+    torch_shape,
+)
 from felix.ops.quant_policy import FLOAT_TYPES, TensorChoice, check_type, choose_tensor_type, encode_tensor
 from felix.ops.spoke import MAX_WIDTH
 
@@ -68,7 +83,6 @@ ARCHES = ("llama", "felix")
 SPLICE_MODES = ("merge", "adapter")
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED = 1, 3, 5
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 split regex, which HF ByteLevel(use_regex=True) applies
-
 
 
 class ExportError(ValueError):
@@ -94,9 +108,9 @@ class ExportResult:
     tensors: list[ExportedTensor]
     adapter_tensors: list[ExportedTensor] = field(default_factory=list)
     file_bytes: int = 0
-    seconds_prepare: float = 0.0    # load checkpoint, merge splices
-    seconds_quantize: float = 0.0   # encode every tensor (felix.quantize / casts)
-    seconds_write: float = 0.0      # gguf-py writing + rename
+    seconds_prepare: float = 0.0  # load checkpoint, merge splices
+    seconds_quantize: float = 0.0  # encode every tensor (felix.quantize / casts)
+    seconds_write: float = 0.0  # gguf-py writing + rename
 
     @property
     def n_weights(self) -> int:
@@ -112,21 +126,30 @@ class ExportResult:
         for t in self.tensors + self.adapter_tensors:
             rows.append((t.name, "x".join(map(str, t.shape)), t.type.upper(), f"{t.nbytes:,}", t.note))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:4], widths)))
-                 + (f"  {r[4]}" if r[4] else "") for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:4], widths)))
+            + (f"  {r[4]}" if r[4] else "")
+            for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         by_type: dict[str, int] = {}
         for t in self.tensors:
             by_type[t.type.upper()] = by_type.get(t.type.upper(), 0) + 1
         lines.append("-" * len(lines[0]))
-        lines.append(f"{self.path}: {len(self.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in by_type.items())}), "
-                     f"{self.file_bytes / 2**20:.2f} MiB, {self.n_weights / 1e6:.2f}M weights at "
-                     f"{self.bits_per_weight:.2f} bits/weight")
+        lines.append(
+            f"{self.path}: {len(self.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in by_type.items())}), "
+            f"{self.file_bytes / 2**20:.2f} MiB, {self.n_weights / 1e6:.2f}M weights at "
+            f"{self.bits_per_weight:.2f} bits/weight"
+        )
         if self.adapter_path is not None:
-            lines.append(f"{self.adapter_path}: LoRA adapter, {len(self.adapter_tensors)} tensors, "
-                         f"{self.adapter_path.stat().st_size / 2**10:.1f} KiB")
-        lines.append(f"time: prepare {self.seconds_prepare:.2f}s, quantize {self.seconds_quantize:.2f}s, "
-                     f"write {self.seconds_write:.2f}s")
+            lines.append(
+                f"{self.adapter_path}: LoRA adapter, {len(self.adapter_tensors)} tensors, "
+                f"{self.adapter_path.stat().st_size / 2**10:.1f} KiB"
+            )
+        lines.append(
+            f"time: prepare {self.seconds_prepare:.2f}s, quantize {self.seconds_quantize:.2f}s, "
+            f"write {self.seconds_write:.2f}s"
+        )
         return "\n".join(lines)
 
 
@@ -143,7 +166,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     spec = json.loads(tokenizer.hf.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise ExportError(f"only byte-level BPE tokenizers export to GGUF's gpt2 model; this one is {model.get('type')}")
+        raise ExportError(
+            f"only byte-level BPE tokenizers export to GGUF's gpt2 model; this one is {model.get('type')}"
+        )
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
     n = tokenizer.vocab_size
     if n > vocab_size:
@@ -155,13 +180,21 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         raise ExportError("the tokenizer's ids are not contiguous 0..n-1")
     specials = set(SPECIAL_TOKENS) | {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens = by_id + [f"[PAD{i}]" for i in range(n, vocab_size)]
-    types = ([TOKEN_TYPE_CONTROL if t in specials else TOKEN_TYPE_NORMAL for t in by_id]
-             + [TOKEN_TYPE_UNUSED] * (vocab_size - n))
+    types = [TOKEN_TYPE_CONTROL if t in specials else TOKEN_TYPE_NORMAL for t in by_id] + [TOKEN_TYPE_UNUSED] * (
+        vocab_size - n
+    )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     if not merges:
         raise ExportError("the tokenizer has no merges; llama.cpp's gpt2 tokenizer needs at least one")
-    return {"tokens": tokens, "types": types, "merges": merges, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-            "pad": tokenizer.hf.token_to_id(PAD), "eot": tokenizer.token_id(END)}
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "bos": tokenizer.bos_id,
+        "eos": tokenizer.eos_id,
+        "pad": tokenizer.hf.token_to_id(PAD),
+        "eot": tokenizer.token_id(END),
+    }
 
 
 def _add_tokenizer(w: FelixGGUFWriter, tok: dict) -> None:
@@ -264,12 +297,15 @@ def _check_not_inputs(outputs: list[Path], checkpoint, spokes) -> None:
     for i, out in enumerate(outputs):
         for src in inputs:
             if src.exists() and _same_file(out, src):
-                raise ExportError(f"{out} is an input of this export ({src}): refusing to overwrite it, even with "
-                                  "--force; write the GGUF elsewhere")
+                raise ExportError(
+                    f"{out} is an input of this export ({src}): refusing to overwrite it, even with "
+                    "--force; write the GGUF elsewhere"
+                )
         for other in outputs[:i]:
             if _same_file(out, other):
-                raise ExportError(f"the adapter and the base model would both be written to {out}: give "
-                                  "--adapter-out another path")
+                raise ExportError(
+                    f"the adapter and the base model would both be written to {out}: give --adapter-out another path"
+                )
 
 
 def _write(tmp: Path, arch: str, fill, tensors: list[tuple[str, torch.Tensor, str]]) -> None:
@@ -286,10 +322,21 @@ def _write(tmp: Path, arch: str, fill, tensors: list[tuple[str, torch.Tensor, st
         w.close()
 
 
-def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice: str = "merge",
-                force: bool = False, embedding_type: str | None = None, adapter_out=None,
-                backend: str | None = None, progress: bool = False, model=None, tokenizer=None,
-                spokes=None) -> ExportResult:
+def export_gguf(
+    checkpoint,
+    out,
+    arch: str = "llama",
+    quant: str = "f16",
+    splice: str = "merge",
+    force: bool = False,
+    embedding_type: str | None = None,
+    adapter_out=None,
+    backend: str | None = None,
+    progress: bool = False,
+    model=None,
+    tokenizer=None,
+    spokes=None,
+) -> ExportResult:
     """Export the checkpoint directory `checkpoint` (felix.model.felix_lm.save_checkpoint, with tokenizer.json) to `out`.
 
     `model`/`tokenizer` may be passed instead of loading them from `checkpoint` (then `checkpoint` is only a
@@ -302,15 +349,19 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     if arch not in ARCHES:
         raise ExportError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
     if splice == "native":
-        raise ExportError("--splice native is not a mode: the fork's felix arch has no SpliceCore tensors and "
-                          "refuses a file with tensors it does not know ('wrong number of tensors'); use "
-                          "--splice adapter (a LoRA adapter the fork applies, with a live scale) or --splice merge")
+        raise ExportError(
+            "--splice native is not a mode: the fork's felix arch has no SpliceCore tensors and "
+            "refuses a file with tensors it does not know ('wrong number of tensors'); use "
+            "--splice adapter (a LoRA adapter the fork applies, with a live scale) or --splice merge"
+        )
     if splice not in SPLICE_MODES:
         raise ExportError(f"unknown splice mode {splice!r}; choose from {', '.join(SPLICE_MODES)}")
     if quant in fork.FORK_ONLY_TYPES and arch != fork.ARCH:
         f = FORMATS[quant]
-        raise ExportError(f"{f.ggml_name} (ggml type {f.ggml_type}) exists only in the llama.cpp fork: use --arch "
-                          f"{fork.ARCH} (stock llama.cpp cannot load it)")
+        raise ExportError(
+            f"{f.ggml_name} (ggml type {f.ggml_type}) exists only in the llama.cpp fork: use --arch "
+            f"{fork.ARCH} (stock llama.cpp cannot load it)"
+        )
     out = Path(out)
     _check_output(out, force)
     _check_not_inputs([out], checkpoint, spokes)
@@ -333,15 +384,24 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
     # (a model passed in is exported as it is: patched by felix.model.qat.apply_qat or not; a checkpoint by its qat.json)
     qat = felix_qat.qat_config_of(model) if model_given else felix_qat.read_qat_config(checkpoint)
     if qat is not None and splice == "merge" and quant not in FLOAT_TYPES:  # a float file is the latent model: exact
-        live = [f"blk.{layer}.{proj}" for layer, proj, _, b, gate in splices
-                if f"blk.{layer}.{proj}.weight" in qat.tensor_types and bool((_gated_b(b, gate) != 0).any())]
+        live = [
+            f"blk.{layer}.{proj}"
+            for layer, proj, _, b, gate in splices
+            if f"blk.{layer}.{proj}.weight" in qat.tensor_types and bool((_gated_b(b, gate) != 0).any())
+        ]
         if live:
-            raise ExportError(f"{checkpoint} was trained quantization-aware ({qat.mode}): its forward quantizes the "
-                              f"base weight and adds the splice in F32, so --splice merge would re-quantize W + gate B A "
-                              f"(bytes the forward never saw) for {', '.join(live)}; export with --splice adapter")
+            raise ExportError(
+                f"{checkpoint} was trained quantization-aware ({qat.mode}): its forward quantizes the "
+                f"base weight and adds the splice in F32, so --splice merge would re-quantize W + gate B A "
+                f"(bytes the forward never saw) for {', '.join(live)}; export with --splice adapter"
+            )
     if qat is not None and quant not in FLOAT_TYPES and quant != qat.export_type:
-        warnings.warn(f"{checkpoint} was trained quantization-aware for {qat.export_type} ({qat.mode}); exporting "
-                      f"{quant} is post-training quantization of its latent weights", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{checkpoint} was trained quantization-aware for {qat.export_type} ({qat.mode}); exporting "
+            f"{quant} is post-training quantization of its latent weights",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     adapter_path = None
     if splice == "adapter":
         if not splices:
@@ -363,8 +423,10 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
             fork_meta = dict(zip((fork.NUM_SPOKES_KEY, fork.SPOKE_RANK_KEY), fork.NOOP_SPOKES))
         fork.check_loadable({k: tuple(v.shape) for k, v in tensors.items()}, fork_meta, cfg)
     elif model_spokes and not fork.spokes_are_noop(model_spokes):
-        raise ExportError(f"{checkpoint} has trained spokes ({cfg.n_spokes} of rank {cfg.spoke_rank} per layer), and "
-                          "stock llama.cpp's llama arch has no tensors for them: export with --arch felix (the fork)")
+        raise ExportError(
+            f"{checkpoint} has trained spokes ({cfg.n_spokes} of rank {cfg.spoke_rank} per layer), and "
+            "stock llama.cpp's llama arch has no tensors for them: export with --arch felix (the fork)"
+        )
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"non-finite values (NaN/Inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}")
@@ -415,11 +477,14 @@ def export_gguf(checkpoint, out, arch: str = "llama", quant: str = "f16", splice
             return f"QAT {qat.codec(c.name)}"
         return c.reason if c.fallback else ""
 
-    listed = [ExportedTensor(c.name, c.shape, c.type, st.numel() * st.element_size(), note(c))
-              for c, (_, st, _) in zip(choices, stored)]
+    listed = [
+        ExportedTensor(c.name, c.shape, c.type, st.numel() * st.element_size(), note(c))
+        for c, (_, st, _) in zip(choices, stored)
+    ]
     listed_adapter = [ExportedTensor(k, tuple(v.shape), "f32", v.numel() * 4) for k, v in adapter.items()]
-    result = ExportResult(out, adapter_path, arch, quant, splice, listed, listed_adapter, out.stat().st_size,
-                          t1 - t0, t2 - t1, t3 - t2)
+    result = ExportResult(
+        out, adapter_path, arch, quant, splice, listed, listed_adapter, out.stat().st_size, t1 - t0, t2 - t1, t3 - t2
+    )
     return result
 
 
@@ -432,9 +497,14 @@ def describe_types() -> str:
 
 # ------------------------------------------------------------------------------------ reading back
 # FelixConfig field -> the GGUF metadata key (under "<arch>.") that holds it
-GGUF_INT_KEYS = {"n_layer": "block_count", "d_model": "embedding_length", "n_head": "attention.head_count",
-                 "n_kv_head": "attention.head_count_kv", "ffn_hidden": "feed_forward_length",
-                 "max_seq_len": "context_length"}
+GGUF_INT_KEYS = {
+    "n_layer": "block_count",
+    "d_model": "embedding_length",
+    "n_head": "attention.head_count",
+    "n_kv_head": "attention.head_count_kv",
+    "ffn_hidden": "feed_forward_length",
+    "max_seq_len": "context_length",
+}
 GGUF_FLOAT_KEYS = {"rope_theta": "rope.freq_base", "norm_eps": "attention.layer_norm_rms_epsilon"}
 
 
@@ -476,12 +546,14 @@ def config_from_gguf(meta: dict, path="the GGUF file", shapes: dict[str, tuple[i
     if not isinstance(tokens, list) or not tokens:
         raise ExportError(f"{path}: metadata tokenizer.ggml.tokens is missing or not a list of tokens")
     if len(tokens) > CONFIG_LIMITS["vocab_size"]:
-        raise ExportError(f"{path}: {len(tokens):,} tokens in tokenizer.ggml.tokens exceed "
-                          f"{CONFIG_LIMITS['vocab_size']:,}")
+        raise ExportError(
+            f"{path}: {len(tokens):,} tokens in tokenizer.ggml.tokens exceed {CONFIG_LIMITS['vocab_size']:,}"
+        )
     tied = shapes is None or "output.weight" not in shapes
     try:
-        cfg = FelixConfig(vocab_size=len(tokens), **values, tie_embeddings=tied,
-                          splice_layers=[])  # splices are merged or in the adapter file: none in the base
+        cfg = FelixConfig(
+            vocab_size=len(tokens), **values, tie_embeddings=tied, splice_layers=[]
+        )  # splices are merged or in the adapter file: none in the base
     except ValueError as e:
         raise ExportError(f"{path}: its {arch}.* hyperparameters are invalid: {e}") from e
     if shapes is not None:
@@ -497,15 +569,20 @@ def _check_tensor_table(cfg, shapes: dict[str, tuple[int, ...]], path, arch: str
         raise ExportError(f"{path}: metadata {arch}.block_count = {cfg.n_layer}, but the file holds {held}")
     embd = shapes.get("token_embd.weight")
     if embd != (cfg.vocab_size, cfg.d_model):
-        raise ExportError(f"{path}: token_embd.weight is {embd}, but tokenizer.ggml.tokens ({cfg.vocab_size}) and "
-                          f"{arch}.embedding_length ({cfg.d_model}) say ({cfg.vocab_size}, {cfg.d_model})")
+        raise ExportError(
+            f"{path}: token_embd.weight is {embd}, but tokenizer.ggml.tokens ({cfg.vocab_size}) and "
+            f"{arch}.embedding_length ({cfg.d_model}) say ({cfg.vocab_size}, {cfg.d_model})"
+        )
     want = fork.hub_shapes(cfg)
     hub = {k: v for k, v in shapes.items() if not fork.is_spoke_tensor(k)}
     missing = [k for k in want if k not in hub]
     extra = [k for k in hub if k not in want]
     wrong = [f"{k} {hub[k]} (the hyperparameters give {want[k]})" for k in want if k in hub and hub[k] != want[k]]
-    problems = ([f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")]
-                if missing else [])
+    problems = (
+        [f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")]
+        if missing
+        else []
+    )
     problems += [f"unexpected {', '.join(extra[:4])}"] if extra else []
     problems += ["mis-shaped " + "; ".join(wrong[:4])] if wrong else []
     if problems:
@@ -541,9 +618,16 @@ def model_from_gguf(path):
     hub = {k: v for k, v in tensors.items() if k not in spokes}
     if spokes and not fork.spokes_are_noop(spokes):  # trained spokes: the model gets them (every layer)
         n_spokes, rank = meta.get(fork.NUM_SPOKES_KEY, 0), meta.get(fork.SPOKE_RANK_KEY, 0)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_spokes, rank)) or n_spokes < 1 or rank < 1 or n_spokes * rank > MAX_WIDTH:
-            raise ExportError(f"{path}: {n_spokes} spokes of rank {rank} (felix.num_spokes / felix.spoke_rank) "
-                              f"cannot be held by Felix-LM (each >= 1, n_spokes x rank <= {MAX_WIDTH})")
+        if (
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_spokes, rank))
+            or n_spokes < 1
+            or rank < 1
+            or n_spokes * rank > MAX_WIDTH
+        ):
+            raise ExportError(
+                f"{path}: {n_spokes} spokes of rank {rank} (felix.num_spokes / felix.spoke_rank) "
+                f"cannot be held by Felix-LM (each >= 1, n_spokes x rank <= {MAX_WIDTH})"
+            )
         try:
             spokes = fused_spokes_from_file(spokes, cfg.n_layer, n_spokes)
         except KeyError as e:
@@ -556,7 +640,11 @@ def model_from_gguf(path):
         bad = [k for k, v in spokes.items() if k.endswith("gate_bias") and v.numel() != 1]
         if bad:
             raise ExportError(f"{path}: {', '.join(bad[:4])} must hold one value")
-        hub.update({k: v.float().reshape(model.state_dict()[k].shape) if k.endswith("gate_bias") else v.float()
-                    for k, v in spokes.items()})
+        hub.update(
+            {
+                k: v.float().reshape(model.state_dict()[k].shape) if k.endswith("gate_bias") else v.float()
+                for k, v in spokes.items()
+            }
+        )
     load_state_into(model, hub, source=str(path))
     return model

@@ -10,6 +10,7 @@ for block sizes. Everything else -- header, metadata, alignment, tensor data lay
 :func:`tensor_to_torch` turns a stored tensor into float32 weights in PyTorch order (``[out, in]``), decoding
 Felix's formats with Felix's codecs and other quantized types with gguf-py's numpy dequantizers.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,9 +55,12 @@ EXTENSION_TYPES: dict[int, ExtensionType] = {
 }
 _FORMAT_BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 # Felix's export type name -> ggml type id (float types from gguf-py, block formats from felix.core.formats)
-GGML_TYPE_IDS: dict[str, int] = {"f32": int(GGMLQuantizationType.F32), "f16": int(GGMLQuantizationType.F16),
-                                 "bf16": int(GGMLQuantizationType.BF16),
-                                 **{name: f.ggml_type for name, f in FORMATS.items()}}
+GGML_TYPE_IDS: dict[str, int] = {
+    "f32": int(GGMLQuantizationType.F32),
+    "f16": int(GGMLQuantizationType.F16),
+    "bf16": int(GGMLQuantizationType.BF16),
+    **{name: f.ggml_type for name, f in FORMATS.items()},
+}
 
 
 def ggml_type(type_name: str) -> GGMLQuantizationType | ExtensionType:
@@ -91,12 +95,15 @@ class FelixGGUFWriter(GGUFWriter):
         if raw_dtype is not None and int(raw_dtype) in EXTENSION_TYPES:
             block, nbytes = block_geometry(raw_dtype)
             if tensor_dtype != np.uint8 or tensor_shape[-1] % nbytes:
-                raise ValueError(f"{name}: {raw_dtype.name} data must be uint8 rows of whole {nbytes}-byte blocks, "
-                                 f"got {np.dtype(tensor_dtype)} of shape {tuple(tensor_shape)}")
+                raise ValueError(
+                    f"{name}: {raw_dtype.name} data must be uint8 rows of whole {nbytes}-byte blocks, "
+                    f"got {np.dtype(tensor_dtype)} of shape {tuple(tensor_shape)}"
+                )
             element_shape = [*tensor_shape[:-1], tensor_shape[-1] // nbytes * block]
             # a non-uint8 dtype tells gguf-py the shape is already in elements
-            return super().add_tensor_info(name, element_shape, np.dtype(np.float32), tensor_nbytes,
-                                           raw_dtype=EXTENSION_TYPES[int(raw_dtype)])
+            return super().add_tensor_info(
+                name, element_shape, np.dtype(np.float32), tensor_nbytes, raw_dtype=EXTENSION_TYPES[int(raw_dtype)]
+            )
         return super().add_tensor_info(name, tensor_shape, tensor_dtype, tensor_nbytes, raw_dtype=raw_dtype)
 
     def add_stored_tensor(self, name: str, stored: torch.Tensor, type_name: str) -> None:
@@ -133,9 +140,16 @@ class FelixGGUFReader(GGUFReader):
             n_bytes = n_elems // block * nbytes
             byte_shape = (*reversed(dims.tolist()[1:]), int(dims[0]) // block * nbytes)
             data_offs = int(start_offs + offset_tensor[0])
-            built[name] = ReaderTensor(name=name, tensor_type=EXTENSION_TYPES[tid], shape=dims, n_elements=n_elems,
-                                       n_bytes=n_bytes, data_offset=data_offs,
-                                       data=self._get(data_offs, np.uint8, n_bytes).reshape(byte_shape), field=field)
+            built[name] = ReaderTensor(
+                name=name,
+                tensor_type=EXTENSION_TYPES[tid],
+                shape=dims,
+                n_elements=n_elems,
+                n_bytes=n_bytes,
+                data_offset=data_offs,
+                data=self._get(data_offs, np.uint8, n_bytes).reshape(byte_shape),
+                field=field,
+            )
         order = [str(bytes(f.parts[1]), encoding="utf-8") for f in fields]
         self.tensors = [built[n] for n in order]
 

@@ -16,6 +16,7 @@ next call starts a new one.
 llama.cpp is fed token ids, never text, so comparisons are of the model alone; :meth:`LlamaCppModel.tokenize`
 is there to compare the tokenizers themselves.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -63,13 +64,28 @@ def runtime_for(path) -> str:
 class _Runtime:
     """A GGUF loaded in whichever llama_cpp this process imports (stock here, the fork in the worker)."""
 
-    def __init__(self, path: str, n_ctx: int, adapter: str | None, adapter_scale: float, n_threads: int | None,
-                 use_mmap: bool, verbose: bool = False):
+    def __init__(
+        self,
+        path: str,
+        n_ctx: int,
+        adapter: str | None,
+        adapter_scale: float,
+        n_threads: int | None,
+        use_mmap: bool,
+        verbose: bool = False,
+    ):
         from llama_cpp import Llama  # local: optional llama-cpp-python (serve extra); a worker may import the fork's
 
-        self.llm = Llama(model_path=path, logits_all=True, n_ctx=max(256, n_ctx), verbose=verbose,
-                         n_threads=n_threads or os.cpu_count(), lora_path=adapter, lora_scale=adapter_scale,
-                         use_mmap=use_mmap)
+        self.llm = Llama(
+            model_path=path,
+            logits_all=True,
+            n_ctx=max(256, n_ctx),
+            verbose=verbose,
+            n_threads=n_threads or os.cpu_count(),
+            lora_path=adapter,
+            lora_scale=adapter_scale,
+            use_mmap=use_mmap,
+        )
         self.path = path
 
     def n_vocab(self) -> int:
@@ -123,27 +139,33 @@ class _Runtime:
 
         lib = llama_cpp.llama_cpp._lib
         if not hasattr(lib, name):
-            raise NotImplementedError(f"this llama.cpp has no {name} (only the Felix fork exposes live tensor "
-                                      "reads and writes)")
+            raise NotImplementedError(
+                f"this llama.cpp has no {name} (only the Felix fork exposes live tensor reads and writes)"
+            )
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int32, argtypes
         return fn
 
     def read_tensor(self, name: str, nbytes: int) -> bytes:
-        fn = self._tensor_fn("llama_model_get_tensor_data", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
-                                                             ctypes.c_size_t, ctypes.c_size_t])
+        fn = self._tensor_fn(
+            "llama_model_get_tensor_data",
+            [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+        )
         buf = ctypes.create_string_buffer(nbytes)
         _check_tensor_rc(fn(self.llm._model.model, name.encode(), buf, 0, nbytes), name)
         return buf.raw
 
     def write_tensor(self, name: str, data: bytes) -> None:
-        fn = self._tensor_fn("llama_model_set_tensor_data", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p,
-                                                             ctypes.c_size_t, ctypes.c_size_t])
+        fn = self._tensor_fn(
+            "llama_model_set_tensor_data",
+            [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+        )
         _check_tensor_rc(fn(self.llm._model.model, name.encode(), data, 0, len(data)), name)
 
     def write_tensor_f32(self, name: str, values: np.ndarray) -> None:
-        fn = self._tensor_fn("llama_model_set_tensor_data_f32", [ctypes.c_void_p, ctypes.c_char_p,
-                                                                 ctypes.c_void_p, ctypes.c_int64])
+        fn = self._tensor_fn(
+            "llama_model_set_tensor_data_f32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64]
+        )
         values = np.ascontiguousarray(values, dtype=np.float32)
         _check_tensor_rc(fn(self.llm._model.model, name.encode(), values.ctypes.data, values.size), name)
 
@@ -258,8 +280,13 @@ class RuntimeWorker:
         env.setdefault("GGML_NO_BACKTRACE", "1")  # an abort reports at once (ggml would first run gdb for a minute)
         self.runtime = runtime
         self.log = tempfile.NamedTemporaryFile(prefix=f"felix-{runtime}-worker-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-c", "from felix.ship.llamacpp import serve; serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from felix.ship.llamacpp import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+        )
         self.lock = threading.Lock()
 
     def _log_tail(self, since: int = 0, lines: int = 12) -> str:
@@ -283,8 +310,9 @@ class RuntimeWorker:
                 self.proc.wait(timeout=30)
                 name = "the llama.cpp fork's worker" if self.runtime == "fork" else "the stock llama.cpp worker"
                 what = f"opening {args[0]}" if op == "open" else op
-                message = (f"{name} died (exit {self.proc.returncode}) {what}: {type(e).__name__}\n"
-                           f"{self._log_tail(start)}")
+                message = (
+                    f"{name} died (exit {self.proc.returncode}) {what}: {type(e).__name__}\n{self._log_tail(start)}"
+                )
                 if op == "open":
                     raise LlamaCppLoadError(f"{args[0]} aborted llama.cpp, which refused it: {message}") from None
                 raise RuntimeError(message) from None
@@ -292,8 +320,9 @@ class RuntimeWorker:
             return reply[1]
         _, kind, message = reply
         if op == "open":
-            errors = [ln for ln in self._log_tail(start, 200).splitlines()
-                      if "error" in ln.lower() or "failed" in ln.lower()]
+            errors = [
+                ln for ln in self._log_tail(start, 200).splitlines() if "error" in ln.lower() or "failed" in ln.lower()
+            ]
             message = "\n".join([message, *errors[-4:]])
         raise _ERRORS.get(kind, RuntimeError)(message)
 
@@ -367,8 +396,16 @@ class LlamaCppModel:
     """One GGUF loaded in llama.cpp (CPU), stock or the fork, optionally with a LoRA adapter whose scale can change
     at run time."""
 
-    def __init__(self, path, n_ctx: int = 512, adapter=None, adapter_scale: float = 1.0, n_threads: int | None = None,
-                 runtime: str | None = None, use_mmap: bool | None = None):
+    def __init__(
+        self,
+        path,
+        n_ctx: int = 512,
+        adapter=None,
+        adapter_scale: float = 1.0,
+        n_threads: int | None = None,
+        runtime: str | None = None,
+        use_mmap: bool | None = None,
+    ):
         """`use_mmap` (default: stock yes, fork no): a memory-mapped model's tensors live in the read-only mapping
         of the file, where a live tensor write would crash the process, so the fork loads into memory."""
         path = Path(path)
@@ -381,8 +418,10 @@ class LlamaCppModel:
         if not ok:
             raise ImportError(why)
         if self.runtime == "stock" and runtime_for(path) == "fork":
-            raise ValueError(f"{path} needs the llama.cpp fork (felix arch or an RQ4 tensor); stock llama.cpp "
-                             "cannot load it: use runtime='fork'")
+            raise ValueError(
+                f"{path} needs the llama.cpp fork (felix arch or an RQ4 tensor); stock llama.cpp "
+                "cannot load it: use runtime='fork'"
+            )
         self.path = path
         if use_mmap is None:
             use_mmap = self.runtime == "stock"

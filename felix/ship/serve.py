@@ -25,6 +25,7 @@ Failures to start (not a GGUF, a file the runtime cannot load, a port in use, a 
 :class:`ServeError` (``felix serve`` exits 2) and leave no process behind; a server left running when Python exits
 is stopped, and the child also exits when its parent dies (it watches its stdin).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -82,8 +83,7 @@ def gguf_facts(path) -> dict:
     n_ctx = meta.get(f"{arch}.context_length")
     if not isinstance(n_ctx, int) or n_ctx < 1:
         raise ServeError(f"{path}: metadata {arch}.context_length is missing; llama.cpp cannot size its context")
-    return {"arch": arch, "n_ctx": int(n_ctx), "chat_template": meta.get("tokenizer.chat_template"),
-            "runtime": runtime}
+    return {"arch": arch, "n_ctx": int(n_ctx), "chat_template": meta.get("tokenizer.chat_template"), "runtime": runtime}
 
 
 def export_for_serving(checkpoint, directory, quant: str = DEFAULT_QUANT) -> Path:
@@ -110,8 +110,10 @@ def server_environment(runtime: str) -> dict[str, str]:
         env = dict(os.environ)
     missing = [m for m in SERVER_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
-        raise ServeError(f"llama-cpp-python's server needs {', '.join(missing)}: pip install "
-                         "'llama-cpp-python[server]' (Felix's `serve` extra)")
+        raise ServeError(
+            f"llama-cpp-python's server needs {', '.join(missing)}: pip install "
+            "'llama-cpp-python[server]' (Felix's `serve` extra)"
+        )
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -126,9 +128,20 @@ class Server:
     API answers; on any failure raises ServeError with the reason and the end of the server's log, and nothing is
     left running. Use it as a context manager, or call :meth:`close`."""
 
-    def __init__(self, model, *, quant: str = DEFAULT_QUANT, host: str = DEFAULT_HOST, port: int = 0,
-                 lora=None, lora_scale: float = 1.0, n_ctx: int | None = None, n_threads: int | None = None,
-                 startup_timeout: float = 120.0, log_path=None):
+    def __init__(
+        self,
+        model,
+        *,
+        quant: str = DEFAULT_QUANT,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        lora=None,
+        lora_scale: float = 1.0,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        startup_timeout: float = 120.0,
+        log_path=None,
+    ):
         self.proc: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="felix-serve-"))
         self._own_log = log_path is None
@@ -150,9 +163,11 @@ class Server:
         facts = gguf_facts(self.gguf)
         self.runtime, self.arch, self.chat_template = facts["runtime"], facts["arch"], facts["chat_template"]
         if self.chat_template is None:
-            print(f"felix serve: warning: {self.gguf} has no tokenizer.chat_template, so /v1/chat/completions "
-                  "will prompt it in llama-cpp-python's fallback (llama-2) format; re-export it with this Felix",
-                  file=sys.stderr)
+            print(
+                f"felix serve: warning: {self.gguf} has no tokenizer.chat_template, so /v1/chat/completions "
+                "will prompt it in llama-cpp-python's fallback (llama-2) format; re-export it with this Felix",
+                file=sys.stderr,
+            )
         if lora is not None:
             lora = Path(lora)
             try:
@@ -160,14 +175,29 @@ class Server:
             except GGUFError as e:
                 raise ServeError(f"--lora: {e}") from None
             if lmeta.get("general.type") != "adapter":
-                raise ServeError(f"--lora {lora} is not a LoRA adapter GGUF (general.type is "
-                                 f"{lmeta.get('general.type')!r}, not 'adapter')")
+                raise ServeError(
+                    f"--lora {lora} is not a LoRA adapter GGUF (general.type is "
+                    f"{lmeta.get('general.type')!r}, not 'adapter')"
+                )
         self.n_ctx = int(n_ctx or facts["n_ctx"])
         self.host, self.lora, self.lora_scale = host, lora, lora_scale
         env = server_environment(self.runtime)
         status_file = self._workdir / "status.json"
-        cmd = [sys.executable, str(_CHILD), "--model", str(self.gguf), "--host", host, "--port", str(int(port)),
-               "--n-ctx", str(self.n_ctx), "--status-file", str(status_file), "--watch-stdin"]
+        cmd = [
+            sys.executable,
+            str(_CHILD),
+            "--model",
+            str(self.gguf),
+            "--host",
+            host,
+            "--port",
+            str(int(port)),
+            "--n-ctx",
+            str(self.n_ctx),
+            "--status-file",
+            str(status_file),
+            "--watch-stdin",
+        ]
         if n_threads:
             cmd += ["--n-threads", str(int(n_threads))]
         if lora is not None:
@@ -185,11 +215,12 @@ class Server:
             if self.port is not None and self._ready():
                 return
             if self.proc.poll() is not None:
-                raise ServeError(f"the server for {self.gguf} exited with code {self.proc.returncode} while "
-                                 f"starting{self.log_tail()}")
+                raise ServeError(
+                    f"the server for {self.gguf} exited with code {self.proc.returncode} while "
+                    f"starting{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise ServeError(f"the server for {self.gguf} did not answer within {timeout:.0f} s"
-                                 + self.log_tail())
+                raise ServeError(f"the server for {self.gguf} did not answer within {timeout:.0f} s" + self.log_tail())
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 15) -> str:

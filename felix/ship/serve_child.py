@@ -18,6 +18,7 @@ What it adds to ``python -m llama_cpp.server`` (each measured in tests/ship/test
 * ``--lora-scale``: llama-cpp-python's server loads ``lora_path`` at scale 1 only;
 * the server ends when its parent does (its stdin, a pipe from the parent, closes).
 """
+
 import os
 import sys
 
@@ -97,11 +98,26 @@ class FelixRequests:
         if isinstance(obj, dict):
             error = normalize_request(obj)
             if error is not None:
-                payload = json.dumps({"error": {"message": error, "type": "invalid_request_error",
-                                                "param": "response_format", "code": None}}).encode()
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(payload)).encode())]})
+                payload = json.dumps(
+                    {
+                        "error": {
+                            "message": error,
+                            "type": "invalid_request_error",
+                            "param": "response_format",
+                            "code": None,
+                        }
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 400,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": payload})
                 return
             body = json.dumps(obj).encode()
@@ -143,6 +159,7 @@ def scaled_lora(scale: float) -> None:
 
 def exit_with_parent() -> None:
     """The parent holds our stdin open; EOF means it is gone: shut down as on Ctrl-C."""
+
     def watch():
         try:
             while sys.stdin.buffer.read(1):
@@ -169,8 +186,9 @@ def main(argv=None) -> int:
     try:
         sock = bind(args.host, args.port)
     except OSError as e:
-        write_status(args.status_file, {"error": f"cannot listen on {args.host}:{args.port}: {e.strerror or e}",
-                                        "stage": "bind"})
+        write_status(
+            args.status_file, {"error": f"cannot listen on {args.host}:{args.port}: {e.strerror or e}", "stage": "bind"}
+        )
         return 3
     if args.watch_stdin:
         exit_with_parent()
@@ -183,11 +201,16 @@ def main(argv=None) -> int:
         from llama_cpp.server.app import create_app  # optional (serve extra); after greedy_defaults changed the types
         from llama_cpp.server.settings import ModelSettings, ServerSettings  # local: optional, the serve extra
 
-        model = ModelSettings(model=args.model, n_ctx=args.n_ctx, lora_path=args.lora, verbose=True,
-                              **({"n_threads": args.n_threads, "n_threads_batch": args.n_threads}
-                                 if args.n_threads else {}))
-        app = create_app(server_settings=ServerSettings(host=args.host, port=sock.getsockname()[1]),
-                         model_settings=[model])
+        model = ModelSettings(
+            model=args.model,
+            n_ctx=args.n_ctx,
+            lora_path=args.lora,
+            verbose=True,
+            **({"n_threads": args.n_threads, "n_threads_batch": args.n_threads} if args.n_threads else {}),
+        )
+        app = create_app(
+            server_settings=ServerSettings(host=args.host, port=sock.getsockname()[1]), model_settings=[model]
+        )
     except Exception as e:
         write_status(args.status_file, {"error": f"{type(e).__name__}: {e}", "stage": "load"})
         return 2

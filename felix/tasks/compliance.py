@@ -5,6 +5,7 @@ fields, field types, enum values); :func:`schema_check` checks any task's answer
 check_compliance, synthesis as prose of 2-5 sentences). The fidelity harness, the task-suite graders and the teacher
 selection of distillation all use these.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ def _lookup(obj, dotted: str):
 def check_compliance(text: str, schema: dict | None) -> dict:
     """Schema compliance of one generation: valid JSON (an object), required fields present, field types,
     enum values. Returns the four booleans, ``compliant`` (all four) and the problems found."""
-    result = {"valid_json": False, "required_fields": False, "field_types": False, "enum_values": False,
-              "compliant": False, "problems": []}
+    result = {
+        "valid_json": False,
+        "required_fields": False,
+        "field_types": False,
+        "enum_values": False,
+        "compliant": False,
+        "problems": [],
+    }
     try:
         obj = json.loads(text.strip())
     except json.JSONDecodeError as e:

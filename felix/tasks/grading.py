@@ -7,6 +7,7 @@
   minimum of its criteria); :class:`LLMGrader` is the interface for a judge model (it renders the rubric prompt and
   parses the reply; the completion function comes from the caller).
 """
+
 from __future__ import annotations
 
 import json
@@ -168,13 +169,18 @@ class LLMGrader(Grader):
 
     def __init__(self, complete, name: str = "llm", show_reference: bool = True):
         if not callable(complete):
-            raise TaskEvalError("LLMGrader needs a completion function (prompt str -> reply str); none can be called "
-                                "from here, so bring your own (an API client, a local model)")
+            raise TaskEvalError(
+                "LLMGrader needs a completion function (prompt str -> reply str); none can be called "
+                "from here, so bring your own (an API client, a local model)"
+            )
         self.complete, self.name, self.show_reference = complete, name, show_reference
 
     def prompt(self, item: TaskItem, output: str) -> str:
-        ref = (f"Reference answer (for comparison):\n{item.reference}\n"
-               if self.show_reference and item.reference is not None else "")
+        ref = (
+            f"Reference answer (for comparison):\n{item.reference}\n"
+            if self.show_reference and item.reference is not None
+            else ""
+        )
         return LLM_RUBRIC.format(task=item.task, prompt=item.prompt, reference_block=ref, output=output)
 
     def parse(self, reply: str) -> float:

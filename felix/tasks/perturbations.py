@@ -6,6 +6,7 @@ noisy and breaks the format of half its answers (a field dropped or of the wrong
 on or chopped up). Deterministic per seed, teacher and prompt. felix.data.teachers groups them into teacher data;
 felix.verify.task_eval compares them as systems.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,11 +38,11 @@ def perturb_json(obj: dict, rng: random.Random) -> dict:
         elif isinstance(v, list) and v and rng.random() < 0.7:
             kept = v[:]
             rng.shuffle(kept)
-            out[key] = kept[:max(1, len(kept) - 1 - rng.randint(0, 1))]
+            out[key] = kept[: max(1, len(kept) - 1 - rng.randint(0, 1))]
         elif isinstance(v, str) and len(v.split()) > 3 and rng.random() < 0.5:
             w = v.split()
             drop = rng.randrange(len(w))
-            out[key] = " ".join(w[:drop] + w[drop + 1:])
+            out[key] = " ".join(w[:drop] + w[drop + 1 :])
     return out
 
 
@@ -86,7 +87,7 @@ def sloppy_response(record: dict, rng: random.Random) -> str:
         obj[key] = str(obj[key]) if not isinstance(obj[key], str) else [obj[key]]
         return json.dumps(obj)
     text = json.dumps(obj)
-    return text[:max(1, int(len(text) * rng.uniform(0.4, 0.9)))]
+    return text[: max(1, int(len(text) * rng.uniform(0.4, 0.9)))]
 
 
 # teacher -> (record, rng) -> response

@@ -10,6 +10,7 @@ The vocabulary the records are made of (:data:`SUBJECTS`, :data:`ACTORS`, :data:
 :data:`KINDS`) is public: the schemas (felix.tasks.schemas) take their enum values from it, the teacher perturbations
 and the edit harness (felix.tools.edit) their names and facts.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,31 +20,70 @@ import random
 
 TASKS = ("encoding", "episode", "principle", "synthesis")
 
-SUBJECTS = ["the build pipeline", "the billing service", "the search index", "the mobile app release",
-             "the database migration", "the onboarding flow", "the cache layer", "the payment retry job",
-             "the nightly backup", "the recommendation model", "the API gateway", "the login page",
-             "the analytics dashboard", "the email scheduler", "the config loader", "the GPU cluster",
-             "the garden irrigation timer", "the team offsite", "the quarterly budget", "the reading group"]
-ACTORS = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Maya",
-           "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tomas"]
-EVENTS = [("failed after a dependency upgrade", "rolled the dependency back and pinned its version",
-            "pin dependencies and upgrade them deliberately"),
-           ("slowed down under peak load", "added an index and a read replica",
-            "measure the hot path before scaling hardware"),
-           ("lost data during a restart", "made the writer flush before acknowledging",
-            "acknowledge only what is durable"),
-           ("produced duplicate records", "made the handler idempotent with a request key",
-            "design retries to be idempotent"),
-           ("timed out for users abroad", "moved static assets to a CDN", "serve content close to the user"),
-           ("crashed on an empty input", "added validation with a clear error message",
-            "validate inputs at the boundary"),
-           ("drifted from the documentation", "generated the docs from the schema",
-            "keep one source of truth"),
-           ("ran over its deadline", "split the work into weekly milestones", "small steps expose delays early"),
-           ("confused new users", "rewrote the first screen with one clear action",
-            "reduce choices at the start"),
-           ("used twice the expected memory", "streamed the file instead of loading it whole",
-            "stream large data")]
+SUBJECTS = [
+    "the build pipeline",
+    "the billing service",
+    "the search index",
+    "the mobile app release",
+    "the database migration",
+    "the onboarding flow",
+    "the cache layer",
+    "the payment retry job",
+    "the nightly backup",
+    "the recommendation model",
+    "the API gateway",
+    "the login page",
+    "the analytics dashboard",
+    "the email scheduler",
+    "the config loader",
+    "the GPU cluster",
+    "the garden irrigation timer",
+    "the team offsite",
+    "the quarterly budget",
+    "the reading group",
+]
+ACTORS = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kai",
+    "Lena",
+    "Maya",
+    "Noor",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tomas",
+]
+EVENTS = [
+    (
+        "failed after a dependency upgrade",
+        "rolled the dependency back and pinned its version",
+        "pin dependencies and upgrade them deliberately",
+    ),
+    (
+        "slowed down under peak load",
+        "added an index and a read replica",
+        "measure the hot path before scaling hardware",
+    ),
+    ("lost data during a restart", "made the writer flush before acknowledging", "acknowledge only what is durable"),
+    ("produced duplicate records", "made the handler idempotent with a request key", "design retries to be idempotent"),
+    ("timed out for users abroad", "moved static assets to a CDN", "serve content close to the user"),
+    ("crashed on an empty input", "added validation with a clear error message", "validate inputs at the boundary"),
+    ("drifted from the documentation", "generated the docs from the schema", "keep one source of truth"),
+    ("ran over its deadline", "split the work into weekly milestones", "small steps expose delays early"),
+    ("confused new users", "rewrote the first screen with one clear action", "reduce choices at the start"),
+    ("used twice the expected memory", "streamed the file instead of loading it whole", "stream large data"),
+]
 MOODS = ["frustrating", "routine", "tense", "satisfying", "surprising", "tiring"]
 KINDS = ["incident", "decision", "lesson", "observation", "plan"]
 
@@ -51,8 +91,21 @@ KINDS = ["incident", "decision", "lesson", "observation", "plan"]
 def concepts_of(rng: random.Random, subject: str, event: tuple[str, str, str]) -> list[str]:
     """A record's concept list: words of the subject and the event, plus two general concepts drawn from `rng`."""
     words = [w for w in (subject.split()[-1], event[0].split()[-1], max(event[1].split(), key=len)) if w.isalpha()]
-    extra = rng.sample(["reliability", "performance", "testing", "communication", "planning", "debugging",
-                        "data integrity", "user experience", "operations", "learning"], 2)
+    extra = rng.sample(
+        [
+            "reliability",
+            "performance",
+            "testing",
+            "communication",
+            "planning",
+            "debugging",
+            "data integrity",
+            "user experience",
+            "operations",
+            "learning",
+        ],
+        2,
+    )
     return list(dict.fromkeys(w.lower() for w in words + extra))
 
 
@@ -60,15 +113,21 @@ def encoding_record(rng: random.Random) -> dict:
     subject, actor, event = rng.choice(SUBJECTS), rng.choice(ACTORS), rng.choice(EVENTS)
     mood, kind = rng.choice(MOODS), rng.choice(KINDS)
     day = rng.randint(1, 28)
-    observation = (f"On day {day}, {actor} noticed that {subject} {event[0]}. After some investigation the team "
-                   f"{event[1]}. It was a {mood} afternoon.")
+    observation = (
+        f"On day {day}, {actor} noticed that {subject} {event[0]}. After some investigation the team "
+        f"{event[1]}. It was a {mood} afternoon."
+    )
     salience = round(rng.uniform(0.2, 0.95), 2)
     response = {
         "gist": f"{subject.removeprefix('the ').capitalize()} {event[0]}; fixed by a change.",
         "summary": f"{actor} found that {subject} {event[0]}; the team {event[1]}.",
         "concepts": concepts_of(rng, subject, event),
-        "structured_concepts": {"people": [actor], "systems": [subject.removeprefix("the ")],
-                                "actions": [event[1]], "kind": kind},
+        "structured_concepts": {
+            "people": [actor],
+            "systems": [subject.removeprefix("the ")],
+            "actions": [event[1]],
+            "kind": kind,
+        },
         "significance": f"Shows that teams should {event[2]}.",
         "salience": salience,
         "emotional_tone": mood,
@@ -97,17 +156,29 @@ def principle_record(rng: random.Random) -> dict:
     if rng.random() < 0.35:  # the refusal path: unrelated memories carry no shared principle
         picks = rng.sample(EVENTS, 3)
         memories = [f"- {rng.choice(ACTORS)}: {rng.choice(SUBJECTS)} {e[0]}." for e in picks]
-        response = {"has_principle": False, "title": "", "principle": "", "concepts": [],
-                    "confidence": round(rng.uniform(0.05, 0.3), 2)}
+        response = {
+            "has_principle": False,
+            "title": "",
+            "principle": "",
+            "concepts": [],
+            "confidence": round(rng.uniform(0.05, 0.3), 2),
+        }
     else:
         event = rng.choice(EVENTS)
-        memories = [f"- {rng.choice(ACTORS)}: {rng.choice(SUBJECTS)} {event[0]}; the fix: {event[1]}."
-                    for _ in range(3)]
-        response = {"has_principle": True, "title": event[2].capitalize(),
-                    "principle": f"Across these cases the lesson is to {event[2]}.",
-                    "concepts": concepts_of(rng, subject, event), "confidence": round(rng.uniform(0.6, 0.95), 2)}
-    prompt = ("Abstract a principle from these memories if one is shared (JSON with has_principle, title, "
-              "principle, concepts, confidence).\n" + "\n".join(memories))
+        memories = [
+            f"- {rng.choice(ACTORS)}: {rng.choice(SUBJECTS)} {event[0]}; the fix: {event[1]}." for _ in range(3)
+        ]
+        response = {
+            "has_principle": True,
+            "title": event[2].capitalize(),
+            "principle": f"Across these cases the lesson is to {event[2]}.",
+            "concepts": concepts_of(rng, subject, event),
+            "confidence": round(rng.uniform(0.6, 0.95), 2),
+        }
+    prompt = (
+        "Abstract a principle from these memories if one is shared (JSON with has_principle, title, "
+        "principle, concepts, confidence).\n" + "\n".join(memories)
+    )
     return {"task": "principle", "prompt": prompt, "response": json.dumps(response)}
 
 
@@ -131,8 +202,16 @@ def synthesis_record(rng: random.Random) -> dict:
 # model did not pick up the qualifier at all in 400-600 steps (it answered the marginal 0.6 for every qualifier), and
 # a developer session on 2 CPU cores cannot give 15 runs many more steps.
 # (qualifier, P(has_principle = true)).
-HEDGES = (("unmistakably", 0.99), ("clearly", 0.95), ("likely", 0.82), ("probably", 0.7), ("arguably", 0.6),
-          ("loosely", 0.4), ("doubtfully", 0.3), ("hardly", 0.08))
+HEDGES = (
+    ("unmistakably", 0.99),
+    ("clearly", 0.95),
+    ("likely", 0.82),
+    ("probably", 0.7),
+    ("arguably", 0.6),
+    ("loosely", 0.4),
+    ("doubtfully", 0.3),
+    ("hardly", 0.08),
+)
 PRINCIPLE_HEDGED = "principle-hedged"
 
 
@@ -140,12 +219,20 @@ def flip_regime_answer(rng: random.Random, shared: tuple[str, str, str], has: bo
     """The principle answer of the flip-regime tasks (hedged and weighed): the shared event's lesson when `has`,
     else the refusal; confidences in the middle ranges, so only the has_principle value carries the decision."""
     if has:
-        return {"has_principle": True, "title": shared[2].capitalize(),
-                "principle": f"Across these cases the lesson is to {shared[2]}.",
-                "concepts": concepts_of(rng, rng.choice(SUBJECTS), shared),
-                "confidence": round(rng.uniform(0.5, 0.8), 2)}
-    return {"has_principle": False, "title": "", "principle": "", "concepts": [],
-            "confidence": round(rng.uniform(0.2, 0.5), 2)}
+        return {
+            "has_principle": True,
+            "title": shared[2].capitalize(),
+            "principle": f"Across these cases the lesson is to {shared[2]}.",
+            "concepts": concepts_of(rng, rng.choice(SUBJECTS), shared),
+            "confidence": round(rng.uniform(0.5, 0.8), 2),
+        }
+    return {
+        "has_principle": False,
+        "title": "",
+        "principle": "",
+        "concepts": [],
+        "confidence": round(rng.uniform(0.2, 0.5), 2),
+    }
 
 
 def hedge_bayes_margin(p_true: float) -> float:
@@ -162,10 +249,17 @@ def hedged_principle_record(rng: random.Random, label: bool | None = None) -> di
     draw = rng.random()  # drawn even when the label is forced, so forced and free streams stay aligned
     has = (draw < p_true) if label is None else bool(label)
     response = flip_regime_answer(rng, shared, has)
-    prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewer note: these memories are " \
-             f"{hedge} connected."
-    return {"task": PRINCIPLE_HEDGED, "prompt": prompt, "response": json.dumps(response), "hedge": hedge,
-            "p_true": p_true}
+    prompt = (
+        f"Abstract a principle from these memories if one is shared (JSON).\nReviewer note: these memories are "
+        f"{hedge} connected."
+    )
+    return {
+        "task": PRINCIPLE_HEDGED,
+        "prompt": prompt,
+        "response": json.dumps(response),
+        "hedge": hedge,
+        "p_true": p_true,
+    }
 
 
 def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
@@ -191,8 +285,16 @@ def hedged_probe_records(per_hedge: int, seed: int = 2_000_003) -> list[dict]:
 # levels: the 8^3 = 512 ordered combinations (every one a distinct prompt) give 106 distinct sums from -7.8 to +9.3
 # logits, 51 of the 512 within 0.5 of a tie and 121 within 1.0, so a model that learns the odds has a continuum of
 # decision margins down to near zero. (qualifier, log-odds weight); the qualifier words are those of HEDGES.
-REVIEW_WEIGHTS = (("unmistakably", 3.1), ("clearly", 2.2), ("likely", 1.4), ("probably", 0.7), ("arguably", 0.24),
-                  ("loosely", -0.4), ("doubtfully", -1.2), ("hardly", -2.6))
+REVIEW_WEIGHTS = (
+    ("unmistakably", 3.1),
+    ("clearly", 2.2),
+    ("likely", 1.4),
+    ("probably", 0.7),
+    ("arguably", 0.24),
+    ("loosely", -0.4),
+    ("doubtfully", -1.2),
+    ("hardly", -2.6),
+)
 N_REVIEWERS = 3
 PRINCIPLE_WEIGHED = "principle-weighed"
 
@@ -206,8 +308,9 @@ def weighed_evidence(qualifiers) -> float:
     return float(sum(w[q] for q in qualifiers))
 
 
-def weighed_principle_record(rng: random.Random, label: bool | None = None,
-                              qualifiers: tuple[str, ...] | None = None) -> dict:
+def weighed_principle_record(
+    rng: random.Random, label: bool | None = None, qualifiers: tuple[str, ...] | None = None
+) -> dict:
     """One weighed principle record (see REVIEW_WEIGHTS). `qualifiers` fixes the reviewers' words (drawn otherwise);
     `label` forces has_principle (probes use the majority answer), None draws it from the evidence. The record
     carries ``qualifiers``, ``evidence`` (log-odds) and ``p_true``."""
@@ -221,8 +324,14 @@ def weighed_principle_record(rng: random.Random, label: bool | None = None,
     response = flip_regime_answer(rng, shared, has)
     notes = "; ".join(qualifiers)
     prompt = f"Abstract a principle from these memories if one is shared (JSON).\nReviewers: {notes}."
-    return {"task": PRINCIPLE_WEIGHED, "prompt": prompt, "response": json.dumps(response),
-            "qualifiers": list(qualifiers), "evidence": evidence, "p_true": p_true}
+    return {
+        "task": PRINCIPLE_WEIGHED,
+        "prompt": prompt,
+        "response": json.dumps(response),
+        "qualifiers": list(qualifiers),
+        "evidence": evidence,
+        "p_true": p_true,
+    }
 
 
 def weighed_probe_records(n: int, seed: int = 2_000_029) -> list[dict]:
@@ -238,9 +347,14 @@ def weighed_probe_records(n: int, seed: int = 2_000_029) -> list[dict]:
 
 
 # task name -> record maker (rng -> record); structured_records draws from it
-MAKERS = {"encoding": encoding_record, "episode": episode_record, "principle": principle_record,
-          "synthesis": synthesis_record, PRINCIPLE_HEDGED: hedged_principle_record,
-          PRINCIPLE_WEIGHED: weighed_principle_record}
+MAKERS = {
+    "encoding": encoding_record,
+    "episode": episode_record,
+    "principle": principle_record,
+    "synthesis": synthesis_record,
+    PRINCIPLE_HEDGED: hedged_principle_record,
+    PRINCIPLE_WEIGHED: weighed_principle_record,
+}
 
 
 def structured_records(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:

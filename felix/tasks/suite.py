@@ -3,13 +3,14 @@
 :func:`builtin_task_suite` draws them from felix.tasks.records, a seed away from the trainer's records and the
 fidelity probes; `felix eval-tasks` (felix.verify.task_eval) grades systems on it and `felix teacher-data --suite` answers it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from felix.tasks.records import TASKS, structured_records
 
-SUITE_SEED = 3_000_017        # the built-in suite: a seed away from the trainer's records and the fidelity probes
+SUITE_SEED = 3_000_017  # the built-in suite: a seed away from the trainer's records and the fidelity probes
 
 
 class TaskEvalError(ValueError):
@@ -27,8 +28,7 @@ class TaskItem:
     reference: str | None = None
 
 
-def builtin_task_suite(per_task: int = 8, seed: int = SUITE_SEED,
-                       tasks: tuple[str, ...] = TASKS) -> list[TaskItem]:
+def builtin_task_suite(per_task: int = 8, seed: int = SUITE_SEED, tasks: tuple[str, ...] = TASKS) -> list[TaskItem]:
     """`per_task` items of each task from felix.tasks.records.structured_records (seed `seed`, apart from training
     data), with the record's response as the reference."""
     if per_task < 1:

@@ -7,6 +7,7 @@ the share of the device's roofline (its measured copy bandwidth for memory-bound
 peak FLOP/s for compute-bound ones). Results go to `bench/results/<device>.json`, a Markdown
 summary and a PNG plot. Nothing here asserts on time: benchmarks report, tests assert.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,12 +63,12 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeat
 # ----------------------------------------------------------------------------------- records
 @dataclass
 class Measurement:
-    case: str            # what is computed, identical for every implementation compared
-    impl: str            # who computes it
-    candidate: bool      # Felix's own implementation (ratios are candidate vs each peer)
-    seconds: float       # median wall time of one call
-    bytes_moved: float   # bytes read + written by one call (0 if not meaningful)
-    flops: float = 0.0   # floating-point operations of one call (0 if not meaningful)
+    case: str  # what is computed, identical for every implementation compared
+    impl: str  # who computes it
+    candidate: bool  # Felix's own implementation (ratios are candidate vs each peer)
+    seconds: float  # median wall time of one call
+    bytes_moved: float  # bytes read + written by one call (0 if not meaningful)
+    flops: float = 0.0  # floating-point operations of one call (0 if not meaningful)
     extra: dict = field(default_factory=dict)
     copy_gbps: float | None = None  # the copy bandwidth measured in the session that timed this (its % roofline)
 
@@ -117,21 +118,31 @@ class BenchRecorder:
     def markdown(self) -> str:
         lines = [f"# Benchmarks on {self.name}", ""]
         if self.copy_gbps:
-            lines.append(f"Measured copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write) in the latest session; "
-                         f"each row's % is against the bandwidth measured in the session that timed it.")
+            lines.append(
+                f"Measured copy bandwidth: {self.copy_gbps:.1f} GB/s (read + write) in the latest session; "
+                f"each row's % is against the bandwidth measured in the session that timed it."
+            )
         if self.peak_tflops:
             lines.append(f"Peak used for %-of-roofline: {self.peak_tflops:.1f} TFLOP/s.")
-        lines += ["", "| case | impl | median ms | GB/s | % copy BW | speedup of candidate vs this peer | other |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| case | impl | median ms | GB/s | % copy BW | speedup of candidate vs this peer | other |",
+            "|---|---|---|---|---|---|---|",
+        ]
         rows = self.rows()
         for r in rows:
             cand = [c for c in rows if c["case"] == r["case"] and c["candidate"]]
-            vs = (f"{cand[0]['speedup_vs'][r['impl']]:.2f}x" if cand and not r["candidate"]
-                  and r["impl"] in cand[0]["speedup_vs"] else ("(candidate)" if r["candidate"] else "-"))
+            vs = (
+                f"{cand[0]['speedup_vs'][r['impl']]:.2f}x"
+                if cand and not r["candidate"] and r["impl"] in cand[0]["speedup_vs"]
+                else ("(candidate)" if r["candidate"] else "-")
+            )
             pct = f"{r['pct_copy_bandwidth']:.1f}" if "pct_copy_bandwidth" in r else "-"
             other = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["extra"].items())
-            lines.append(f"| {r['case']} | {r['impl']} | {1e3 * r['seconds']:.3f} | {r['gbps']:.2f} | {pct} | {vs} | "
-                         f"{other or '-'} |")
+            lines.append(
+                f"| {r['case']} | {r['impl']} | {1e3 * r['seconds']:.3f} | {r['gbps']:.2f} | {pct} | {vs} | "
+                f"{other or '-'} |"
+            )
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str) -> None:
@@ -172,13 +183,26 @@ class BenchRecorder:
                 payload = json.load(fh)
             old, old_copy_gbps = payload.get("measurements", []), payload.get("copy_gbps")
         keep = {(m.case, m.impl) for m in self.measurements}
-        merged = [Measurement(**({"copy_gbps": old_copy_gbps} | {k: v for k, v in m.items()
-                                                               if k in Measurement.__dataclass_fields__ and v is not None}))
-                  for m in old if (m["case"], m["impl"]) not in keep]
+        merged = [
+            Measurement(
+                **(
+                    {"copy_gbps": old_copy_gbps}
+                    | {k: v for k, v in m.items() if k in Measurement.__dataclass_fields__ and v is not None}
+                )
+            )
+            for m in old
+            if (m["case"], m["impl"]) not in keep
+        ]
         self.measurements = merged + self.measurements
-        payload = {"device": self.name, "copy_gbps": self.copy_gbps, "peak_tflops": self.peak_tflops,
-                   "torch": torch.__version__, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "measurements": [asdict(m) for m in self.measurements], "rows": self.rows()}
+        payload = {
+            "device": self.name,
+            "copy_gbps": self.copy_gbps,
+            "peak_tflops": self.peak_tflops,
+            "torch": torch.__version__,
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "measurements": [asdict(m) for m in self.measurements],
+            "rows": self.rows(),
+        }
         for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", self.markdown())):
             with open(base + suffix + ".tmp", "w") as fh:
                 fh.write(text)

@@ -3,6 +3,7 @@
 Documents are 1-8 paragraphs drawn from felix.data.corpus.builtin_prose() (pydoc help topics, stdlib docstrings and
 source that ship with Python), shuffled and recombined with a seeded generator, so a corpus of any size has the
 statistics of English technical prose with a little code, and the same seed and size give the same bytes."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 llama-cpp-python ships libggml-base.so, which exports `ggml_quantize_chunk` (the C quantizers
 llama.cpp itself uses when it writes a GGUF) and `dequantize_row_*`. RQ4 is not in stock ggml.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,8 +25,15 @@ def library() -> ctypes.CDLL:
         raise ImportError(f"llama_cpp is installed but {path} is missing")
     lib = ctypes.CDLL(path)
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return lib
 
 
@@ -37,8 +45,9 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def quantize(x: np.ndarray, fmt: str, start_row: int = 0, n_rows: int | None = None,
-             out: np.ndarray | None = None) -> np.ndarray:
+def quantize(
+    x: np.ndarray, fmt: str, start_row: int = 0, n_rows: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """ggml_quantize_chunk on a 2-D float32 array (rows of n_per_row); returns uint8 [rows, bytes]."""
     f = get_format(fmt)
     if f.name == "rq4":
@@ -50,8 +59,9 @@ def quantize(x: np.ndarray, fmt: str, start_row: int = 0, n_rows: int | None = N
         out = np.empty((rows, row_bytes), dtype=np.uint8)
     n_rows = rows - start_row if n_rows is None else n_rows
     # `start` is an element offset (a multiple of n_per_row); ggml offsets src and dst itself.
-    written = library().ggml_quantize_chunk(f.ggml_type, x.ctypes.data, out.ctypes.data, start_row * n_per_row,
-                                            n_rows, n_per_row, None)
+    written = library().ggml_quantize_chunk(
+        f.ggml_type, x.ctypes.data, out.ctypes.data, start_row * n_per_row, n_rows, n_per_row, None
+    )
     if written != n_rows * row_bytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {n_rows * row_bytes}")
     return out

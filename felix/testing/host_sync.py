@@ -11,6 +11,7 @@ same on a GPU with the CUDA sync debug mode).
 Limitation: like every dispatch mode, it sees the aten ops a Felix custom op's *caller* runs and the custom op
 itself, not the ops inside a backend's Python implementation; the tests call those implementations directly.
 """
+
 from __future__ import annotations
 
 import traceback
@@ -18,8 +19,18 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-               "unique_consecutive", "unique_dim", "repeat_interleave", "_assert_async_msg_not_on_cpu"}
+SYNCING_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "repeat_interleave",
+    "_assert_async_msg_not_on_cpu",
+}
 
 
 _MACHINERY = ("host_sync", "torch/utils/_python_dispatch", "torch/_dynamo", "torch/_compile")
@@ -36,14 +47,16 @@ class HostSyncRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
-        to_cpu = name in ("_to_copy", "copy_") and any(
-            isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args) and (
-            kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu")
+        to_cpu = (
+            name in ("_to_copy", "copy_")
+            and any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+            and (kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu")
+        )
         bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        )
         if name in SYNCING_OPS or to_cpu or bool_index:
-            stack = [f for f in traceback.extract_stack()[:-1]
-                     if not any(part in f.filename for part in _MACHINERY)]
+            stack = [f for f in traceback.extract_stack()[:-1] if not any(part in f.filename for part in _MACHINERY)]
             inner = stack[-1] if stack else None
             self.syncs.append((name, f"{inner.filename}:{inner.lineno} in {inner.name}" if inner else "?"))
         return func(*args, **kwargs)

@@ -5,6 +5,7 @@ compiled, and an out-of-bounds access in the interpreter kills the whole process
 tests run in a spawned worker with TRITON_INTERPRET=1, and AOT-compile tests in one without it;
 a crash in the worker fails that test with a clear message instead of taking pytest down.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -48,8 +49,10 @@ class IsolatedRunner:
             return future.result(timeout=self.timeout)
         except cf.process.BrokenProcessPool as exc:
             self.close()
-            raise RuntimeError(f"{fn.__name__}{args} crashed its isolated worker process "
-                               f"(env {self.env}): likely an out-of-bounds access in a kernel") from exc
+            raise RuntimeError(
+                f"{fn.__name__}{args} crashed its isolated worker process "
+                f"(env {self.env}): likely an out-of-bounds access in a kernel"
+            ) from exc
 
     def close(self) -> None:
         if self._pool is not None:

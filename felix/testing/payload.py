@@ -1,5 +1,6 @@
 """A pickle payload for the tests that prove no file Felix reads can run code: unpickling it writes a marker file,
 so the marker appearing means a loader executed the file's contents."""
+
 from __future__ import annotations
 
 import pickle

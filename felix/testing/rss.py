@@ -1,6 +1,7 @@
 """Resident memory of this process, for the benchmark recorder's CPU peak-memory figures (felix.testing.bench).
 
 Standard library only, so a measuring child process can load it without torch."""
+
 from __future__ import annotations
 
 import resource

@@ -48,6 +48,7 @@ Two reparametrizations keep the pruned model EXACTLY equal to the source with th
 
 Recovery is ordinary continued training: ``felix train --init-from PRUNED``.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,18 +114,26 @@ def target_from(source: FelixConfig, preset: str | None = None, **explicit) -> T
 def check_target(source: FelixConfig, t: Target, preset: str | None = None) -> None:
     """Every reason `t` cannot be pruned out of `source`, in one PruneError."""
     if source.n_spokes:  # the masks do not reach the spokes' fused RMSNorm, and apply_plan does not cut spokes
-        raise PruneError(f"cannot prune: the source has spokes ({source.n_spokes} of rank {source.spoke_rank} per "
-                         "layer, felix.model.spokes); prune the hub without them, then train spokes on the pruned hub "
-                         "(felix train --init-from PRUNED --train-only spokes)")
+        raise PruneError(
+            f"cannot prune: the source has spokes ({source.n_spokes} of rank {source.spoke_rank} per "
+            "layer, felix.model.spokes); prune the hub without them, then train spokes on the pruned hub "
+            "(felix train --init-from PRUNED --train-only spokes)"
+        )
     problems = []
     for f in SHAPE_FIELDS:
         if getattr(t, f) < 1:
             problems.append(f"target {f} must be >= 1, got {getattr(t, f)}")
         elif getattr(t, f) > getattr(source, f):
-            hint = (f" (preset {preset!r} has {f} {getattr(t, f)}; keep the source's with --{f.replace('_', '-')} "
-                    f"{getattr(source, f)} or less)" if preset else "")
-            problems.append(f"target {f} {getattr(t, f)} is larger than the source's {getattr(source, f)}: pruning "
-                            f"only removes{hint}")
+            hint = (
+                f" (preset {preset!r} has {f} {getattr(t, f)}; keep the source's with --{f.replace('_', '-')} "
+                f"{getattr(source, f)} or less)"
+                if preset
+                else ""
+            )
+            problems.append(
+                f"target {f} {getattr(t, f)} is larger than the source's {getattr(source, f)}: pruning "
+                f"only removes{hint}"
+            )
     if problems:
         raise PruneError("cannot prune: " + "; ".join(problems))
     if t.d_model % t.n_head:
@@ -132,23 +141,31 @@ def check_target(source: FelixConfig, t: Target, preset: str | None = None) -> N
     elif t.head_dim % 2:
         problems.append(f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) must be even for RoPE")
     elif t.head_dim > source.head_dim:
-        problems.append(f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) is larger than the "
-                        f"source's {source.head_dim}: Felix ties head_dim to d_model / n_head, so fewer heads need "
-                        "a proportionally smaller d_model")
+        problems.append(
+            f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) is larger than the "
+            f"source's {source.head_dim}: Felix ties head_dim to d_model / n_head, so fewer heads need "
+            "a proportionally smaller d_model"
+        )
     elif t.head_dim not in SUPPORTED_HEAD_DIMS:
-        problems.append(f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) is not one "
-                        f"felix.attention supports {SUPPORTED_HEAD_DIMS}")
+        problems.append(
+            f"target head_dim {t.head_dim} (d_model {t.d_model} / n_head {t.n_head}) is not one "
+            f"felix.attention supports {SUPPORTED_HEAD_DIMS}"
+        )
     elif source.head_dim % t.head_dim:
-        problems.append(f"target head_dim {t.head_dim} does not divide the source head_dim {source.head_dim}: RoPE "
-                        "pairs can only be kept at a whole stride (the rotation frequencies must survive)")
+        problems.append(
+            f"target head_dim {t.head_dim} does not divide the source head_dim {source.head_dim}: RoPE "
+            "pairs can only be kept at a whole stride (the rotation frequencies must survive)"
+        )
     if t.n_head % t.n_kv_head:
         problems.append(f"target n_kv_head {t.n_kv_head} does not divide target n_head {t.n_head}")
     else:
         ratio, src_ratio = t.n_head // t.n_kv_head, source.n_head // source.n_kv_head
         if ratio > src_ratio:
-            problems.append(f"GQA ratio cannot be kept: the target wants {ratio} query heads per kv head "
-                            f"({t.n_head}:{t.n_kv_head}) but each source kv head serves only {src_ratio} "
-                            f"({source.n_head}:{source.n_kv_head}); keep n_head/n_kv_head <= {src_ratio}")
+            problems.append(
+                f"GQA ratio cannot be kept: the target wants {ratio} query heads per kv head "
+                f"({t.n_head}:{t.n_kv_head}) but each source kv head serves only {src_ratio} "
+                f"({source.n_head}:{source.n_kv_head}); keep n_head/n_kv_head <= {src_ratio}"
+            )
     if problems:
         raise PruneError("cannot prune: " + "; ".join(problems))
 
@@ -167,9 +184,14 @@ def target_config(source: FelixConfig, t: Target, kept_layers: list[int]) -> Fel
 # ------------------------------------------------------------------------------------------ masks
 def mask_shapes(cfg: FelixConfig) -> dict[str, tuple[int, ...]]:
     """One mask per coupled group kind (module doc)."""
-    return {"layer": (cfg.n_layer,), "kv_head": (cfg.n_layer, cfg.n_kv_head),
-            "head": (cfg.n_layer, cfg.n_head), "v_dim": (cfg.n_layer, cfg.n_kv_head, cfg.head_dim),
-            "ffn": (cfg.n_layer, cfg.ffn_hidden), "hidden": (cfg.d_model,)}
+    return {
+        "layer": (cfg.n_layer,),
+        "kv_head": (cfg.n_layer, cfg.n_kv_head),
+        "head": (cfg.n_layer, cfg.n_head),
+        "v_dim": (cfg.n_layer, cfg.n_kv_head, cfg.head_dim),
+        "ffn": (cfg.n_layer, cfg.ffn_hidden),
+        "hidden": (cfg.d_model,),
+    }
 
 
 def ones_masks(cfg: FelixConfig, requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -202,8 +224,8 @@ class _MaskTap:
         cfg, m = self.cfg, self.masks
         if kind == "attn":
             group = torch.arange(cfg.n_head) // (cfg.n_head // cfg.n_kv_head)
-            per_head = m["layer"][i] * m["head"][i] * m["kv_head"][i][group]            # [n_head]
-            mask = per_head[:, None] * m["v_dim"][i][group]                             # [n_head, head_dim]
+            per_head = m["layer"][i] * m["head"][i] * m["kv_head"][i][group]  # [n_head]
+            mask = per_head[:, None] * m["v_dim"][i][group]  # [n_head, head_dim]
             return x * mask.reshape(-1).to(x.dtype)
         return x * (m["layer"][i] * m["ffn"][i]).to(x.dtype)
 
@@ -215,8 +237,9 @@ class MaskedForward:
 
     def __init__(self, model: FelixLM, masks: dict[str, torch.Tensor], record: dict | None = None):
         if model.activation_rounding is not None:
-            raise PruneError("the model already has an activation seam installed (fidelity simulation); prune a "
-                             "plain model")
+            raise PruneError(
+                "the model already has an activation seam installed (fidelity simulation); prune a plain model"
+            )
         self.model, self.masks, self.record = model, masks, record
         self.handles = []
 
@@ -227,6 +250,7 @@ class MaskedForward:
                 key = f"norm_sq.{name}"
                 self.record[key] = self.record.get(key, 0) + x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
             return (x * self.masks["hidden"].to(x.dtype),)
+
         return hook
 
     def __enter__(self):
@@ -247,7 +271,9 @@ class MaskedForward:
             key = f"block_influence.{i}"
             self.record[key] = self.record.get(key, 0) + float((1 - cos).sum())
             self.record["tokens"] = self.record.get("tokens", 0) + (x_in.numel() // x_in.shape[-1]) / len(
-                self.model.blk)
+                self.model.blk
+            )
+
         return hook
 
     def __exit__(self, *exc):
@@ -259,8 +285,9 @@ class MaskedForward:
 
 
 # ---------------------------------------------------------------------------------------- scores
-def calibration_batches(tokenizer, seq_len: int, batch_size: int, n_batches: int, seed: int = 0,
-                        data: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_batches(
+    tokenizer, seq_len: int, batch_size: int, n_batches: int, seed: int = 0, data: list[str] | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration windows from the TRAINING split (`felix train`'s split of the built-in corpus, or `data`
     files), so that a later validation CE never scores text the pruner has seen."""
     defaults = TrainConfig()
@@ -333,23 +360,48 @@ def expected_shape(cfg: FelixConfig, log_alpha: dict[str, torch.Tensor]) -> dict
     """Expected kept count per structure (the quantities the target shape constrains)."""
     p = {k: hard_concrete_keep_probability(v) for k, v in log_alpha.items()}
     ratio = cfg.n_head // cfg.n_kv_head
-    return {"layer": p["layer"].sum(), "kv_head": p["kv_head"].sum(-1).mean(),
-            "head": p["head"].view(cfg.n_layer, cfg.n_kv_head, ratio).sum(-1).mean(),
-            "v_dim": p["v_dim"].sum(-1).mean(), "ffn": p["ffn"].sum(-1).mean(), "hidden": p["hidden"].sum()}
+    return {
+        "layer": p["layer"].sum(),
+        "kv_head": p["kv_head"].sum(-1).mean(),
+        "head": p["head"].view(cfg.n_layer, cfg.n_kv_head, ratio).sum(-1).mean(),
+        "v_dim": p["v_dim"].sum(-1).mean(),
+        "ffn": p["ffn"].sum(-1).mean(),
+        "hidden": p["hidden"].sum(),
+    }
 
 
 def target_counts(cfg: FelixConfig, t: Target) -> dict[str, int]:
-    return {"layer": t.n_layer, "kv_head": t.n_kv_head, "head": t.n_head // t.n_kv_head, "v_dim": t.head_dim,
-            "ffn": t.ffn_hidden, "hidden": t.d_model}
+    return {
+        "layer": t.n_layer,
+        "kv_head": t.n_kv_head,
+        "head": t.n_head // t.n_kv_head,
+        "v_dim": t.head_dim,
+        "ffn": t.ffn_hidden,
+        "hidden": t.d_model,
+    }
 
 
 def source_counts(cfg: FelixConfig) -> dict[str, int]:
-    return {"layer": cfg.n_layer, "kv_head": cfg.n_kv_head, "head": cfg.n_head // cfg.n_kv_head,
-            "v_dim": cfg.head_dim, "ffn": cfg.ffn_hidden, "hidden": cfg.d_model}
+    return {
+        "layer": cfg.n_layer,
+        "kv_head": cfg.n_kv_head,
+        "head": cfg.n_head // cfg.n_kv_head,
+        "v_dim": cfg.head_dim,
+        "ffn": cfg.ffn_hidden,
+        "hidden": cfg.d_model,
+    }
 
 
-def hard_concrete_scores(model: FelixLM, batches, target: Target, steps: int = 200, lr: float = 0.1,
-                         seed: int = 0, progress: bool = False, history: list | None = None) -> dict[str, torch.Tensor]:
+def hard_concrete_scores(
+    model: FelixLM,
+    batches,
+    target: Target,
+    steps: int = 200,
+    lr: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+    history: list | None = None,
+) -> dict[str, torch.Tensor]:
     """Sheared-LLaMA's targeted structured pruning with frozen weights: hard-concrete gates per group,
     loss = CE(masked model) + sum over structures of lambda1 (s_hat - s) + lambda2 (s_hat - s)^2 (s_hat the
     expected kept fraction, s the target's), minimized in the gates and MAXIMIZED in the lambdas, so the
@@ -372,8 +424,9 @@ def hard_concrete_scores(model: FelixLM, batches, target: Target, steps: int = 2
             with MaskedForward(model, masks):
                 ce = model.loss(x, y).loss  # lambda_q = 0: the CE
             exp = expected_shape(cfg, log_alpha)
-            constraint = sum(lambdas[k][0] * gap + lambdas[k][1] * gap ** 2
-                             for k in exp for gap in [(exp[k] - want[k]) / have[k]])
+            constraint = sum(
+                lambdas[k][0] * gap + lambdas[k][1] * gap**2 for k in exp for gap in [(exp[k] - want[k]) / have[k]]
+            )
             loss = ce + constraint
             opt.zero_grad()
             opt_lambda.zero_grad()
@@ -381,7 +434,13 @@ def hard_concrete_scores(model: FelixLM, batches, target: Target, steps: int = 2
             opt.step()
             opt_lambda.step()
             if history is not None:
-                history.append({"step": step, "ce": float(ce.detach()), **{f"expected_{k}": float(v.detach()) for k, v in exp.items()}})
+                history.append(
+                    {
+                        "step": step,
+                        "ce": float(ce.detach()),
+                        **{f"expected_{k}": float(v.detach()) for k, v in exp.items()},
+                    }
+                )
     finally:
         torch.set_rng_state(gen_state)
         for p in model.parameters():
@@ -393,17 +452,17 @@ def hard_concrete_scores(model: FelixLM, batches, target: Target, steps: int = 2
 @dataclass
 class LayerPlan:
     source_layer: int
-    kv_heads: list[int]             # kept source kv heads, in order
-    heads: list[list[int]]          # per kept kv head: kept source query heads (global indices), in order
-    v_dims: list[list[int]]         # per kept kv head: kept value dimensions (within the head), in order
-    ffn: list[int]                  # kept FFN channels
+    kv_heads: list[int]  # kept source kv heads, in order
+    heads: list[list[int]]  # per kept kv head: kept source query heads (global indices), in order
+    v_dims: list[list[int]]  # per kept kv head: kept value dimensions (within the head), in order
+    ffn: list[int]  # kept FFN channels
 
 
 @dataclass
 class PrunePlan:
     target: dict
-    hidden: list[int]               # kept residual channels
-    qk_pairs: list[int]             # kept RoPE pairs of every q/k head (a fixed stride, module doc)
+    hidden: list[int]  # kept residual channels
+    qk_pairs: list[int]  # kept RoPE pairs of every q/k head (a fixed stride, module doc)
     layers: list[LayerPlan] = field(default_factory=list)
     method: str = "manual"
 
@@ -431,11 +490,16 @@ def select(cfg: FelixConfig, target: Target, scores: dict[str, torch.Tensor], me
     layers = []
     for i in _top(scores["layer"], target.n_layer):
         kv = _top(scores["kv_head"][i], target.n_kv_head)
-        heads = [[g * ratio + h for h in _top(scores["head"][i][g * ratio:(g + 1) * ratio], new_ratio)] for g in kv]
+        heads = [[g * ratio + h for h in _top(scores["head"][i][g * ratio : (g + 1) * ratio], new_ratio)] for g in kv]
         v_dims = [_top(scores["v_dim"][i][g], target.head_dim) for g in kv]
         layers.append(LayerPlan(i, kv, heads, v_dims, _top(scores["ffn"][i], target.ffn_hidden)))
-    return PrunePlan(asdict(target), _top(scores["hidden"], target.d_model),
-                     list(range(0, cfg.head_dim // 2, stride)), layers, method)
+    return PrunePlan(
+        asdict(target),
+        _top(scores["hidden"], target.d_model),
+        list(range(0, cfg.head_dim // 2, stride)),
+        layers,
+        method,
+    )
 
 
 def identity_plan(cfg: FelixConfig) -> PrunePlan:
@@ -469,14 +533,20 @@ def apply_plan(model: FelixLM, plan: PrunePlan) -> FelixLM:
     qk_dims = [2 * p + j for p in plan.qk_pairs for j in (0, 1)]
     ratio = src.n_head // src.n_kv_head
     state = model.state_dict()
-    out: dict[str, torch.Tensor] = {"token_embd.weight": _take(state["token_embd.weight"], cols=hidden),
-                                    "output_norm.weight": state["output_norm.weight"][hidden] * norm_scale}
+    out: dict[str, torch.Tensor] = {
+        "token_embd.weight": _take(state["token_embd.weight"], cols=hidden),
+        "output_norm.weight": state["output_norm.weight"][hidden] * norm_scale,
+    }
     if not src.tie_embeddings:
         out["output.weight"] = _take(state["output.weight"], cols=hidden)
     for new, lp in enumerate(plan.layers):
         old = lp.source_layer
-        if len(lp.kv_heads) != t.n_kv_head or any(len(h) != t.n_head // t.n_kv_head for h in lp.heads) or \
-                any(len(v) != t.head_dim for v in lp.v_dims) or len(lp.ffn) != t.ffn_hidden:
+        if (
+            len(lp.kv_heads) != t.n_kv_head
+            or any(len(h) != t.n_head // t.n_kv_head for h in lp.heads)
+            or any(len(v) != t.head_dim for v in lp.v_dims)
+            or len(lp.ffn) != t.ffn_hidden
+        ):
             raise PruneError(f"the plan's layer {old} does not match its target shape")
         if any(h // ratio != g for g, hs in zip(lp.kv_heads, lp.heads) for h in hs):
             raise PruneError(f"the plan's layer {old} moves a query head to another kv head")
@@ -485,9 +555,15 @@ def apply_plan(model: FelixLM, plan: PrunePlan) -> FelixLM:
         v_rows = [g * hd + d for g, vd in zip(lp.kv_heads, lp.v_dims) for d in vd]
         o_cols = [h * hd + d for hs, vd in zip(lp.heads, lp.v_dims) for h in hs for d in vd]
         # (rows, cols, row scale) of every projection
-        spec = {"attn_q": (q_rows, hidden, q_scale), "attn_k": (k_rows, hidden, 1.0), "attn_v": (v_rows, hidden, 1.0),
-                "attn_output": (hidden, o_cols, 1.0), "ffn_gate": (lp.ffn, hidden, 1.0),
-                "ffn_up": (lp.ffn, hidden, 1.0), "ffn_down": (hidden, lp.ffn, 1.0)}
+        spec = {
+            "attn_q": (q_rows, hidden, q_scale),
+            "attn_k": (k_rows, hidden, 1.0),
+            "attn_v": (v_rows, hidden, 1.0),
+            "attn_output": (hidden, o_cols, 1.0),
+            "ffn_gate": (lp.ffn, hidden, 1.0),
+            "ffn_up": (lp.ffn, hidden, 1.0),
+            "ffn_down": (hidden, lp.ffn, 1.0),
+        }
         for proj, (rows, cols, scale) in spec.items():
             out[f"blk.{new}.{proj}.weight"] = _take(state[f"blk.{old}.{proj}.weight"], rows, cols) * scale
             prefix = f"blk.{old}.splice.{proj}."
@@ -514,8 +590,16 @@ class PruneResult:
     history: list
 
 
-def prune(model: FelixLM, target: Target, method: str = "taylor", batches=None, hc_steps: int = 200,
-          hc_lr: float = 0.1, seed: int = 0, progress: bool = False) -> PruneResult:
+def prune(
+    model: FelixLM,
+    target: Target,
+    method: str = "taylor",
+    batches=None,
+    hc_steps: int = 200,
+    hc_lr: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+) -> PruneResult:
     """Score, select and splice (module doc). `batches`: calibration (inputs, targets) pairs."""
     if method not in METHODS:
         raise PruneError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
@@ -531,14 +615,32 @@ def prune(model: FelixLM, target: Target, method: str = "taylor", batches=None, 
         scores = hard_concrete_scores(model, batches, target, hc_steps, hc_lr, seed, progress, history)
     plan = select(model.cfg, target, scores, method)
     pruned = apply_plan(model, plan)
-    return PruneResult(pruned, plan, scores, felix_model.parameter_counts(model.cfg)["total"],
-                       felix_model.parameter_counts(pruned.cfg)["total"], history)
+    return PruneResult(
+        pruned,
+        plan,
+        scores,
+        felix_model.parameter_counts(model.cfg)["total"],
+        felix_model.parameter_counts(pruned.cfg)["total"],
+        history,
+    )
 
 
-def prune_checkpoint(checkpoint, out, target: Target | None = None, preset: str | None = None,
-                     method: str = "taylor", calib_batches: int = 8, batch_size: int = 8, seq_len: int | None = None,
-                     data: list[str] | None = None, hc_steps: int = 200, hc_lr: float = 0.1, seed: int = 0,
-                     progress: bool = False, **explicit) -> PruneResult:
+def prune_checkpoint(
+    checkpoint,
+    out,
+    target: Target | None = None,
+    preset: str | None = None,
+    method: str = "taylor",
+    calib_batches: int = 8,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    data: list[str] | None = None,
+    hc_steps: int = 200,
+    hc_lr: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+    **explicit,
+) -> PruneResult:
     """`felix prune`: load `checkpoint`, prune to `target` (or `preset` / explicit fields), write a normal Felix
     checkpoint to `out` (atomically) with the plan and scores beside the weights."""
     model = felix_model.load_checkpoint(checkpoint)
@@ -553,11 +655,25 @@ def prune_checkpoint(checkpoint, out, target: Target | None = None, preset: str 
     result = prune(model, target, method, batches, hc_steps, hc_lr, seed, progress)
 
     def write_plan(path):
-        path.write_text(json.dumps({"source": str(checkpoint), "plan": asdict(result.plan),
-                                    "source_params": result.source_params, "pruned_params": result.pruned_params,
-                                    "calibration": {"batches": calib_batches, "batch_size": batch_size,
-                                                    "seq_len": seq_len, "data": data or "built-in (train split)"},
-                                    "scores": {k: v.tolist() for k, v in result.scores.items()},
-                                    "history": result.history}, indent=1))
+        path.write_text(
+            json.dumps(
+                {
+                    "source": str(checkpoint),
+                    "plan": asdict(result.plan),
+                    "source_params": result.source_params,
+                    "pruned_params": result.pruned_params,
+                    "calibration": {
+                        "batches": calib_batches,
+                        "batch_size": batch_size,
+                        "seq_len": seq_len,
+                        "data": data or "built-in (train split)",
+                    },
+                    "scores": {k: v.tolist() for k, v in result.scores.items()},
+                    "history": result.history,
+                },
+                indent=1,
+            )
+        )
+
     felix_model.save_checkpoint(Path(out), result.model, tokenizer, {PLAN_FILE: write_plan})
     return result

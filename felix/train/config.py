@@ -25,6 +25,7 @@ which YAML 1.1 reads as a string, is accepted for a float field).
 :func:`write_resolved` saves the resolved config as ``run.yaml`` (paths absolute) in the run directory, so
 ``felix train --resume --out-dir RUN`` needs nothing else.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,20 +58,20 @@ RUN_KEEPING = ("keep_last", "milestone_every", "max_skipped_in_a_row", "tensorbo
 class TrainConfig:
     preset: str = "tiny"
     out_dir: str = "runs/felix-tiny"
-    data: list[str] = field(default_factory=list)      # sources: prepared dirs or files; empty = built-in corpus
+    data: list[str] = field(default_factory=list)  # sources: prepared dirs or files; empty = built-in corpus
     data_weights: list[float] = field(default_factory=list)  # one per source (fractions of samples); empty = by tokens
     data_names: list[str] = field(default_factory=list)  # one per source (metrics, OUT/data/NAME); empty = from paths
     val_data: list[str] = field(default_factory=list)  # explicit validation files; empty = split from data
     teacher_data: list[str] = field(default_factory=list)  # distillation: {prompt, response, teacher} JSONL
-    init_from: str | None = None   # start from this checkpoint directory (model + tokenizer), e.g. to distill
-    spokes: int = 0                # spokes per layer (felix.model.spokes): from scratch, or added to an --init-from hub
+    init_from: str | None = None  # start from this checkpoint directory (model + tokenizer), e.g. to distill
+    spokes: int = 0  # spokes per layer (felix.model.spokes): from scratch, or added to an --init-from hub
     spoke_rank: int | None = None  # None = the preset's (or the checkpoint config's) spoke_rank
     train_only: str | None = None  # "spokes": freeze the hub, train (and keep optimizer state for) the spokes only
-    n_records: int = 2000          # structured records added to the built-in corpus
+    n_records: int = 2000  # structured records added to the built-in corpus
     tasks: list[str] = field(default_factory=lambda: list(task_records.TASKS))  # their task kinds (felix.tasks.records)
-    prose: bool = True             # built-in corpus: include the prose (False: structured records only)
+    prose: bool = True  # built-in corpus: include the prose (False: structured records only)
     val_fraction: float = 0.05
-    tokenizer: str | None = None   # an existing tokenizer.json (or a directory holding one); None = train one
+    tokenizer: str | None = None  # an existing tokenizer.json (or a directory holding one); None = train one
     vocab_size: int | None = None  # None = the preset's
     seq_len: int = 128
     batch_size: int = 16
@@ -78,33 +79,33 @@ class TrainConfig:
     steps: int = 600
     lr: float = 3e-3
     warmup_steps: int = 50
-    decay_fraction: float = 0.2    # WSD: the last 20% of steps decay linearly to final_lr_fraction * lr
+    decay_fraction: float = 0.2  # WSD: the last 20% of steps decay linearly to final_lr_fraction * lr
     final_lr_fraction: float = 0.0
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     lambda_q: float = DEFAULT_LAMBDA_Q  # QUAIL hinge weight (0 = plain CE)
-    margin: float = DEFAULT_MARGIN      # QUAIL logit margin for whitelisted (JSON structure) targets
-    margin_from: str | None = None      # a `felix fidelity` JSON: margin = its measured noise (quail.margin_from_noise)
+    margin: float = DEFAULT_MARGIN  # QUAIL logit margin for whitelisted (JSON structure) targets
+    margin_from: str | None = None  # a `felix fidelity` JSON: margin = its measured noise (quail.margin_from_noise)
     margin_quantile: float = DEFAULT_NOISE_QUANTILE  # ... at this lower-tail quantile of the margin change
     eval_every: int = 50
     eval_batches: int = 8
-    checkpoint_every: int = 0      # 0 = only at the end (and when stopped early)
+    checkpoint_every: int = 0  # 0 = only at the end (and when stopped early)
     seed: int = 0
     device: str = "auto"
     checkpoint_activations: bool = False
     peak_tflops: float | None = None  # overrides the device table for MFU
-    memorization_gap: float = 0.1     # val below train by this fraction of train loss ...
-    memorization_min_wraps: int = 3   # ... after this many passes over the corpus
-    parallel: str = "ddp"             # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/train/distributed.py
-    qat: str | None = None            # quantization-aware training: a felix.model.qat mode (rq4 ... tq2_0, bitnet)
+    memorization_gap: float = 0.1  # val below train by this fraction of train loss ...
+    memorization_min_wraps: int = 3  # ... after this many passes over the corpus
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); felix/train/distributed.py
+    qat: str | None = None  # quantization-aware training: a felix.model.qat mode (rq4 ... tq2_0, bitnet)
     # the weeks-long run (felix.train.runs): checkpoint retention, the on-device step guard, an experiment logger
-    keep_last: int = 3                # step checkpoints kept (newest first; 0 = every one); the latest always stays
-    milestone_every: int = 0          # checkpoints at steps divisible by this are never removed (0 = none)
-    max_skipped_in_a_row: int = 8     # stop (with a checkpoint) after this many skipped steps in a row
-    loss_spike_window: int = 128      # loss spike = z-score of the step loss over this many previous steps ...
+    keep_last: int = 3  # step checkpoints kept (newest first; 0 = every one); the latest always stays
+    milestone_every: int = 0  # checkpoints at steps divisible by this are never removed (0 = none)
+    max_skipped_in_a_row: int = 8  # stop (with a checkpoint) after this many skipped steps in a row
+    loss_spike_window: int = 128  # loss spike = z-score of the step loss over this many previous steps ...
     loss_spike_threshold: float = 5.0  # ... above this many standard deviations (llm.c's outlier detector)
-    skip_loss_spikes: bool = False    # skip the update of a spiking step (else only logged)
-    tensorboard: bool = False         # also log the metrics to OUT/tensorboard (torch.utils.tensorboard)
+    skip_loss_spikes: bool = False  # skip the update of a spiking step (else only logged)
+    tensorboard: bool = False  # also log the metrics to OUT/tensorboard (torch.utils.tensorboard)
 
     def __post_init__(self):
         problems = []
@@ -114,11 +115,15 @@ class TrainConfig:
         if not 0 <= self.decay_fraction <= 1:
             problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0 or self.warmup_steps + round(self.decay_fraction * self.steps) > self.steps:
-            problems.append(f"warmup_steps {self.warmup_steps} + decay steps {round(self.decay_fraction * self.steps)}"
-                            f" exceed steps {self.steps}")
+            problems.append(
+                f"warmup_steps {self.warmup_steps} + decay steps {round(self.decay_fraction * self.steps)}"
+                f" exceed steps {self.steps}"
+            )
         if self.teacher_data and (self.data or self.val_data):
-            problems.append("--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
-                            "give one or the other")
+            problems.append(
+                "--teacher-data (distillation) and --data/--val-data (pretraining) are separate runs; "
+                "give one or the other"
+            )
         problems += _source_problems(self)
         if self.spokes < 0 or (self.spoke_rank is not None and self.spoke_rank < 1):
             problems.append(f"spokes must be >= 0 and spoke_rank >= 1, got {self.spokes} and {self.spoke_rank}")
@@ -128,23 +133,28 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_skipped_in_a_row < 1 or self.loss_spike_window < 2 or not self.loss_spike_threshold > 0:
-            problems.append(f"max_skipped_in_a_row must be >= 1, loss_spike_window >= 2 and loss_spike_threshold "
-                            f"> 0, got {self.max_skipped_in_a_row}, {self.loss_spike_window}, "
-                            f"{self.loss_spike_threshold}")
+            problems.append(
+                f"max_skipped_in_a_row must be >= 1, loss_spike_window >= 2 and loss_spike_threshold "
+                f"> 0, got {self.max_skipped_in_a_row}, {self.loss_spike_window}, "
+                f"{self.loss_spike_threshold}"
+            )
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.margin < 0:
             problems.append(f"margin must be >= 0, got {self.margin}")
         unknown = [t for t in self.tasks if t not in task_records.MAKERS]
         if unknown or not self.tasks:
-            problems.append(f"unknown or no structured task(s) {unknown or self.tasks}; known: "
-                            f"{', '.join(task_records.MAKERS)}")
+            problems.append(
+                f"unknown or no structured task(s) {unknown or self.tasks}; known: {', '.join(task_records.MAKERS)}"
+            )
         if self.qat is not None and str(self.qat).lower() not in felix_qat.QAT_MODES:
             problems.append(f"unknown qat mode {self.qat!r}; choose from {', '.join(felix_qat.QAT_MODES)}")
         elif self.qat is not None and self.parallel == "fsdp":
-            problems.append("--qat does not run under --parallel fsdp: FSDP2 shards the latent weights in place, and "
-                            "the fake-quant parametrization (torch.nn.utils.parametrize) cannot read sharded storage; "
-                            "use --parallel ddp")
+            problems.append(
+                "--qat does not run under --parallel fsdp: FSDP2 shards the latent weights in place, and "
+                "the fake-quant parametrization (torch.nn.utils.parametrize) cannot read sharded storage; "
+                "use --parallel ddp"
+            )
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         if self.preset not in felix_model.PRESETS:
@@ -176,10 +186,10 @@ def _source_problems(cfg: TrainConfig) -> list[str]:
             problems.append(str(e))
     bad = [n for n in cfg.data_names if not SOURCE_NAME.fullmatch(n)]
     if bad or len(set(cfg.data_names)) != len(cfg.data_names):
-        problems.append(f"data source names must be unique and made of letters, digits, '.', '_' or '-': "
-                        f"{cfg.data_names}")
+        problems.append(
+            f"data source names must be unique and made of letters, digits, '.', '_' or '-': {cfg.data_names}"
+        )
     return problems
-
 
 
 # section -> its keys; a key is a TrainConfig field name, or (key, field) when the section names it differently.
@@ -187,12 +197,38 @@ def _source_problems(cfg: TrainConfig) -> list[str]:
 # data_names (see _sources_to_fields).
 SECTIONS: dict[str, tuple] = {
     "run": ("seed",),
-    "model": ("preset", "vocab_size", "init_from", "spokes", "spoke_rank", "train_only", "checkpoint_activations",
-              "qat"),
-    "data": ("sources", "val_data", "teacher_data", "tokenizer", "seq_len", "val_fraction", "n_records", "tasks",
-             "prose"),
-    "optimizer": ("lr", "weight_decay", "grad_clip", "batch_size", "grad_accum", "max_skipped_in_a_row",
-                  "loss_spike_window", "loss_spike_threshold", "skip_loss_spikes"),
+    "model": (
+        "preset",
+        "vocab_size",
+        "init_from",
+        "spokes",
+        "spoke_rank",
+        "train_only",
+        "checkpoint_activations",
+        "qat",
+    ),
+    "data": (
+        "sources",
+        "val_data",
+        "teacher_data",
+        "tokenizer",
+        "seq_len",
+        "val_fraction",
+        "n_records",
+        "tasks",
+        "prose",
+    ),
+    "optimizer": (
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "batch_size",
+        "grad_accum",
+        "max_skipped_in_a_row",
+        "loss_spike_window",
+        "loss_spike_threshold",
+        "skip_loss_spikes",
+    ),
     "schedule": ("steps", "warmup_steps", "decay_fraction", "final_lr_fraction"),
     "quail": ("lambda_q", "margin", "margin_from", "margin_quantile"),
     "eval": ("eval_every", "eval_batches", "memorization_gap", "memorization_min_wraps", "tensorboard"),
@@ -218,7 +254,7 @@ def field_locations() -> dict[str, str]:
     out = {}
     for section in SECTIONS:
         for key, name in section_keys(section).items():
-            for f in (SOURCES_FIELDS if key == "sources" else (name,)):
+            for f in SOURCES_FIELDS if key == "sources" else (name,):
                 out[f] = f"{section}.{key}"
     return out
 
@@ -269,8 +305,9 @@ def _sources_to_fields(sources, where: str) -> dict:
     if sources is None:
         return {"data": [], "data_weights": [], "data_names": []}
     if not isinstance(sources, dict):
-        raise RunConfigError(f"{where}: expected a mapping of source name -> {{path, weight}}, got "
-                             f"{type(sources).__name__}")
+        raise RunConfigError(
+            f"{where}: expected a mapping of source name -> {{path, weight}}, got {type(sources).__name__}"
+        )
     paths, weights, names = [], [], []
     for name, spec in sources.items():
         at = f"{where}.{name}"
@@ -288,8 +325,10 @@ def _sources_to_fields(sources, where: str) -> dict:
         if spec.get("weight") is not None:
             weights.append(_coerce(spec["weight"], "float", f"{at}.weight"))
     if weights and len(weights) != len(paths):
-        raise RunConfigError(f"{where}: give a weight for every source or for none (then sources weigh by their "
-                             f"token counts); weighted: {len(weights)} of {len(paths)}")
+        raise RunConfigError(
+            f"{where}: give a weight for every source or for none (then sources weigh by their "
+            f"token counts); weighted: {len(weights)} of {len(paths)}"
+        )
     return {"data": paths, "data_weights": weights, "data_names": names}
 
 
@@ -297,8 +336,10 @@ def _fields_to_sources(data: list, weights: list, names: list) -> dict | None:
     if not data:
         return None
     names = names or default_source_names(data)
-    return {name: ({"path": path, "weight": w} if weights else {"path": path})
-            for name, path, w in zip(names, data, weights or [None] * len(data))}
+    return {
+        name: ({"path": path, "weight": w} if weights else {"path": path})
+        for name, path, w in zip(names, data, weights or [None] * len(data))
+    }
 
 
 def default_source_names(paths) -> list[str]:
@@ -318,12 +359,14 @@ def check_sections(tree, origin: str) -> dict:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise RunConfigError(f"{origin}: a run config is a mapping of sections ({', '.join(SECTIONS)}), got "
-                             f"{type(tree).__name__}")
+        raise RunConfigError(
+            f"{origin}: a run config is a mapping of sections ({', '.join(SECTIONS)}), got {type(tree).__name__}"
+        )
     unknown = [s for s in tree if s not in SECTIONS]
     if unknown:
-        raise RunConfigError(f"{origin}: unknown section(s) {', '.join(map(str, unknown))}; known: "
-                             f"{', '.join(SECTIONS)}")
+        raise RunConfigError(
+            f"{origin}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(SECTIONS)}"
+        )
     problems = []
     for section, body in tree.items():
         if body is None:
@@ -396,8 +439,10 @@ def apply_overrides(tree: dict, overrides) -> dict:
         if section not in SECTIONS:
             raise RunConfigError(f"override {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
         if rest[0] not in section_keys(section):
-            raise RunConfigError(f"override {item!r}: unknown key {section}.{rest[0]} (known in {section}: "
-                                 f"{', '.join(section_keys(section))})")
+            raise RunConfigError(
+                f"override {item!r}: unknown key {section}.{rest[0]} (known in {section}: "
+                f"{', '.join(section_keys(section))})"
+            )
         if len(rest) > 1 and rest[0] != "sources":
             raise RunConfigError(f"override {item!r}: {section}.{rest[0]} has no sub-keys")
         if rest[0] != "sources":  # checked here, so that a bad value is reported as this override's
@@ -433,8 +478,11 @@ def resolve(config_file=None, overrides=(), flags: dict | None = None, resume: b
     file_tree = load_file(config_file) if config_file is not None else {}
     tree = {}
     if resume:
-        out_dir = ((flags or {}).get("out_dir") or (apply_overrides(file_tree, overrides).get("checkpoint") or {})
-                   .get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
+        out_dir = (
+            (flags or {}).get("out_dir")
+            or (apply_overrides(file_tree, overrides).get("checkpoint") or {}).get("out_dir")
+            or TrainConfig.__dataclass_fields__["out_dir"].default
+        )
         # the config the checkpoint being resumed was trained with, else the run's latest resolved config
         for where in (Path(out_dir) / CHECKPOINT_POINTER / RUN_CONFIG_FILE, Path(out_dir) / RUN_CONFIG_FILE):
             if where.is_file():
@@ -464,9 +512,11 @@ def resolved_tree(cfg) -> dict:
 
 
 def dump(cfg) -> str:
-    return ("# felix train: the resolved run config (felix/train/config.py). `felix train --resume --out-dir DIR` reads "
-            "it;\n# `felix train --config` accepts it.\n"
-            + yaml.safe_dump(resolved_tree(cfg), sort_keys=False, default_flow_style=False))
+    return (
+        "# felix train: the resolved run config (felix/train/config.py). `felix train --resume --out-dir DIR` reads "
+        "it;\n# `felix train --config` accepts it.\n"
+        + yaml.safe_dump(resolved_tree(cfg), sort_keys=False, default_flow_style=False)
+    )
 
 
 def write_resolved(cfg, directory) -> Path:

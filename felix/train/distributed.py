@@ -26,6 +26,7 @@ Equivalence: with W ranks, per-rank batch B and accumulation A, one step sees WÂ
 loss is the mean over those micro-batches either way. tests/train/test_distributed.py derives how close the curves
 must be and checks it with 2 gloo processes on a CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -118,6 +123,7 @@ class Distributed(SingleProcess):
     def wrap(self, model):
         module = LossModule(model)
         if self.mode == "ddp":
+
             class LossDDP(DistributedDataParallel):
                 def loss(self, *args):  # the trainer's call, through DDP's forward
                     return self(*args)
@@ -160,8 +166,9 @@ class Distributed(SingleProcess):
     def full_optimizer_state(self, module, optimizer) -> dict:
         if self.mode == "ddp":
             return optimizer.state_dict()
-        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                      cpu_offload=True))
+        return get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def load_optimizer_state(self, module, optimizer, state: dict) -> None:
         if self.mode == "ddp":

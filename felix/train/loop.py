@@ -23,6 +23,7 @@ Memorization signature (from the seed project): when the corpus has wrapped seve
 validation loss sits clearly BELOW the training loss, the model is reciting (validation text leaked into or
 duplicates the training text), not learning -- the run warns loudly and flags the metrics line.
 """
+
 from __future__ import annotations
 
 import abc
@@ -62,8 +63,16 @@ STATE_FILE, STATE_TENSORS_FILE = felix_runs.STATE_JSON, felix_runs.STATE_TENSORS
 TENSORBOARD_DIR = "tensorboard"
 
 # Dense bf16 peak FLOP/s for MFU estimates, by substring of the CUDA device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
-                   "MI300": 1307e12, "7900": 123e12, "7800": 74e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "4090": 165e12,
+    "MI300": 1307e12,
+    "7900": 123e12,
+    "7800": 74e12,
+}
 
 
 def wsd_lr(step: int, total: int, peak: float, warmup: int, decay_steps: int, final_fraction: float = 0.0) -> float:
@@ -91,10 +100,12 @@ class MemorizationMonitor:
     def check(self, step: int, train_loss: float, val_loss: float, wraps: int) -> str | None:
         if wraps < self.min_wraps or not val_loss < train_loss * (1.0 - self.gap):
             return None
-        msg = (f"MEMORIZATION SIGNATURE at step {step}: validation loss {val_loss:.4f} is "
-               f"{100 * (1 - val_loss / train_loss):.0f}% below training loss {train_loss:.4f} after the corpus "
-               f"wrapped {wraps} times. The model is reciting text it has seen (validation overlaps or duplicates "
-               f"training data), not learning; check the split and add data before trusting these numbers.")
+        msg = (
+            f"MEMORIZATION SIGNATURE at step {step}: validation loss {val_loss:.4f} is "
+            f"{100 * (1 - val_loss / train_loss):.0f}% below training loss {train_loss:.4f} after the corpus "
+            f"wrapped {wraps} times. The model is reciting text it has seen (validation overlaps or duplicates "
+            f"training data), not learning; check the split and add data before trusting these numbers."
+        )
         self.alerts.append(msg)
         return msg
 
@@ -142,7 +153,7 @@ class TrainingHalted(RuntimeError):
 @dataclass
 class TrainResult:
     out_dir: Path
-    step_losses: list[float]      # training loss (CE + lambda_q * hinge) per optimizer step
+    step_losses: list[float]  # training loss (CE + lambda_q * hinge) per optimizer step
     metrics: list[dict]
     memorization_alerts: list[str]
     parameter_counts: dict
@@ -190,9 +201,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     decay = [p for n, p in params if p.dim() >= 2 and ".splice." not in n]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and ".splice." not in n)]
     # fused: one kernel, and it honours found_inf (StepGuard): a skipped step changes no weight and no step count
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
 
 
 def _tokenizer_for_records(cfg: TrainConfig, resume: bool, ckpt_dir: Path, texts, log) -> Tokenizer:
@@ -220,8 +235,10 @@ def _setup_spokes(model, cfg: TrainConfig, resume: bool, log) -> str | None:
         n = cfg.spokes or spokes_lib.SEED_RECIPE["n_spokes"]
         rank = cfg.spoke_rank or mcfg.spoke_rank
         if mcfg.n_spokes and (mcfg.n_spokes, mcfg.spoke_rank) != (n, rank):
-            raise ValueError(f"{cfg.init_from} already has {mcfg.n_spokes} spokes of rank {mcfg.spoke_rank}; "
-                             f"asked for {n} of rank {rank}")
+            raise ValueError(
+                f"{cfg.init_from} already has {mcfg.n_spokes} spokes of rank {mcfg.spoke_rank}; "
+                f"asked for {n} of rank {rank}"
+            )
         if not mcfg.n_spokes:
             spokes_lib.add_spokes(model, n, rank)
             log(f"added {n} spokes of rank {rank} to every layer (W_up = 0: the model starts exactly as its hub)")
@@ -229,8 +246,10 @@ def _setup_spokes(model, cfg: TrainConfig, resume: bool, log) -> str | None:
         return None
     trainable = spokes_lib.freeze_hub(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"hub frozen: training {len(trainable)} spoke tensors ({n_train:,} parameters) of "
-        f"{sum(p.numel() for p in model.parameters()):,}")
+    log(
+        f"hub frozen: training {len(trainable)} spoke tensors ({n_train:,} parameters) of "
+        f"{sum(p.numel() for p in model.parameters()):,}"
+    )
     return spokes_lib.hub_fingerprint(model)
 
 
@@ -254,15 +273,26 @@ def save_loss_curve(path: Path, step_losses: list[float], metrics: list[dict]) -
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.6, label="train loss (per step)")
-    ax.plot([m["step"] for m in metrics], [math.nan if m["train_ce"] is None else m["train_ce"] for m in metrics], "o-",
-            ms=3, label="train CE (interval mean)")
+    ax.plot(
+        [m["step"] for m in metrics],
+        [math.nan if m["train_ce"] is None else m["train_ce"] for m in metrics],
+        "o-",
+        ms=3,
+        label="train CE (interval mean)",
+    )
     ax.plot([m["step"] for m in metrics], [m["train_eval_ce"] for m in metrics], "^-", ms=3, label="train CE (at eval)")
     ax.plot([m["step"] for m in metrics], [m["val_ce"] for m in metrics], "s-", ms=3, label="validation CE")
     sources = list(metrics[-1].get("val_ce_by_source", {})) if metrics else []
     for name in sources if len(sources) > 1 else []:  # a mix: each source's validation CE
         steps = [m["step"] for m in metrics if name in m.get("val_ce_by_source", {})]
-        ax.plot(steps, [m["val_ce_by_source"][name] for m in metrics if name in m.get("val_ce_by_source", {})],
-                ".--", ms=3, lw=0.8, label=f"validation CE: {name}")
+        ax.plot(
+            steps,
+            [m["val_ce_by_source"][name] for m in metrics if name in m.get("val_ce_by_source", {})],
+            ".--",
+            ms=3,
+            lw=0.8,
+            label=f"validation CE: {name}",
+        )
     for m in metrics:
         if m["memorization"]:
             ax.axvline(m["step"], color="red", alpha=0.3)
@@ -296,10 +326,10 @@ class Objective(abc.ABC):
     :meth:`loss`, per logged step :meth:`on_step`, per evaluation :meth:`evaluate` and :meth:`describe`, per
     checkpoint :meth:`state_dict`, and :meth:`finish` at the end."""
 
-    parts: tuple[str, ...] = ()       # loss parts logged per step after the loss (metrics: train_<part>, interval means)
+    parts: tuple[str, ...] = ()  # loss parts logged per step after the loss (metrics: train_<part>, interval means)
     state_keys: tuple[str, ...] = ()  # the keys state_dict adds to the trainer state (a resume checks them)
-    plot_file = PLOT_FILE             # the curve finish() draws into the run directory
-    tokens_per_step = 0               # tokens one optimizer step trains on, for the progress bar (0: not counted)
+    plot_file = PLOT_FILE  # the curve finish() draws into the run directory
+    tokens_per_step = 0  # tokens one optimizer step trains on, for the progress bar (0: not counted)
 
     @property
     def alerts(self) -> list[str]:
@@ -361,10 +391,10 @@ class TokenObjective(Objective):
         self.cfg, self.quail = cfg, cfg.quail
         self.monitor = MemorizationMonitor(cfg.memorization_gap, cfg.memorization_min_wraps)
         self.train_stream = self.run_data = None
-        self.val_batches: dict = {}        # eval set (a source, or "val") -> its fixed validation batches
+        self.val_batches: dict = {}  # eval set (a source, or "val") -> its fixed validation batches
         self.train_eval_batches: dict = {}  # source -> its fixed training batches (same weights as validation)
-        self.val_weights: dict = {}         # eval set -> weight of its CE in val_ce
-        self.train_weights: dict = {}       # source -> weight of its CE in train_eval_ce
+        self.val_weights: dict = {}  # eval set -> weight of its CE in val_ce
+        self.train_weights: dict = {}  # source -> weight of its CE in train_eval_ce
         self.flops_per_token, self.peak_flops = 0.0, None
 
     @property
@@ -377,8 +407,10 @@ class TokenObjective(Objective):
     def start(self, run: Run, state: dict | None) -> None:
         cfg = self.cfg
         self.tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * run.par.world_size
-        self.flops_per_token, self.peak_flops = flops_per_token(run.model.cfg, cfg.seq_len), _peak_flops(cfg,
-                                                                                                         run.device)
+        self.flops_per_token, self.peak_flops = (
+            flops_per_token(run.model.cfg, cfg.seq_len),
+            _peak_flops(cfg, run.device),
+        )
         if state is not None:
             self.train_stream.load_state_dict(state["train_stream"])
             self.monitor.alerts = state["memorization_alerts"]
@@ -391,30 +423,44 @@ class TokenObjective(Objective):
 
     def loss(self, run: Run, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        parts = run.module.loss(_to_device(x, run.device), _to_device(y, run.device), run.whitelist, self.quail.margin,
-                                self.quail.lambda_q)
+        parts = run.module.loss(
+            _to_device(x, run.device), _to_device(y, run.device), run.whitelist, self.quail.margin, self.quail.lambda_q
+        )
         return parts.loss, torch.stack([parts.loss.detach(), parts.ce, parts.hinge])
 
     def evaluate(self, run: Run, interval: dict) -> dict:
         cfg, par, device, stream = self.cfg, run.par, run.device, self.train_stream
         tokens_per_s = interval["tokens"] / max(interval["seconds"], 1e-9)
-        val = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in self.val_batches.items()}
-        train_eval = {n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
-                      for n, b in self.train_eval_batches.items()}
+        val = {
+            n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast) for n, b in self.val_batches.items()
+        }
+        train_eval = {
+            n: evaluate(run.module, b, device, run.whitelist, cfg, run.autocast)["val_ce"]
+            for n, b in self.train_eval_batches.items()
+        }
         record = {  # a mix's overall CE: the per-source CEs weighted as the mix weighs the sources
             "val_ce": sum(self.val_weights[name] * v["val_ce"] for name, v in val.items()),
             "val_hinge": sum(self.val_weights[name] * v["val_hinge"] for name, v in val.items()),
             "train_eval_ce": sum(self.train_weights[name] * ce for name, ce in train_eval.items()),
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * par.world_size) if self.peak_flops else None,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * par.world_size)
+            if self.peak_flops
+            else None,
             "corpus_wraps": stream.wraps,
             "epoch_progress": stream.epoch_progress,
-            "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size}
+            "tokens_seen": run.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * par.world_size,
+        }
         if self.run_data is not None:  # per source: validation CE, samples served so far (the realized mix), epochs
-            record.update(val_ce_by_source={name: v["val_ce"] for name, v in val.items()},
-                          source_samples=stream.source_counts(), source_epochs=stream.source_epochs())
-        alert = self.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps) \
-            if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"]) else None
+            record.update(
+                val_ce_by_source={name: v["val_ce"] for name, v in val.items()},
+                source_samples=stream.source_counts(),
+                source_epochs=stream.source_epochs(),
+            )
+        alert = (
+            self.monitor.check(run.step, record["train_eval_ce"], record["val_ce"], stream.wraps)
+            if record["train_eval_ce"] is not None and math.isfinite(record["train_eval_ce"])
+            else None
+        )
         record["memorization"] = alert is not None
         if alert and par.is_main:
             banner = "!" * 100
@@ -424,11 +470,16 @@ class TokenObjective(Objective):
 
     def describe(self, record: dict, lr: float) -> str:
         mfu = f", MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-        ce = ("n/a (every step skipped" if record["train_ce"] is None else
-              f"{record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}")
-        return (f"train CE {ce}; now {record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr {lr:.2e}, "
-                f"{record['tokens_per_s']:,.0f} tok/s{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps "
-                f"{record['corpus_wraps']}, tokens seen {record['tokens_seen']:,}")
+        ce = (
+            "n/a (every step skipped"
+            if record["train_ce"] is None
+            else f"{record['train_ce']:.4f} (hinge {record['train_hinge']:.4f}"
+        )
+        return (
+            f"train CE {ce}; now {record['train_eval_ce']:.4f}), val CE {record['val_ce']:.4f}, lr {lr:.2e}, "
+            f"{record['tokens_per_s']:,.0f} tok/s{mfu}, peak {record['peak_memory_mb']:.0f} MB, corpus wraps "
+            f"{record['corpus_wraps']}, tokens seen {record['tokens_seen']:,}"
+        )
 
     def finish(self, run: Run) -> None:
         save_loss_curve(run.out / self.plot_file, run.step_losses, run.metrics)
@@ -441,8 +492,9 @@ class Pretraining(TokenObjective):
         cfg = self.cfg
         self.run_data = open_run_data(cfg, out, ckpt_dir, resume, par, device, log)
         self.train_stream = self.run_data.train_stream
-        self.val_batches, self.train_eval_batches = eval_batches(self.run_data, cfg.seq_len, cfg.batch_size,
-                                                                 cfg.eval_batches)
+        self.val_batches, self.train_eval_batches = eval_batches(
+            self.run_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches
+        )
         self.val_weights, self.train_weights = self.run_data.val_weights, self.run_data.train_weights
         return self.run_data.tokenizer
 
@@ -459,26 +511,32 @@ class TeacherSFT(TokenObjective):
         records, skipped = felix_data.load_teacher_records(cfg.teacher_data)
         if skipped:
             log(f"WARNING: skipped {len(skipped)} malformed teacher line(s):\n  " + "\n  ".join(skipped[:20]))
-        self.train_items, self.val_items = felix_data.split_documents(records, cfg.val_fraction, cfg.seed,
-                                                                      key=json.dumps)
+        self.train_items, self.val_items = felix_data.split_documents(
+            records, cfg.val_fraction, cfg.seed, key=json.dumps
+        )
         teachers = collections.Counter(r["teacher"] for r in records)
         log("teacher records: " + ", ".join(f"{t} {n}" for t, n in teachers.most_common()))
-        tokenizer = _tokenizer_for_records(cfg, resume, ckpt_dir,
-                                  lambda: [chat.chat_text(r["prompt"], r["response"]) for r in self.train_items], log)
+        tokenizer = _tokenizer_for_records(
+            cfg, resume, ckpt_dir, lambda: [chat.chat_text(r["prompt"], r["response"]) for r in self.train_items], log
+        )
         self.train_stream = felix_data.SFTStream(self.train_items, tokenizer, cfg.seq_len, cfg.seed)
         val_stream = felix_data.SFTStream(self.val_items, tokenizer, cfg.seq_len, cfg.seed + 1)
         if self.train_stream.truncated or self.train_stream.dropped:
-            log(f"WARNING: {self.train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, "
-                f"{self.train_stream.dropped} dropped (prompt alone longer than seq_len)")
+            log(
+                f"WARNING: {self.train_stream.truncated} record(s) cut to seq_len {cfg.seq_len}, "
+                f"{self.train_stream.dropped} dropped (prompt alone longer than seq_len)"
+            )
         self.val_batches = {"val": val_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
         self.train_eval_batches = {"train": self.train_stream.fixed_batches(cfg.batch_size, cfg.eval_batches)}
         self.val_weights, self.train_weights = {"val": 1.0}, {"train": 1.0}
         return tokenizer
 
     def describe_data(self) -> str:
-        return (f"data (distillation: masked SFT on responses): {len(self.train_items)} train / {len(self.val_items)} "
-                f"validation items, {self.train_stream.tokens.numel():,} train tokens learned in "
-                f"{self.train_stream.n_windows} rows of {self.cfg.seq_len}")
+        return (
+            f"data (distillation: masked SFT on responses): {len(self.train_items)} train / {len(self.val_items)} "
+            f"validation items, {self.train_stream.tokens.numel():,} train tokens learned in "
+            f"{self.train_stream.n_windows} rows of {self.cfg.seq_len}"
+        )
 
 
 def objective_for(cfg: TrainConfig) -> Objective:
@@ -494,7 +552,7 @@ class Run:
     over train_step, evaluate_interval and save_run_checkpoint on it."""
 
     cfg: TrainConfig
-    par: object                   # felix.train.distributed: one process, or this rank under torchrun
+    par: object  # felix.train.distributed: one process, or this rank under torchrun
     log: object
     out: Path
     ckpt_dir: Path
@@ -502,9 +560,9 @@ class Run:
     objective: Objective
     tokenizer: Tokenizer
     model: torch.nn.Module
-    module: torch.nn.Module       # the model, or its loss wrapped by DDP / FSDP2
+    module: torch.nn.Module  # the model, or its loss wrapped by DDP / FSDP2
     optimizer: torch.optim.Optimizer
-    whitelist: torch.Tensor       # the QUAIL whitelist, a [V] bool mask on the device
+    whitelist: torch.Tensor  # the QUAIL whitelist, a [V] bool mask on the device
     counts: dict
     hub_fp: str | None
     decay_steps: int
@@ -514,15 +572,15 @@ class Run:
     interval: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)  # per step, on the device: [mean loss, *objective parts (sums),
     #                                              skipped, loss z-score, gradient norm]
-    per_step: torch.Tensor | None = None         # [1 / grad_accum, 1, ...] on the device, made at the first step
-    lock: object = None                          # felix.train.runs.RunLock on the run directory (rank 0)
+    per_step: torch.Tensor | None = None  # [1 / grad_accum, 1, ...] on the device, made at the first step
+    lock: object = None  # felix.train.runs.RunLock on the run directory (rank 0)
     guard: StepGuard | None = None
-    skip_streak: int = 0                         # skipped steps in a row, as of the last read
-    skipped_steps: int = 0                       # skipped steps in the whole run, as of the last read
-    halted: str | None = None                    # why the run stops itself (too many skipped steps in a row)
-    saved_step: int | None = None                # the step of the last checkpoint written or resumed from
-    tensorboard: object = None                   # a torch.utils.tensorboard SummaryWriter (rank 0, --tensorboard)
-    progress: bool = False                       # draw the progress bar (rank 0)
+    skip_streak: int = 0  # skipped steps in a row, as of the last read
+    skipped_steps: int = 0  # skipped steps in the whole run, as of the last read
+    halted: str | None = None  # why the run stops itself (too many skipped steps in a row)
+    saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+    tensorboard: object = None  # a torch.utils.tensorboard SummaryWriter (rank 0, --tensorboard)
+    progress: bool = False  # draw the progress bar (rank 0)
 
     @property
     def use_bf16(self) -> bool:
@@ -541,8 +599,15 @@ def _new_interval(parts: tuple[str, ...]) -> dict:
     return {**{p: 0.0 for p in parts}, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "skipped": 0, "spikes": []}
 
 
-def build_run(cfg: TrainConfig, resume: bool = False, log=None, overwrite: bool = False,
-              auto_resume: bool = False, objective: Objective | None = None, progress: bool | None = None) -> Run:
+def build_run(
+    cfg: TrainConfig,
+    resume: bool = False,
+    log=None,
+    overwrite: bool = False,
+    auto_resume: bool = False,
+    objective: Objective | None = None,
+    progress: bool | None = None,
+) -> Run:
     """Everything a run needs before its first step: the run directory (locked and claimed: felix.train.runs), the
     objective (`objective`, else the config's: :func:`objective_for`) with its data and the tokenizer, model (new,
     --init-from or resumed), spokes / QAT, optimizer, the QUAIL whitelist; with `resume` (or `auto_resume` finding a
@@ -573,8 +638,18 @@ def build_run(cfg: TrainConfig, resume: bool = False, log=None, overwrite: bool 
         raise
 
 
-def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, out: Path, ckpt_dir: Path, device,
-               lock, progress: bool) -> Run:
+def _build_run(
+    cfg: TrainConfig,
+    objective: Objective,
+    resume: bool,
+    log,
+    par,
+    out: Path,
+    ckpt_dir: Path,
+    device,
+    lock,
+    progress: bool,
+) -> Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -593,17 +668,23 @@ def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, o
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the checkpoint's max_seq_len {model.cfg.max_seq_len}")
     else:
         spoke_rank = {"spoke_rank": cfg.spoke_rank} if cfg.spoke_rank else {}
-        mcfg = felix_model.preset(cfg.preset, vocab_size=tokenizer.vocab_size,
-                                  max_seq_len=max(cfg.seq_len, felix_model.PRESETS[cfg.preset]["max_seq_len"]),
-                                  checkpoint_activations=cfg.checkpoint_activations, n_spokes=cfg.spokes,
-                                  **spoke_rank)
+        mcfg = felix_model.preset(
+            cfg.preset,
+            vocab_size=tokenizer.vocab_size,
+            max_seq_len=max(cfg.seq_len, felix_model.PRESETS[cfg.preset]["max_seq_len"]),
+            checkpoint_activations=cfg.checkpoint_activations,
+            n_spokes=cfg.spokes,
+            **spoke_rank,
+        )
         model = felix_model.FelixLM(mcfg).to(device)
     hub_fp = _setup_spokes(model, cfg, resume, log)
     mcfg = model.cfg
     if tokenizer.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
-                         f"{mcfg.vocab_size} rows ({'the checkpoint' if resume else cfg.init_from}): token ids would "
-                         f"fall outside it; use the tokenizer the model was trained with")
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+            f"{mcfg.vocab_size} rows ({'the checkpoint' if resume else cfg.init_from}): token ids would "
+            f"fall outside it; use the tokenizer the model was trained with"
+        )
     # the QUAIL whitelist as a [V] bool mask on the device, built once: the loss gathers from it per step
     whitelist = whitelist_mask(json_structure_whitelist(tokenizer), mcfg.vocab_size, device)
     counts = felix_model.parameter_counts(mcfg)
@@ -620,21 +701,41 @@ def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, o
     state = None
     if resume:
         state = felix_runs.load_trainer_state(ckpt_dir)  # safetensors + JSON: nothing in it can run code
-        missing = sorted({"optimizer", "step", "step_losses", "metrics", "interval", "torch_rng", "python_rng",
-                          "train_config", *objective.state_keys} - set(state))
+        missing = sorted(
+            {
+                "optimizer",
+                "step",
+                "step_losses",
+                "metrics",
+                "interval",
+                "torch_rng",
+                "python_rng",
+                "train_config",
+                *objective.state_keys,
+            }
+            - set(state)
+        )
         if missing:
-            raise felix_model.CheckpointError(f"{ckpt_dir / STATE_FILE} is not a Felix trainer state: missing "
-                                              f"{', '.join(missing)}")
+            raise felix_model.CheckpointError(
+                f"{ckpt_dir / STATE_FILE} is not a Felix trainer state: missing {', '.join(missing)}"
+            )
         par.load_optimizer_state(module, optimizer, state["optimizer"])
         step, step_losses, metrics, interval = state["step"], state["step_losses"], state["metrics"], state["interval"]
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["train_config"].items()
-                   if k not in ("out_dir", "device", *RUN_KEEPING) and hasattr(cfg, k) and getattr(cfg, k) != v}
+        changed = {
+            k: (v, getattr(cfg, k))
+            for k, v in state["train_config"].items()
+            if k not in ("out_dir", "device", *RUN_KEEPING) and hasattr(cfg, k) and getattr(cfg, k) != v
+        }
         if changed:
-            log("WARNING: resuming with settings that differ from the checkpoint's (the curve will not match an "
-                "uninterrupted run): " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            log(
+                "WARNING: resuming with settings that differ from the checkpoint's (the curve will not match an "
+                "uninterrupted run): " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            )
         if hub_fp is not None and state.get("hub_fingerprint") != hub_fp:
-            raise ValueError(f"cannot resume: the frozen hub in {ckpt_dir} is not the one this run started from "
-                             "(hub fingerprint changed)")
+            raise ValueError(
+                f"cannot resume: the frozen hub in {ckpt_dir} is not the one this run started from "
+                "(hub fingerprint changed)"
+            )
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         guard.load_state_dict(state.get("guard", guard.state_dict()))
@@ -643,9 +744,14 @@ def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, o
         log(f"resumed {out} at step {step}")
 
     log(f"felix-lm {cfg.init_from or cfg.preset}: " + felix_model.format_parameter_counts(mcfg))
-    log(f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}" + (
-        f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
-        if cfg.margin_from else ""))
+    log(
+        f"QUAIL: lambda_q {cfg.lambda_q:g}, margin {cfg.margin:.4g}"
+        + (
+            f" (calibrated: -q{cfg.margin_quantile:g} of the margin change measured in {cfg.margin_from})"
+            if cfg.margin_from
+            else ""
+        )
+    )
     tensorboard = None
     if cfg.tensorboard and par.is_main:
         try:  # local: tensorboard is a heavy optional dependency, needed only with --tensorboard
@@ -654,10 +760,34 @@ def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, o
             raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
         tensorboard = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1 if resume else None)
 
-    run = Run(cfg, par, log, out, ckpt_dir, device, objective, tokenizer, model, module, optimizer, whitelist, counts,
-              hub_fp, round(cfg.decay_fraction * cfg.steps), step, step_losses, metrics, interval, lock=lock,
-              guard=guard, skip_streak=skip_streak, skipped_steps=skipped_steps,
-              saved_step=step if resume else None, tensorboard=tensorboard, progress=progress)
+    run = Run(
+        cfg,
+        par,
+        log,
+        out,
+        ckpt_dir,
+        device,
+        objective,
+        tokenizer,
+        model,
+        module,
+        optimizer,
+        whitelist,
+        counts,
+        hub_fp,
+        round(cfg.decay_fraction * cfg.steps),
+        step,
+        step_losses,
+        metrics,
+        interval,
+        lock=lock,
+        guard=guard,
+        skip_streak=skip_streak,
+        skipped_steps=skipped_steps,
+        saved_step=step if resume else None,
+        tensorboard=tensorboard,
+        progress=progress,
+    )
     try:
         objective.start(run, state)
     except BaseException:
@@ -665,8 +795,10 @@ def _build_run(cfg: TrainConfig, objective: Objective, resume: bool, log, par, o
             tensorboard.close()
         raise
     log(objective.describe_data())
-    log(f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}"
-        f"{' (bf16 autocast)' if run.use_bf16 else ' (fp32)'}")
+    log(
+        f"QUAIL whitelist {int(whitelist.sum())} tokens; device {device}"
+        f"{' (bf16 autocast)' if run.use_bf16 else ' (fp32)'}"
+    )
     return run
 
 
@@ -674,10 +806,21 @@ def trainer_state(run: Run, full_optimizer: dict) -> dict:
     """Everything besides the model that an exact resume needs, as a nested dict of tensors and plain values
     (stored by felix.train.runs.save_trainer_state: tensors -> safetensors, the rest -> JSON; add keys freely): the
     loop's own, and the objective's (its data cursor, monitors, ...)."""
-    return {"optimizer": full_optimizer, "step": run.step, "step_losses": run.step_losses, "metrics": run.metrics,
-            "interval": run.interval, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "train_config": asdict(run.cfg), "hub_fingerprint": run.hub_fp, "guard": run.guard.state_dict(),
-            "skip_streak": run.skip_streak, "skipped_steps": run.skipped_steps, **run.objective.state_dict()}
+    return {
+        "optimizer": full_optimizer,
+        "step": run.step,
+        "step_losses": run.step_losses,
+        "metrics": run.metrics,
+        "interval": run.interval,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "train_config": asdict(run.cfg),
+        "hub_fingerprint": run.hub_fp,
+        "guard": run.guard.state_dict(),
+        "skip_streak": run.skip_streak,
+        "skipped_steps": run.skipped_steps,
+        **run.objective.state_dict(),
+    }
 
 
 def save_run_checkpoint(run: Run) -> None:
@@ -686,8 +829,10 @@ def save_run_checkpoint(run: Run) -> None:
     consolidated: full tensors gathered from every rank, written by rank 0."""
     cfg, par, model = run.cfg, run.par, run.model
     t0 = time.perf_counter()
-    full_model, full_optimizer = par.full_model_state(model, run.module), par.full_optimizer_state(run.module,
-                                                                                                   run.optimizer)
+    full_model, full_optimizer = (
+        par.full_model_state(model, run.module),
+        par.full_optimizer_state(run.module, run.optimizer),
+    )
     if par.is_main:
         full = felix_distributed.StateView(full_model, model.cfg)
         extra = {}
@@ -701,6 +846,7 @@ def save_run_checkpoint(run: Run) -> None:
             felix_model.write_checkpoint_files(directory, full, run.tokenizer, extra)
             felix_runs.save_trainer_state(directory, state)
             run.objective.write_config(directory)  # the config this checkpoint was trained with
+
         where = felix_runs.commit_checkpoint(run.out, run.step, write, cfg.keep_last, cfg.milestone_every, run.log)
         run.log(f"checkpoint {where.relative_to(run.out)} ({time.perf_counter() - t0:.2f}s)")
     run.saved_step = run.step
@@ -747,26 +893,32 @@ def read_pending(run: Run) -> None:
     rows = run.par.mean_over_ranks(torch.stack(run.pending)).tolist() if run.pending else []
     first = run.step - len(rows) + 1
     for i, row in enumerate(rows):
-        step, loss, parts = first + i, row[0], dict(zip(names, row[1:1 + len(names)]))
-        skipped, z, grad_norm = row[1 + len(names):]
+        step, loss, parts = first + i, row[0], dict(zip(names, row[1 : 1 + len(names)]))
+        skipped, z, grad_norm = row[1 + len(names) :]
         run.step_losses.append(loss)
         run.interval["steps"] += 1
         if z > cfg.loss_spike_threshold:
             run.interval["spikes"].append({"step": step, "loss": loss, "z": z, "skipped": bool(skipped)})
-            run.log(f"step {step}: loss spike: {loss:.4f} is {z:.1f} standard deviations above the mean of the last "
-                    f"{cfg.loss_spike_window} steps ({'update skipped' if skipped else 'kept'})")
+            run.log(
+                f"step {step}: loss spike: {loss:.4f} is {z:.1f} standard deviations above the mean of the last "
+                f"{cfg.loss_spike_window} steps ({'update skipped' if skipped else 'kept'})"
+            )
         if skipped:
             run.skip_streak += 1
             run.skipped_steps += 1
             run.interval["skipped"] += 1
             run.interval["n"] -= cfg.grad_accum  # the interval means leave skipped steps out
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                run.log(f"step {step}: update skipped: loss {loss:.4g}, gradient norm {grad_norm:.4g} "
-                        f"({run.skip_streak} in a row, {run.skipped_steps} in the run)")
+                run.log(
+                    f"step {step}: update skipped: loss {loss:.4g}, gradient norm {grad_norm:.4g} "
+                    f"({run.skip_streak} in a row, {run.skipped_steps} in the run)"
+                )
             if run.skip_streak >= cfg.max_skipped_in_a_row and run.halted is None:
-                run.halted = (f"{run.skip_streak} steps in a row skipped (non-finite loss or gradient norm, or loss "
-                              f"spikes) up to step {step}: stopping with a checkpoint of the last good state "
-                              f"(skipped steps change no weight); lower --lr, check the data, or resume to retry")
+                run.halted = (
+                    f"{run.skip_streak} steps in a row skipped (non-finite loss or gradient norm, or loss "
+                    f"spikes) up to step {step}: stopping with a checkpoint of the last good state "
+                    f"(skipped steps change no weight); lower --lr, check the data, or resume to retry"
+                )
         else:
             run.skip_streak = 0
             for name, value in parts.items():
@@ -782,14 +934,19 @@ def evaluate_interval(run: Run, lr: float) -> dict:
     (interval means), what the objective's evaluation measures, and peak memory and the step guard's counts;
     appended to metrics.jsonl as it happens. Starts a new interval."""
     cfg, par, interval = run.cfg, run.par, run.interval
-    recent = [x for x in run.step_losses[-cfg.eval_every:] if math.isfinite(x)]
+    recent = [x for x in run.step_losses[-cfg.eval_every :] if math.isfinite(x)]
     n = interval["n"]
-    record = {"step": run.step, "lr": lr, "train_loss": sum(recent) / len(recent) if recent else None,
-              **{f"train_{p}": interval[p] / n if n else None for p in run.objective.parts},
-              **run.objective.evaluate(run, interval),
-              "peak_memory_mb": _peak_memory_mb(run.device),
-              "peak_memory_kind": "gpu_allocated" if run.device.type == "cuda" else "process_rss",
-              "skipped_steps": interval["skipped"], "loss_spikes": interval["spikes"]}
+    record = {
+        "step": run.step,
+        "lr": lr,
+        "train_loss": sum(recent) / len(recent) if recent else None,
+        **{f"train_{p}": interval[p] / n if n else None for p in run.objective.parts},
+        **run.objective.evaluate(run, interval),
+        "peak_memory_mb": _peak_memory_mb(run.device),
+        "peak_memory_kind": "gpu_allocated" if run.device.type == "cuda" else "process_rss",
+        "skipped_steps": interval["skipped"],
+        "loss_spikes": interval["spikes"],
+    }
     run.metrics.append(record)
     if par.is_main:
         with open(run.out / METRICS_FILE, "a") as f:  # appended as it happens: a crashed run keeps its metrics
@@ -818,8 +975,10 @@ def _stop_on_signals(log):
     def handler(signum, frame):
         flag["signal"] = signum
         restore()
-        log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
-            f"(send it again to stop at once)")
+        log(
+            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
+            f"(send it again to stop at once)"
+        )
 
     def restore():
         for signum, old in previous.items():
@@ -830,8 +989,16 @@ def _stop_on_signals(log):
     return flag, restore
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, log=None, overwrite: bool = False,
-          auto_resume: bool = False, objective: Objective | None = None, progress: bool | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    stop_at: int | None = None,
+    log=None,
+    overwrite: bool = False,
+    auto_resume: bool = False,
+    objective: Objective | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
     """Run (or, with `resume`, continue from ``out_dir/checkpoint``) a training run of `objective` (default: the
     config's, :func:`objective_for`). `stop_at` stops after that many optimizer steps with a checkpoint, as an
     interruption would (used to test exact resume). A directory holding a run needs `resume`, `auto_resume`
@@ -839,8 +1006,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, lo
     in is refused (felix.train.runs). SIGTERM / SIGINT finish the step, save a checkpoint and return
     (TrainResult.stop_signal); too many skipped steps in a row save a checkpoint and raise TrainingHalted.
     `progress`: draw a progress bar (default: when stderr is a terminal)."""
-    run = build_run(cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume, objective=objective,
-                    progress=progress)
+    run = build_run(
+        cfg, resume, log, overwrite=overwrite, auto_resume=auto_resume, objective=objective, progress=progress
+    )
     par = run.par
     stop, restore_signals = _stop_on_signals(run.log)
     try:
@@ -867,8 +1035,12 @@ def _train_loop(run: Run, stop: dict, stop_at: int | None) -> TrainResult:
         step = run.step
         # one process reads the stop flag every step (a host flag: no sync); ranks agree on it when they sync anyway
         signalled = stop["signal"] is not None if par.world_size == 1 else False
-        read_now = step % cfg.eval_every == 0 or step in (cfg.steps, end) or signalled or (
-            cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        read_now = (
+            step % cfg.eval_every == 0
+            or step in (cfg.steps, end)
+            or signalled
+            or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        )
         if read_now:
             read_pending(run)
             if par.world_size > 1:
@@ -877,8 +1049,15 @@ def _train_loop(run: Run, stop: dict, stop_at: int | None) -> TrainResult:
         run.interval["tokens"] += objective.tokens_per_step
         bar.update(1)
         if run.step_losses and not bar.disable:
-            bar.set_postfix(loss=f"{run.step_losses[-1]:.3f}", lr=f"{lr:.2e}", **(
-                {"tokens": f"{run.step * objective.tokens_per_step / 1e6:.1f}M"} if objective.tokens_per_step else {}))
+            bar.set_postfix(
+                loss=f"{run.step_losses[-1]:.3f}",
+                lr=f"{lr:.2e}",
+                **(
+                    {"tokens": f"{run.step * objective.tokens_per_step / 1e6:.1f}M"}
+                    if objective.tokens_per_step
+                    else {}
+                ),
+            )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate_interval(run, lr)
         if signalled or run.halted:
@@ -897,6 +1076,8 @@ def _train_loop(run: Run, stop: dict, stop_at: int | None) -> TrainResult:
         raise TrainingHalted(run.halted)
     signum = stop["signal"]
     how = f"stopped by {signal.Signals(signum).name}" if signum else "stopped" if run.step < cfg.steps else "finished"
-    run.log(f"{how} at step {run.step}; checkpoint {run.ckpt_dir}, metrics {out / METRICS_FILE}, plot "
-            f"{out / objective.plot_file}")
+    run.log(
+        f"{how} at step {run.step}; checkpoint {run.ckpt_dir}, metrics {out / METRICS_FILE}, plot "
+        f"{out / objective.plot_file}"
+    )
     return TrainResult(out, run.step_losses, run.metrics, list(objective.alerts), run.counts, signum)

@@ -26,6 +26,7 @@ Resume identity: every source's fingerprint (changes iff its tokens change), tok
 into the stream's state; a resume on different data is refused naming the source and what changed, and a source
 missing at resume is a clear error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,10 +50,10 @@ from felix.model.felix_lm import PRESETS
 from felix.model.tokenizer import Tokenizer, save_tokenizer_file
 from felix.data.tokenizer_training import train_tokenizer_from_sources
 
-DATA_DIR = "data"                  # OUT/data: on-the-fly prepared sources and the run's tokenizer
+DATA_DIR = "data"  # OUT/data: on-the-fly prepared sources and the run's tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 BUILTIN = "builtin"
-VAL_DATA = "val-data"              # the name of the --val-data set (a directory under OUT/data)
+VAL_DATA = "val-data"  # the name of the --val-data set (a directory under OUT/data)
 ON_THE_FLY_BYTES_PER_WORKER = 32 << 20  # prepare small inputs in this process, large ones in worker processes
 
 
@@ -63,33 +64,38 @@ class RunDataError(DataError):
 @dataclass
 class Source:
     name: str
-    path: str                     # as configured: a prepared directory or data file(s)
+    path: str  # as configured: a prepared directory or data file(s)
     corpus: PreparedCorpus
-    on_the_fly: bool              # prepared by this run into OUT/data/NAME
+    on_the_fly: bool  # prepared by this run into OUT/data/NAME
 
     def identity(self) -> dict:
         """What a resume must find again (the path may move; the tokens may not change)."""
-        return {"fingerprint": self.corpus.fingerprint, "tokenizer_sha256": self.corpus.tokenizer_sha256,
-                "vocab_size": self.corpus.vocab_size}
+        return {
+            "fingerprint": self.corpus.fingerprint,
+            "tokenizer_sha256": self.corpus.tokenizer_sha256,
+            "vocab_size": self.corpus.vocab_size,
+        }
 
 
 @dataclass
 class RunData:
     tokenizer: Tokenizer
     sources: list[Source]
-    weights: list[float]          # normalized, one per source
+    weights: list[float]  # normalized, one per source
     train_stream: MixStream
-    val_sets: dict                # name -> token array evaluated as validation
-    train_sets: dict              # name -> training token array (fixed train windows for the memorization monitor)
-    val_weights: dict             # name -> weight of its CE in the overall val_ce
-    train_weights: dict           # name -> weight of its CE in the overall train_eval_ce (the source weights)
+    val_sets: dict  # name -> token array evaluated as validation
+    train_sets: dict  # name -> training token array (fixed train windows for the memorization monitor)
+    val_weights: dict  # name -> weight of its CE in the overall val_ce
+    train_weights: dict  # name -> weight of its CE in the overall train_eval_ce (the source weights)
 
     def describe(self) -> str:
         parts = []
         for s, w in zip(self.sources, self.weights):
             train = self.train_sets[s.name]
-            parts.append(f"{s.name} {w:.3f} ({train.n_tokens:,} train tokens, {window_count(train.n_tokens, self.train_stream.seq_len):,} windows"
-                         f"{', prepared here' if s.on_the_fly else ''})")
+            parts.append(
+                f"{s.name} {w:.3f} ({train.n_tokens:,} train tokens, {window_count(train.n_tokens, self.train_stream.seq_len):,} windows"
+                f"{', prepared here' if s.on_the_fly else ''})"
+            )
         val = ", ".join(f"{n} {a.n_tokens:,}" for n, a in self.val_sets.items())
         return "sources " + "; ".join(parts) + f"; validation tokens {val}"
 
@@ -154,10 +160,14 @@ def _effective_val_fraction(paths, val_fraction: float, log) -> float:
             return val_fraction
     fraction, n = _min_hash_fraction(paths)
     if n < 2:
-        raise RunDataError(f"{', '.join(map(str, paths))}: {n} document(s): a held-out validation split needs at "
-                           f"least 2 (or give --val-data)")
-    log(f"{', '.join(map(str, paths))}: no document's content hash falls under val_fraction {val_fraction:g}; "
-        f"holding out the one with the smallest hash")
+        raise RunDataError(
+            f"{', '.join(map(str, paths))}: {n} document(s): a held-out validation split needs at "
+            f"least 2 (or give --val-data)"
+        )
+    log(
+        f"{', '.join(map(str, paths))}: no document's content hash falls under val_fraction {val_fraction:g}; "
+        f"holding out the one with the smallest hash"
+    )
     return fraction
 
 
@@ -166,8 +176,9 @@ def _workers_for(paths) -> int:
     return max(1, min(os.cpu_count() or 1, size // ON_THE_FLY_BYTES_PER_WORKER))
 
 
-def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[list], prepared: list[Path], par,
-                       device, log):
+def _resolve_tokenizer(
+    cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[list], prepared: list[Path], par, device, log
+):
     """(tokenizer, its file for preparing data files, sha256 values a prepared source may carry, where it came
     from). A tokenizer trained here is trained by rank 0 and read from its file by the other ranks."""
     data_dir = out / DATA_DIR
@@ -180,12 +191,14 @@ def _resolve_tokenizer(cfg, out: Path, ckpt_dir: Path, resume: bool, raw: list[l
     elif prepared:  # the data files of a mixed run are prepared with it too
         tok, origin = _tokenizer_of_prepared(prepared), None
     else:
+
         def train():
             vocab = cfg.vocab_size or _preset_vocab(cfg.preset)
             trained, sample = train_tokenizer_from_sources([p for paths in raw for p in paths], vocab)
             log(f"trained a byte-level BPE tokenizer of {trained.vocab_size} tokens on {sample.describe()}")
             _save_run_tokenizer(trained, out)
             return trained
+
         tok = on_main_rank(par, device, train) or Tokenizer.load(data_dir / TOKENIZER_FILE)
         origin = "the tokenizer trained for this run"
     accepted = {tokenizer_sha256(tok)}
@@ -208,14 +221,18 @@ def _tokenizer_of_prepared(prepared: list[Path]) -> Tokenizer:
     corpora = [PreparedCorpus.open(p) for p in prepared]
     shas = {c.tokenizer_sha256 for c in corpora}
     if len(shas) > 1:
-        raise RunDataError("the prepared sources were made with different tokenizers ("
-                           + ", ".join(f"{c.path}: {c.tokenizer_sha256[:12]}" for c in corpora)
-                           + "); prepare them with one tokenizer")
+        raise RunDataError(
+            "the prepared sources were made with different tokenizers ("
+            + ", ".join(f"{c.path}: {c.tokenizer_sha256[:12]}" for c in corpora)
+            + "); prepare them with one tokenizer"
+        )
     recorded = Path(corpora[0].manifest["tokenizer"]["path"])
     if not recorded.is_file() or file_sha256(recorded) != corpora[0].tokenizer_sha256:
-        raise RunDataError(f"{corpora[0].path} was prepared with the tokenizer {recorded}, which is "
-                           f"{'missing' if not recorded.is_file() else 'changed since'}; give --tokenizer (the "
-                           f"tokenizer.json it was prepared with, sha256 {corpora[0].tokenizer_sha256[:12]}...)")
+        raise RunDataError(
+            f"{corpora[0].path} was prepared with the tokenizer {recorded}, which is "
+            f"{'missing' if not recorded.is_file() else 'changed since'}; give --tokenizer (the "
+            f"tokenizer.json it was prepared with, sha256 {corpora[0].tokenizer_sha256[:12]}...)"
+        )
     return Tokenizer.load(recorded)
 
 
@@ -239,14 +256,17 @@ def _prepared_from_same_content(name: str, paths: list, target: Path) -> Prepare
     current = [(f.stat().st_size, file_sha256(f)) for f in files]
     if current != recorded:
         changed = [str(f) for f, c, r in zip(files, current, recorded) if c != r] or [str(f) for f in files]
-        raise RunDataError(f"cannot resume: data source {name!r}: {', '.join(changed)} changed since the run prepared "
-                           f"{target} from it ({len(recorded)} file(s) recorded, {len(current)} now); restore it or "
-                           f"start a new run")
+        raise RunDataError(
+            f"cannot resume: data source {name!r}: {', '.join(changed)} changed since the run prepared "
+            f"{target} from it ({len(recorded)} file(s) recorded, {len(current)} now); restore it or "
+            f"start a new run"
+        )
     return corpus
 
 
-def _prepare_here(name: str, paths: list, out: Path, tok_file: Path, val_fraction: float, resume: bool,
-                  progress: bool, log) -> PreparedCorpus:
+def _prepare_here(
+    name: str, paths: list, out: Path, tok_file: Path, val_fraction: float, resume: bool, progress: bool, log
+) -> PreparedCorpus:
     """Data file(s) of one source tokenized into OUT/data/NAME (reused when already prepared from the same inputs)."""
     target = out / DATA_DIR / name
     if resume:
@@ -254,12 +274,22 @@ def _prepare_here(name: str, paths: list, out: Path, tok_file: Path, val_fractio
         if reused is not None:
             return reused
     try:
-        return prepare_corpus(paths, tok_file, target, workers=_workers_for(paths), val_fraction=val_fraction,
-                              force=not resume, progress=progress, log=log)
+        return prepare_corpus(
+            paths,
+            tok_file,
+            target,
+            workers=_workers_for(paths),
+            val_fraction=val_fraction,
+            force=not resume,
+            progress=progress,
+            log=log,
+        )
     except ShardError as e:
         if resume:
-            raise RunDataError(f"cannot resume: data source {name!r} ({', '.join(map(str, paths))}) is not what the "
-                               f"run was prepared from: {e}") from e
+            raise RunDataError(
+                f"cannot resume: data source {name!r} ({', '.join(map(str, paths))}) is not what the "
+                f"run was prepared from: {e}"
+            ) from e
         raise
     except FileNotFoundError as e:
         raise RunDataError(f"{'cannot resume: ' if resume else ''}data source {name!r}: {e}") from e
@@ -274,31 +304,38 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, device, log
         specs = list(zip(names, cfg.data))
     else:
         builtin = out / DATA_DIR / f"{BUILTIN}.jsonl"
+
         def write_builtin():
             builtin.parent.mkdir(parents=True, exist_ok=True)
             docs = felix_data.builtin_corpus(cfg.n_records, cfg.seed, tuple(cfg.tasks), cfg.prose)
             _write_if_changed(builtin, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+
         on_main_rank(par, device, write_builtin)
         names, specs = [BUILTIN], [(BUILTIN, str(builtin))]
     clash = [n for n, _ in specs if n in (VAL_DATA, TOKENIZER_FILE)]
     if clash:
-        raise RunDataError(f"data source name(s) {clash} are reserved (OUT/{DATA_DIR}/{VAL_DATA} holds --val-data, "
-                           f"OUT/{DATA_DIR}/{TOKENIZER_FILE} the run's tokenizer); rename the source")
+        raise RunDataError(
+            f"data source name(s) {clash} are reserved (OUT/{DATA_DIR}/{VAL_DATA} holds --val-data, "
+            f"OUT/{DATA_DIR}/{TOKENIZER_FILE} the run's tokenizer); rename the source"
+        )
     for name, path in specs:
         if not (is_prepared(path) or Path(path).exists() or any(c in str(path) for c in "*?[")):
             raise RunDataError(f"{'cannot resume: ' if resume else ''}data source {name!r}: {path} does not exist")
     raw = [(name, [path]) for name, path in specs if not is_prepared(path)]
     prepared = [Path(path) for name, path in specs if is_prepared(path)]
-    tokenizer, tok_file, accepted, origin = _resolve_tokenizer(cfg, out, ckpt_dir, resume, [p for _, p in raw],
-                                                               prepared, par, device, log)
+    tokenizer, tok_file, accepted, origin = _resolve_tokenizer(
+        cfg, out, ckpt_dir, resume, [p for _, p in raw], prepared, par, device, log
+    )
     val_files = list(cfg.val_data)
     progress = par.is_main and _stderr_is_tty()
+
     def prepare_files():
         prepared_here = {}
         for name, paths in raw:
             fraction = 0.0 if val_files else _effective_val_fraction(paths, cfg.val_fraction, log)
             prepared_here[name] = _prepare_here(name, paths, out, tok_file, fraction, resume, progress, log)
         return prepared_here
+
     corpora: dict[str, PreparedCorpus] = on_main_rank(par, device, prepare_files) or {}
     sources = []
     for name, path in specs:
@@ -312,14 +349,18 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, device, log
     if not resume:
         for s in sources:
             if s.corpus.tokenizer_sha256 not in accepted:
-                raise RunDataError(f"data source {s.name!r} ({s.path}) was prepared with the tokenizer of sha256 "
-                                   f"{s.corpus.tokenizer_sha256[:12]}..., not with {origin or 'the run tokenizer'} "
-                                   f"(sha256 {sorted(accepted)[0][:12]}...): prepare it with the run's tokenizer or "
-                                   f"give --tokenizer")
+                raise RunDataError(
+                    f"data source {s.name!r} ({s.path}) was prepared with the tokenizer of sha256 "
+                    f"{s.corpus.tokenizer_sha256[:12]}..., not with {origin or 'the run tokenizer'} "
+                    f"(sha256 {sorted(accepted)[0][:12]}...): prepare it with the run's tokenizer or "
+                    f"give --tokenizer"
+                )
     for s in sources:
         if s.corpus.vocab_size != tokenizer.vocab_size:
-            raise RunDataError(f"data source {s.name!r} ({s.path}) has a vocabulary of {s.corpus.vocab_size} tokens; "
-                               f"the run's tokenizer has {tokenizer.vocab_size}")
+            raise RunDataError(
+                f"data source {s.name!r} ({s.path}) has a vocabulary of {s.corpus.vocab_size} tokens; "
+                f"the run's tokenizer has {tokenizer.vocab_size}"
+            )
 
     val_sets, train_sets = {}, {}
     if val_files:
@@ -327,12 +368,25 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, device, log
         if vpath is not None:
             vcorpus = _open_source(VAL_DATA, vpath, resume)
         else:
-            vcorpus = on_main_rank(par, device, lambda: _prepare_here(VAL_DATA, val_files, out, tok_file or _save_run_tokenizer(
-                tokenizer, out), 0.0, resume, progress, log)) or _open_source(VAL_DATA, str(out / DATA_DIR / VAL_DATA),
-                                                                               resume)
+            vcorpus = on_main_rank(
+                par,
+                device,
+                lambda: _prepare_here(
+                    VAL_DATA,
+                    val_files,
+                    out,
+                    tok_file or _save_run_tokenizer(tokenizer, out),
+                    0.0,
+                    resume,
+                    progress,
+                    log,
+                ),
+            ) or _open_source(VAL_DATA, str(out / DATA_DIR / VAL_DATA), resume)
         if vcorpus.vocab_size != tokenizer.vocab_size:
-            raise RunDataError(f"--val-data {vpath or ', '.join(val_files)} has a vocabulary of {vcorpus.vocab_size} "
-                               f"tokens; the run's tokenizer has {tokenizer.vocab_size}")
+            raise RunDataError(
+                f"--val-data {vpath or ', '.join(val_files)} has a vocabulary of {vcorpus.vocab_size} "
+                f"tokens; the run's tokenizer has {tokenizer.vocab_size}"
+            )
         val_sets["val"] = ConcatTokens([vcorpus.split("train"), vcorpus.split("val")])
         for s in sources:
             train_sets[s.name] = ConcatTokens([s.corpus.split("train"), s.corpus.split("val")])
@@ -343,19 +397,35 @@ def open_run_data(cfg, out: Path, ckpt_dir: Path, resume: bool, par, device, log
     for name, array in list(val_sets.items()) + list(train_sets.items()):
         if window_count(array.n_tokens, cfg.seq_len) < 1:
             which = "validation" if array in val_sets.values() else "training"
-            raise DataError(f"{name}: the {which} split has {array.n_tokens} tokens, fewer than one window of "
-                            f"seq_len+1 = {cfg.seq_len + 1}; add data, raise --val-fraction or lower --seq-len")
+            raise DataError(
+                f"{name}: the {which} split has {array.n_tokens} tokens, fewer than one window of "
+                f"seq_len+1 = {cfg.seq_len + 1}; add data, raise --val-fraction or lower --seq-len"
+            )
 
     names = [s.name for s in sources]
     if cfg.data_weights:
         weights = normalize_weights(cfg.data_weights, names)
     else:  # no weights: each source weighs its tokens (what concatenating the sources would do)
         weights = normalize_weights([train_sets[n].n_tokens for n in names], names)
-    stream = MixStream([train_sets[n] for n in names], weights, cfg.seq_len, cfg.seed, names,
-                       identity={s.name: s.identity() for s in sources})
+    stream = MixStream(
+        [train_sets[n] for n in names],
+        weights,
+        cfg.seq_len,
+        cfg.seed,
+        names,
+        identity={s.name: s.identity() for s in sources},
+    )
     source_weights = dict(zip(names, weights))
-    return RunData(tokenizer, sources, weights, stream, val_sets, train_sets,
-                   {"val": 1.0} if val_files else source_weights, source_weights)
+    return RunData(
+        tokenizer,
+        sources,
+        weights,
+        stream,
+        val_sets,
+        train_sets,
+        {"val": 1.0} if val_files else source_weights,
+        source_weights,
+    )
 
 
 def on_main_rank(par, device, fn):

@@ -18,6 +18,7 @@ newer than the pointer (a crash between the rename and the pointer swap) is comp
 Retention renames an old step directory to a hidden name before removing it, so a half-removed directory is
 never mistaken for a checkpoint.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,6 +56,7 @@ class RunDirectoryError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # trainer state: nested dicts / lists / tuples of tensors and plain values <-> safetensors + a JSON skeleton
 
+
 def flatten_state(state) -> tuple[dict[str, torch.Tensor], object]:
     """(tensors, skeleton): every tensor of the nested `state` under its path ("optimizer/state/0/exp_avg"), and a
     JSON-able copy of `state` with each tensor replaced by {"__tensor__": path}. Tuples, dicts with non-string
@@ -79,8 +81,9 @@ def flatten_state(state) -> tuple[dict[str, torch.Tensor], object]:
         if isinstance(x, dict):
             if all(isinstance(k, str) and not k.startswith("__") for k in x):
                 return {k: enc(v, f"{path}/{k}" if path else k) for k, v in x.items()}
-            return {"__items__": [[enc(k, f"{path}/key"), enc(v, f"{path}/{k}" if path else str(k))]
-                                  for k, v in x.items()]}
+            return {
+                "__items__": [[enc(k, f"{path}/key"), enc(v, f"{path}/{k}" if path else str(k))] for k, v in x.items()]
+            }
         raise TypeError(f"cannot store a {type(x).__name__} (at {path or 'the top'}) in a trainer state")
 
     return tensors, enc(state, "")
@@ -88,13 +91,14 @@ def flatten_state(state) -> tuple[dict[str, torch.Tensor], object]:
 
 def unflatten_state(tensors: dict[str, torch.Tensor], skeleton, source: str = "trainer state"):
     """The nested value :func:`flatten_state` took apart. Plain data only: nothing here can run code."""
+
     def dec(x):
         if isinstance(x, list):
             return [dec(v) for v in x]
         if not isinstance(x, dict):
             return x
         if len(x) == 1:
-            (tag, v), = x.items()
+            ((tag, v),) = x.items()
             if tag == "__tensor__":
                 if not isinstance(v, str) or v not in tensors:
                     raise CheckpointError(f"{source}: tensor {v!r} is not in {STATE_TENSORS}")
@@ -134,7 +138,8 @@ def check_trainer_state(directory) -> None:
             f"{directory / LEGACY_STATE} is a pickled trainer state from an older Felix, which Felix no longer loads "
             f"(unpickling a file can run arbitrary code). Its weights are safe to use: continue from them with "
             f"`felix train --init-from {directory} --out-dir NEW_DIR` (the optimizer state and data position start "
-            f"fresh)")
+            f"fresh)"
+        )
     missing = [n for n in (STATE_JSON, STATE_TENSORS) if not (directory / n).is_file()]
     raise FileNotFoundError(f"cannot resume: no {' or '.join(missing)} in {directory}")
 
@@ -160,6 +165,7 @@ def load_trainer_state(directory) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # filesystem helpers
+
 
 def _leftover_pid(name: str) -> int | None:
     m = _PID_RE.search(name)
@@ -191,11 +197,14 @@ def pointer_target(out) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------
 # ownership: the lock, the "does it hold a run" check, leftovers
 
+
 def _describe_holder(holder: dict | None) -> str:
     if not holder:
         return "another process (no holder recorded)"
-    return (f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}"
-            f"{', ' + holder['command'] if holder.get('command') else ''})")
+    return (
+        f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}"
+        f"{', ' + holder['command'] if holder.get('command') else ''})"
+    )
 
 
 class RunLock:
@@ -225,15 +234,22 @@ class RunLock:
             holder = self._read_holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirectoryError(f"run directory {self.path.parent} is in use by {_describe_holder(holder)} "
-                                        f"(lock {self.path}); wait for it to end or stop it first") from None
+                raise RunDirectoryError(
+                    f"run directory {self.path.parent} is in use by {_describe_holder(holder)} "
+                    f"(lock {self.path}); wait for it to end or stop it first"
+                ) from None
             raise RunDirectoryError(f"cannot lock run directory {self.path.parent} ({self.path}: {e})") from e
         stale = self._read_holder(fd)
         if stale:
-            self.log(f"taking over the stale lock {self.path}: its holder, {_describe_holder(stale)}, is gone "
-                     f"without releasing it (killed or crashed)")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            self.log(
+                f"taking over the stale lock {self.path}: its holder, {_describe_holder(stale)}, is gone "
+                f"without releasing it (killed or crashed)"
+            )
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(holder) + "\n").encode())
@@ -377,8 +393,10 @@ def claim_run_directory(out, resume: bool, overwrite: bool = False, auto_resume:
         elif not resume:
             held = run_contents(out)
             if held:
-                raise RunDirectoryError(f"{out} already holds a run ({'; '.join(held)}): continue it with --resume "
-                                        f"(or --auto-resume), or replace it with --overwrite")
+                raise RunDirectoryError(
+                    f"{out} already holds a run ({'; '.join(held)}): continue it with --resume "
+                    f"(or --auto-resume), or replace it with --overwrite"
+                )
     except BaseException:
         lock.release()
         raise
@@ -388,11 +406,14 @@ def claim_run_directory(out, resume: bool, overwrite: bool = False, auto_resume:
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints: versioned step directories behind an atomically replaced pointer
 
+
 def _point_at(out: Path, step_dir: Path) -> None:
     link = out / POINTER
     if link.exists() and not link.is_symlink():
-        raise CheckpointError(f"{link} is a directory (an older run layout), not the pointer Felix maintains; "
-                              f"move it away or start this run with --overwrite")
+        raise CheckpointError(
+            f"{link} is a directory (an older run layout), not the pointer Felix maintains; "
+            f"move it away or start this run with --overwrite"
+        )
     tmp = out / f".{POINTER}.tmp-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         os.unlink(tmp)

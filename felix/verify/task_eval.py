@@ -21,6 +21,7 @@ the compliance check and the graders live in felix.tasks (re-exported here); thi
 
 :func:`write_task_report` writes ``task-eval.json``, ``task-eval.md`` and ``task-eval.png`` (atomically).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,25 @@ from pathlib import Path
 
 from felix.core.files import atomic_write_text, jsonable, save_figure
 from felix.tasks import (  # noqa: F401 (re-exported: the suite, compliance and graders lived here)
-    LIKERT_MAX, LIKERT_MIN, LLM_RUBRIC, SUITE_SEED, SYNTHESIS_SENTENCES, Grade, Grader, LLMGrader, RuleGrader,
-    TaskEvalError, TaskItem, builtin_task_suite, schema_check, sentences, task_schema, value_match, word_f1, words)
+    LIKERT_MAX,
+    LIKERT_MIN,
+    LLM_RUBRIC,
+    SUITE_SEED,
+    SYNTHESIS_SENTENCES,
+    Grade,
+    Grader,
+    LLMGrader,
+    RuleGrader,
+    TaskEvalError,
+    TaskItem,
+    builtin_task_suite,
+    schema_check,
+    sentences,
+    task_schema,
+    value_match,
+    word_f1,
+    words,
+)
 
 SCHEMA_NAME, SCHEMA_VERSION = "felix-task-eval", 1
 ENSEMBLE = "ensemble"
@@ -60,9 +78,16 @@ def grade_outputs(items: list[TaskItem], outs: list[str], graders: list[Grader])
         for gname, gr in grades.items():
             if not LIKERT_MIN <= gr.score <= LIKERT_MAX:
                 raise TaskEvalError(f"grader {gname!r} gave {gr.score} for {item.id}, outside Likert 1-5")
-        rows.append({"item": item.id, "task": item.task, "output": out, **schema_check(item.task, out),
-                     "grades": {k: asdict(v) for k, v in grades.items()},
-                     "joint": min(v.score for v in grades.values())})
+        rows.append(
+            {
+                "item": item.id,
+                "task": item.task,
+                "output": out,
+                **schema_check(item.task, out),
+                "grades": {k: asdict(v) for k, v in grades.items()},
+                "joint": min(v.score for v in grades.values()),
+            }
+        )
     return rows
 
 
@@ -82,18 +107,30 @@ def summarize_rows(rows: list[dict], tasks: list[str], graders: list[str]) -> di
     per_task = {}
     for task in tasks:
         sub = [r for r in rows if r["task"] == task]
-        per_task[task] = {"items": len(sub), "compliant": sum(r["compliant"] for r in sub),
-                          "compliance": sum(r["compliant"] for r in sub) / len(sub),
-                          "joint": sum(r["joint"] for r in sub) / len(sub),
-                          "by_grader": {g: sum(r["grades"][g]["score"] for r in sub) / len(sub) for g in graders}}
+        per_task[task] = {
+            "items": len(sub),
+            "compliant": sum(r["compliant"] for r in sub),
+            "compliance": sum(r["compliant"] for r in sub) / len(sub),
+            "joint": sum(r["joint"] for r in sub) / len(sub),
+            "by_grader": {g: sum(r["grades"][g]["score"] for r in sub) / len(sub) for g in graders},
+        }
     means = [per_task[t]["joint"] for t in tasks]
-    return {"per_task": per_task, "mean_joint": sum(means) / len(means), "joint_min": min(means),
-            "worst_task": tasks[means.index(min(means))],
-            "compliance": sum(r["compliant"] for r in rows) / len(rows)}
+    return {
+        "per_task": per_task,
+        "mean_joint": sum(means) / len(means),
+        "joint_min": min(means),
+        "worst_task": tasks[means.index(min(means))],
+        "compliance": sum(r["compliant"] for r in rows) / len(rows),
+    }
 
 
-def evaluate_systems(items: list[TaskItem], outputs: dict[str, list[str]], teachers: list[str],
-                     graders: list[Grader] | None = None, meta: dict | None = None) -> dict:
+def evaluate_systems(
+    items: list[TaskItem],
+    outputs: dict[str, list[str]],
+    teachers: list[str],
+    graders: list[Grader] | None = None,
+    meta: dict | None = None,
+) -> dict:
     """The report: every system (and the ensemble of `teachers`) graded on every item, summarized per task.
     `outputs`: {system name: one output string per item, in suite order}; `teachers` names which of them are
     teachers (the ensemble is their best-of; none: no ensemble)."""
@@ -112,16 +149,29 @@ def evaluate_systems(items: list[TaskItem], outputs: dict[str, list[str]], teach
     wins = None
     if teachers:
         graded[ENSEMBLE], wins = ensemble_rows({t: graded[t] for t in teachers})
-    systems = {name: {"role": ("ensemble" if name == ENSEMBLE else "teacher" if name in teachers else "student"),
-                      **summarize_rows(rows, tasks, names)} for name, rows in graded.items()}
+    systems = {
+        name: {
+            "role": ("ensemble" if name == ENSEMBLE else "teacher" if name in teachers else "student"),
+            **summarize_rows(rows, tasks, names),
+        }
+        for name, rows in graded.items()
+    }
     if wins is not None:
         systems[ENSEMBLE]["best_of_wins"] = wins
-    return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "meta": meta or {}, "tasks": tasks,
-            "graders": names, "teachers": list(teachers), "items": [asdict(i) for i in items],
-            "systems": systems, "rows": graded,
-            "aggregation": "joint score of an output = min over graders (a rule grader's score = min over its rubric "
-                           "criteria); per task: mean joint score; per system: mean over tasks and joint_min = the "
-                           "worst task's mean"}
+    return {
+        "schema": SCHEMA_NAME,
+        "version": SCHEMA_VERSION,
+        "meta": meta or {},
+        "tasks": tasks,
+        "graders": names,
+        "teachers": list(teachers),
+        "items": [asdict(i) for i in items],
+        "systems": systems,
+        "rows": graded,
+        "aggregation": "joint score of an output = min over graders (a rule grader's score = min over its rubric "
+        "criteria); per task: mean joint score; per system: mean over tasks and joint_min = the "
+        "worst task's mean",
+    }
 
 
 # ============================================================================================ report
@@ -131,23 +181,42 @@ def markdown_report(report: dict, plot_name: str | None = None) -> str:
     meta = report.get("meta") or {}
     for k, v in meta.items():
         lines.append(f"* {k}: {v}")
-    lines += [f"* graders: {', '.join(report['graders'])}; teachers: {', '.join(report['teachers']) or 'none'}",
-              f"* aggregation: {report['aggregation']}", "",
-              "## Rubric score (joint min over graders, Likert 1-5), per task", "",
-              "| system | role | " + " | ".join(tasks) + " | mean | joint-min (worst task) |",
-              "|---|---|" + "---|" * len(tasks) + "---|---|"]
+    lines += [
+        f"* graders: {', '.join(report['graders'])}; teachers: {', '.join(report['teachers']) or 'none'}",
+        f"* aggregation: {report['aggregation']}",
+        "",
+        "## Rubric score (joint min over graders, Likert 1-5), per task",
+        "",
+        "| system | role | " + " | ".join(tasks) + " | mean | joint-min (worst task) |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
     for name, s in systems.items():
-        lines.append(f"| {name} | {s['role']} | " + " | ".join(f"{s['per_task'][t]['joint']:.2f}" for t in tasks)
-                     + f" | {s['mean_joint']:.2f} | {s['joint_min']:.2f} ({s['worst_task']}) |")
-    lines += ["", "## Schema compliance, per task (compliant / items)", "",
-              "| system | " + " | ".join(tasks) + " | overall |", "|---|" + "---|" * len(tasks) + "---|"]
+        lines.append(
+            f"| {name} | {s['role']} | "
+            + " | ".join(f"{s['per_task'][t]['joint']:.2f}" for t in tasks)
+            + f" | {s['mean_joint']:.2f} | {s['joint_min']:.2f} ({s['worst_task']}) |"
+        )
+    lines += [
+        "",
+        "## Schema compliance, per task (compliant / items)",
+        "",
+        "| system | " + " | ".join(tasks) + " | overall |",
+        "|---|" + "---|" * len(tasks) + "---|",
+    ]
     for name, s in systems.items():
-        lines.append(f"| {name} | " + " | ".join(f"{s['per_task'][t]['compliant']}/{s['per_task'][t]['items']}"
-                                                  for t in tasks) + f" | {100 * s['compliance']:.0f}% |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{s['per_task'][t]['compliant']}/{s['per_task'][t]['items']}" for t in tasks)
+            + f" | {100 * s['compliance']:.0f}% |"
+        )
     if ENSEMBLE in systems:
         wins = systems[ENSEMBLE]["best_of_wins"]
-        lines += ["", "Ensemble = per item the best teacher output by the joint score; picked: "
-                  + ", ".join(f"{t} {n}" for t, n in wins.items()) + "."]
+        lines += [
+            "",
+            "Ensemble = per item the best teacher output by the joint score; picked: "
+            + ", ".join(f"{t} {n}" for t, n in wins.items())
+            + ".",
+        ]
     if plot_name:
         lines += ["", f"![rubric and compliance per task]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -163,8 +232,9 @@ def plot_report(report: dict, path: Path) -> None:
     names = list(systems)
     width = 0.8 / len(names)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for k, (key, label, scale) in enumerate((("joint", "rubric score (joint min, 1-5)", 1.0),
-                                             ("compliance", "schema compliance (%)", 100.0))):
+    for k, (key, label, scale) in enumerate(
+        (("joint", "rubric score (joint min, 1-5)", 1.0), ("compliance", "schema compliance (%)", 100.0))
+    ):
         ax = axes[k]
         for j, name in enumerate(names):
             vals = [scale * systems[name]["per_task"][t][key] for t in tasks]
@@ -191,9 +261,11 @@ def write_task_report(report: dict, out_dir, stem: str = "task-eval") -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{stem}.png"
     plot_report(report, png)
-    return {"json": atomic_write_text(out / f"{stem}.json", json.dumps(jsonable(report), indent=1)),
-            "markdown": atomic_write_text(out / f"{stem}.md", markdown_report(report, png.name)),
-            "plot": png}
+    return {
+        "json": atomic_write_text(out / f"{stem}.json", json.dumps(jsonable(report), indent=1)),
+        "markdown": atomic_write_text(out / f"{stem}.md", markdown_report(report, png.name)),
+        "plot": png,
+    }
 
 
 # ================================================================================== teacher outputs
@@ -206,7 +278,9 @@ def teacher_outputs_from_groups(items: list[TaskItem], groups) -> dict[str, list
     for t in teachers:
         missing = [i for i in items if i.prompt not in by_prompt or t not in by_prompt[i.prompt].responses]
         if missing:
-            raise TaskEvalError(f"teacher {t!r} has no response to {len(missing)} of the {len(items)} suite prompts "
-                                f"(e.g. {missing[0].id}); write suite teacher data with `felix teacher-data --suite`")
+            raise TaskEvalError(
+                f"teacher {t!r} has no response to {len(missing)} of the {len(items)} suite prompts "
+                f"(e.g. {missing[0].id}); write suite teacher data with `felix teacher-data --suite`"
+            )
         out[t] = [by_prompt[i.prompt].responses[t] for i in items]
     return out

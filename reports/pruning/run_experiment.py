@@ -19,6 +19,7 @@ FLOPs: felix.train.loop.flops_per_token (6 x matmul parameters + attention) per 
 counted as one forward+backward of the source (Taylor, hard-concrete) or one forward (activation norms).
 Checkpoints go to --work-dir (not committed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,20 +85,36 @@ def llamacpp_check(ckpt: Path, work: Path) -> dict:
         got = torch.from_numpy(llm.logits(ids)).double()
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0].double()
-    return {"gguf": out.name, "tokens": len(ids), "max_rel_err": float((got - want).abs().max() / want.abs().max()),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean())}
+    return {
+        "gguf": out.name,
+        "tokens": len(ids),
+        "max_rel_err": float((got - want).abs().max() / want.abs().max()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
+    }
 
 
 def run_seed(seed: int, args, log) -> dict:
     work = Path(args.work_dir) / f"seed{seed}"
-    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, eval_batches=args.eval_batches, seed=seed,
-                  lambda_q=0.0, lr=args.lr)
+    common = dict(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_batches=args.eval_batches,
+        seed=seed,
+        lambda_q=0.0,
+        lr=args.lr,
+    )
     tokens_per_step = args.seq_len * args.batch_size
     rows = {}
     # 1. source
-    src_res, src_s = run_train(work / "source", log, preset="tiny-256", steps=args.source_steps,
-                               warmup_steps=args.source_steps // 10, eval_every=max(1, args.source_steps // 4),
-                               **common)
+    src_res, src_s = run_train(
+        work / "source",
+        log,
+        preset="tiny-256",
+        steps=args.source_steps,
+        warmup_steps=args.source_steps // 10,
+        eval_every=max(1, args.source_steps // 4),
+        **common,
+    )
     src_ckpt = work / "source" / "checkpoint"
     source = felix_model.load_checkpoint(src_ckpt)
     from felix.model.tokenizer import Tokenizer
@@ -106,9 +123,14 @@ def run_seed(seed: int, args, log) -> dict:
     vb = val_batches(tok, args, seed)
     src_fpt = flops_per_token(source.cfg, args.seq_len)
     source_flops = src_fpt * tokens_per_step * args.source_steps
-    rows["source"] = {"config": "tiny-256", "params": felix_model.parameter_counts(source.cfg)["total"],
-                      "steps": args.source_steps, "train_flops": source_flops, "val_ce": val_ce(source, vb),
-                      "seconds": src_s}
+    rows["source"] = {
+        "config": "tiny-256",
+        "params": felix_model.parameter_counts(source.cfg)["total"],
+        "steps": args.source_steps,
+        "train_flops": source_flops,
+        "val_ce": val_ce(source, vb),
+        "seconds": src_s,
+    }
     curves = {"source": curve(src_res.metrics, src_fpt * tokens_per_step, 0.0)}
     log(f"[seed {seed}] source val CE {rows['source']['val_ce']:.4f}")
 
@@ -118,30 +140,53 @@ def run_seed(seed: int, args, log) -> dict:
     for method in args.methods:
         t0 = time.perf_counter()
         pruned_dir = work / f"pruned-{method}"
-        result = felix_prune.prune_checkpoint(src_ckpt, pruned_dir, target, method=method,
-                                              calib_batches=args.calib_batches, batch_size=args.batch_size,
-                                              seq_len=args.seq_len, hc_steps=args.hc_steps, seed=seed)
+        result = felix_prune.prune_checkpoint(
+            src_ckpt,
+            pruned_dir,
+            target,
+            method=method,
+            calib_batches=args.calib_batches,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            hc_steps=args.hc_steps,
+            seed=seed,
+        )
         prune_s = time.perf_counter() - t0
         calib_passes = args.hc_steps if method == "hard-concrete" else args.calib_batches
         per_pass = 1 / 3 if method == "activation" else 1.0  # a forward is ~1/3 of forward+backward
         prune_flops = src_fpt * tokens_per_step * calib_passes * per_pass
         pcfg = result.model.cfg
         tgt_fpt = flops_per_token(pcfg, args.seq_len)
-        rec_res, rec_s = run_train(work / f"recovered-{method}", log, init_from=str(pruned_dir),
-                                   steps=args.recovery_steps, warmup_steps=args.recovery_steps // 10,
-                                   eval_every=max(1, args.recovery_steps // 4), **common)
+        rec_res, rec_s = run_train(
+            work / f"recovered-{method}",
+            log,
+            init_from=str(pruned_dir),
+            steps=args.recovery_steps,
+            warmup_steps=args.recovery_steps // 10,
+            eval_every=max(1, args.recovery_steps // 4),
+            **common,
+        )
         recovered = felix_model.load_checkpoint(work / f"recovered-{method}" / "checkpoint")
         rec_flops = tgt_fpt * tokens_per_step * args.recovery_steps
         rows[f"pruned-{method}"] = {
-            "params": result.pruned_params, "kept_layers": [lp.source_layer for lp in result.plan.layers],
-            "val_ce_before_recovery": val_ce(result.model, vb), "val_ce": val_ce(recovered, vb),
-            "recovery_steps": args.recovery_steps, "prune_flops": prune_flops, "recovery_flops": rec_flops,
-            "post_source_flops": prune_flops + rec_flops, "seconds": prune_s + rec_s}
+            "params": result.pruned_params,
+            "kept_layers": [lp.source_layer for lp in result.plan.layers],
+            "val_ce_before_recovery": val_ce(result.model, vb),
+            "val_ce": val_ce(recovered, vb),
+            "recovery_steps": args.recovery_steps,
+            "prune_flops": prune_flops,
+            "recovery_flops": rec_flops,
+            "post_source_flops": prune_flops + rec_flops,
+            "seconds": prune_s + rec_s,
+        }
         post_source_budget = max(post_source_budget, prune_flops + rec_flops)
-        curves[f"pruned-{method} + recovery"] = [(prune_flops, rows[f"pruned-{method}"]["val_ce_before_recovery"])] + \
-            curve(rec_res.metrics, tgt_fpt * tokens_per_step, prune_flops)
-        log(f"[seed {seed}] {method}: pruned val CE {rows[f'pruned-{method}']['val_ce_before_recovery']:.4f} -> "
-            f"recovered {rows[f'pruned-{method}']['val_ce']:.4f}")
+        curves[f"pruned-{method} + recovery"] = [
+            (prune_flops, rows[f"pruned-{method}"]["val_ce_before_recovery"])
+        ] + curve(rec_res.metrics, tgt_fpt * tokens_per_step, prune_flops)
+        log(
+            f"[seed {seed}] {method}: pruned val CE {rows[f'pruned-{method}']['val_ce_before_recovery']:.4f} -> "
+            f"recovered {rows[f'pruned-{method}']['val_ce']:.4f}"
+        )
 
     # 3. from scratch, same config as the pruned model (standard init and norm epsilon), equal compute
     scratch_cfg = felix_model.FelixConfig(**{**json.loads(pcfg.to_json()), "norm_eps": source.cfg.norm_eps})
@@ -149,15 +194,29 @@ def run_seed(seed: int, args, log) -> dict:
     init_dir = work / "scratch-init"
     felix_model.save_checkpoint(init_dir, felix_model.FelixLM(scratch_cfg), tok)
     step_flops = flops_per_token(scratch_cfg, args.seq_len) * tokens_per_step
-    for name, budget in (("scratch (post-source compute)", post_source_budget),
-                         ("scratch (total compute)", post_source_budget + source_flops)):
+    for name, budget in (
+        ("scratch (post-source compute)", post_source_budget),
+        ("scratch (total compute)", post_source_budget + source_flops),
+    ):
         steps = max(1, round(budget / step_flops))
         slug = "scratch-post" if "post" in name else "scratch-total"
-        res, s = run_train(work / slug, log, init_from=str(init_dir), steps=steps, warmup_steps=steps // 10,
-                           eval_every=max(1, steps // 6), **common)
-        rows[name] = {"params": felix_model.parameter_counts(scratch_cfg)["total"], "steps": steps,
-                      "train_flops": steps * step_flops, "budget_flops": budget,
-                      "val_ce": val_ce(felix_model.load_checkpoint(work / slug / "checkpoint"), vb), "seconds": s}
+        res, s = run_train(
+            work / slug,
+            log,
+            init_from=str(init_dir),
+            steps=steps,
+            warmup_steps=steps // 10,
+            eval_every=max(1, steps // 6),
+            **common,
+        )
+        rows[name] = {
+            "params": felix_model.parameter_counts(scratch_cfg)["total"],
+            "steps": steps,
+            "train_flops": steps * step_flops,
+            "budget_flops": budget,
+            "val_ce": val_ce(felix_model.load_checkpoint(work / slug / "checkpoint"), vb),
+            "seconds": s,
+        }
         curves[name] = curve(res.metrics, step_flops, 0.0)
         log(f"[seed {seed}] {name}: {steps} steps, val CE {rows[name]['val_ce']:.4f}")
     best = min((k for k in rows if k.startswith("pruned-")), key=lambda k: rows[k]["val_ce"])
@@ -174,37 +233,53 @@ def write_report(results, args):
     summary = {"settings": vars(args), "target": TARGET, "seeds": results}
     (HERE / "summary.json").write_text(json.dumps(summary, indent=1))
     names = list(results[0]["rows"])
-    lines = ["# Structured pruning vs training from scratch (equal compute)", "",
-             f"Source tiny-256 trained {args.source_steps} steps; target: tiny's width at 2 layers "
-             f"({TARGET}); batch {args.batch_size} x {args.seq_len} tokens; recovery {args.recovery_steps} steps; "
-             f"calibration {args.calib_batches} batches (hard-concrete: {args.hc_steps} mask steps); validation CE on "
-             f"{args.eval_batches} fixed held-out batches. Seeds: {[r['seed'] for r in results]}.", "",
-             "| arm | params | val CE before recovery | val CE (mean over seeds) | per seed | post-source GFLOPs |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Structured pruning vs training from scratch (equal compute)",
+        "",
+        f"Source tiny-256 trained {args.source_steps} steps; target: tiny's width at 2 layers "
+        f"({TARGET}); batch {args.batch_size} x {args.seq_len} tokens; recovery {args.recovery_steps} steps; "
+        f"calibration {args.calib_batches} batches (hard-concrete: {args.hc_steps} mask steps); validation CE on "
+        f"{args.eval_batches} fixed held-out batches. Seeds: {[r['seed'] for r in results]}.",
+        "",
+        "| arm | params | val CE before recovery | val CE (mean over seeds) | per seed | post-source GFLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
     for n in names:
         ces = [r["rows"][n]["val_ce"] for r in results]
         row = results[0]["rows"][n]
         before = [r["rows"][n].get("val_ce_before_recovery") for r in results]
         flops = row.get("post_source_flops", row.get("train_flops") if n.startswith("scratch") else None)
-        lines.append(f"| {n} | {row['params']:,} | "
-                     f"{', '.join(f'{b:.4f}' for b in before) if before[0] is not None else '-'} | "
-                     f"{sum(ces) / len(ces):.4f} | {', '.join(f'{c:.4f}' for c in ces)} | "
-                     f"{flops / 1e9:.1f} |" if flops is not None else
-                     f"| {n} | {row['params']:,} | - | {sum(ces) / len(ces):.4f} | {', '.join(f'{c:.4f}' for c in ces)} "
-                     f"| (source: {row['train_flops'] / 1e9:.1f}) |")
+        lines.append(
+            f"| {n} | {row['params']:,} | "
+            f"{', '.join(f'{b:.4f}' for b in before) if before[0] is not None else '-'} | "
+            f"{sum(ces) / len(ces):.4f} | {', '.join(f'{c:.4f}' for c in ces)} | "
+            f"{flops / 1e9:.1f} |"
+            if flops is not None
+            else f"| {n} | {row['params']:,} | - | {sum(ces) / len(ces):.4f} | {', '.join(f'{c:.4f}' for c in ces)} "
+            f"| (source: {row['train_flops'] / 1e9:.1f}) |"
+        )
     for r in results:
         for n, row in r["rows"].items():
             if "llamacpp" in row:
-                lines += ["", f"seed {r['seed']}, {n} after recovery, exported f16 and run in stock llama.cpp: "
-                          f"{json.dumps(row['llamacpp'])}"]
+                lines += [
+                    "",
+                    f"seed {r['seed']}, {n} after recovery, exported f16 and run in stock llama.cpp: "
+                    f"{json.dumps(row['llamacpp'])}",
+                ]
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in results:
         for n, pts in r["curves"].items():
             if n == "source":
                 continue
-            ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "o-" if "pruned" in n else "s--", ms=3,
-                    label=f"{n} (seed {r['seed']})", alpha=0.85)
+            ax.plot(
+                [p[0] / 1e9 for p in pts],
+                [p[1] for p in pts],
+                "o-" if "pruned" in n else "s--",
+                ms=3,
+                label=f"{n} (seed {r['seed']})",
+                alpha=0.85,
+            )
         ax.axvline(r["source_flops"] / 1e9, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("training GFLOPs after the source (dotted line: the source's own training)")
     ax.set_ylabel("validation CE (nats/token)")

@@ -24,6 +24,7 @@ llama.cpp. One command reproduces everything in this folder (a few minutes on a 
    of the base?), next to PyTorch on the RQ4 file's decoded weights.
 Outputs: summary.json, summary.md, curves.png next to this script; the checkpoint and GGUFs in --work-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,21 @@ from felix.model.felix_lm import load_checkpoint
 from felix.model.tokenizer import Tokenizer
 from felix.ship.export import adapter_tensors, export_gguf, model_from_gguf
 from felix.ship.llamacpp import LlamaCppModel, available
-from felix.tools.edit import (EditRequest, HarnessData, SpliceEditor, builtin_edit_set, corpus_sequences, fact_phrases,
-                              fold_splice, run_sequential, site_keys, splice_site, target_sequence, tokenize_request,
-                              widen_splice)
+from felix.tools.edit import (
+    EditRequest,
+    HarnessData,
+    SpliceEditor,
+    builtin_edit_set,
+    corpus_sequences,
+    fact_phrases,
+    fold_splice,
+    run_sequential,
+    site_keys,
+    splice_site,
+    target_sequence,
+    tokenize_request,
+    widen_splice,
+)
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("alphaedit", "alphaedit-ridge", "minnorm", "finetune", "alphaedit-r64")
@@ -56,11 +69,23 @@ def train_checkpoint(work: Path, steps: int) -> Path:
     ckpt = work / "tiny" / "checkpoint"
     if (ckpt / "model.safetensors").exists():
         return ckpt
-    cmd = [sys.executable, "-m", "felix", "train", "--out-dir", str(work / "tiny"), "--steps", str(steps),
-           "--eval-every", str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "felix",
+        "train",
+        "--out-dir",
+        str(work / "tiny"),
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+    ]
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "train.log", "w") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode:
+        if subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        ).returncode:
             raise SystemExit(f"training failed; see {work / 'train.log'}")
     return ckpt
 
@@ -70,8 +95,14 @@ def make_editor(arm, model, tok, preserved):
         widen_splice(model, 64)
     if arm == "finetune":
         return SpliceEditor(model, tok, method="finetune")
-    return SpliceEditor(model, tok, preserved_keys=preserved if arm != "minnorm" else None,
-                        null_space=arm != "minnorm", when_full="refit", ridge=RIDGE if arm == "alphaedit-ridge" else 0.0)
+    return SpliceEditor(
+        model,
+        tok,
+        preserved_keys=preserved if arm != "minnorm" else None,
+        null_space=arm != "minnorm",
+        when_full="refit",
+        ridge=RIDGE if arm == "alphaedit-ridge" else 0.0,
+    )
 
 
 def torch_logits(model, ids):
@@ -114,12 +145,14 @@ def deploy(model, tok, cases, work: Path) -> dict:
             with LlamaCppModel(base, adapter=res.adapter_path, runtime=rt) as llm:
                 got = [llm.logits(s)[p[0]] for s, p in seqs]
                 r["efficacy_all_edits"] = float(np.mean([int(np.argmax(g)) == t[0] for g, (_, t) in zip(got, items)]))
-                r["agreement_with_pytorch_same_weights"] = float(np.mean([int(np.argmax(g)) == int(np.argmax(s))
-                                                                           for g, s in zip(got, sim)]))
+                r["agreement_with_pytorch_same_weights"] = float(
+                    np.mean([int(np.argmax(g)) == int(np.argmax(s)) for g, s in zip(got, sim)])
+                )
                 g_last = got[-1]
                 r["last_edit_argmax_is_target"] = int(np.argmax(g_last)) == last_target
-                r["last_edit_rel_err_vs_pytorch_same_weights"] = float(np.abs(g_last - sim[-1]).max()
-                                                                       / np.abs(sim[-1]).max())
+                r["last_edit_rel_err_vs_pytorch_same_weights"] = float(
+                    np.abs(g_last - sim[-1]).max() / np.abs(sim[-1]).max()
+                )
                 r["last_edit_rel_err_vs_pytorch_f32"] = float(np.abs(g_last - want).max() / np.abs(want).max())
                 llm.set_adapter_scale(0.0)
                 g0 = llm.logits(last_ids)[last_pos[0]]
@@ -153,14 +186,22 @@ def main() -> int:
     fold_err = fold_splice(base)
     cases = builtin_edit_set(base, tok, args.n_edits, args.seed)
     # neutral text for locality: validation documents that hold none of the edited facts' failure phrases
-    data = HarnessData(cases, corpus_sequences(tok, "val", 16, 32, exclude=fact_phrases()),
-                       corpus_sequences(tok, "val", 8, 128))
+    data = HarnessData(
+        cases, corpus_sequences(tok, "val", 16, 32, exclude=fact_phrases()), corpus_sequences(tok, "val", 8, 128)
+    )
     site = splice_site(base)
     preserved = site_keys(base, site, corpus_sequences(tok, "train", 64, 64))
-    summary = {"checkpoint": str(ckpt), "n_edits": len(cases), "fold_max_weight_change": fold_err,
-               "site": f"blk.{site.layer}.splice.{site.projection}", "splice_rank": site.rank,
-               "preserved_keys": list(preserved.shape), "learned_fraction": sum(c["learned"] for c in cases) / len(cases),
-               "targets": sorted({c["target"] for c in cases}), "arms": {}}
+    summary = {
+        "checkpoint": str(ckpt),
+        "n_edits": len(cases),
+        "fold_max_weight_change": fold_err,
+        "site": f"blk.{site.layer}.splice.{site.projection}",
+        "splice_rank": site.rank,
+        "preserved_keys": list(preserved.shape),
+        "learned_fraction": sum(c["learned"] for c in cases) / len(cases),
+        "targets": sorted({c["target"] for c in cases}),
+        "arms": {},
+    }
     curves = {}
     edited_models = {}
     for arm in args.arms:
@@ -170,18 +211,29 @@ def main() -> int:
         rows = run_sequential(editor, data, desc=arm)
         last = rows[-1]
         summary["arms"][arm] = {
-            "final_cumulative_efficacy": last["cumulative_efficacy"], "final_retention": last["retention"],
+            "final_cumulative_efficacy": last["cumulative_efficacy"],
+            "final_retention": last["retention"],
             "final_cumulative_paraphrase": last.get("cumulative_paraphrase"),
             "mean_efficacy_at_edit_time": sum(r["efficacy"] for r in rows) / len(rows),
             "mean_paraphrase_at_edit_time": sum(r["paraphrase"] for r in rows) / len(rows),
-            "final_locality_kl": last["locality_kl"], "max_locality_kl": max(r["locality_kl"] for r in rows),
-            "final_val_ce_change": last["val_ce_change"], "final_dW_fro": last["dW_fro"],
-            "final_rank_used": last["rank_used"], "splice_rank": editor.site.rank,
-            "null_dim": editor.null_dim if arm != "finetune" else None, "seconds": time.perf_counter() - t0}
+            "final_locality_kl": last["locality_kl"],
+            "max_locality_kl": max(r["locality_kl"] for r in rows),
+            "final_val_ce_change": last["val_ce_change"],
+            "final_dW_fro": last["dW_fro"],
+            "final_rank_used": last["rank_used"],
+            "splice_rank": editor.site.rank,
+            "null_dim": editor.null_dim if arm != "finetune" else None,
+            "seconds": time.perf_counter() - t0,
+        }
         curves[arm] = rows
         edited_models[arm] = model
-        print(f"{arm}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in summary["arms"][arm].items()), flush=True)
+        print(
+            f"{arm}: "
+            + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["arms"][arm].items()
+            ),
+            flush=True,
+        )
     for arm in DEPLOYED:
         if arm in edited_models:
             summary[f"deploy_{arm}"] = deploy(edited_models[arm], tok, cases, work / arm)
@@ -196,36 +248,52 @@ def main() -> int:
 
 
 def write_md(path: Path, s: dict) -> None:
-    lines = [f"# SpliceCore edits: {s['n_edits']} sequential edits on {s['site']} (rank {s['splice_rank']})", "",
-             f"checkpoint `{s['checkpoint']}`; trained splice folded into the weight (max change "
-             f"{s['fold_max_weight_change']:.1e}); preserved keys {s['preserved_keys']}; the model had learned "
-             f"{s['learned_fraction']:.0%} of the edited facts; targets {', '.join(repr(t) for t in s['targets'])}.", "",
-             "| arm | rank | null dim | efficacy at edit | final efficacy (all edits) | final retention | paraphrase at edit "
-             "| final paraphrase (all) | final KL | max KL | val CE change | ||dW||_F | rank used | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# SpliceCore edits: {s['n_edits']} sequential edits on {s['site']} (rank {s['splice_rank']})",
+        "",
+        f"checkpoint `{s['checkpoint']}`; trained splice folded into the weight (max change "
+        f"{s['fold_max_weight_change']:.1e}); preserved keys {s['preserved_keys']}; the model had learned "
+        f"{s['learned_fraction']:.0%} of the edited facts; targets {', '.join(repr(t) for t in s['targets'])}.",
+        "",
+        "| arm | rank | null dim | efficacy at edit | final efficacy (all edits) | final retention | paraphrase at edit "
+        "| final paraphrase (all) | final KL | max KL | val CE change | ||dW||_F | rank used | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, a in s["arms"].items():
         f = lambda v, fmt=".3f": "-" if v is None else format(v, fmt)  # noqa: E731
-        lines.append(f"| {arm} | {a['splice_rank']} | {a['null_dim'] if a['null_dim'] is not None else '-'} | "
-                     f"{f(a['mean_efficacy_at_edit_time'])} | {f(a['final_cumulative_efficacy'])} | "
-                     f"{f(a['final_retention'])} | {f(a['mean_paraphrase_at_edit_time'])} | "
-                     f"{f(a['final_cumulative_paraphrase'])} | {f(a['final_locality_kl'], '.2e')} | "
-                     f"{f(a['max_locality_kl'], '.2e')} | {f(a['final_val_ce_change'], '+.4f')} | "
-                     f"{f(a['final_dW_fro'], '.3f')} | {a['final_rank_used']} | {a['seconds']:.0f} |")
+        lines.append(
+            f"| {arm} | {a['splice_rank']} | {a['null_dim'] if a['null_dim'] is not None else '-'} | "
+            f"{f(a['mean_efficacy_at_edit_time'])} | {f(a['final_cumulative_efficacy'])} | "
+            f"{f(a['final_retention'])} | {f(a['mean_paraphrase_at_edit_time'])} | "
+            f"{f(a['final_cumulative_paraphrase'])} | {f(a['final_locality_kl'], '.2e')} | "
+            f"{f(a['max_locality_kl'], '.2e')} | {f(a['final_val_ce_change'], '+.4f')} | "
+            f"{f(a['final_dW_fro'], '.3f')} | {a['final_rank_used']} | {a['seconds']:.0f} |"
+        )
     for arm in DEPLOYED:
         if f"deploy_{arm}" in s:
-            lines += ["", f"## Deployment ({arm} arm): base GGUF + splice LoRA adapter in llama.cpp", "",
-                      "| runtime / base | efficacy (all edits) | top-1 = PyTorch on the same weights | last edit: target "
-                      "is argmax | last edit: rel. logit err vs PyTorch same weights | scale 0: target | scale 1 again "
-                      "bit-equal |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"## Deployment ({arm} arm): base GGUF + splice LoRA adapter in llama.cpp",
+                "",
+                "| runtime / base | efficacy (all edits) | top-1 = PyTorch on the same weights | last edit: target "
+                "is argmax | last edit: rel. logit err vs PyTorch same weights | scale 0: target | scale 1 again "
+                "bit-equal |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for key, r in s[f"deploy_{arm}"].items():
                 if isinstance(r, dict) and "skipped" in r:
                     lines.append(f"| {key} | skipped: {r['skipped']} | | | | | |")
                 elif isinstance(r, dict):
-                    lines.append(f"| {key} | {r['efficacy_all_edits']:.2f} | {r['agreement_with_pytorch_same_weights']:.2f} "
-                                 f"| {r['last_edit_argmax_is_target']} | {r['last_edit_rel_err_vs_pytorch_same_weights']:.1e} "
-                                 f"| {r['scale0_argmax_is_target']} | {r['hot_swap_back_equal']} |")
-            lines.append("PyTorch efficacy, f32 base + adapter: {:.2f}; RQ4 base (decoded) + adapter: {:.2f}".format(
-                s[f"deploy_{arm}"]["pytorch_f32_efficacy"], s[f"deploy_{arm}"]["pytorch_rq4_efficacy"]))
+                    lines.append(
+                        f"| {key} | {r['efficacy_all_edits']:.2f} | {r['agreement_with_pytorch_same_weights']:.2f} "
+                        f"| {r['last_edit_argmax_is_target']} | {r['last_edit_rel_err_vs_pytorch_same_weights']:.1e} "
+                        f"| {r['scale0_argmax_is_target']} | {r['hot_swap_back_equal']} |"
+                    )
+            lines.append(
+                "PyTorch efficacy, f32 base + adapter: {:.2f}; RQ4 base (decoded) + adapter: {:.2f}".format(
+                    s[f"deploy_{arm}"]["pytorch_f32_efficacy"], s[f"deploy_{arm}"]["pytorch_rq4_efficacy"]
+                )
+            )
     lines += ["", f"total {s['seconds_total']:.0f} s"]
     path.write_text("\n".join(lines) + "\n")
 
@@ -236,17 +304,23 @@ def plot(out: Path, curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("cumulative_efficacy", "efficacy over all applied edits"), ("retention", "retention of earlier edits"),
-            ("paraphrase", "paraphrase generalisation (current edit)"), ("locality_kl", "locality KL (neutral text)"),
-            ("dW_fro", "||dW||_F"), ("rank_used", "rank used"), ("val_ce_change", "validation CE change"),
-            ("efficacy", "efficacy at edit time")]
+    keys = [
+        ("cumulative_efficacy", "efficacy over all applied edits"),
+        ("retention", "retention of earlier edits"),
+        ("paraphrase", "paraphrase generalisation (current edit)"),
+        ("locality_kl", "locality KL (neutral text)"),
+        ("dW_fro", "||dW||_F"),
+        ("rank_used", "rank used"),
+        ("val_ce_change", "validation CE change"),
+        ("efficacy", "efficacy at edit time"),
+    ]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, (k, title) in zip(axes.flat, keys):
         for arm, rows in curves.items():
             xs = [r["edit"] for r in rows if r.get(k) is not None]
             ys = [r[k] for r in rows if r.get(k) is not None]
             if k == "efficacy":  # running mean of a 0/1 series
-                ys = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+                ys = [sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, ys, label=arm)
         ax.set_title(title)
         ax.set_xlabel("edits applied")

@@ -9,6 +9,7 @@ Two hubs: pretrained on prose + task records, and on prose alone (the seed's cas
 by the spokes). Writes reports/spokes/results-<scenario>.json, compliance-<scenario>.png, summary.json (runs under
 a temp dir). CPU, ~6 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def compliance(model_dir: Path, probes, gguf_dir: Path, label: str) -> dict:
     wl = fidelity.build_probe_whitelist(tok, model.cfg.vocab_size).mask
     encoded = fidelity.encode_probes(probes, tok, wl)
     out = {}
-    rows = fidelity.compliance_run(fidelity.TorchSource(model), encoded, tok, 160, progress=True,
-                                   desc=f"{label} pytorch")
+    rows = fidelity.compliance_run(
+        fidelity.TorchSource(model), encoded, tok, 160, progress=True, desc=f"{label} pytorch"
+    )
     out["pytorch"] = {"summary": fidelity.compliance_summary(rows), "rows": rows}
     gguf = gguf_dir / f"{label}-rq4.gguf"
     export_gguf(model_dir, gguf, arch="felix", quant="rq4", force=True)
@@ -58,8 +60,12 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(arms)
     for i, (arm, p) in enumerate(arms):
         s = results["arms"][arm][p]["summary"]
-        ax.bar([k + i * width for k in range(len(keys))], [s[k] / s["probes"] for k in keys], width,
-               label=f"{arm} ({'PyTorch fp32' if p == 'pytorch' else 'fork RQ4'})")
+        ax.bar(
+            [k + i * width for k in range(len(keys))],
+            [s[k] / s["probes"] for k in keys],
+            width,
+            label=f"{arm} ({'PyTorch fp32' if p == 'pytorch' else 'fork RQ4'})",
+        )
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"fraction of {results['probes']} held-out probes")
@@ -95,20 +101,47 @@ def main(argv=None) -> int:
     for name, hub_records in scenarios.items():
         t0 = time.time()
         d = work / name
-        train(TrainConfig(out_dir=str(d / "hub"), steps=args.hub_steps, n_records=hub_records,
-                          warmup_steps=min(50, args.hub_steps // 4), **common))
-        spoke_run = train(TrainConfig(out_dir=str(d / "spokes"), init_from=str(d / "hub" / "checkpoint"),
-                                      train_only="spokes", spokes=4, spoke_rank=8, steps=args.spoke_steps,
-                                      n_records=2000, prose=False, lr=3e-3,
-                                      warmup_steps=min(20, args.spoke_steps // 4), **common))
-        results = {"schema": "felix-spokes-report", "scenario": name,
-                   "hub": {"preset": "tiny", "steps": args.hub_steps, "task_records_in_hub_corpus": hub_records},
-                   "spokes": {"n_spokes": 4, "rank": 8, "steps": args.spoke_steps, "train_only": "spokes",
-                              "data": "2000 task records (no prose)",
-                              "trainable_parameters": spoke_run.parameter_counts["spokes"],
-                              "final_val_ce": spoke_run.metrics[-1]["val_ce"]},
-                   "probes": len(probes), "probe_source": "felix.verify.fidelity.builtin_probes (held out: seed 1000003)",
-                   "arms": {}}
+        train(
+            TrainConfig(
+                out_dir=str(d / "hub"),
+                steps=args.hub_steps,
+                n_records=hub_records,
+                warmup_steps=min(50, args.hub_steps // 4),
+                **common,
+            )
+        )
+        spoke_run = train(
+            TrainConfig(
+                out_dir=str(d / "spokes"),
+                init_from=str(d / "hub" / "checkpoint"),
+                train_only="spokes",
+                spokes=4,
+                spoke_rank=8,
+                steps=args.spoke_steps,
+                n_records=2000,
+                prose=False,
+                lr=3e-3,
+                warmup_steps=min(20, args.spoke_steps // 4),
+                **common,
+            )
+        )
+        results = {
+            "schema": "felix-spokes-report",
+            "scenario": name,
+            "hub": {"preset": "tiny", "steps": args.hub_steps, "task_records_in_hub_corpus": hub_records},
+            "spokes": {
+                "n_spokes": 4,
+                "rank": 8,
+                "steps": args.spoke_steps,
+                "train_only": "spokes",
+                "data": "2000 task records (no prose)",
+                "trainable_parameters": spoke_run.parameter_counts["spokes"],
+                "final_val_ce": spoke_run.metrics[-1]["val_ce"],
+            },
+            "probes": len(probes),
+            "probe_source": "felix.verify.fidelity.builtin_probes (held out: seed 1000003)",
+            "arms": {},
+        }
         (d / "gguf").mkdir(exist_ok=True)
         results["arms"]["base"] = compliance(d / "hub" / "checkpoint", probes, d / "gguf", "base")
         results["arms"]["base+spokes"] = compliance(d / "spokes" / "checkpoint", probes, d / "gguf", "spokes")

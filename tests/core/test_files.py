@@ -1,5 +1,6 @@
 """felix.core.files: the one JSONL reader (lines end at \\n only), the JSON reader's errors, and the cleanup of what
 killed writers leave behind."""
+
 import json
 import os
 import subprocess
@@ -34,13 +35,21 @@ def test_jsonl_lines_report_bad_lines_by_number():
 def test_read_json_names_the_file_and_the_problem(tmp_path):
     from felix.core.files import read_json
 
-    cases = {"missing.json": None, "binary.json": b"\x80\xff\x00garbage", "broken.json": b'{"a": ',
-             "list.json": b"[1, 2]"}
+    cases = {
+        "missing.json": None,
+        "binary.json": b"\x80\xff\x00garbage",
+        "broken.json": b'{"a": ',
+        "list.json": b"[1, 2]",
+    }
     for name, data in cases.items():
         if data is not None:
             (tmp_path / name).write_bytes(data)
-    expect = {"missing.json": "does not exist", "binary.json": "as UTF-8 text", "broken.json": "as JSON",
-              "list.json": "holds a JSON list, expected a JSON object"}
+    expect = {
+        "missing.json": "does not exist",
+        "binary.json": "as UTF-8 text",
+        "broken.json": "as JSON",
+        "list.json": "holds a JSON list, expected a JSON object",
+    }
     for name, fragment in expect.items():
         with pytest.raises(ValueError, match=fragment) as e:
             read_json(tmp_path / name, kind="config")

@@ -1,11 +1,20 @@
 """The format table is the single source of truth: check it against gguf-py and the C++ extension."""
+
 import pytest
 import torch
 
 import felix
 from felix.ops import _ext
-from felix.core.formats import (FILE_TYPES, FORMATS, IQ4_NL_VALUES, LARGEST_BLOCK, RQ4_CODEBOOK, RUNTIME_TYPES,
-                           formats_with_packing, get_format)
+from felix.core.formats import (
+    FILE_TYPES,
+    FORMATS,
+    IQ4_NL_VALUES,
+    LARGEST_BLOCK,
+    RQ4_CODEBOOK,
+    RUNTIME_TYPES,
+    formats_with_packing,
+    get_format,
+)
 
 
 def test_table_matches_gguf_py():
@@ -30,8 +39,11 @@ def test_file_types_match_gguf_py():
             assert f.llama_file_type is None and f.name not in FILE_TYPES  # the fork's ftype is not public
             continue
         assert f.llama_file_type == int(LlamaFileType[f"MOSTLY_{f.ggml_name}"]) == FILE_TYPES[f.name]
-    assert [FILE_TYPES[t] for t in ("f32", "f16", "bf16")] == \
-        [int(LlamaFileType.ALL_F32), int(LlamaFileType.MOSTLY_F16), int(LlamaFileType.MOSTLY_BF16)]
+    assert [FILE_TYPES[t] for t in ("f32", "f16", "bf16")] == [
+        int(LlamaFileType.ALL_F32),
+        int(LlamaFileType.MOSTLY_F16),
+        int(LlamaFileType.MOSTLY_BF16),
+    ]
 
 
 def test_derived_lists_follow_the_table():
@@ -83,8 +95,12 @@ def test_cpp_layouts_match_table():
     assert set(layouts) == set(FORMATS)
     for name, f in FORMATS.items():
         got = layouts[name]
-        assert (got["ggml_type"], got["block_size"], got["bytes_per_block"], got["scale_offset"]) == \
-            (f.ggml_type, f.block_size, f.bytes_per_block, f.scale_offset), name
+        assert (got["ggml_type"], got["block_size"], got["bytes_per_block"], got["scale_offset"]) == (
+            f.ggml_type,
+            f.block_size,
+            f.bytes_per_block,
+            f.scale_offset,
+        ), name
         assert got["codebook_size"] == (len(f.codebook) if f.codebook else 0), name
 
 
@@ -96,8 +112,13 @@ def test_cpp_fp16_conversion_matches_torch():
     g = torch.Generator().manual_seed(1)
     bits = torch.randint(0, 2**31, (20000,), generator=g, dtype=torch.int64).to(torch.int32)
     vals = bits.view(torch.float32)
-    vals = torch.cat([vals, -vals, torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 5.96e-8, 2.98e-8,
-                                                 2.99e-8, 6.1e-5, float("inf")])])
+    vals = torch.cat(
+        [
+            vals,
+            -vals,
+            torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 5.96e-8, 2.98e-8, 2.99e-8, 6.1e-5, float("inf")]),
+        ]
+    )
     vals = vals[~torch.isnan(vals)]
     want = vals.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     got = torch.tensor([ext.fp32_to_fp16(float(v)) for v in vals])
@@ -114,4 +135,9 @@ def test_unknown_format_is_refused():
 
 def test_bits_per_weight():
     assert {n: f.bits_per_weight for n, f in FORMATS.items()} == {
-        "q8_0": 8.5, "q4_0": 4.5, "iq4_nl": 4.5, "rq4": 4.5, "tq2_0": 2.0625}
+        "q8_0": 8.5,
+        "q4_0": 4.5,
+        "iq4_nl": 4.5,
+        "rq4": 4.5,
+        "tq2_0": 2.0625,
+    }

@@ -1,5 +1,6 @@
 """One QUAIL default (margin, lambda) across the op, the spec, the trainer, the CLI, the harness and the README;
 the margin calibration rule (felix.core.quail.margin_from_noise / margin_from_fidelity) and `felix train --margin-from`."""
+
 from __future__ import annotations
 
 import inspect
@@ -77,19 +78,31 @@ def test_margin_from_fidelity_reads_the_measured_quantile(tmp_path):
     assert quail.margin_from_fidelity(f) == 1.25 and quail.margin_from_fidelity(str(f), 0.001) == 1.9
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"), ("not_json", "cannot read"), ("not_report", "not a felix fidelity report"),
-    ("no_path", "no 'simulated' path"), ("old_schema", "lacks summary.margin.change_quantiles"),
-    ("no_quantile", "not 0.2"), ("positive", "did not lower"), ("null", "not 0.01")])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("not_json", "cannot read"),
+        ("not_report", "not a felix fidelity report"),
+        ("no_path", "no 'simulated' path"),
+        ("old_schema", "lacks summary.margin.change_quantiles"),
+        ("no_quantile", "not 0.2"),
+        ("positive", "did not lower"),
+        ("null", "not 0.01"),
+    ],
+)
 def test_margin_from_fidelity_bad_input(tmp_path, case, message):
     f = tmp_path / "r.json"
     q = 0.2 if case == "no_quantile" else 0.01
-    content = {"not_json": "{nope", "not_report": json.dumps({"schema": "other"}),
-               "no_path": json.dumps(_report({"0.01": -1.0}, path="runtime")),
-               "old_schema": json.dumps(_report(None, version=1)),
-               "no_quantile": json.dumps(_report({"0.01": -1.0})),
-               "positive": json.dumps(_report({"0.01": 0.25})),
-               "null": json.dumps(_report({"0.01": None}))}.get(case)
+    content = {
+        "not_json": "{nope",
+        "not_report": json.dumps({"schema": "other"}),
+        "no_path": json.dumps(_report({"0.01": -1.0}, path="runtime")),
+        "old_schema": json.dumps(_report(None, version=1)),
+        "no_quantile": json.dumps(_report({"0.01": -1.0})),
+        "positive": json.dumps(_report({"0.01": 0.25})),
+        "null": json.dumps(_report({"0.01": None})),
+    }.get(case)
     if content is not None:
         f.write_text(content)
     with pytest.raises(quail.CalibrationError, match=message):
@@ -120,8 +133,9 @@ def test_one_quail_config_object():
     """QuailConfig bundles the defaults, validates them, and is what the trainer, the op and the harness read."""
     import torch
 
-    assert quail.DEFAULT_QUAIL == quail.QuailConfig(quail.DEFAULT_MARGIN, quail.DEFAULT_LAMBDA_Q,
-                                                    quail.DEFAULT_NOISE_QUANTILE)
+    assert quail.DEFAULT_QUAIL == quail.QuailConfig(
+        quail.DEFAULT_MARGIN, quail.DEFAULT_LAMBDA_Q, quail.DEFAULT_NOISE_QUANTILE
+    )
     assert TrainConfig(margin=1.5, lambda_q=0.3).quail == quail.QuailConfig(1.5, 0.3)
     loss = loss_ops.LinearCEQuail.from_config(quail.QuailConfig(1.5, 0.3), z_loss=1e-3)
     assert (loss.margin, loss.lambda_q, loss.z_loss) == (1.5, 0.3, 1e-3)

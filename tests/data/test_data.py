@@ -1,4 +1,5 @@
 """Built-in corpus, structured records, user data files, validation split, token stream, tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from felix.model.tokenizer import SPECIAL_TOKENS, Tokenizer, json_structure_whit
 
 @pytest.fixture(scope="module")
 def small_tokenizer():
-    docs = data.builtin_prose()[:20] + [chat.chat_text(r["prompt"], r["response"])
-                                        for r in task_records.structured_records(200, seed=3)]
+    docs = data.builtin_prose()[:20] + [
+        chat.chat_text(r["prompt"], r["response"]) for r in task_records.structured_records(200, seed=3)
+    ]
     return train_tokenizer(docs, vocab_size=600)
 
 
@@ -79,7 +81,7 @@ def test_user_data_reports_malformed_lines_by_number(tmp_path):
 
 def test_user_data_mostly_malformed_is_an_error(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([json.dumps({"text": "ok"}), "oops", "[1, 2]", "{\"text\": 3}"]))
+    path.write_text("\n".join([json.dumps({"text": "ok"}), "oops", "[1, 2]", '{"text": 3}']))
     with pytest.raises(data.DataError, match=r"3 of 4 non-empty lines are malformed(.|\n)*bad.jsonl:2(.|\n)*:3"):
         data.load_user_data([path])
     with pytest.raises(data.DataError, match="does not exist"):
@@ -187,7 +189,9 @@ def test_weighed_records_follow_the_summed_evidence():
     bins = {}
     for r in records:
         obj = json.loads(r["response"])
-        assert len(r["qualifiers"]) == task_records.N_REVIEWERS and r["prompt"].endswith(f"Reviewers: {'; '.join(r['qualifiers'])}.")
+        assert len(r["qualifiers"]) == task_records.N_REVIEWERS and r["prompt"].endswith(
+            f"Reviewers: {'; '.join(r['qualifiers'])}."
+        )
         ev = sum(weights[q] for q in r["qualifiers"])
         assert r["evidence"] == pytest.approx(ev, abs=1e-12)
         p = 1.0 / (1.0 + math.exp(-ev))
@@ -206,7 +210,9 @@ def test_weighed_records_follow_the_summed_evidence():
 
 def test_weighed_probes_are_distinct_combinations_expecting_the_majority_answer():
     probes = task_records.weighed_probe_records(512)
-    assert probes == task_records.weighed_probe_records(512) and probes[:5] != task_records.weighed_probe_records(5, seed=3)
+    assert probes == task_records.weighed_probe_records(512) and probes[:5] != task_records.weighed_probe_records(
+        5, seed=3
+    )
     assert len({tuple(r["qualifiers"]) for r in probes}) == 512 == len({r["prompt"] for r in probes})
     for r in probes:
         assert json.loads(r["response"])["has_principle"] == (r["evidence"] > 0)

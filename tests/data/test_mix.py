@@ -1,5 +1,6 @@
 """Data mixes (felix/data/mix.py): the sample order against a brute-force merge of exact due times, the realized
 fractions, the window permutations, random access == sequential reading, rank splits and resume."""
+
 from __future__ import annotations
 
 import random
@@ -9,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from felix.data.mix import (MixError, MixSampler, MixSchedule, MixStream, WindowPermutation, integer_quotas,
-                       normalize_weights, spread_windows)
+from felix.data.mix import (
+    MixError,
+    MixSampler,
+    MixSchedule,
+    MixStream,
+    WindowPermutation,
+    integer_quotas,
+    normalize_weights,
+    spread_windows,
+)
 
 
 def brute_force_order(quotas, n):
@@ -30,7 +39,7 @@ def test_schedule_matches_the_brute_force_merge():
         assert schedule.run(0, n + 5) == truth
         for g in rng.sample(range(n), 15):  # random access: one lookup, no replay
             assert schedule.locate(g) == truth[g]
-            assert schedule.run(g, 5) == truth[g:g + 5]
+            assert schedule.run(g, 5) == truth[g : g + 5]
             assert schedule.counts(g) == [sum(1 for i, _ in truth[:g] if i == s) for s in range(len(quotas))]
 
 
@@ -84,14 +93,14 @@ def test_sampler_reads_every_window_once_per_epoch_and_small_sources_wrap_sooner
     drawn = sampler.samples(0, 700)
     for source, n in ((0, 50), (1, 7)):
         windows = [w for i, w in drawn if i == source]
-        epochs = [windows[e * n:(e + 1) * n] for e in range(len(windows) // n)]
+        epochs = [windows[e * n : (e + 1) * n] for e in range(len(windows) // n)]
         assert epochs and all(sorted(e) == list(range(n)) for e in epochs)
         assert len({tuple(e) for e in epochs}) > 1  # a fresh order each epoch
     epochs = sampler.epochs(700)
     assert epochs == [350 / 50, 350 / 7] and epochs[1] > epochs[0]
     # random access anywhere equals the sequential read
     for g in (0, 1, 99, 350, 650):
-        assert sampler.samples(g, 50) == drawn[g:g + 50]
+        assert sampler.samples(g, 50) == drawn[g : g + 50]
     assert MixSampler([50, 7], [0.5, 0.5], seed=4).samples(0, 100) != drawn[:100]  # the seed matters
     with pytest.raises(MixError, match="small"):
         MixSampler([50, 0], [0.5, 0.5], seed=0, names=["big", "small"])
@@ -113,8 +122,14 @@ def test_stream_batches_ranks_and_resume():
     seq_len, batch = 16, 4
 
     def stream():
-        return MixStream(arrays, [0.7, 0.3], seq_len, seed=5, names=["web", "code"],
-                         identity={"web": {"fingerprint": "a"}, "code": {"fingerprint": "b"}})
+        return MixStream(
+            arrays,
+            [0.7, 0.3],
+            seq_len,
+            seed=5,
+            names=["web", "code"],
+            identity={"web": {"fingerprint": "a"}, "code": {"fingerprint": "b"}},
+        )
 
     single = stream()
     batches = [single.next_batch(batch) for _ in range(8)]
@@ -140,8 +155,14 @@ def test_stream_batches_ranks_and_resume():
     resumed.load_state_dict(state)
     assert torch.equal(resumed.next_batch(batch)[0], single.next_batch(batch)[0])
     assert single.source_counts() == dict(zip(["web", "code"], sampler.counts(36)))
-    changed = MixStream(arrays, [0.7, 0.3], seq_len, seed=5, names=["web", "code"],
-                        identity={"web": {"fingerprint": "a"}, "code": {"fingerprint": "c"}})
+    changed = MixStream(
+        arrays,
+        [0.7, 0.3],
+        seq_len,
+        seed=5,
+        names=["web", "code"],
+        identity={"web": {"fingerprint": "a"}, "code": {"fingerprint": "c"}},
+    )
     with pytest.raises(MixError, match=r"source 'code': fingerprint 'b' -> 'c'"):
         changed.load_state_dict(state)
     with pytest.raises(MixError, match="seq_len 16 -> 8"):

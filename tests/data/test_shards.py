@@ -1,6 +1,7 @@
 """Token shards (felix.data.shards) and the pretraining sources they read (felix.data.sources): round trip against the
 tokenizer itself, dtype choice, reads across shard boundaries, the content-hash validation split, interrupted and
 repeated prepares, every source kind and the errors of bad input."""
+
 from __future__ import annotations
 
 import gzip
@@ -69,8 +70,9 @@ def test_round_trip_matches_the_tokenizer(tmp_path, tokenizer_file, tok, workers
     records = [{"text": t} for t in texts[:40]] + [{"prompt": t[:50], "response": t[50:]} for t in texts[40:]]
     src = write_jsonl(tmp_path / "a.jsonl", records)
     rendered = texts[:40] + [chat_text(t[:50], t[50:]) for t in texts[40:]]
-    corpus = prepare_corpus([src], tokenizer_file, tmp_path / "out", workers=workers, val_fraction=0.2,
-                            shard_tokens=700, progress=False)
+    corpus = prepare_corpus(
+        [src], tokenizer_file, tmp_path / "out", workers=workers, val_fraction=0.2, shard_tokens=700, progress=False
+    )
     want = expected_tokens(rendered, tok, 0.2)
     assert want["val"] and want["train"]
     for split in ("train", "val"):
@@ -90,8 +92,9 @@ def test_round_trip_matches_the_tokenizer(tmp_path, tokenizer_file, tok, workers
 
 def test_read_across_shard_boundaries(tmp_path, tokenizer_file):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(50)])
-    corpus = prepare_corpus([src], tokenizer_file, tmp_path / "out", workers=1, val_fraction=0.0,
-                            shard_tokens=300, progress=False)
+    corpus = prepare_corpus(
+        [src], tokenizer_file, tmp_path / "out", workers=1, val_fraction=0.0, shard_tokens=300, progress=False
+    )
     arr = corpus.split("train")
     whole = raw_shard_tokens(corpus, "train")
     assert arr.n_tokens == len(whole)
@@ -99,7 +102,7 @@ def test_read_across_shard_boundaries(tmp_path, tokenizer_file):
     for _ in range(200):
         start = int(rng.integers(0, arr.n_tokens))
         length = int(rng.integers(0, min(1500, arr.n_tokens - start) + 1))
-        np.testing.assert_array_equal(arr.read(start, length), whole[start:start + length])
+        np.testing.assert_array_equal(arr.read(start, length), whole[start : start + length])
     with pytest.raises(IndexError):
         arr.read(arr.n_tokens - 3, 4)
     assert corpus.split("val").n_tokens == 0
@@ -130,8 +133,7 @@ def test_validation_split_follows_content(tmp_path, tokenizer_file):
     repeated = texts + texts[::3]  # duplicates within the file
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in repeated])
     # the same file twice: the second copy's documents must land where the first copy's did
-    corpus = prepare_corpus([src, src], tokenizer_file, tmp_path / "out", workers=1, val_fraction=0.4,
-                            progress=False)
+    corpus = prepare_corpus([src, src], tokenizer_file, tmp_path / "out", workers=1, val_fraction=0.4, progress=False)
     tok = Tokenizer.load(tokenizer_file)
     sides = {}
     for split in ("train", "val"):
@@ -139,7 +141,7 @@ def test_validation_split_follows_content(tmp_path, tokenizer_file):
         ids = arr.read(0, arr.n_tokens).tolist()
         bounds = [i for i, t in enumerate(ids) if t == tok.bos_id] + [len(ids)]
         for a, b in zip(bounds, bounds[1:]):
-            sides.setdefault(tok.decode(ids[a + 1:b - 1]), set()).add(split)
+            sides.setdefault(tok.decode(ids[a + 1 : b - 1]), set()).add(split)
     assert {len(s) for s in sides.values()} == {1}
     assert set(sides) == set(texts)
     val_docs = corpus.split("val").n_documents
@@ -150,8 +152,9 @@ def test_validation_split_follows_content(tmp_path, tokenizer_file):
 
 def test_killed_prepare_is_not_complete_and_rerun_continues(tmp_path, tokenizer_file, monkeypatch):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(120)])
-    clean = prepare_corpus([src], tokenizer_file, tmp_path / "clean", workers=1, val_fraction=0.1,
-                           shard_tokens=500, progress=False)
+    clean = prepare_corpus(
+        [src], tokenizer_file, tmp_path / "clean", workers=1, val_fraction=0.1, shard_tokens=500, progress=False
+    )
     monkeypatch.setattr(shards, "BATCH_CHARS", 2000)
     monkeypatch.setattr(shards, "CHECKPOINT_SECONDS", 0.0)
     real, calls = shards._encode_batch, []
@@ -171,8 +174,9 @@ def test_killed_prepare_is_not_complete_and_rerun_continues(tmp_path, tokenizer_
         PreparedCorpus.open(out)
     monkeypatch.setattr(shards, "_encode_batch", real)
     log = []
-    done = prepare_corpus([src], tokenizer_file, out, workers=1, val_fraction=0.1, shard_tokens=500,
-                          progress=False, log=log.append)
+    done = prepare_corpus(
+        [src], tokenizer_file, out, workers=1, val_fraction=0.1, shard_tokens=500, progress=False, log=log.append
+    )
     assert any("continuing" in line for line in log)
     assert done.fingerprint == clean.fingerprint
     run = done.manifest["last_run"]
@@ -180,8 +184,9 @@ def test_killed_prepare_is_not_complete_and_rerun_continues(tmp_path, tokenizer_
     assert 0 < run["tokens_encoded"] < done.split("train").n_tokens + done.split("val").n_tokens
     assert not (out / "prepare-state.json").exists() and not list(out.glob(".*partial"))
     # a third run on the complete directory is a no-op
-    again = prepare_corpus([src], tokenizer_file, out, workers=1, val_fraction=0.1, shard_tokens=500,
-                           progress=False, log=log.append)
+    again = prepare_corpus(
+        [src], tokenizer_file, out, workers=1, val_fraction=0.1, shard_tokens=500, progress=False, log=log.append
+    )
     assert again.fingerprint == clean.fingerprint and "nothing to do" in log[-1]
 
 
@@ -204,8 +209,9 @@ def test_interrupted_prepare_with_other_inputs_restarts(tmp_path, tokenizer_file
         prepare_corpus([a], tokenizer_file, tmp_path / "out", workers=1, shard_tokens=300, progress=False)
     monkeypatch.setattr(shards, "_encode_batch", real)
     log = []
-    corpus = prepare_corpus([b], tokenizer_file, tmp_path / "out", workers=1, shard_tokens=300, progress=False,
-                            log=log.append)
+    corpus = prepare_corpus(
+        [b], tokenizer_file, tmp_path / "out", workers=1, shard_tokens=300, progress=False, log=log.append
+    )
     fresh = prepare_corpus([b], tokenizer_file, tmp_path / "fresh", workers=1, shard_tokens=300, progress=False)
     assert any("starting over" in line for line in log)
     assert corpus.fingerprint == fresh.fingerprint
@@ -259,8 +265,9 @@ def test_every_source_kind_reads_the_same_documents(tmp_path):
     (tmp_path / "d" / "a.jsonl").write_bytes(lines)
     (tmp_path / "d" / "b.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "d" / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "d" / "e.parquet",
-                   row_group_size=7)
+    pq.write_table(
+        pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "d" / "e.parquet", row_group_size=7
+    )
     (tmp_path / "d" / "sub").mkdir()
     (tmp_path / "d" / "sub" / "f.txt").write_text("a whole file\n\nis one document\n", encoding="utf-8")
     (tmp_path / "d" / "ignored.csv").write_text("x,y\n")
@@ -291,8 +298,9 @@ def test_source_errors_name_the_file(tmp_path):
         list(SourceReader(tmp_path / "bad.jsonl"))
     (tmp_path / "some.jsonl").write_text('{"text": "a"}\n{"text": "b"}\nnot json\n')
     reader = SourceReader(tmp_path / "some.jsonl")
-    assert list(reader) == ["a", "b"] and reader.stats.problems == [f"{tmp_path / 'some.jsonl'}:3: not valid JSON "
-                                                                   "(Expecting value)"]
+    assert list(reader) == ["a", "b"] and reader.stats.problems == [
+        f"{tmp_path / 'some.jsonl'}:3: not valid JSON (Expecting value)"
+    ]
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"empty\.jsonl: no usable documents"):
         list(SourceReader(tmp_path / "empty.jsonl"))
@@ -326,8 +334,24 @@ def test_failed_prepare_leaves_no_manifest(tmp_path, tokenizer_file):
 def test_cli_prepare_and_errors(tmp_path, tokenizer_file, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(20)])
     out = tmp_path / "out"
-    assert main(["data", "prepare", str(src), "--tokenizer", str(tokenizer_file), "--out", str(out),
-                 "--workers", "1", "--val-fraction", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(src),
+                "--tokenizer",
+                str(tokenizer_file),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--val-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     corpus = PreparedCorpus.open(out)
     assert f"{corpus.split('train').n_tokens:,} tokens" in printed
@@ -339,16 +363,34 @@ def test_cli_prepare_and_errors(tmp_path, tokenizer_file, capsys):
         ([str(tmp_path / "nothing.jsonl")], "does not exist"),
         ([str(src), "--val-fraction", "1.5"], "val_fraction"),
     ]:
-        assert main(["data", "prepare", *argv, "--tokenizer", str(tokenizer_file), "--out",
-                     str(tmp_path / "o2"), "--workers", "1"]) == 2
+        assert (
+            main(
+                [
+                    "data",
+                    "prepare",
+                    *argv,
+                    "--tokenizer",
+                    str(tokenizer_file),
+                    "--out",
+                    str(tmp_path / "o2"),
+                    "--workers",
+                    "1",
+                ]
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
     other = tmp_path / "b.jsonl"
     shutil.copy(src, other)
-    assert main(["data", "prepare", str(other), "--tokenizer", str(tokenizer_file), "--out", str(out),
-                 "--workers", "1"]) == 2
+    assert (
+        main(["data", "prepare", str(other), "--tokenizer", str(tokenizer_file), "--out", str(out), "--workers", "1"])
+        == 2
+    )
     assert "--force" in capsys.readouterr().err
-    assert main(["data", "prepare", str(src), "--tokenizer", str(tmp_path / "none.json"), "--out",
-                 str(tmp_path / "o3")]) == 2
+    assert (
+        main(["data", "prepare", str(src), "--tokenizer", str(tmp_path / "none.json"), "--out", str(tmp_path / "o3")])
+        == 2
+    )
     assert "no tokenizer" in capsys.readouterr().err
 
 
@@ -381,16 +423,18 @@ def test_parallel_prepare_ends_under_a_parents_sigterm_handler(tmp_path, tokeniz
 
     good = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs(20)])
     (tmp_path / "b.jsonl").write_text("nope\n" * 10 + '{"text": "x"}\n')
-    script = ("import signal\n"
-              "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-              "from felix.data.corpus import DataError\n"
-              "from felix.data.shards import prepare_corpus\n"
-              "for i in range(5):\n"
-              "    try:\n"
-              f"        prepare_corpus([{str(good)!r}, {str(tmp_path / 'b.jsonl')!r}], {str(tokenizer_file)!r},"
-              f" {str(tmp_path)!r} + f'/out{{i}}', workers=2, progress=False, log=lambda m: None)\n"
-              "    except DataError:\n"
-              "        print('refused')\n")
+    script = (
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "from felix.data.corpus import DataError\n"
+        "from felix.data.shards import prepare_corpus\n"
+        "for i in range(5):\n"
+        "    try:\n"
+        f"        prepare_corpus([{str(good)!r}, {str(tmp_path / 'b.jsonl')!r}], {str(tokenizer_file)!r},"
+        f" {str(tmp_path)!r} + f'/out{{i}}', workers=2, progress=False, log=lambda m: None)\n"
+        "    except DataError:\n"
+        "        print('refused')\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["refused"] * 5

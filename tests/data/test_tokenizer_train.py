@@ -1,5 +1,6 @@
 """`felix tokenizer train`: a bounded, streamed sample (the caps stop the reading), Felix's special tokens at ids
 0-6, the sample reported, the output written atomically and never over an existing file without --force."""
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,9 @@ def test_sample_stops_at_the_character_cap(tmp_path):
     with pytest.raises(DataError, match=r"a\.jsonl: 500 of 550"):
         list(bounded_sample([tmp_path / "a.jsonl"], max_chars=10**9, doc_cap=10**6))
     sample = TokenizerSample(max_chars=1000, doc_cap=300)
-    texts = list(bounded_sample([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], max_chars=1000, doc_cap=300,
-                                sample=sample))
+    texts = list(
+        bounded_sample([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], max_chars=1000, doc_cap=300, sample=sample)
+    )
     assert sum(map(len, texts)) == 1000 and sample.chars == 1000 and sample.capped
     assert texts[0] == docs[0][:300] and max(map(len, texts)) == 300
     assert sample.documents == len(texts) == 4 and sample.truncated_documents == 4  # each ~380 chars
@@ -61,8 +63,20 @@ def test_cli_writes_atomically_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(argv[:-2] + ["--force"]) == 0 and file_sha256(out) != before  # a bigger sample, another tokenizer
     assert {p.name for p in tmp_path.iterdir()} == {"c.jsonl", "tok.json"}  # no temporary file left
     (tmp_path / "empty.jsonl").write_text("\n")
-    assert main(["tokenizer", "train", str(tmp_path / "empty.jsonl"), "--vocab-size", "500", "--out",
-                 str(tmp_path / "t2.json")]) == 2
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path / "empty.jsonl"),
+                "--vocab-size",
+                "500",
+                "--out",
+                str(tmp_path / "t2.json"),
+            ]
+        )
+        == 2
+    )
     assert "no usable documents" in capsys.readouterr().err and not (tmp_path / "t2.json").exists()
     assert main(["tokenizer", "train", str(corpus), "--vocab-size", "100", "--out", str(tmp_path / "t3.json")]) == 2
     assert "too small" in capsys.readouterr().err

@@ -3,6 +3,7 @@ format, checked against its original f-string definition), chat_messages (any nu
 every export writes (rendered here with jinja2's sandbox under both whitespace settings; tests/ship/test_serve_llamacpp.py
 renders it with llama-cpp-python), its inverse messages_from_prompt, the exporter's special-token metadata for
 every arch and type, and the probe schemas as JSON Schema."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ from felix.model.felix_lm import FelixConfig, FelixLM, save_checkpoint
 from felix.ops.quant_policy import EXPORT_TYPES
 from felix.model.tokenizer import BOS, train_tokenizer
 
-PROMPTS = ["Encode this observation.\nObservation: x", "", "naïve café 日本語 🙂 {\"a\": [1, 2]}\n\n  tail  ",
-           "<|user|> inside text"]
+PROMPTS = [
+    "Encode this observation.\nObservation: x",
+    "",
+    'naïve café 日本語 🙂 {"a": [1, 2]}\n\n  tail  ',
+    "<|user|> inside text",
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "q"}],
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}],
@@ -49,7 +54,7 @@ def original_chat_prompt(prompt, system=None):
 @pytest.mark.parametrize("system", [None, "", "You answer in JSON.", "multi\nline"])
 def test_one_turn_format_is_unchanged(system):
     for prompt in PROMPTS:
-        assert chat.chat_text(prompt, "{\"r\": 1}", system) == original_chat_text(prompt, "{\"r\": 1}", system)
+        assert chat.chat_text(prompt, '{"r": 1}', system) == original_chat_text(prompt, '{"r": 1}', system)
         assert chat.chat_prompt(prompt, system) == original_chat_prompt(prompt, system)
 
 
@@ -63,14 +68,16 @@ def test_template_renders_the_formatter(trim):
 
     for messages in CONVERSATIONS + [[{"role": "user", "content": p}] for p in PROMPTS]:
         for gen in (True, False):
-            got = template.render(messages=messages, add_generation_prompt=gen, bos_token=BOS,
-                                  raise_exception=raise_exception)
+            got = template.render(
+                messages=messages, add_generation_prompt=gen, bos_token=BOS, raise_exception=raise_exception
+            )
             assert got == BOS + chat.chat_messages(messages, gen)
     with pytest.raises(ValueError, match="unknown role"):
         template.render(messages=[{"role": "tool", "content": "x"}], bos_token=BOS, raise_exception=raise_exception)
     with pytest.raises(ValueError, match="string"):
-        template.render(messages=[{"role": "user", "content": [{"type": "text"}]}], bos_token=BOS,
-                        raise_exception=raise_exception)
+        template.render(
+            messages=[{"role": "user", "content": [{"type": "text"}]}], bos_token=BOS, raise_exception=raise_exception
+        )
     with pytest.raises(ValueError, match="role 'tool'"):
         chat.chat_messages([{"role": "tool", "content": "x"}])
 
@@ -90,14 +97,24 @@ def tiny_checkpoint(tmp_path_factory):
     texts = [chat.chat_text(r["prompt"], r["response"]) for r in task_records.structured_records(40, 3)]
     tok = train_tokenizer(texts, 320)
     torch.manual_seed(0)
-    cfg = FelixConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, n_kv_head=1, ffn_hidden=64,
-                      max_seq_len=64, splice_layers=[])
+    cfg = FelixConfig(
+        vocab_size=tok.vocab_size,
+        n_layer=1,
+        d_model=32,
+        n_head=2,
+        n_kv_head=1,
+        ffn_hidden=64,
+        max_seq_len=64,
+        splice_layers=[],
+    )
     return save_checkpoint(tmp_path_factory.mktemp("chat") / "ck", FelixLM(cfg), tok), tok
 
 
-@pytest.mark.parametrize("arch,quant", [("llama", q) for q in EXPORT_TYPES if q not in FORMATS
-                                        or FORMATS[q].runtime == "stock"]
-                         + [("felix", q) for q in EXPORT_TYPES])
+@pytest.mark.parametrize(
+    "arch,quant",
+    [("llama", q) for q in EXPORT_TYPES if q not in FORMATS or FORMATS[q].runtime == "stock"]
+    + [("felix", q) for q in EXPORT_TYPES],
+)
 def test_every_export_carries_the_chat_metadata(tiny_checkpoint, tmp_path, arch, quant):
     directory, tok = tiny_checkpoint
     out = export_gguf(directory, tmp_path / "m.gguf", arch=arch, quant=quant).path
@@ -112,8 +129,15 @@ def test_every_export_carries_the_chat_metadata(tiny_checkpoint, tmp_path, arch,
 def test_probe_schemas_as_json_schema():
     schemas = builtin_schemas()
     enc = json_schema(schemas["encoding"])
-    assert list(enc["properties"]) == ["gist", "summary", "concepts", "structured_concepts", "significance",
-                                       "salience", "emotional_tone"]
+    assert list(enc["properties"]) == [
+        "gist",
+        "summary",
+        "concepts",
+        "structured_concepts",
+        "significance",
+        "salience",
+        "emotional_tone",
+    ]
     assert enc["required"] == list(enc["properties"]) and enc["additionalProperties"] is False
     sc = enc["properties"]["structured_concepts"]
     assert sc["type"] == "object" and list(sc["properties"]) == ["people", "systems", "actions", "kind"]

@@ -1,4 +1,5 @@
 """Felix-LM model: presets, RoPE layout, splices, loss seam, overfitting, checkpoints."""
+
 from __future__ import annotations
 
 import math
@@ -11,12 +12,15 @@ from felix.model import felix_lm as M
 
 
 def small_cfg(**kw):
-    return M.FelixConfig(**{**dict(vocab_size=96, n_layer=4, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=96,
-                                   max_seq_len=32), **kw})
+    return M.FelixConfig(
+        **{**dict(vocab_size=96, n_layer=4, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=96, max_seq_len=32), **kw}
+    )
 
 
-@pytest.mark.parametrize("name, low, high", [("tiny", 0.5e6, 2e6), ("pilot-50m", 45e6, 60e6),
-                                             ("felix-300m", 300e6, 350e6), ("felix-500m", 450e6, 550e6)])
+@pytest.mark.parametrize(
+    "name, low, high",
+    [("tiny", 0.5e6, 2e6), ("pilot-50m", 45e6, 60e6), ("felix-300m", 300e6, 350e6), ("felix-500m", 450e6, 550e6)],
+)
 def test_preset_parameter_counts(name, low, high):
     cfg = M.preset(name)
     counts = M.parameter_counts(cfg)
@@ -25,8 +29,9 @@ def test_preset_parameter_counts(name, low, high):
         model = M.FelixLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == counts["total"]
     assert counts["splice"] == sum(p.numel() for n, p in model.named_parameters() if ".splice." in n)
-    assert sorted({n.split(".")[1] for n, _ in model.named_parameters() if ".splice." in n}, key=int) == \
-        [str(i) for i in range(3, cfg.n_layer, 4)]
+    assert sorted({n.split(".")[1] for n, _ in model.named_parameters() if ".splice." in n}, key=int) == [
+        str(i) for i in range(3, cfg.n_layer, 4)
+    ]
 
 
 def test_felix_300m_shape():
@@ -53,9 +58,9 @@ def test_rope_rotates_adjacent_pairs(gen):
     got = M.apply_rope(x.float(), cos, sin).double()
     pos = torch.arange(T, dtype=torch.float64)[:, None]
     freq = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
-    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones(T, D // 2,
-                                                                                              dtype=torch.float64),
-                                                                                   pos * freq)
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(
+        torch.ones(T, D // 2, dtype=torch.float64), pos * freq
+    )
     want = torch.view_as_real(z).flatten(-2)
     assert (got - want).abs().max() < 1e-5
     # relative positions: <rope(q, m), rope(k, n)> depends on m - n only
@@ -159,7 +164,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(M.CheckpointError, match="corrupt or truncated"):
         M.load_checkpoint(tmp_path / "ck")
-    (tmp_path / "ck" / "config.json").write_text("{\"n_layer\": ")
+    (tmp_path / "ck" / "config.json").write_text('{"n_layer": ')
     with pytest.raises(M.CheckpointError, match="config.json is corrupt"):
         M.load_checkpoint(tmp_path / "ck")
     with pytest.raises(M.CheckpointError, match="config.json is missing"):

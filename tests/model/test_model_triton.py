@@ -1,5 +1,6 @@
 """The tiny Felix-LM with felix.attention's Triton kernels (interpreter) vs its torch reference backend:
 same logits, same loss, same gradients for every parameter. fp32 (bf16 is wrong in the interpreter)."""
+
 import torch
 
 
@@ -21,7 +22,11 @@ def backend_differences(seed: int):
         logits = model(tokens[:, :-1], attention_backend=backend)
         parts = model.loss(tokens[:, :-1], tokens[:, 1:], whitelist, 1.0, 0.5, attention_backend=backend)
         parts.loss.backward()
-        results[backend] = (logits.detach(), float(parts.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()})
+        results[backend] = (
+            logits.detach(),
+            float(parts.loss.detach()),
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+        )
     ref, tri = results["reference"], results["triton"]
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
     grads = {n: rel(tri[2][n], ref[2][n]) for n in ref[2]}
@@ -32,7 +37,11 @@ def test_tiny_model_triton_matches_reference(interpret, seed):
     logits_err, loss_err, grad_errs = interpret(backend_differences, seed)
     assert logits_err < 1e-4 and loss_err < 1e-4, (logits_err, loss_err)
     worst = max(grad_errs, key=grad_errs.get)
-    print(f"tiny model triton vs reference: logits rel {logits_err:.2e}, loss abs {loss_err:.2e}, worst grad rel "
-          f"{grad_errs[worst]:.2e} ({worst})")
+    print(
+        f"tiny model triton vs reference: logits rel {logits_err:.2e}, loss abs {loss_err:.2e}, worst grad rel "
+        f"{grad_errs[worst]:.2e} ({worst})"
+    )
     assert grad_errs[worst] < 1e-3, (worst, grad_errs[worst])
-    assert len(grad_errs) == 4 * 9 + 2 + 3  # 4 blocks x (2 norms + 7 projections), embedding, final norm, splice a/b/gate
+    assert (
+        len(grad_errs) == 4 * 9 + 2 + 3
+    )  # 4 blocks x (2 norms + 7 projections), embedding, final norm, splice a/b/gate

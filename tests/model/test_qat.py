@@ -2,6 +2,7 @@
 BitNet codec writes TQ2_0 blocks that gguf-py decodes to BitNet's definition, the backward is the straight-through
 estimator, checkpoints keep the latent weights under their plain names, `felix train --qat` trains and records the
 mode, and `felix export` writes the bytes the forward decoded."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,17 @@ FORMAT_MODES = tuple(felix.FORMATS)
 
 def small_model(seed: int = SEED, splice: bool = False) -> FelixLM:
     torch.manual_seed(seed)
-    cfg = FelixConfig(vocab_size=300, n_layer=1, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512, max_seq_len=64,
-                      splice_layers=[0] if splice else [], init_std=0.05)
+    cfg = FelixConfig(
+        vocab_size=300,
+        n_layer=1,
+        d_model=256,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=512,
+        max_seq_len=64,
+        splice_layers=[0] if splice else [],
+        init_std=0.05,
+    )
     return FelixLM(cfg)
 
 
@@ -41,8 +51,8 @@ def test_bitnet_codec_is_bitnet_and_gguf_reads_it():
 
     g = torch.Generator().manual_seed(SEED)
     w = torch.randn(24, 512, generator=g) * torch.exp(torch.randn(24, 1, generator=g))
-    w[3, :256] = 0.0                          # an all-zero block: scale 0, every weight 0
-    w[5, 7] = 40.0                            # an outlier pulls the absmean but not the other weights to zero
+    w[3, :256] = 0.0  # an all-zero block: scale 0, every weight 0
+    w[5, 7] = 40.0  # an outlier pulls the absmean but not the other weights to zero
     blocks = qat.quantize_ternary_absmean(w)
     assert blocks.shape == (24, 2 * 66) and blocks.dtype == torch.uint8
     ours = felix.dequantize(blocks, "tq2_0", w.shape)
@@ -52,7 +62,11 @@ def test_bitnet_codec_is_bitnet_and_gguf_reads_it():
     assert np.array_equal(theirs.astype(np.float64), truth.numpy())
     assert set(torch.unique(ours[0, :256] / ours[0, :256].abs().max()).tolist()) == {-1.0, 0.0, 1.0}
     # not ggml's absmax rounding: with absmax most weights of a Gaussian block would be 0
-    assert (ours != 0).double().mean() > 0.5 > (felix.dequantize(felix.quantize(w, "tq2_0"), "tq2_0", w.shape) != 0).double().mean()
+    assert (
+        (ours != 0).double().mean()
+        > 0.5
+        > (felix.dequantize(felix.quantize(w, "tq2_0"), "tq2_0", w.shape) != 0).double().mean()
+    )
 
 
 def test_bitnet_codec_refuses_bad_input():
@@ -155,8 +169,7 @@ def test_felix_train_qat_trains_and_records(tmp_path):
     from felix.train.loop import train
 
     docs = write_docs(tmp_path / "d.jsonl", 60, SEED)
-    cfg = tiny_run(tmp_path, "qat", preset="tiny-256", data=[docs], steps=6, eval_every=3, warmup_steps=1,
-                   qat="bitnet")
+    cfg = tiny_run(tmp_path, "qat", preset="tiny-256", data=[docs], steps=6, eval_every=3, warmup_steps=1, qat="bitnet")
     res = train(cfg)
     ck = res.out_dir / "checkpoint"
     rec = qat.read_qat_config(ck)

@@ -1,6 +1,7 @@
 """Spokes in Felix-LM (felix.model.spokes) outside the runtime: freezing the hub, spoke files tied to their hub, the export
 of real spokes in the fork's fused form (types, metadata, loader rules) and the import back, and the refusals: spokes
 the fork cannot load, spokes on the stock llama arch, a spoke file whose hub does not match."""
+
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def test_spoke_file_round_trip_and_hub_mismatch(hub, tmp_path, seed):
 
 
 def test_export_writes_the_trained_spokes_fused_and_imports_them_back(hub, tmp_path, seed):
-    m, tok = with_spokes(hub, seed, layers=[1])   # layer 0 has none: written as a no-op of the same shape
+    m, tok = with_spokes(hub, seed, layers=[1])  # layer 0 has none: written as a no-op of the same shape
     directory = save_checkpoint(tmp_path / "ckpt", m, tok)
     out = tmp_path / "spokes.gguf"
     res = export_gguf(directory, out, arch="felix", quant="rq4")
@@ -87,7 +88,7 @@ def test_export_writes_the_trained_spokes_fused_and_imports_them_back(hub, tmp_p
     want = m.state_dict()
     for k, v in back.state_dict().items():
         if ".spoke." in k and k.startswith("blk.1."):
-            assert torch.equal(v, want[k]), k            # F32: exact
+            assert torch.equal(v, want[k]), k  # F32: exact
     assert not back.blk[0].spoke.w_up_fused.weight.any()
     # the spoke file of a run exports onto its hub; a foreign one is refused
     spoke_file = spokes.save_spokes(tmp_path / "s.safetensors", m)

@@ -8,6 +8,7 @@
   even (nearest_int): asserted equal.
 * The model hook: with exact activations the model is unchanged; rounding a q4_0 plan touches every matmul input.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -55,8 +56,8 @@ def test_q8_k_matches_ggml_quantize_row_q8_k_ref(gen):
     for fn in (quant, dequant):
         fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     x = activations(gen, 16, 4 * AR.Q8_K_BLOCK)
-    x[3] = 0.0                                  # an all-zero row: d = 0
-    x[5, 7] = -x[5].abs().max() * 3             # the signed max is negative in some blocks
+    x[3] = 0.0  # an all-zero row: d = 0
+    x[5, 7] = -x[5].abs().max() * 3  # the signed max is negative in some blocks
     xs = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     buf = np.empty(xs.size // AR.Q8_K_BLOCK * Q8_K_BYTES, dtype=np.uint8)
     quant(xs.ctypes.data, buf.ctypes.data, xs.size)
@@ -75,8 +76,15 @@ def test_round_activations_types_and_errors(gen):
         AR.round_q8_k(x)
     with pytest.raises(ValueError, match="unknown activation type"):
         AR.round_activations(x, "q4_0")
-    assert [AR.vec_dot_type(t) for t in ("f32", "f16", "q4_0", "iq4_nl", "rq4", "q8_0", "tq2_0")] == \
-        [None, "f16", "q8_0", "q8_0", "q8_0", "q8_0", "q8_k"]
+    assert [AR.vec_dot_type(t) for t in ("f32", "f16", "q4_0", "iq4_nl", "rq4", "q8_0", "tq2_0")] == [
+        None,
+        "f16",
+        "q8_0",
+        "q8_0",
+        "q8_0",
+        "q8_0",
+        "q8_k",
+    ]
 
 
 def test_model_hook_rounds_every_matmul_input_and_none_restores(gen):
@@ -117,9 +125,9 @@ def test_runtime_attention_is_causal_gqa_attention_up_to_f16(gen):
 
     q = torch.randn(2, 4, 37, 32, generator=gen)
     k, v = torch.randn(2, 2, 37, 32, generator=gen), torch.randn(2, 2, 37, 32, generator=gen)
-    want = attention_forward(q.double(), k.double(), v.double(), causal=True, scale=32 ** -0.5)[0]
+    want = attention_forward(q.double(), k.double(), v.double(), causal=True, scale=32**-0.5)[0]
     got = AR.runtime_attention(q, k, v)
     exact = AR.runtime_attention(q, k, v, kv_type=None)
     assert (exact.double() - want).abs().max() < 1e-5
     err = (got.double() - want).abs().max()
-    assert 1e-5 < err < 8 * 2.0**-11 * want.abs().max()   # a few f16 ulps, and not zero: it does round
+    assert 1e-5 < err < 8 * 2.0**-11 * want.abs().max()  # a few f16 ulps, and not zero: it does round

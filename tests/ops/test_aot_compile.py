@@ -2,6 +2,7 @@
 and sm_90 (H100), on this CPU-only machine, with no register spills and within the LDS budget.
 The resource report (registers, LDS/shared memory, spills, occupancy) is printed at the end of the run.
 """
+
 import pytest
 
 from conftest import AOT_REPORTS

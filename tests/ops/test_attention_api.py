@@ -1,5 +1,6 @@
 """The public attention API (reference backend): clear errors on bad input, dispatch, the reference
 against plain float64 autograd math, and well-formed torch.library ops that torch.compile traces."""
+
 import math
 
 import pytest
@@ -99,7 +100,8 @@ def test_lse_is_the_log_sum_exp_of_the_scaled_scores(gen):
     q, k, v = qkv(gen, dtype=torch.float64)
     out, lse = attn_ops._attention_fwd_op(q, k, v, True, 0.5, "reference")
     s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5).masked_fill(
-        torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+        torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf")
+    )
     torch.testing.assert_close(lse, torch.logsumexp(s, -1))
 
 
@@ -110,8 +112,9 @@ def test_custom_ops_pass_opcheck(gen):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(attn_ops._attention_fwd_op, (*leaves, False, 0.25, "reference"))
     out, lse = attn_ops._attention_fwd_op(q, k, v, True, 0.25, "reference")
-    torch.library.opcheck(attn_ops._attention_bwd_op, (torch.randn_like(out), q, k, v, out, lse, True, 0.25,
-                                                       "reference"))
+    torch.library.opcheck(
+        attn_ops._attention_bwd_op, (torch.randn_like(out), q, k, v, out, lse, True, 0.25, "reference")
+    )
 
 
 def test_torch_compile_traces_forward_and_backward_without_graph_breaks(gen):

@@ -5,6 +5,7 @@ causal and not, grouped-query and not; plus gradcheck in float64 through the ker
 fp32 and fp16 only: bf16 math is wrong in the interpreter (triton-lang/triton#11584); bf16 runs on
 the GPU tier. Each case runs in an isolated worker (an out-of-bounds access would kill the process).
 """
+
 import pytest
 import torch
 
@@ -12,12 +13,12 @@ from felix.ops.reference.tolerances import tolerance
 
 # (B, H, H_kv, T_q, T_k, D, causal)
 CASES = [
-    (1, 4, 2, 19, 19, 32, True),     # GQA, ragged, causal
-    (2, 2, 2, 7, 7, 64, False),      # T < one tile
-    (1, 2, 1, 33, 33, 32, True),     # MQA, three tiles, ragged
-    (1, 1, 1, 1, 1, 32, True),       # a single token
+    (1, 4, 2, 19, 19, 32, True),  # GQA, ragged, causal
+    (2, 2, 2, 7, 7, 64, False),  # T < one tile
+    (1, 2, 1, 33, 33, 32, True),  # MQA, three tiles, ragged
+    (1, 1, 1, 1, 1, 32, True),  # a single token
     (1, 2, 2, 17, 17, 64, True),
-    (1, 4, 2, 5, 23, 32, False),     # cross attention, T_q != T_k
+    (1, 4, 2, 5, 23, 32, False),  # cross attention, T_q != T_k
     (1, 2, 1, 18, 18, 128, True),
 ]
 
@@ -36,7 +37,7 @@ def case_errors(case, dtype_name: str, seed: int):
     k = torch.randn(B, H_kv, T_k, D, generator=g).to(dtype)
     v = torch.randn(B, H_kv, T_k, D, generator=g).to(dtype)
     dout = torch.randn(B, H, T_q, D, generator=g)
-    scale = 0.7 / D ** 0.5
+    scale = 0.7 / D**0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = felix.attention(*leaves, causal=causal, scale=scale, backend="triton")
     out.backward(dout.to(dtype))
@@ -61,13 +62,16 @@ BARS = {name: tolerance("attention/interpreter", getattr(torch, name)) for name 
 
 
 # Every case in fp32 and fp16, except head_dim 128 (fp32 only: one such case is enough under the slow interpreter)
-DTYPE_CASES = [(case, dtype) for case in CASES for dtype in ("float32", "float16")
-               if not (dtype == "float16" and case[5] == 128)]
+DTYPE_CASES = [
+    (case, dtype) for case in CASES for dtype in ("float32", "float16") if not (dtype == "float16" and case[5] == 128)
+]
 
 
-@pytest.mark.parametrize("case,dtype", DTYPE_CASES,
-                         ids=lambda c: c if isinstance(c, str) else
-                         "B{}H{}kv{}T{}x{}D{}{}".format(*c[:6], "c" if c[6] else ""))
+@pytest.mark.parametrize(
+    "case,dtype",
+    DTYPE_CASES,
+    ids=lambda c: c if isinstance(c, str) else "B{}H{}kv{}T{}x{}D{}{}".format(*c[:6], "c" if c[6] else ""),
+)
 def test_kernels_match_float64(interpret, case, dtype, seed):
     r = interpret(case_errors, case, dtype, seed)
     assert r.pop("dtype_ok")
@@ -81,7 +85,7 @@ def case_gradcheck(seed: int):
 
     g = torch.Generator().manual_seed(seed)
     ok = []
-    for (H, H_kv, T, causal) in [(2, 1, 5, True), (2, 2, 4, False)]:
+    for H, H_kv, T, causal in [(2, 1, 5, True), (2, 2, 4, False)]:
         q = torch.randn(1, H, T, 32, generator=g, dtype=torch.float64, requires_grad=True)
         k = torch.randn(1, H_kv, T, 32, generator=g, dtype=torch.float64, requires_grad=True)
         v = torch.randn(1, H_kv, T, 32, generator=g, dtype=torch.float64, requires_grad=True)
@@ -119,7 +123,8 @@ def case_register_saving_variants(seed: int):
 
     saved = kernels.LAUNCH_CONFIGS["interpreter"]
     kernels.LAUNCH_CONFIGS["interpreter"] = {
-        d: {k: dict(c, stream=16) for k, c in cfgs.items()} for d, cfgs in saved.items()}
+        d: {k: dict(c, stream=16) for k, c in cfgs.items()} for d, cfgs in saved.items()
+    }
     try:
         return case_errors((1, 4, 2, 21, 21, 32, True), "float32", seed)
     finally:

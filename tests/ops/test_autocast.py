@@ -6,6 +6,7 @@ for the loss). Codecs are not matmuls and do not change. The loss test is in the
 test_amp (fp32 leaves, the op called under autocast, compared with torch's own autocast path), plus an exact
 float64 truth on the bf16-rounded operands with bounds derived below.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from felix.ops.reference.loss import textbook_loss
 from felix.testing.loss_cases import make_case
 
 BF16 = torch.bfloat16
-U_BF16 = 2.0 ** -8  # bf16 unit roundoff: 8 significant bits
+U_BF16 = 2.0**-8  # bf16 unit roundoff: 8 significant bits
 
 
 def autocast():
@@ -41,8 +42,9 @@ def test_loss_amp_reference_matches_spec_on_autocast_operands(seed, bias, chunk)
     hp = dict(margin=2.0, lambda_q=0.3, z_loss=1e-3)
     leaves = [x.clone().requires_grad_() for x in (h, w) + ((b,) if bias else ())]
     with autocast():
-        out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, bias=leaves[2] if bias else None,
-                                    chunk_size=chunk, backend="reference", **hp)
+        out = felix.linear_ce_quail(
+            leaves[0], leaves[1], t, wl, bias=leaves[2] if bias else None, chunk_size=chunk, backend="reference", **hp
+        )
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     hb, wb = h.to(BF16), w.to(BF16)
@@ -66,7 +68,9 @@ def test_loss_amp_reference_matches_spec_on_autocast_operands(seed, bias, chunk)
     for name, leaf, want, bound in zip(("dh", "dW", "db"), leaves, truths, bounds):
         assert leaf.grad.dtype == torch.float32, name
         err = (leaf.grad.double() - want).abs()
-        assert bool((err <= 1.01 * bound + 1e-9).all()), f"{name}: worst err/bound {float((err / (bound + 1e-30)).max()):.3g}"
+        assert bool((err <= 1.01 * bound + 1e-9).all()), (
+            f"{name}: worst err/bound {float((err / (bound + 1e-30)).max()):.3g}"
+        )
 
 
 def test_loss_amp_like_liger(seed):
@@ -135,7 +139,11 @@ def _same_under_autocast(fn, *inputs):
 
 def test_attention_lowrank_qmatmul_take_the_autocast_dtype(seed):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(1, 4, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g), torch.randn(1, 2, 9, 32, generator=g)
+    q, k, v = (
+        torch.randn(1, 4, 9, 32, generator=g),
+        torch.randn(1, 2, 9, 32, generator=g),
+        torch.randn(1, 2, 9, 32, generator=g),
+    )
     out = _same_under_autocast(lambda a, b_, c: felix.attention(a, b_, c, backend="reference"), q, k, v)
     ref = felix.attention(q.to(BF16).double(), k.to(BF16).double(), v.to(BF16).double(), backend="reference")
     # fp32 accumulation inside, output rounded to bf16 once: u relative (plus fp32's ~1e-6)
@@ -173,6 +181,7 @@ def test_spoke_residual_ignores_autocast(seed):
         return [y.detach()] + [t.grad for t in leaves]
 
     import contextlib
+
     for plain, inside in zip(run(contextlib.nullcontext()), run(autocast())):
         assert plain.dtype == inside.dtype == torch.float32 and torch.equal(plain, inside)
 

@@ -1,5 +1,6 @@
 """The public codec API: bad input gets a clear ValueError, dispatch picks the right backend, and the
 custom ops are well-formed torch.library ops that torch.compile can trace."""
+
 import pytest
 import torch
 
@@ -14,11 +15,14 @@ def x(gen):
 
 
 # ------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("bad,match", [
-    (float("nan"), r"non-finite value\(s\) \(NaN\), first at index \(1, 3\)"),
-    (float("inf"), r"non-finite value\(s\) \(Inf\), first at index \(1, 3\)"),
-    (1e9, r"beyond .* block scale overflows fp16"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (float("nan"), r"non-finite value\(s\) \(NaN\), first at index \(1, 3\)"),
+        (float("inf"), r"non-finite value\(s\) \(Inf\), first at index \(1, 3\)"),
+        (1e9, r"beyond .* block scale overflows fp16"),
+    ],
+)
 def test_quantize_refuses_non_finite_and_out_of_range(x, bad, match):
     x[1, 3] = bad
     with pytest.raises(ValueError, match=match):
@@ -169,8 +173,9 @@ def test_quant_matmul_with_nothing_to_sum_or_no_outputs(gen, fmt):
     assert y.shape == (3, 5) and torch.equal(y, torch.matmul(x.detach(), torch.zeros(0, 5)))
     y.sum().backward()
     assert x.grad.shape == (3, 0)
-    assert felix.quant_matmul(torch.randn(2, 4, 64, generator=gen), torch.zeros(0, 2 * f.bytes_per_block,
-                                                                               dtype=torch.uint8), fmt, 0).shape == (2, 4, 0)
+    assert felix.quant_matmul(
+        torch.randn(2, 4, 64, generator=gen), torch.zeros(0, 2 * f.bytes_per_block, dtype=torch.uint8), fmt, 0
+    ).shape == (2, 4, 0)
     w = torch.randn(6, 64, generator=gen) * 0.05
     assert felix.quant_matmul(torch.zeros(0, 64), felix.quantize(w, fmt), fmt, 6).shape == (0, 6)
 
@@ -185,7 +190,7 @@ def test_quant_matmul_refuses_blocks_in_another_byte_order(gen):
 
 
 def test_quant_matmul_on_meta_tensors_propagates_shapes():
-    y = felix.quant_matmul(torch.empty(2, 3, 64, device="meta"), torch.empty(5, 36, dtype=torch.uint8, device="meta"),
-                           "rq4", 5)
+    y = felix.quant_matmul(
+        torch.empty(2, 3, 64, device="meta"), torch.empty(5, 36, dtype=torch.uint8, device="meta"), "rq4", 5
+    )
     assert y.device.type == "meta" and y.shape == (2, 3, 5)
-

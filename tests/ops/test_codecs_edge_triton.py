@@ -1,6 +1,7 @@
 """The codec API's edge inputs (empty tensors, K = 0, transposed blocks) with the Triton backend, under the
 interpreter in an isolated worker (tests/conftest.py's `interpret`): the Triton backend goes through the same
 public-API validation as the reference and C++ backends (tests/ops/test_codecs_api.py)."""
+
 import torch
 
 

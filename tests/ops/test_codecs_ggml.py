@@ -4,6 +4,7 @@ gguf-py's dequantizers (RQ4, which stock ggml lacks, against the fork's C in tes
 Every backend is held to the same bytes: `reference` and `cpu` here, `triton` in an isolated
 interpreter process (TRITON_INTERPRET=1).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -31,17 +32,17 @@ def awkward_matrix(gen: torch.Generator, rows: int, cols: int, fmt: str = "tq2_0
     x = x.clamp(-lim, lim)
     blk = min(cols, 256)
     if rows > 0:
-        x[0, :blk] = 0.0                                   # all-zero block
+        x[0, :blk] = 0.0  # all-zero block
     if rows > 1:
-        x[1, :blk] = 0.75                                  # constant block
+        x[1, :blk] = 0.75  # constant block
     if rows > 2:
-        x[2, :blk] = -0.0                                  # negative zeros
+        x[2, :blk] = -0.0  # negative zeros
     if rows > 3:
-        a = min(float(x[3, :32].abs().max()) * 2, lim)     # capped: 2 * float32(lim) can exceed the limit
-        x[3, 5], x[3, 9] = -a, a                           # tie for the largest |x|, negative first
+        a = min(float(x[3, :32].abs().max()) * 2, lim)  # capped: 2 * float32(lim) can exceed the limit
+        x[3, 5], x[3, 9] = -a, a  # tie for the largest |x|, negative first
     if rows > 4:
         x[4, :blk] = torch.randn(blk, generator=gen) * 1e-3
-        x[4, 17] = 50.0                                    # single outlier
+        x[4, 17] = 50.0  # single outlier
     if rows > 5:
         x[5, :blk] = torch.randn(blk, generator=gen) * 1e-39  # float32 subnormals
     return x
@@ -90,16 +91,17 @@ def test_rq4_all_zero_block_convention():
         assert b[0, :2].tolist() == [0, 0] and b[0, 2:].tolist() == [0x77] * 16
         python_tool = torch.tensor([[0, 0] + [0] * 16], dtype=torch.uint8)
         for blocks in (b, python_tool):
-            assert torch.equal(felix.dequantize(blocks, "rq4", (1, 32), backend=backend).abs(),
-                               torch.zeros(1, 32))
+            assert torch.equal(felix.dequantize(blocks, "rq4", (1, 32), backend=backend).abs(), torch.zeros(1, 32))
 
 
 def test_zero_block_conventions_of_stock_formats():
     """What ggml writes for an all-zero block (checked against ggml above, spelled out here)."""
-    want = {"q8_0": [0, 0] + [0] * 32,
-            "q4_0": [0x00, 0x80] + [0x88] * 16,          # d = -0.0: ggml divides the signed max 0 by -8
-            "iq4_nl": [0, 0] + [0x88] * 16,              # index 8 (value +1) is nearest to 0
-            "tq2_0": [0x55] * 64 + [0, 0]}                # q = 1 (value 0) in all four 2-bit lanes
+    want = {
+        "q8_0": [0, 0] + [0] * 32,
+        "q4_0": [0x00, 0x80] + [0x88] * 16,  # d = -0.0: ggml divides the signed max 0 by -8
+        "iq4_nl": [0, 0] + [0x88] * 16,  # index 8 (value +1) is nearest to 0
+        "tq2_0": [0x55] * 64 + [0, 0],
+    }  # q = 1 (value 0) in all four 2-bit lanes
     for fmt, expected in want.items():
         n = get_format(fmt).block_size
         for backend in cpu_backends():
@@ -118,10 +120,9 @@ def test_dequantize_matches_gguf_py(fmt, backend, gen):
     f = get_format(fmt)
     rows, cols = random_shape(gen, f.block_size)
     # Random bytes are valid blocks for every format (scales may be any finite fp16).
-    raw = torch.randint(0, 256, (rows, cols // f.block_size * f.bytes_per_block), generator=gen,
-                        dtype=torch.uint8)
+    raw = torch.randint(0, 256, (rows, cols // f.block_size * f.bytes_per_block), generator=gen, dtype=torch.uint8)
     scale_bytes = raw.view(rows, -1, f.bytes_per_block)[..., f.scale_offset + 1]
-    scale_bytes &= 0xBB                                   # keep the fp16 exponent below inf/nan
+    scale_bytes &= 0xBB  # keep the fp16 exponent below inf/nan
     want = gguf_quants.dequantize(raw.numpy(), GGMLQuantizationType[f.ggml_name])
     got = felix.dequantize(raw, fmt, (rows, cols), backend=backend).numpy()
     assert np.array_equal(got, want)

@@ -3,6 +3,7 @@ and a bitsandbytes-style statistical test of the reconstruction error on Gaussia
 
 The default backend runs (C++ on CPU when built); every backend is held to the same bytes elsewhere.
 """
+
 import math
 
 import numpy as np
@@ -27,8 +28,8 @@ GRIDS = {
     "tq2_0": np.array([-1.0, 0.0, 1.0]),
 }
 MAX_OVERSHOOT = {"q8_0": 0.0, "q4_0": 1.0, "iq4_nl": 21.0, "rq4": 0.0, "tq2_0": 0.0}
-FP16_MIN_NORMAL = 2.0 ** -14
-FP16_HALF_SUBNORMAL_STEP = 2.0 ** -25
+FP16_MIN_NORMAL = 2.0**-14
+FP16_HALF_SUBNORMAL_STEP = 2.0**-25
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,7 +37,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def scales_of(blocks: np.ndarray, fmt: str) -> np.ndarray:
     f = get_format(fmt)
     b = blocks.reshape(-1, f.bytes_per_block)
-    return b[:, f.scale_offset:f.scale_offset + 2].copy().view(np.float16).astype(np.float64).reshape(-1)
+    return b[:, f.scale_offset : f.scale_offset + 2].copy().view(np.float16).astype(np.float64).reshape(-1)
 
 
 def error_bound(x: np.ndarray, fmt: str, d16: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ def error_bound(x: np.ndarray, fmt: str, d16: np.ndarray) -> np.ndarray:
         s = np.where(normal, xb / np.where(normal, d16[:, None], 1.0), 0.0)
     over = np.maximum(0.0, np.maximum(np.abs(s) - grid.max(), -np.abs(s) - grid.min()))
     over = np.where(normal, np.minimum(over, MAX_OVERSHOOT[fmt] + 1e-3), MAX_OVERSHOOT[fmt])
-    d_rounding = np.where(normal, d * 2.0 ** -11, FP16_HALF_SUBNORMAL_STEP)
+    d_rounding = np.where(normal, d * 2.0**-11, FP16_HALF_SUBNORMAL_STEP)
     reach = np.abs(grid).max() + MAX_OVERSHOOT[fmt]
     bound = (half_gap + over) * d + (half_gap + over + reach) * d_rounding + 1e-6 * np.abs(xb)
     return bound.reshape(x.shape)
@@ -64,7 +65,8 @@ def block_arrays(fmt: str, max_abs: float, min_blocks=1, max_blocks=4, elements=
         lim = float(np.nextafter(np.float32(max_abs), np.float32(0)))  # a float32 bound hypothesis accepts
         elements = st.floats(-lim, lim, allow_nan=False, allow_infinity=False, width=32)
     return st.integers(min_blocks, max_blocks).flatmap(
-        lambda n: hnp.arrays(np.float32, (n, f.block_size), elements=elements))
+        lambda n: hnp.arrays(np.float32, (n, f.block_size), elements=elements)
+    )
 
 
 def roundtrip(x: np.ndarray, fmt: str):
@@ -127,10 +129,10 @@ def test_power_of_two_scale_equivariance(fmt, data, k):
     x = data.draw(block_arrays(fmt, 1e2, elements=_well_scaled_elements()))
     x[:, 0] = np.float32(1.0)  # keep every block's scale a normal fp16 at every k
     a, _ = roundtrip(x, fmt)
-    b, _ = roundtrip((x * np.float32(2.0 ** k)).astype(np.float32), fmt)
-    assert np.array_equal(scales_of(b, fmt), scales_of(a, fmt) * 2.0 ** k)
+    b, _ = roundtrip((x * np.float32(2.0**k)).astype(np.float32), fmt)
+    assert np.array_equal(scales_of(b, fmt), scales_of(a, fmt) * 2.0**k)
     idx = np.ones(f.bytes_per_block, bool)
-    idx[f.scale_offset:f.scale_offset + 2] = False
+    idx[f.scale_offset : f.scale_offset + 2] = False
     assert np.array_equal(a.reshape(-1, f.bytes_per_block)[:, idx], b.reshape(-1, f.bytes_per_block)[:, idx])
 
 
@@ -176,7 +178,7 @@ def test_edge_blocks_stay_within_the_bound(fmt, kind):
     if kind == "zero":
         assert np.all(roundtrip(x, fmt)[1] == 0)
     if kind == "constant" and fmt in ("q8_0", "q4_0", "tq2_0"):  # the constant sits on the grid
-        assert np.allclose(roundtrip(x, fmt)[1], x, rtol=2 ** -10)
+        assert np.allclose(roundtrip(x, fmt)[1], x, rtol=2**-10)
 
 
 # --------------------------------------------------------------------- statistical error band

@@ -5,6 +5,7 @@ interpreter when a kernel is *defined*, and an out-of-bounds access would kill t
 are tiny and ragged (block counts that do not fill a tile); bf16 is only tested as an input that the
 launcher upcasts, never as kernel math (the interpreter's bf16 is wrong, triton-lang/triton#11584).
 """
+
 import pytest
 import torch
 
@@ -22,12 +23,12 @@ def awkward(shape, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(*shape[:-1], 1, generator=g))
     flat = x.view(-1, x.shape[-1])
-    flat[0, :32] = 0.0                                             # all-zero block
+    flat[0, :32] = 0.0  # all-zero block
     if flat.shape[1] >= 64:
         a = flat[0, 32:64].abs().max() * 2
-        flat[0, 33], flat[0, 40] = -a, a                           # tie for the largest |x|
+        flat[0, 33], flat[0, 40] = -a, a  # tie for the largest |x|
     if flat.shape[0] > 1:
-        flat[1, :32] = torch.randn(32, generator=g) * 1e-39        # float32 subnormals
+        flat[1, :32] = torch.randn(32, generator=g) * 1e-39  # float32 subnormals
     return x
 
 
@@ -69,8 +70,9 @@ def case_public_api(fmt: str, seed: int):
     x = awkward((3, 2 * get_format(fmt).block_size), seed)
     b = felix.quantize(x, fmt, backend="triton")
     ok_bytes = torch.equal(b, felix.quantize(x, fmt, backend="reference"))
-    ok_values = torch.equal(felix.dequantize(b, fmt, x.shape, backend="triton"),
-                            felix.dequantize(b, fmt, x.shape, backend="reference"))
+    ok_values = torch.equal(
+        felix.dequantize(b, fmt, x.shape, backend="triton"), felix.dequantize(b, fmt, x.shape, backend="reference")
+    )
     return ok_bytes, ok_values, felix.backends()["triton"].reason
 
 

@@ -3,6 +3,7 @@
 The Triton codecs on real hardware must write the reference's exact bytes (they are launched
 without FMA contraction) and decode to finite values.
 """
+
 import pytest
 import torch
 

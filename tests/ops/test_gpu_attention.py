@@ -4,6 +4,7 @@ Bar, per output and per gradient: the kernel's max error against a float32 refer
 PyTorch SDPA's max error in the same dtype, on the same inputs; nothing is NaN or Inf.
 Shapes sweep head_dim 32/64/128, ragged lengths, GQA, causal and not, up to T = 8192.
 """
+
 import math
 
 import pytest
@@ -36,6 +37,7 @@ def run(fn, q, k, v, dout):
 def sdpa(causal):
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
     return fn
 
 

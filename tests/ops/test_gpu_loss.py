@@ -1,5 +1,6 @@
 """GPU tier for the fused CE + QUAIL loss: the Triton kernel on real hardware against float64 math at
 Felix sizes, with NaN/Inf checks and a peak-memory check that the N x V logits never exist."""
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def float64_chunks(h, w, b, t, wl, margin, lambda_q, z_loss, chunk=1024):
     """loss parts and dL/dh via the spec in float64, one chunk of rows at a time (memory-bounded)."""
     from felix.ops.reference.loss import chunked_loss_and_grads
 
-    parts, dh, dw, db, _ = chunked_loss_and_grads(h.double(), w.double(), t, wl, b.double() if b is not None else None,
-                                               margin, lambda_q, z_loss, -100, chunk)
+    parts, dh, dw, db, _ = chunked_loss_and_grads(
+        h.double(), w.double(), t, wl, b.double() if b is not None else None, margin, lambda_q, z_loss, -100, chunk
+    )
     return parts, dh, dw
 
 
@@ -29,8 +31,9 @@ def test_triton_loss_on_gpu(seed, dtype, n, d, v):
     h, w, b, t, wl = (x.cuda() for x in (h, w, b, t, wl))
     margin = clear_margin(h, w, b, t, gap=1e-2)
     leaves = [x.clone().requires_grad_() for x in (h, w, b)]
-    out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, margin=margin, lambda_q=0.3, z_loss=1e-3,
-                                bias=leaves[2], backend="triton")
+    out = felix.linear_ce_quail(
+        leaves[0], leaves[1], t, wl, margin=margin, lambda_q=0.3, z_loss=1e-3, bias=leaves[2], backend="triton"
+    )
     grads = torch.autograd.grad(out.loss, leaves)
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
     parts, dh, dw = float64_chunks(h, w, b, t, wl, margin, 0.3, 1e-3)

@@ -1,5 +1,6 @@
 """GPU tier for the fused low-rank GEMM: Felix shapes (d 1024, ffn 2816, r 8 / 64, thousands of tokens) in
 fp16 / bf16 against float64 autograd, with NaN/Inf checks (skipped cleanly without a GPU)."""
+
 import pytest
 import torch
 
@@ -14,16 +15,29 @@ BARS = tolerances("lowrank_linear/gpu")
 
 
 def to_cuda(case):
-    return {k: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda() if isinstance(v, torch.Tensor) else v)
-            for k, v in case.items()}
+    return {
+        k: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda() if isinstance(v, torch.Tensor) else v)
+        for k, v in case.items()
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("in_f,out_f,ranks,frozen", [(1024, 2816, (8,), False), (2816, 1024, (64,), True),
-                                                      (1024, 1000, (8, 16), False)])
+@pytest.mark.parametrize(
+    "in_f,out_f,ranks,frozen", [(1024, 2816, (8,), False), (2816, 1024, (64,), True), (1024, 1000, (8, 16), False)]
+)
 def test_fused_lowrank_on_gpu(seed, dtype, in_f, out_f, ranks, frozen):
-    case = to_cuda(make_case(seed, lead=(4, 509), in_f=in_f, out_f=out_f, ranks=ranks,
-                             per_output_gate=(True,) + (False,) * (len(ranks) - 1), frozen=frozen, dtype=dtype))
+    case = to_cuda(
+        make_case(
+            seed,
+            lead=(4, 509),
+            in_f=in_f,
+            out_f=out_f,
+            ranks=ranks,
+            per_output_gate=(True,) + (False,) * (len(ranks) - 1),
+            frozen=frozen,
+            dtype=dtype,
+        )
+    )
     t, names, leaves = leaves_of(case)
     y = felix.lowrank_linear(t["x"], t["weight"], t["a"], t["b"], t["gate"], bias=t["bias"], backend="triton")
     dy = torch.randn_like(y)

@@ -2,6 +2,7 @@
 float64 reference on the dequantized weights, at decode (M 1-8) and prefill shapes with ragged M and N,
 for fp32/fp16/bf16 activations; NaN/Inf checks (known RDNA3 hazards, docs/platform-notes.md). Skipped without a GPU.
 """
+
 import pytest
 import torch
 
@@ -47,8 +48,9 @@ def test_gpu_triton_split_k_and_paths_agree(gen):
     x = torch.randn(4, 2816, generator=gen).cuda().half()
     base = kernels.quant_matmul(x, b, "rq4", 512, path="gemv", split_k=1).float()
     for split in (2, 7):
-        assert torch.allclose(kernels.quant_matmul(x, b, "rq4", 512, path="gemv", split_k=split).float(), base,
-                              atol=2e-3, rtol=2e-3)
+        assert torch.allclose(
+            kernels.quant_matmul(x, b, "rq4", 512, path="gemv", split_k=split).float(), base, atol=2e-3, rtol=2e-3
+        )
     assert torch.allclose(kernels.quant_matmul(x, b, "rq4", 512, path="gemm").float(), base, atol=2e-2, rtol=2e-2)
 
 

@@ -1,6 +1,7 @@
 """GPU tier for the fused spoke kernels: Felix shapes (d 1024 / 1280, 4 spokes of rank 8 / 64, thousands of
 tokens, a row count that is not a multiple of BLOCK_M) in fp32 / fp16 / bf16 against float64 autograd of the fork's
 formula, with NaN/Inf checks (skipped cleanly without a GPU)."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from felix.testing.spoke_cases import make_case
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm GPU on this machine")
 
 BARS = tolerances("spoke_residual/gpu")
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

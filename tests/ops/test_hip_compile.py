@@ -3,6 +3,7 @@
 per-kernel register table is printed at the end of the run. Needs hipcc / nvcc (scripts/setup.sh --test
 installs hipcc with apt-get where it can); a missing compiler skips with the reason.
 """
+
 import os
 import re
 
@@ -83,7 +84,16 @@ def test_torch_binding_compiles_against_this_torch(tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", *includes, "-DTORCH_EXTENSION_NAME=_C_gpu",
-                           os.path.join(os.path.dirname(SOURCE), "quant_matmul_torch.cpp")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            cxx,
+            "-std=c++20",
+            "-fsyntax-only",
+            *includes,
+            "-DTORCH_EXTENSION_NAME=_C_gpu",
+            os.path.join(os.path.dirname(SOURCE), "quant_matmul_torch.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ results are compared with a float64 reference on the dequantized weights. This c
 checks cannot: indexing, nibble order, masking of ragged M/N, the warp reduction, fp16/bf16 conversion.
 All three formats, fp32/fp16/bf16 activations, GEMV (M <= 8) and tiled GEMM (ragged 64 x 64 tiles).
 """
+
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ CSRC = os.path.join(HERE, os.pardir, os.pardir, "csrc", "hip")
 EMU = os.path.join(HERE, "hip_emulation")
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # output rounding of the activation dtype, relative
-OUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+OUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 SHAPES = [(1, 13, 96), (3, 5, 64), (8, 9, 160), (70, 67, 64), (9, 3, 32)]  # (M, N, K); M > 8 -> GEMM
 
 
@@ -29,9 +30,25 @@ def harness(tmp_path_factory):
     if cxx is None:
         pytest.skip("g++ not found: the CPU emulation of the HIP kernels needs it")
     exe = str(tmp_path_factory.mktemp("hip_emulation") / "qmm_emulated")
-    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-DFELIX_QMM_CPU_EMULATION", f"-I{EMU}", f"-I{CSRC}",
-                           "-x", "c++", os.path.join(CSRC, "quant_matmul.cu"), os.path.join(EMU, "harness.cpp"),
-                           "-o", exe], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-DFELIX_QMM_CPU_EMULATION",
+            f"-I{EMU}",
+            f"-I{CSRC}",
+            "-x",
+            "c++",
+            os.path.join(CSRC, "quant_matmul.cu"),
+            os.path.join(EMU, "harness.cpp"),
+            "-o",
+            exe,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
 
@@ -39,10 +56,18 @@ def harness(tmp_path_factory):
 def run_emulated(exe, tmp_path, x: torch.Tensor, blocks: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     m, k = x.shape
     header = torch.tensor([KINDS[x.dtype], int(four_bit_layout(fmt).pairs), m, n, k], dtype=torch.int32)
-    raw = x.contiguous().view(torch.uint8) if x.dtype == torch.float32 else x.contiguous().view(torch.int16).view(torch.uint8)
+    raw = (
+        x.contiguous().view(torch.uint8)
+        if x.dtype == torch.float32
+        else x.contiguous().view(torch.int16).view(torch.uint8)
+    )
     inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
-    inp.write_bytes(header.numpy().tobytes() + decode_table(fmt).numpy().tobytes() + raw.numpy().tobytes()
-                    + blocks.contiguous().numpy().tobytes())
+    inp.write_bytes(
+        header.numpy().tobytes()
+        + decode_table(fmt).numpy().tobytes()
+        + raw.numpy().tobytes()
+        + blocks.contiguous().numpy().tobytes()
+    )
     proc = subprocess.run([exe, str(inp), str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return torch.frombuffer(bytearray(out.read_bytes()), dtype=x.dtype).reshape(m, n)

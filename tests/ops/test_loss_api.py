@@ -1,6 +1,7 @@
 """felix.linear_ce_quail (reference backend = the chunked torch path) and the spec, against textbook
 float64 math (felix.ops.reference.loss.textbook_loss): loss parts and gradients of h, W, bias; exact margins and ties; huge
 logits; bf16; clear errors; torch.library well-formedness; the whitelist helper."""
+
 import pytest
 import torch
 
@@ -18,37 +19,60 @@ HP = dict(margin=2.0, lambda_q=0.3, z_loss=1e-2)
 
 
 def run_felix(h, w, b, t, wl, backend="reference", chunk_size=None, **hp):
-    leaves = [x.detach().clone().requires_grad_() for x in (h, w)] + ([b.detach().clone().requires_grad_()] if b is not None else [])
-    out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, bias=leaves[2] if b is not None else None,
-                                chunk_size=chunk_size, backend=backend, **hp)
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w)] + (
+        [b.detach().clone().requires_grad_()] if b is not None else []
+    )
+    out = felix.linear_ce_quail(
+        leaves[0],
+        leaves[1],
+        t,
+        wl,
+        bias=leaves[2] if b is not None else None,
+        chunk_size=chunk_size,
+        backend=backend,
+        **hp,
+    )
     grads = torch.autograd.grad(out.loss, leaves)
     return out, grads
 
 
 def run_truth(h, w, b, t, wl, **hp):
-    leaves = [x.detach().double().requires_grad_() for x in (h, w)] + ([b.detach().double().requires_grad_()] if b is not None else [])
-    parts = textbook_loss(leaves[0], leaves[1], t, wl, hp["margin"], hp["lambda_q"], hp["z_loss"],
-                       leaves[2] if b is not None else None)
+    leaves = [x.detach().double().requires_grad_() for x in (h, w)] + (
+        [b.detach().double().requires_grad_()] if b is not None else []
+    )
+    parts = textbook_loss(
+        leaves[0], leaves[1], t, wl, hp["margin"], hp["lambda_q"], hp["z_loss"], leaves[2] if b is not None else None
+    )
     return parts, torch.autograd.grad(parts[0], leaves)
 
 
 def assert_close(out, grads, truth, tgrads, tol):
     loss, ce, hinge, zl, active, mean_margin = (x.detach() if isinstance(x, torch.Tensor) else x for x in truth)
-    for name, got, want in (("loss", out.loss.detach(), loss), ("ce", out.ce, ce), ("hinge", out.hinge, hinge),
-                            ("z_loss", out.z_loss, zl), ("mean_margin", out.mean_margin, mean_margin)):
-        assert abs(float(got) - float(want)) <= tol * max(1.0, abs(float(want))), f"{name}: {float(got)} vs {float(want)}"
+    for name, got, want in (
+        ("loss", out.loss.detach(), loss),
+        ("ce", out.ce, ce),
+        ("hinge", out.hinge, hinge),
+        ("z_loss", out.z_loss, zl),
+        ("mean_margin", out.mean_margin, mean_margin),
+    ):
+        assert abs(float(got) - float(want)) <= tol * max(1.0, abs(float(want))), (
+            f"{name}: {float(got)} vs {float(want)}"
+        )
     assert int(out.active_hinge_count) == active
     for name, g, w in zip(("dh", "dW", "dbias"), grads, tgrads):
         err = float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("n,d,v,whitelist,bias,chunk", [
-    (37, 16, 53, "random", True, 8),       # ragged chunks, V not a multiple of anything
-    (37, 16, 53, "none", False, 1000),     # one chunk, no hinge
-    (29, 24, 301, "all", True, 5),
-    (16, 8, 31, "empty", True, 16),
-])
+@pytest.mark.parametrize(
+    "n,d,v,whitelist,bias,chunk",
+    [
+        (37, 16, 53, "random", True, 8),  # ragged chunks, V not a multiple of anything
+        (37, 16, 53, "none", False, 1000),  # one chunk, no hinge
+        (29, 24, 301, "all", True, 5),
+        (16, 8, 31, "empty", True, 16),
+    ],
+)
 @pytest.mark.parametrize("dtype,tol", tolerances("linear_ce_quail/reference").items())
 def test_reference_backend_matches_float64_truth(seed, n, d, v, whitelist, bias, chunk, dtype, tol):
     h, w, b, t, wl = make_case(seed, n, d, v, whitelist, bias=bias, dtype=dtype)
@@ -132,7 +156,10 @@ def test_bad_input_is_refused_clearly(gen):
         (dict(weight=w.double()), "h and weight must share a float dtype"),
         (dict(targets=t[:4]), r"targets must be a \[N\] = \[6\] tensor"),
         (dict(targets=t.float()), "targets must be int64 or int32"),
-        (dict(targets=torch.tensor([0, 1, 2, 10, -100, 3])), r"target 10 at position 3 is outside the vocabulary \[0, 10\)"),
+        (
+            dict(targets=torch.tensor([0, 1, 2, 10, -100, 3])),
+            r"target 10 at position 3 is outside the vocabulary \[0, 10\)",
+        ),
         (dict(targets=torch.tensor([0, 1, 2, -1, -100, 3])), r"target -1 at position 3 is outside"),
         (dict(whitelist=torch.ones(9, dtype=torch.bool)), r"whitelist mask must have shape \[10\]"),
         (dict(whitelist=[3, 12]), r"whitelist token ids must lie in \[0, 10\)"),
@@ -155,8 +182,21 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
 
 def test_custom_op_is_well_formed(seed):
     h, w, b, t, wl = make_case(seed, 13, 8, 21)
-    args = (h.requires_grad_(), w.requires_grad_(), t, wl, b.requires_grad_(), 2.0, 0.3, 0.01, -100, 5,
-            torch.float32, True, "reference")
+    args = (
+        h.requires_grad_(),
+        w.requires_grad_(),
+        t,
+        wl,
+        b.requires_grad_(),
+        2.0,
+        0.3,
+        0.01,
+        -100,
+        5,
+        torch.float32,
+        True,
+        "reference",
+    )
     torch.library.opcheck(loss_ops._linear_ce_quail_op, args)
 
 
@@ -196,10 +236,14 @@ def tiny_bpe():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ['{"gist": "a cat", "concepts": ["cat", "mat"], "salience": 0.5}',
-              '{"has_principle": false, "title": null, "confidence": 0.1}',
-              "The cat sat on the mat. I cannot find a principle here."] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    corpus = [
+        '{"gist": "a cat", "concepts": ["cat", "mat"], "salience": 0.5}',
+        '{"has_principle": false, "title": null, "confidence": 0.1}',
+        "The cat sat on the mat. I cannot find a principle here.",
+    ] * 20
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
     return tok
 
 

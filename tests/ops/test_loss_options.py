@@ -2,6 +2,7 @@
 label smoothing, logit softcap -- the spec (felix.ops.reference.loss.full_logits_loss) and the chunked reference
 backend against textbook float64 math (felix.ops.reference.loss.textbook_loss: F.cross_entropy's own label smoothing, tanh
 softcap, the hinge one row at a time). The Triton backend's cases are in tests/ops/test_loss_triton.py."""
+
 import pytest
 import torch
 
@@ -11,14 +12,17 @@ from felix.ops.reference.loss import clear_margin, textbook_loss
 from felix.testing.loss_cases import make_case
 from felix.ops.reference.tolerances import tolerances
 
-OPTIONS = [(r, ls, cap) for r in ("mean", "sum", "none") for ls, cap in ((0.0, 0.0), (0.1, 0.0), (0.0, 3.0), (0.2, 4.0))]
+OPTIONS = [
+    (r, ls, cap) for r in ("mean", "sum", "none") for ls, cap in ((0.0, 0.0), (0.1, 0.0), (0.0, 3.0), (0.2, 4.0))
+]
 HP = dict(lambda_q=0.3, z_loss=1e-2)
 
 
 def _truth(h, w, b, t, wl, margin, reduction, ls, cap, upstream=None):
     leaves = [x.double().requires_grad_() for x in (h, w, b)]
-    out = textbook_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
-                        softcap=cap, **HP)
+    out = textbook_loss(
+        leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls, softcap=cap, **HP
+    )
     total = (out[0] * upstream).sum() if upstream is not None else out[0]
     return out, torch.autograd.grad(total, leaves)
 
@@ -36,14 +40,30 @@ def test_reference_backend_options_match_float64(seed, reduction, ls, cap, dtype
     h, w, b, t, wl = make_case(seed, 29, 12, 61, "random", dtype=dtype)
     h = h * 3  # logits of a few units: the softcap bites
     margin = _capped_margin(h, w, b, t, cap)
-    upstream = torch.rand(29, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) \
-        if reduction == "none" else None
+    upstream = (
+        torch.rand(29, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        if reduction == "none"
+        else None
+    )
     truth, tgrads = _truth(h, w, b, t, wl, margin, reduction, ls, cap, upstream)
     leaves = [x.clone().requires_grad_() for x in (h, w, b)]
-    out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, margin=margin, bias=leaves[2], chunk_size=8,
-                                backend="reference", reduction=reduction, label_smoothing=ls, softcap=cap or None, **HP)
-    spec = full_logits_loss(h, w, t, wl, margin=margin, bias=b, reduction=reduction, label_smoothing=ls, softcap=cap,
-                            **HP)
+    out = felix.linear_ce_quail(
+        leaves[0],
+        leaves[1],
+        t,
+        wl,
+        margin=margin,
+        bias=leaves[2],
+        chunk_size=8,
+        backend="reference",
+        reduction=reduction,
+        label_smoothing=ls,
+        softcap=cap or None,
+        **HP,
+    )
+    spec = full_logits_loss(
+        h, w, t, wl, margin=margin, bias=b, reduction=reduction, label_smoothing=ls, softcap=cap, **HP
+    )
     for got in (out, spec):
         for name, g, want in zip(("loss", "ce", "hinge", "z_loss"), got[:4], truth[:4]):
             assert g.shape == want.shape, name
@@ -63,14 +83,18 @@ def test_options_against_torch_peer(seed):
     z = h @ w.t()
     for reduction in ("mean", "sum", "none"):
         want = torch.nn.functional.cross_entropy(z, t, reduction=reduction, label_smoothing=0.15)
-        got = felix.linear_ce_quail(h, w, t, None, lambda_q=0.0, reduction=reduction, label_smoothing=0.15,
-                                    backend="reference").loss
+        got = felix.linear_ce_quail(
+            h, w, t, None, lambda_q=0.0, reduction=reduction, label_smoothing=0.15, backend="reference"
+        ).loss
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), reduction
 
 
 def test_option_errors():
     h, w, b, t, wl = make_case(1, 6, 4, 10)
-    for kwargs, msg in (({"reduction": "avg"}, "reduction"), ({"label_smoothing": 1.5}, "label_smoothing"),
-                        ({"softcap": -1.0}, "softcap")):
+    for kwargs, msg in (
+        ({"reduction": "avg"}, "reduction"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+        ({"softcap": -1.0}, "softcap"),
+    ):
         with pytest.raises(ValueError, match=msg):
             felix.linear_ce_quail(h, w, t, wl, **kwargs)

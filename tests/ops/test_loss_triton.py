@@ -7,6 +7,7 @@ the float64 truth is computed here. Shapes are tiny and ragged: V not a multiple
 random, exact margins and ties, logits ~1e4, bf16 / fp16 inputs (upcast: the interpreter's bf16 math is
 wrong, so the kernel only ever sees fp32 logits there).
 """
+
 import pytest
 import torch
 
@@ -24,8 +25,18 @@ def triton_loss(h, w, b, t, wl, chunk_size, margin, lambda_q, z_loss):
     import felix
 
     leaves = [x.clone().requires_grad_() for x in (h, w)] + ([b.clone().requires_grad_()] if b is not None else [])
-    out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, margin=margin, lambda_q=lambda_q, z_loss=z_loss,
-                                bias=leaves[2] if b is not None else None, chunk_size=chunk_size, backend="triton")
+    out = felix.linear_ce_quail(
+        leaves[0],
+        leaves[1],
+        t,
+        wl,
+        margin=margin,
+        lambda_q=lambda_q,
+        z_loss=z_loss,
+        bias=leaves[2] if b is not None else None,
+        chunk_size=chunk_size,
+        backend="triton",
+    )
     grads = torch.autograd.grad(out.loss, leaves)
     parts = [float(x) for x in (out.loss.detach(), out.ce, out.hinge, out.z_loss, out.mean_margin)]
     return parts, int(out.active_hinge_count), [g.detach() for g in grads], str(out.loss.dtype)
@@ -47,8 +58,8 @@ def check(result, h, w, b, t, wl, margin, lambda_q, z_loss, tol):
 
 
 CASES = [  # n, d, v, whitelist, bias, chunk
-    (37, 16, 53, "random", True, 8),     # V < one tile, ragged last chunk
-    (21, 8, 150, "all", False, 21),      # V spans 3 tiles (64 + 64 + 22), one chunk
+    (37, 16, 53, "random", True, 8),  # V < one tile, ragged last chunk
+    (21, 8, 150, "all", False, 21),  # V spans 3 tiles (64 + 64 + 22), one chunk
     (13, 8, 130, "empty", True, 4),
     (9, 8, 70, "none", True, 100),
 ]
@@ -90,8 +101,12 @@ def triton_gradcheck(seed):
     from felix.testing.loss_cases import make_case as mk
 
     h, w, b, t, wl = mk(seed, 5, 3, 70, "all", dtype=torch.float64)
-    fn = lambda h, w, b: felix.linear_ce_quail(h, w, t, wl, margin=2.0, lambda_q=0.3, z_loss=0.01,  # noqa: E731
-                                               bias=b, chunk_size=2, backend="triton").loss
+
+    def fn(h, w, b):
+        return felix.linear_ce_quail(
+            h, w, t, wl, margin=2.0, lambda_q=0.3, z_loss=0.01, bias=b, chunk_size=2, backend="triton"
+        ).loss
+
     return torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in (h, w, b)), fast_mode=True)
 
 
@@ -127,8 +142,20 @@ def triton_loss_options(h, w, b, t, wl, chunk_size, margin, reduction, ls, cap, 
     import felix
 
     leaves = [x.clone().requires_grad_() for x in (h, w, b)]
-    out = felix.linear_ce_quail(leaves[0], leaves[1], t, wl, margin=margin, bias=leaves[2], chunk_size=chunk_size,
-                                backend="triton", reduction=reduction, label_smoothing=ls, softcap=cap or None, **HP)
+    out = felix.linear_ce_quail(
+        leaves[0],
+        leaves[1],
+        t,
+        wl,
+        margin=margin,
+        bias=leaves[2],
+        chunk_size=chunk_size,
+        backend="triton",
+        reduction=reduction,
+        label_smoothing=ls,
+        softcap=cap or None,
+        **HP,
+    )
     total = (out.loss * upstream).sum() if upstream is not None else out.loss
     grads = torch.autograd.grad(total, leaves)
     return [x.detach() for x in out[:4]], int(out.active_hinge_count), [g.detach() for g in grads]
@@ -146,8 +173,9 @@ def test_triton_loss_options_match_float64(interpret, seed, reduction, ls, cap):
     upstream = torch.rand(27, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else None
     parts, active, grads = interpret(triton_loss_options, h, w, b, t, wl, 8, margin, reduction, ls, cap, upstream)
     leaves = [x.double().requires_grad_() for x in (h, w, b)]
-    truth = textbook_loss(leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls,
-                          softcap=cap, **HP)
+    truth = textbook_loss(
+        leaves[0], leaves[1], t, wl, margin, bias=leaves[2], reduction=reduction, label_smoothing=ls, softcap=cap, **HP
+    )
     total = (truth[0] * upstream.double()).sum() if upstream is not None else truth[0]
     tgrads = torch.autograd.grad(total, leaves)
     for name, got, want in zip(("loss", "ce", "hinge", "z_loss"), parts, truth[:4]):

@@ -1,6 +1,7 @@
 """felix.lowrank_linear (reference backend) against float64 autograd of the term-by-term formula; clear
 errors; torch.library well-formedness and torch.compile; the SpliceCore modules and the name API; the
 spoke residual of the fork's `felix` arch."""
+
 import pytest
 import torch
 
@@ -11,9 +12,16 @@ from felix.ops.reference.lowrank import grad_errors, leaves_of, truth_grads
 from felix.testing.lowrank_cases import make_case
 
 
-@pytest.mark.parametrize("kw", [dict(ranks=(8,)), dict(ranks=(1,), per_output_gate=(True,), frozen=True, bias=False),
-                                dict(ranks=(64,), in_f=70, out_f=45), dict(ranks=(8, 3), per_output_gate=(True, False))],
-                         ids=["r8", "r1-frozen", "r64", "two-terms"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ranks=(8,)),
+        dict(ranks=(1,), per_output_gate=(True,), frozen=True, bias=False),
+        dict(ranks=(64,), in_f=70, out_f=45),
+        dict(ranks=(8, 3), per_output_gate=(True, False)),
+    ],
+    ids=["r8", "r1-frozen", "r64", "two-terms"],
+)
 @pytest.mark.parametrize("dtype,bar", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 def test_reference_matches_float64(seed, kw, dtype, bar):
     case = make_case(seed, dtype=dtype, **kw)
@@ -34,8 +42,9 @@ def test_frozen_weight_gets_no_gradient_and_costs_no_weight_gemm(seed, monkeypat
     t, names, leaves = leaves_of(case)
     seen = []
     real = lr_ops.reference_backward
-    monkeypatch.setitem(felix.ops.dispatch._IMPLS["lowrank_bwd"], "reference",
-                        lambda *args: seen.append(args[6]) or real(*args))
+    monkeypatch.setitem(
+        felix.ops.dispatch._IMPLS["lowrank_bwd"], "reference", lambda *args: seen.append(args[6]) or real(*args)
+    )
     felix.lowrank_linear(t["x"], t["weight"], t["a"], t["b"], t["gate"], bias=t["bias"]).sum().backward()
     assert seen == [False] and t["weight"].grad is None and t["a"][0].grad is not None
 
@@ -78,8 +87,10 @@ def test_custom_ops_are_well_formed(gen):
     bias = torch.randn(8, generator=gen, requires_grad=True)
     torch.library.opcheck(lr_ops._lowrank_fwd_op, (x, w, bias, a, b, "reference"))
     y, u = lr_ops._lowrank_fwd_op(x, w, bias, a, b, "reference")
-    torch.library.opcheck(lr_ops._lowrank_bwd_op, (torch.randn_like(y), x.detach(), w.detach(), a.detach(),
-                                                   b.detach(), u.detach(), True, True, "reference"))
+    torch.library.opcheck(
+        lr_ops._lowrank_bwd_op,
+        (torch.randn_like(y), x.detach(), w.detach(), a.detach(), b.detach(), u.detach(), True, True, "reference"),
+    )
 
 
 def test_torch_compile_traces_a_spliced_layer(gen):
@@ -102,8 +113,9 @@ def test_gradcheck_float64(seed):
 
     def fn(*args):
         d = dict(zip(names, args))
-        return felix.lowrank_linear(d["x"], d["weight"], [d["a0"], d["a1"]], [d["b0"], d["b1"]],
-                                    [d["gate0"], d["gate1"]], bias=d["bias"])
+        return felix.lowrank_linear(
+            d["x"], d["weight"], [d["a0"], d["a1"]], [d["b0"], d["b1"]], [d["gate0"], d["gate1"]], bias=d["bias"]
+        )
 
     assert torch.autograd.gradcheck(fn, tuple(leaves))
 
@@ -138,8 +150,11 @@ def test_bare_splicecores_are_named_by_their_module_path():
     model = torch.nn.Module()
     model.blk = torch.nn.ModuleList(torch.nn.Module() for _ in range(4))
     model.blk[3].splice = torch.nn.ModuleDict({"ffn_down": splice.SpliceCore(16, 12, rank=8)})
-    assert list(splice.list_splices(model)) == ["blk.3.splice.ffn_down.a", "blk.3.splice.ffn_down.b",
-                                                "blk.3.splice.ffn_down.gate"]
+    assert list(splice.list_splices(model)) == [
+        "blk.3.splice.ffn_down.a",
+        "blk.3.splice.ffn_down.b",
+        "blk.3.splice.ffn_down.gate",
+    ]
 
 
 def test_bad_writes_are_refused_and_change_nothing(gen):
@@ -165,7 +180,10 @@ def test_spoke_residual_matches_the_fork_formula(gen):
     d, s, r = 32, 4, 8
     h = torch.randn(3, 5, d, generator=gen, dtype=torch.float64)
     norm_w = torch.rand(d, generator=gen, dtype=torch.float64) + 0.5
-    w_down, w_up = torch.randn(s * r, d, generator=gen, dtype=torch.float64), torch.randn(d, s * r, generator=gen, dtype=torch.float64)
+    w_down, w_up = (
+        torch.randn(s * r, d, generator=gen, dtype=torch.float64),
+        torch.randn(d, s * r, generator=gen, dtype=torch.float64),
+    )
     gate = torch.tensor([-1.0], dtype=torch.float64)
     got = felix.spoke_residual(h, norm_w, w_down, w_up, gate, n_spokes=s)
     normed = h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-6) * norm_w

@@ -3,6 +3,7 @@ the term-by-term formula: y and the gradients of x, W (when trainable), bias, ev
 ragged shapes (in/out not multiples of the 16-wide interpreter tiles), ranks 1 / 8 / 64, one and two
 terms, scalar and per-output gates, frozen and trainable W. fp32 and fp16 (the interpreter's bf16 math
 is wrong, triton-lang/triton#11584). Plus a float64 gradcheck through the kernels."""
+
 import pytest
 import torch
 
@@ -33,7 +34,9 @@ def run_triton(case, dy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_lowrank_matches_float64(interpret, seed, name, dtype):
     case = make_case(seed, dtype=dtype, **CASES[name])
-    dy = torch.randn(*case["x"].shape[:-1], case["weight"].shape[0], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    dy = torch.randn(*case["x"].shape[:-1], case["weight"].shape[0], generator=torch.Generator().manual_seed(seed)).to(
+        dtype
+    )
     y, grads, w_trainable = interpret(run_triton, case, dy)
     want_y, want = truth_grads(case, dy)
     assert y.dtype == dtype and w_trainable == (not case["frozen"])
@@ -49,14 +52,22 @@ def test_fused_lowrank_matches_float64(interpret, seed, name, dtype):
 def triton_gradcheck(seed):
     import felix
 
-    case = make_case(seed, lead=(5,), in_f=19, out_f=17, ranks=(3, 2), per_output_gate=(True, False),
-                     dtype=torch.float64)
+    case = make_case(
+        seed, lead=(5,), in_f=19, out_f=17, ranks=(3, 2), per_output_gate=(True, False), dtype=torch.float64
+    )
     t, names, leaves = leaves_of(case, torch.float64)
 
     def fn(*args):
         d = dict(zip(names, args))
-        return felix.lowrank_linear(d["x"], d["weight"], [d["a0"], d["a1"]], [d["b0"], d["b1"]],
-                                    [d["gate0"], d["gate1"]], bias=d["bias"], backend="triton")
+        return felix.lowrank_linear(
+            d["x"],
+            d["weight"],
+            [d["a0"], d["a1"]],
+            [d["b0"], d["b1"]],
+            [d["gate0"], d["gate1"]],
+            bias=d["bias"],
+            backend="triton",
+        )
 
     return torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=True)
 

@@ -2,6 +2,7 @@
 the reference decoder, the reference backend vs float64, the custom op (opcheck, x-gradient,
 torch.compile), QuantLinear round trips and quantize_model_linears' policy, and a quantized tiny model
 whose logits match its dequantized-weight twin."""
+
 import pytest
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def test_reference_matches_float64_for_every_dtype_and_shape(gen, fmt):
     for lead in [(1,), (5,), (2, 3), ()]:
         x = torch.randn(*lead, 96, generator=gen)
         ref = x.double() @ wd.t()
-        for dtype, rel in [(torch.float32, 1e-6), (torch.float16, 2.0 ** -11), (torch.bfloat16, 2.0 ** -8)]:
+        for dtype, rel in [(torch.float32, 1e-6), (torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)]:
             xd = x.to(dtype)
             y = felix.quant_matmul(xd, b, fmt, 37)
             assert y.dtype == dtype and y.shape == (*lead, 37)

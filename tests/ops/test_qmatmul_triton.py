@@ -6,6 +6,7 @@ Bounds: fp32 activations -> the kernel's fp32 sums differ from float64 by a few 
 fp16 activations add the fp16 rounding of the output (2^-11 relative) and, on the GEMM path, of the
 decoded weights fed to tl.dot (2^-11 relative per weight).
 """
+
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from felix.ops.reference.qmatmul import QUANT_MATMUL_FORMATS
 # (M, N, K, path, split_k): ragged M and N against the interpreter tiles (gemv BN=8, gemm 16x16).
 CASES = [
     (1, 13, 64, "gemv", None),
-    (3, 9, 96, "gemv", 2),       # split-K with a ragged last split (3 blocks in steps of 2)
+    (3, 9, 96, "gemv", 2),  # split-K with a ragged last split (3 blocks in steps of 2)
     (8, 17, 64, "gemv", None),
     (19, 21, 96, "gemm", None),
 ]
@@ -39,10 +40,17 @@ def error_vs_float64(fmt: str, dtype_name: str, seed: int):
         if dtype == torch.float32:
             bound = 1e-6 * scale + 1e-30
         else:
-            bound = 2.0 ** -11 * ref.abs() + (2.0 ** -10 if path == "gemm" else 1e-6) * scale + 1e-30
+            bound = 2.0**-11 * ref.abs() + (2.0**-10 if path == "gemm" else 1e-6) * scale + 1e-30
         ratio = float(((y.double() - ref).abs() / bound).max())
-        results.append(((m, n, k, path, split), y.dtype == dtype and tuple(y.shape) == (m, n),
-                        bool(torch.isfinite(y).all()), ratio, float((y.double() - ref).abs().max())))
+        results.append(
+            (
+                (m, n, k, path, split),
+                y.dtype == dtype and tuple(y.shape) == (m, n),
+                bool(torch.isfinite(y).all()),
+                ratio,
+                float((y.double() - ref).abs().max()),
+            )
+        )
     return results
 
 

@@ -1,5 +1,6 @@
 """`felix selftest` runs on CPU (cpu + reference backends; Triton too under the interpreter), prints its
 table, exits 0 when every check passes and 1 when one fails."""
+
 from felix.ops import dispatch as oplib
 from felix.ops import selftest
 from felix.cli.main import main

@@ -1,6 +1,7 @@
 """felix.spoke_residual, the fused spoke op, on its reference backend (the spec) against float64 autograd of the
 fork's formula; the custom op's registration (opcheck); bad input; the exact no-op of a zero W_up; the spoke config
 on the model (gate schedule, counts, validation)."""
+
 import pytest
 import torch
 
@@ -13,8 +14,14 @@ from felix.ops.reference.tolerances import max_relative_error
 from felix.testing.spoke_cases import make_case
 
 
-@pytest.mark.parametrize("shape", [dict(lead=(3, 7), d=37, n_spokes=4, rank=3), dict(lead=(1,), d=8, n_spokes=1,
-                                   rank=1), dict(lead=(2, 5), d=64, n_spokes=4, rank=64)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(lead=(3, 7), d=37, n_spokes=4, rank=3),
+        dict(lead=(1,), d=8, n_spokes=1, rank=1),
+        dict(lead=(2, 5), d=64, n_spokes=4, rank=64),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_matches_float64_truth(seed, shape, dtype):
     case = make_case(seed, dtype=dtype, **shape)
@@ -74,7 +81,7 @@ def test_bad_input_is_named(seed):
 def test_every_preset_carries_a_spoke_config():
     for name, p in PRESETS.items():
         cfg = preset(name)
-        assert "spoke_rank" in p and cfg.n_spokes == 0, name   # off until asked for
+        assert "spoke_rank" in p and cfg.n_spokes == 0, name  # off until asked for
         on = preset(name, n_spokes=4)
         assert on.resolved_spoke_layers() == list(range(on.n_layer))
         assert parameter_counts(on)["spokes"] == on.n_layer * (2 * 4 * on.spoke_rank * on.d_model + on.d_model + 1)

@@ -3,6 +3,7 @@ formula (felix.ops.reference.spoke.spoke_textbook): y and the gradients of h, no
 on ragged shapes (d and the bottleneck width not multiples of the 16-wide interpreter tiles, row counts not multiples of BLOCK_M),
 1 spoke of rank 1 up to 4 spokes of rank 64 (width 256, the kernel's limit), fp32 and fp16 (the interpreter's bf16
 math is wrong, triton-lang/triton#11584). Plus a float64 gradcheck through the kernels."""
+
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ CASES = {
 # fp32: IEEE dots, sums of <= 256 terms; fp16: n and silu(z) are rounded to fp16 before their dots (2^-11
 # relative each, summed over up to 256 terms), as the reference rounds them.
 BARS = tolerances("spoke_residual/interpreter")
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11}
 
 
 def run_triton(case, dy):
@@ -54,8 +55,9 @@ def triton_gradcheck(seed):
 
     case = make_case(seed, lead=(5,), d=19, n_spokes=2, rank=3, dtype=torch.float64)
     leaves = tuple(case[k].detach().double().requires_grad_() for k in SPOKE_INPUTS)
-    return torch.autograd.gradcheck(lambda *t: felix.spoke_residual(*t, 2, case["eps"], backend="triton"),
-                                    leaves, fast_mode=True)
+    return torch.autograd.gradcheck(
+        lambda *t: felix.spoke_residual(*t, 2, case["eps"], backend="triton"), leaves, fast_mode=True
+    )
 
 
 def test_gradcheck_float64_through_the_kernels(interpret, seed):

@@ -1,5 +1,6 @@
 """The GGUF exporter without llama.cpp: the per-tensor policy, read-back with gguf-py and Felix's reader (every
 tensor byte for byte, RQ4 as ggml type 42), the splice merge arithmetic, and bad input (no partial files)."""
+
 from __future__ import annotations
 
 import errno
@@ -22,27 +23,29 @@ from felix.ops.quant_policy import choose_tensor_type, roundtrip
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint",
-                                            seed=SEED)
+    directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", seed=SEED)
     return directory, model, tok
 
 
 # --------------------------------------------------------------------------------------- the policy
-@pytest.mark.parametrize("name, shape, quant, want, fallback", [
-    ("blk.0.attn_norm.weight", (256,), "rq4", "f32", False),             # 1-D: F32
-    ("blk.3.splice.ffn_down.a", (8, 1024), "rq4", "f32", False),         # runtime-edit surface: F32
-    ("blk.3.splice.ffn_down.gate", (1,), "q4_0", "f32", False),
-    ("blk.1.spoke.w_down_fused.weight", (32, 1024), "rq4", "f32", False),  # fork spokes: edit surface too
-    ("blk.0.attn_k.weight", (16, 32), "q4_0", "f32", False),             # 512 elements: small
-    ("token_embd.weight", (1024, 256), "rq4", "q8_0", False),            # embedding: Q8_0 for 4-bit
-    ("token_embd.weight", (1024, 256), "f16", "f16", False),
-    ("token_embd.weight", (1024, 256), "q8_0", "q8_0", False),
-    ("blk.0.attn_q.weight", (256, 256), "tq2_0", "tq2_0", False),
-    ("blk.0.attn_q.weight", (128, 128), "tq2_0", "q8_0", True),          # 128 % 256: falls back to Q8_0
-    ("blk.0.ffn_down.weight", (128, 344), "iq4_nl", "f16", True),        # 344 % 32: falls back to F16
-    ("blk.0.ffn_down.weight", (128, 352), "rq4", "rq4", False),
-    ("blk.0.ffn_down.weight", (128, 352), "bf16", "bf16", False),
-])
+@pytest.mark.parametrize(
+    "name, shape, quant, want, fallback",
+    [
+        ("blk.0.attn_norm.weight", (256,), "rq4", "f32", False),  # 1-D: F32
+        ("blk.3.splice.ffn_down.a", (8, 1024), "rq4", "f32", False),  # runtime-edit surface: F32
+        ("blk.3.splice.ffn_down.gate", (1,), "q4_0", "f32", False),
+        ("blk.1.spoke.w_down_fused.weight", (32, 1024), "rq4", "f32", False),  # fork spokes: edit surface too
+        ("blk.0.attn_k.weight", (16, 32), "q4_0", "f32", False),  # 512 elements: small
+        ("token_embd.weight", (1024, 256), "rq4", "q8_0", False),  # embedding: Q8_0 for 4-bit
+        ("token_embd.weight", (1024, 256), "f16", "f16", False),
+        ("token_embd.weight", (1024, 256), "q8_0", "q8_0", False),
+        ("blk.0.attn_q.weight", (256, 256), "tq2_0", "tq2_0", False),
+        ("blk.0.attn_q.weight", (128, 128), "tq2_0", "q8_0", True),  # 128 % 256: falls back to Q8_0
+        ("blk.0.ffn_down.weight", (128, 344), "iq4_nl", "f16", True),  # 344 % 32: falls back to F16
+        ("blk.0.ffn_down.weight", (128, 352), "rq4", "rq4", False),
+        ("blk.0.ffn_down.weight", (128, 352), "bf16", "bf16", False),
+    ],
+)
 def test_policy_table(name, shape, quant, want, fallback):
     c = choose_tensor_type(name, shape, quant)
     assert (c.type, c.fallback) == (want, fallback), c
@@ -88,8 +91,9 @@ def test_stock_reader_reads_every_tensor_byte_for_byte(ckpt, tmp_path, quant):
     types = {t.name: t.type for t in result.tensors}
     for t in reader.tensors:
         assert tuple(reversed(t.shape.tolist())) == tuple(state[t.name].shape), t.name
-        np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1),
-                                      _stored_bytes(state[t.name], types[t.name]), err_msg=t.name)
+        np.testing.assert_array_equal(
+            np.asarray(t.data).view(np.uint8).reshape(-1), _stored_bytes(state[t.name], types[t.name]), err_msg=t.name
+        )
 
 
 def test_rq4_felix_export_round_trips(ckpt, tmp_path):
@@ -107,8 +111,9 @@ def test_rq4_felix_export_round_trips(ckpt, tmp_path):
     n_rq4 = 0
     for t in reader.tensors:
         assert torch_shape(t) == tuple(state[t.name].shape)
-        np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1),
-                                      _stored_bytes(state[t.name], types[t.name]), err_msg=t.name)
+        np.testing.assert_array_equal(
+            np.asarray(t.data).view(np.uint8).reshape(-1), _stored_bytes(state[t.name], types[t.name]), err_msg=t.name
+        )
         if types[t.name] == "rq4":
             n_rq4 += 1
             assert int(t.tensor_type) == 42 and t.tensor_type.name == "RQ4"

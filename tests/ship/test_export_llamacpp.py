@@ -6,6 +6,7 @@ scale 0 = base, re-scaled and dropped at run time without reloading.
 Tolerances are measured (tiny model, d_model 256, 2 layers, 60 AdamW steps from random; see the README's exporter section):
 f32 ~1e-3 relative (ggml sums in a different order), f16 ~2e-3, bf16 ~1e-2 (ggml rounds activations to bf16
 for bf16 weights), block formats ~2-5e-2 (ggml quantizes activations to Q8 inside its matmuls)."""
+
 from __future__ import annotations
 
 
@@ -23,14 +24,20 @@ pytestmark = pytest.mark.skipif(not ok, reason=why)
 
 # format: (max |logit error| / max |logit| vs PyTorch on the file's own weights, min top-1 agreement overall).
 # Near-ties exist; every position whose PyTorch top-2 margin exceeds twice the error bound must agree.
-BOUNDS = {"f32": (3e-3, 0.95), "f16": (5e-3, 0.95), "bf16": (3e-2, 0.85), "q8_0": (5e-2, 0.85),
-          "q4_0": (6e-2, 0.8), "iq4_nl": (6e-2, 0.8), "tq2_0": (1e-1, 0.75)}
+BOUNDS = {
+    "f32": (3e-3, 0.95),
+    "f16": (5e-3, 0.95),
+    "bf16": (3e-2, 0.85),
+    "q8_0": (5e-2, 0.85),
+    "q4_0": (6e-2, 0.8),
+    "iq4_nl": (6e-2, 0.8),
+    "tq2_0": (1e-1, 0.75),
+}
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint",
-                                            seed=SEED, train_steps=60)
+    directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", seed=SEED, train_steps=60)
     return directory, model.eval(), tok
 
 
@@ -73,7 +80,9 @@ def test_llamacpp_logits_match_pytorch_on_the_files_weights(ckpt, prompt_ids, tm
     err, top1 = rel_err(got, want), float(agree.mean())
     assert err <= bound and top1 >= min_top1, f"{quant}: rel err {err:.3g} (bound {bound}), top-1 {top1:.3f}"
     clear = top2_margin(want) > 2 * bound * np.abs(want).max()
-    assert agree[clear].all(), f"{quant}: top-1 differs where PyTorch's margin is clear: {np.flatnonzero(clear & ~agree)}"
+    assert agree[clear].all(), (
+        f"{quant}: top-1 differs where PyTorch's margin is clear: {np.flatnonzero(clear & ~agree)}"
+    )
     if quant in ("q4_0", "iq4_nl", "tq2_0"):
         # Only where the weights' rounding dominates ggml's own activation rounding: measured over seeds,
         # 4-bit/ternary runs sit 8-40x closer to their decoded weights than to the unquantized model, while
@@ -91,7 +100,7 @@ def torch_greedy(model, ids, n_new: int) -> tuple[list[int], float]:
             last = model(torch.tensor([seq]))[0, -1].double().numpy()
             worst = min(worst, float(top2_margin(last) / np.abs(last).max()))
             seq.append(int(last.argmax()))
-    return seq[len(ids):], worst
+    return seq[len(ids) :], worst
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
@@ -103,12 +112,12 @@ def test_greedy_generation_agrees_token_for_token(ckpt, tmp_path, quant):
     out = tmp_path / f"g-{quant}.gguf"
     export_gguf(directory, out, quant=quant)
     n_new, checked = 32, 0
-    prompts = [ids[i:i + 16] for ids in (tok.encode(t) for t in VARIED_TEXTS) for i in (0, 16) if len(ids) >= i + 16]
+    prompts = [ids[i : i + 16] for ids in (tok.encode(t) for t in VARIED_TEXTS) for i in (0, 16) if len(ids) >= i + 16]
     with LlamaCppModel(out) as llm:
         for ids in prompts:
             want, worst = torch_greedy(model, ids, n_new)
             path = ids + want
-            err = rel_err(llm.logits(path)[len(ids) - 1:-1], torch_logits(model, path)[len(ids) - 1:-1])
+            err = rel_err(llm.logits(path)[len(ids) - 1 : -1], torch_logits(model, path)[len(ids) - 1 : -1])
             if worst <= 2 * err:
                 continue
             got = llm.greedy(ids, n_new)
@@ -143,13 +152,13 @@ def test_splice_adapter_equals_merge_and_hot_swaps(ckpt, prompt_ids, tmp_path):
     assert rel_err(merged, base) > 1e-2  # the splice changes the model: the comparisons below can fail
 
     with LlamaCppModel(base_path, adapter=result.adapter_path) as llm:
-        assert rel_err(llm.logits(prompt_ids), merged) < 2e-4          # adapter at scale 1 = merged (fp32 order)
+        assert rel_err(llm.logits(prompt_ids), merged) < 2e-4  # adapter at scale 1 = merged (fp32 order)
         llm.set_adapter_scale(0.0)
-        assert rel_err(llm.logits(prompt_ids), base) < 1e-6            # scale 0 = the base model
+        assert rel_err(llm.logits(prompt_ids), base) < 1e-6  # scale 0 = the base model
         llm.set_adapter_scale(0.5)
         half = llm.logits(prompt_ids)
         llm.set_adapter_scale(1.0)
-        assert rel_err(llm.logits(prompt_ids), merged) < 2e-4          # and back, with no reload
+        assert rel_err(llm.logits(prompt_ids), merged) < 2e-4  # and back, with no reload
         llm.drop_adapter()
         assert rel_err(llm.logits(prompt_ids), base) < 1e-6
     with torch.no_grad():
@@ -162,4 +171,4 @@ def test_splice_adapter_equals_merge_and_hot_swaps(ckpt, prompt_ids, tmp_path):
             for block in model.blk:
                 for core in block.splice.values():
                     core.gate.mul_(2.0)
-    assert rel_err(half, want_half) < BOUNDS["f32"][0]                 # scale 0.5 = PyTorch with gates halved
+    assert rel_err(half, want_half) < BOUNDS["f32"][0]  # scale 0.5 = PyTorch with gates halved

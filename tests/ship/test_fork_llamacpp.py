@@ -10,6 +10,7 @@
 * Live edits through the fork's tensor API: a spoke written at run time changes logits exactly as felix.spoke_residual
   predicts in PyTorch; an f32 write into an RQ4 tensor is re-quantized by the fork to felix.quantize's bytes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,17 +47,25 @@ def assert_same_bytes(x: np.ndarray):
 
 
 @settings(max_examples=200, deadline=None)
-@given(x=st.integers(1, 6).flatmap(lambda n: hnp.arrays(
-    np.float32, (n, RQ4.block_size * 2),
-    elements=st.floats(-float(np.nextafter(np.float32(RQ4.max_abs_input), 0)),
-                       float(np.nextafter(np.float32(RQ4.max_abs_input), 0)), width=32))))
+@given(
+    x=st.integers(1, 6).flatmap(
+        lambda n: hnp.arrays(
+            np.float32,
+            (n, RQ4.block_size * 2),
+            elements=st.floats(
+                -float(np.nextafter(np.float32(RQ4.max_abs_input), 0)),
+                float(np.nextafter(np.float32(RQ4.max_abs_input), 0)),
+                width=32,
+            ),
+        )
+    )
+)
 def test_rq4_bytes_equal_the_forks_quantize_row_rq4_ref(x):
     assert_same_bytes(x)
 
 
 @settings(max_examples=100, deadline=None)
-@given(scale=st.floats(1e-30, 1e3), seed=st.integers(0, 2**31 - 1),
-       tie=st.sampled_from([None, 0, 7, 8, 15]))
+@given(scale=st.floats(1e-30, 1e3), seed=st.integers(0, 2**31 - 1), tie=st.sampled_from([None, 0, 7, 8, 15]))
 def test_rq4_bytes_equal_the_fork_on_weight_like_rows_and_exact_ties(scale, seed, tie):
     """Gaussian rows at any scale, optionally with an element planted exactly halfway between two codebook
     values (in units of the block's scale): ties must go to the first minimum, as in the C loop."""
@@ -104,8 +113,9 @@ def test_scale_overflow_rule_against_the_fork():
 # ------------------------------------------------------------------------------------ files in the fork
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    directory, model, tok = make_checkpoint(tmp_path_factory.mktemp("fork-ckpt") / "checkpoint",
-                                            seed=SEED, train_steps=60)
+    directory, model, tok = make_checkpoint(
+        tmp_path_factory.mktemp("fork-ckpt") / "checkpoint", seed=SEED, train_steps=60
+    )
     return directory, model.eval(), tok
 
 
@@ -168,7 +178,7 @@ def test_greedy_in_the_fork_agrees_with_pytorch(ckpt, tmp_path):
         for ids in (tok.encode(t)[:16] for t in VARIED_TEXTS if len(tok.encode(t)) >= 16):
             want, worst = torch_greedy(model_from_gguf(out), ids, 32)
             path = ids + want
-            err = rel_err(llm.logits(path)[len(ids) - 1:-1], torch_logits(model, path)[len(ids) - 1:-1])
+            err = rel_err(llm.logits(path)[len(ids) - 1 : -1], torch_logits(model, path)[len(ids) - 1 : -1])
             if worst <= 2 * err:
                 continue
             assert llm.greedy(ids, 32) == want
@@ -241,23 +251,29 @@ def test_a_spoke_written_at_run_time_changes_logits_as_pytorch_predicts(ckpt, pr
     norm = 1 + 0.1 * torch.randn(cfg.d_model, generator=gen)
     with LlamaCppModel(out) as llm:
         before = llm.logits(prompt_ids)
-        names = {k: fork.SPOKE_TENSOR_NAMES[k].format(layer=layer) for k in fork.SPOKE_TENSOR_NAMES if "fused" in k
-                 or k in ("norm", "gate_bias")}
+        names = {
+            k: fork.SPOKE_TENSOR_NAMES[k].format(layer=layer)
+            for k in fork.SPOKE_TENSOR_NAMES
+            if "fused" in k or k in ("norm", "gate_bias")
+        }
         llm.write_tensor_f32(names["norm"], norm.numpy())
         llm.write_tensor_f32(names["gate_bias"], gate.numpy())
         llm.write_tensor_f32(names["w_down_fused"], w_down.numpy())
         llm.write_tensor_f32(names["w_up_fused"], w_up.numpy())
         after = llm.logits(prompt_ids)
-        assert np.frombuffer(llm.read_tensor(names["w_up_fused"], 4 * cfg.d_model), np.float32).tolist() == \
-            w_up.reshape(-1).tolist()
+        assert (
+            np.frombuffer(llm.read_tensor(names["w_up_fused"], 4 * cfg.d_model), np.float32).tolist()
+            == w_up.reshape(-1).tolist()
+        )
     hook = model.blk[layer].register_forward_hook(
-        lambda mod, inp, h: felix.spoke_residual(h, norm, w_down, w_up, gate, n_spokes=1, eps=cfg.norm_eps))
+        lambda mod, inp, h: felix.spoke_residual(h, norm, w_down, w_up, gate, n_spokes=1, eps=cfg.norm_eps)
+    )
     try:
         want = torch_logits(model, prompt_ids)
     finally:
         hook.remove()
-    assert rel_err(after, before) > 1e-2                       # the edit matters
-    assert rel_err(after, want) < FORK_BOUNDS["f32"][0]        # and is what PyTorch predicts
+    assert rel_err(after, before) > 1e-2  # the edit matters
+    assert rel_err(after, want) < FORK_BOUNDS["f32"][0]  # and is what PyTorch predicts
 
 
 def test_an_f32_write_into_an_rq4_tensor_is_requantized_to_felix_bytes(ckpt, tmp_path, gen):
@@ -284,12 +300,19 @@ def test_fork_worker_ends_with_the_interpreter(tmp_path):
     import subprocess
     import sys
 
-    code = ("import numpy as np, warnings; warnings.simplefilter('error', ResourceWarning)\n"
-            "from felix.ship import llamacpp\n"
-            "llamacpp.fork_quantize_rq4(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32))\n"
-            "w = llamacpp.fork_worker(); print(w.proc.pid, w.log.name)\n")
-    out = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = (
+        "import numpy as np, warnings; warnings.simplefilter('error', ResourceWarning)\n"
+        "from felix.ship import llamacpp\n"
+        "llamacpp.fork_quantize_rq4(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32))\n"
+        "w = llamacpp.fork_worker(); print(w.proc.pid, w.log.name)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.returncode == 0, out.stderr
     assert "ResourceWarning" not in out.stderr, out.stderr
     pid, log = out.stdout.split()

@@ -15,6 +15,7 @@ f16 KV cache and probabilities), since those are part of what the runtime comput
 * contrast (ternary): the same latent weights through ggml's own TQ2_0 codec (post-training quantization) are far
   outside that bound (measured ~1.5 relative): the file holds the QAT forward's bytes, not a re-rounding.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,15 +43,24 @@ def train_qat(directory, mode: str):
     torch.manual_seed(SEED)
     texts = builtin_corpus(300, seed=SEED)
     tok = train_tokenizer(texts, 1024)
-    cfg = FelixConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512,
-                      max_seq_len=128, splice_layers=[], init_std=0.08)
+    cfg = FelixConfig(
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        d_model=256,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=512,
+        max_seq_len=128,
+        splice_layers=[],
+        init_std=0.08,
+    )
     model = qat.apply_qat(FelixLM(cfg), mode)
     ids = torch.tensor([i for t in texts[:100] for i in tok.encode(t)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(SEED)
     for _ in range(30):
         starts = torch.randint(0, len(ids) - 65, (8,), generator=g).tolist()
-        rows = torch.stack([ids[s:s + 65] for s in starts])
+        rows = torch.stack([ids[s : s + 65] for s in starts])
         model.loss(rows[:, :-1], rows[:, 1:]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -87,8 +97,9 @@ def test_exported_qat_model_matches_its_forward_in_llamacpp(tmp_path, mode):
     err = rel_err_per_position(got, runtime_numerics)
     assert err[0] <= GAMMA_K, (err[0], GAMMA_K)
     assert err.max() <= activation_effect, (float(err.max()), activation_effect)
-    clear = np.sort(runtime_numerics, -1)[:, -1] - np.sort(runtime_numerics, -1)[:, -2] > \
-        2 * activation_effect * np.abs(runtime_numerics).max(-1)
+    clear = np.sort(runtime_numerics, -1)[:, -1] - np.sort(runtime_numerics, -1)[
+        :, -2
+    ] > 2 * activation_effect * np.abs(runtime_numerics).max(-1)
     assert clear.sum() >= len(prompt) // 4 and (got.argmax(-1) == runtime_numerics.argmax(-1))[clear].all()
 
     if mode == "bitnet":  # the same latent weights re-rounded by ggml's TQ2_0 codec: far outside the bound
@@ -115,8 +126,17 @@ def test_fidelity_runtime_path_on_a_qat_checkpoint_with_live_splices(tmp_path):
     torch.manual_seed(SEED)
     texts = builtin_corpus(300, seed=SEED)
     tok = train_tokenizer(texts, 1024)
-    cfg = FelixConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=512,
-                      max_seq_len=128, splice_layers=[1], init_std=0.08)
+    cfg = FelixConfig(
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        d_model=256,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=512,
+        max_seq_len=128,
+        splice_layers=[1],
+        init_std=0.08,
+    )
     model = qat.apply_qat(FelixLM(cfg), "rq4")
     with torch.no_grad():  # a live, non-trivial splice
         for core in model.blk[1].splice.values():
@@ -125,9 +145,18 @@ def test_fidelity_runtime_path_on_a_qat_checkpoint_with_live_splices(tmp_path):
     model.eval()
     ck = save_checkpoint(tmp_path / "ck", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
     gguf_dir = tmp_path / "gguf"
-    report = F.run_fidelity(ck, F.FidelityOptions(quant="rq4", paths=("simulated", "runtime"), n_probes=2,
-                                                  sensitivity=False, compliance=False, gguf_dir=str(gguf_dir),
-                                                  sim_activations="runtime"))
+    report = F.run_fidelity(
+        ck,
+        F.FidelityOptions(
+            quant="rq4",
+            paths=("simulated", "runtime"),
+            n_probes=2,
+            sensitivity=False,
+            compliance=False,
+            gguf_dir=str(gguf_dir),
+            sim_activations="runtime",
+        ),
+    )
     base, adapter = gguf_dir / "quantized-rq4.gguf", gguf_dir / "quantized-rq4.splice-lora.gguf"
     assert adapter.is_file()
     a = report["agreement"]

@@ -7,6 +7,7 @@ without a grammar, a request beyond the context) with no server process left beh
 The truth for "answers like greedy decoding" is llama.cpp itself fed Felix's token ids ([BOS] + chat_prompt + greedy
 on the KV cache, stopping at END or EOS): the same file in the same runtime, so the answers must be equal, not
 close. The fixture model has learned the probes (tests/serve_fixtures.py), so those answers are the task JSON."""
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,11 @@ MESSAGE_SETS = [
     [{"role": "user", "content": "Encode this observation as a memory (JSON).\nObservation: it rained."}],
     [{"role": "system", "content": "You answer in JSON."}, {"role": "user", "content": "Is it safe?"}],
     [{"role": "system", "content": ""}, {"role": "user", "content": "an empty system message is no turn"}],
-    [{"role": "user", "content": "first"}, {"role": "assistant", "content": "{\"a\": 1}"},
-     {"role": "user", "content": "second, naïve café 日本語 🙂\n  with  spaces\t"}],
+    [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": '{"a": 1}'},
+        {"role": "user", "content": "second, naïve café 日本語 🙂\n  with  spaces\t"},
+    ],
     [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}],
 ]
 
@@ -117,8 +121,12 @@ def test_gguf_chat_template_renders_felix_format_in_llama_cpp(trained):
         bos = llm._model.token_get_text(llm.token_bos())
         eos = llm._model.token_get_text(llm.token_eos())
         for add_generation_prompt in (True, False):
-            fmt = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos,
-                                      add_generation_prompt=add_generation_prompt)
+            fmt = Jinja2ChatFormatter(
+                template=meta["tokenizer.chat_template"],
+                eos_token=eos,
+                bos_token=bos,
+                add_generation_prompt=add_generation_prompt,
+            )
             for messages in MESSAGE_SETS:
                 got = fmt(messages=messages).prompt
                 assert got == bos + chat.chat_messages(messages, add_generation_prompt), messages
@@ -128,8 +136,9 @@ def test_gguf_chat_template_renders_felix_format_in_llama_cpp(trained):
         fmt = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
         assert fmt(messages=MESSAGE_SETS[1][:]).prompt == bos + chat.chat_prompt("Is it safe?", "You answer in JSON.")
         assert fmt(messages=MESSAGE_SETS[0]).prompt == bos + chat.chat_prompt(MESSAGE_SETS[0][0]["content"])
-        no_gen = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos,
-                                     add_generation_prompt=False)
+        no_gen = Jinja2ChatFormatter(
+            template=meta["tokenizer.chat_template"], eos_token=eos, bos_token=bos, add_generation_prompt=False
+        )
         assert no_gen(messages=MESSAGE_SETS[4]).prompt == bos + chat.chat_text("q", "r", "s")
         with pytest.raises(ValueError, match="unknown role"):
             fmt(messages=[{"role": "tool", "content": "x"}])
@@ -146,8 +155,9 @@ def test_create_chat_completion_answers_like_greedy(trained, truth):
     try:
         for p in trained["probes"]:
             answer, budget = truth[p.name]
-            got = llm.create_chat_completion(chat.messages_from_prompt(p.prompt), temperature=0.0,
-                                             repeat_penalty=1.0, max_tokens=budget)
+            got = llm.create_chat_completion(
+                chat.messages_from_prompt(p.prompt), temperature=0.0, repeat_penalty=1.0, max_tokens=budget
+            )
             assert got["choices"][0]["message"]["content"] == answer, p.name
             assert got["choices"][0]["finish_reason"] == "stop"
             assert json.loads(answer) == json.loads(p.expected.removesuffix(chat.END))
@@ -184,8 +194,11 @@ def test_served_json_schema_constrained(trained, truth, server):
     for p in trained["probes"]:
         answer, budget = truth[p.name]
         messages = chat.messages_from_prompt(p.prompt)
-        for fmt in (response_format(p.schema), {"type": "json_object", "schema": json_schema(p.schema)},
-                    {"type": "json_object"}):
+        for fmt in (
+            response_format(p.schema),
+            {"type": "json_object", "schema": json_schema(p.schema)},
+            {"type": "json_object"},
+        ):
             got = server.chat_text(messages, temperature=0, max_tokens=budget, response_format=fmt)
             assert got == answer, (p.name, fmt["type"])
             assert check_compliance(got, p.schema)["compliant"]
@@ -207,8 +220,12 @@ def test_grammar_forces_the_schema_on_an_answer_that_breaks_it(trained, server):
 def test_schema_without_a_grammar_is_a_400(server):
     bad = {"type": "object", "properties": {"x": {"$ref": "https://example.com/remote.json"}}}
     with pytest.raises(serve.RequestError) as e:
-        server.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=4,
-                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
+        server.chat(
+            [{"role": "user", "content": "hi"}],
+            temperature=0,
+            max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}},
+        )
     assert e.value.status == 400 and "cannot become a grammar" in e.value.message
     with pytest.raises(serve.RequestError) as e:
         server.chat([{"role": "user", "content": "hi"}], response_format={"type": "json_schema"})
@@ -300,8 +317,9 @@ def test_fork_serves_the_rq4_felix_arch_file(trained):
     ok_fork, why_fork = fork.available()
     if not ok_fork:
         pytest.skip(why_fork)
-    gguf = export_gguf(trained["checkpoint"], trained["root"] / "model-rq4.gguf", arch="felix", quant="rq4",
-                       force=True).path
+    gguf = export_gguf(
+        trained["checkpoint"], trained["root"] / "model-rq4.gguf", arch="felix", quant="rq4", force=True
+    ).path
     truth = greedy_answers(gguf, trained["tok"], trained["probes"])  # the fork, in felix.ship.llamacpp's worker
     with serve.Server(gguf, port=0, n_threads=1) as s:
         assert s.runtime == "fork" and s.arch == "felix"
@@ -314,13 +332,22 @@ def test_fork_serves_the_rq4_felix_arch_file(trained):
 def test_fidelity_constrained_reports_free_and_grammar(trained, tmp_path):
     from felix.verify import fidelity
 
-    report = fidelity.run_fidelity(trained["checkpoint"], fidelity.FidelityOptions(
-        quant="q8_0", paths=("simulated",), n_probes=len(trained["probes"]), sensitivity=False, compliance=False,
-        constrained=True, gguf_dir=str(tmp_path)))
+    report = fidelity.run_fidelity(
+        trained["checkpoint"],
+        fidelity.FidelityOptions(
+            quant="q8_0",
+            paths=("simulated",),
+            n_probes=len(trained["probes"]),
+            sensitivity=False,
+            compliance=False,
+            constrained=True,
+            gguf_dir=str(tmp_path),
+        ),
+    )
     c = report["constrained"]
     n = len(trained["probes"])
     assert c["free"]["probes"] == c["constrained"]["probes"] == n and not c["skipped"]
-    assert c["free"]["compliant"] == c["constrained"]["compliant"] == n   # the model carries the structure
+    assert c["free"]["compliant"] == c["constrained"]["compliant"] == n  # the model carries the structure
     assert c["changed_by_grammar"] == 0
     assert c["free"]["task_score_mean"] == c["constrained"]["task_score_mean"] == 5.0
     md = fidelity.markdown_report(report, {})

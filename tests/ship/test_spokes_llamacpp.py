@@ -2,6 +2,7 @@
 spokes) loads in the fork and its logits match PyTorch on the file's own decoded weights, at f32 and at rq4 (the
 bounds of tests/ship/test_fork_llamacpp.py); the spokes change the fork's logits; fresh spokes (W_up = 0) compute in the
 fork exactly what the hub without spokes computes, bit for bit."""
+
 from __future__ import annotations
 
 import numpy as np

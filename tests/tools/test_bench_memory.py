@@ -1,6 +1,7 @@
 """The benchmark recorder's CPU peak-memory figure (felix.testing.bench.peak_rss_growth_bytes): non-zero, grows
 with the allocation, and right in a child process spawned by a large parent (where getrusage's ru_maxrss, which
 Linux carries over fork+exec, read 0)."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def test_peak_rss_growth_tracks_an_allocation():
 def test_child_of_a_large_process_reads_its_own_growth():
     ballast = np.ones(160 * MIB // 8)  # the parent's resident set is now larger than anything the child allocates
     ballast.sum()
-    out = subprocess.run([sys.executable, "-c", _CHILD, felix.testing.rss.__file__], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, felix.testing.rss.__file__], capture_output=True, text=True, check=True
+    )
     growth = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     assert 14 * MIB < growth[16] < 32 * MIB
     assert 60 * MIB < growth[64] < 80 * MIB

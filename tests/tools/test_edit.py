@@ -1,6 +1,7 @@
 """SpliceCore edits (felix/tools/edit/) against independent truths: the constraint equations of the closed form in
 float64 (W' k = v on edited keys, W' k_p = W k_p on preserved keys), Eckart-Young for the rank-limited refit, the
 model's own predictions before/after, bit-exact restores, and clear errors for bad requests."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,13 +13,34 @@ from felix.model.felix_lm import FelixConfig, FelixLM, load_checkpoint, save_che
 from felix.model.splice import list_splices, snapshot_splices
 from felix.model.spokes import add_spokes
 from felix.model.tokenizer import train_tokenizer
-from felix.tools.edit import (ConflictError, EditError, EditRequest, RankBudgetError, SpliceEditor, UntokenisableError,
-                              fold_splice, null_space_projector, site_keys, splice_product, splice_site, target_stats,
-                              tokenize_request, widen_splice)
+from felix.tools.edit import (
+    ConflictError,
+    EditError,
+    EditRequest,
+    RankBudgetError,
+    SpliceEditor,
+    UntokenisableError,
+    fold_splice,
+    null_space_projector,
+    site_keys,
+    splice_product,
+    splice_site,
+    target_stats,
+    tokenize_request,
+    widen_splice,
+)
 
-TEXTS = [f"{who} said that the {what} was {how} on day {d}." for d, (who, what, how) in enumerate(
-    [(w, x, h) for w in ("Ana", "Ben", "Chen", "Dara") for x in ("cache", "build", "index", "backup")
-     for h in ("slow", "fast", "broken", "fine")])] * 3
+TEXTS = [
+    f"{who} said that the {what} was {how} on day {d}."
+    for d, (who, what, how) in enumerate(
+        [
+            (w, x, h)
+            for w in ("Ana", "Ben", "Chen", "Dara")
+            for x in ("cache", "build", "index", "backup")
+            for h in ("slow", "fast", "broken", "fine")
+        ]
+    )
+] * 3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +59,18 @@ def tok():
 
 def make_model(tok, rank=4, seed=0, trained_splice=False):
     torch.manual_seed(seed)
-    cfg = FelixConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=128,
-                      max_seq_len=64, splice_layers=[1], splice_rank=rank, init_std=0.1)
+    cfg = FelixConfig(
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        d_model=64,
+        n_head=2,
+        n_kv_head=1,
+        ffn_hidden=128,
+        max_seq_len=64,
+        splice_layers=[1],
+        splice_rank=rank,
+        init_std=0.1,
+    )
     model = FelixLM(cfg).eval()
     if trained_splice:
         with torch.no_grad():
@@ -51,12 +83,15 @@ def make_model(tok, rank=4, seed=0, trained_splice=False):
 
 def preserved(model, tok, n_seqs=4):
     site = splice_site(model)
-    seqs = [tok.encode(t) for t in TEXTS[20:20 + n_seqs]]  # none holds an edit prompt
+    seqs = [tok.encode(t) for t in TEXTS[20 : 20 + n_seqs]]  # none holds an edit prompt
     return site_keys(model, site, seqs)
 
 
-REQS = [EditRequest("Ana said that the cache was", " fast"), EditRequest("Ben said that the index was", " broken"),
-        EditRequest("Dara said that the backup was", " slow")]
+REQS = [
+    EditRequest("Ana said that the cache was", " fast"),
+    EditRequest("Ben said that the index was", " broken"),
+    EditRequest("Dara said that the backup was", " slow"),
+]
 
 
 def predicted(model, tok, req):
@@ -76,9 +111,9 @@ def test_closed_form_satisfies_its_constraints_exactly_in_float64(tok):
     dw = ed.solve(keys, values)
     w_new = w + dw
     scale = values.abs().max()
-    assert float((keys @ w_new.T - values).abs().max() / scale) < 1e-10            # W' k = v
+    assert float((keys @ w_new.T - values).abs().max() / scale) < 1e-10  # W' k = v
     out_p = kp @ w.T
-    assert float((kp @ w_new.T - out_p).abs().max() / out_p.abs().max()) < 1e-10   # W' k_p = W k_p
+    assert float((kp @ w_new.T - out_p).abs().max() / out_p.abs().max()) < 1e-10  # W' k_p = W k_p
     # what was written into A/B (float32) is S0 + dW to float32 rounding, and rank <= the splice's
     prod = splice_product(ed.site)
     assert float((prod - (ed.s0 + dw)).abs().max() / (ed.s0 + dw).abs().max()) < 1e-5
@@ -103,13 +138,13 @@ def test_null_space_projector_is_the_small_eigen_directions():
 def test_refit_is_the_eckart_young_optimum(tok):
     model = make_model(tok, rank=2)
     ed = SpliceEditor(model, tok, null_space=False, when_full="refit")
-    ed.apply(REQS)          # 3 keys into rank 2
+    ed.apply(REQS)  # 3 keys into rank 2
     assert ed.last_fit["refit"] and ed.rank_used() == 2
     keys, values = ed._all_keys_values()
     r = values - keys @ (ed.weight + ed.s0).T
     dw = ed.solve(keys, values)
     err2 = float(((keys @ dw.T) - r).pow(2).sum())
-    sv = torch.linalg.svdvals(r)   # rows = keys: residual matrix [M, out]
+    sv = torch.linalg.svdvals(r)  # rows = keys: residual matrix [M, out]
     assert abs(err2 - float(sv[2:].pow(2).sum())) <= 1e-9 * float(sv.pow(2).sum())
 
 
@@ -199,8 +234,18 @@ def test_untokenisable_targets_are_refused(tok):
     for bad, msg in (("", "empty"), ("<|end|>", "special-token"), (3, "must be a string")):
         with pytest.raises(UntokenisableError, match=msg):
             ed.apply(EditRequest("Ana said", bad))
-    small = FelixLM(FelixConfig(vocab_size=270, n_layer=2, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=128,
-                                max_seq_len=64, splice_layers=[1]))
+    small = FelixLM(
+        FelixConfig(
+            vocab_size=270,
+            n_layer=2,
+            d_model=64,
+            n_head=2,
+            n_kv_head=1,
+            ffn_hidden=128,
+            max_seq_len=64,
+            splice_layers=[1],
+        )
+    )
     merged = next(t for t in (" cache", " backup", " index") if max(tok.encode(t)) >= 270)
     with pytest.raises(UntokenisableError, match="outside the model's vocabulary"):
         SpliceEditor(small, tok, null_space=False).apply(EditRequest("Ana", merged))
@@ -225,8 +270,25 @@ def test_finetune_baseline_is_constrained_and_undoes_last_first(tok):
 
 def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt", make_model(tok), tok)
-    assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,
-                 "--prompt", REQS[1].prompt, "--target", REQS[1].target, "--out", str(tmp_path / "e1")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                str(tmp_path / "ckpt"),
+                "--prompt",
+                REQS[0].prompt,
+                "--target",
+                REQS[0].target,
+                "--prompt",
+                REQS[1].prompt,
+                "--target",
+                REQS[1].target,
+                "--out",
+                str(tmp_path / "e1"),
+            ]
+        )
+        == 0
+    )
     edited = load_checkpoint(tmp_path / "e1").eval()
     assert predicted(edited, tok, REQS[0])["top1"] and predicted(edited, tok, REQS[1])["top1"]
     assert main(["edit", str(tmp_path / "e1"), "--list"]) == 0
@@ -235,8 +297,21 @@ def test_cli_edit_list_undo_and_errors(tok, tmp_path, capsys):
     undone = load_checkpoint(tmp_path / "e2").eval()
     assert not predicted(undone, tok, REQS[0])["top1"] and predicted(undone, tok, REQS[1])["top1"]
     capsys.readouterr()
-    assert main(["edit", str(tmp_path / "e2"), "--prompt", REQS[1].prompt, "--target", " slow",
-                 "--out", str(tmp_path / "e3")]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                str(tmp_path / "e2"),
+                "--prompt",
+                REQS[1].prompt,
+                "--target",
+                " slow",
+                "--out",
+                str(tmp_path / "e3"),
+            ]
+        )
+        == 2
+    )
     assert "edit 1 already makes" in capsys.readouterr().err
     assert main(["edit", str(tmp_path / "e2"), "--prompt", "Ana", "--target", "", "--out", str(tmp_path / "e3")]) == 2
     assert "empty" in capsys.readouterr().err and not (tmp_path / "e3").exists()
@@ -267,8 +342,21 @@ def test_qat_models_are_refused_not_silently_edited(tok, tmp_path, capsys):
     any model whose matmul inputs are rounded or masked (the closed form's keys would not be the inputs)."""
     model = qat.apply_qat(make_model(tok), "rq4")  # the same edit on this model without qat.json succeeds (CLI test)
     save_checkpoint(tmp_path / "ckpt", model, tok, {qat.QAT_FILE: lambda p: qat.write_qat_config(p, model)})
-    assert main(["edit", str(tmp_path / "ckpt"), "--prompt", REQS[0].prompt, "--target", REQS[0].target,
-                 "--out", str(tmp_path / "e1")]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                str(tmp_path / "ckpt"),
+                "--prompt",
+                REQS[0].prompt,
+                "--target",
+                REQS[0].target,
+                "--out",
+                str(tmp_path / "e1"),
+            ]
+        )
+        == 2
+    )
     assert "trained quantization-aware (rq4" in capsys.readouterr().err and not (tmp_path / "e1").exists()
     model = qat.apply_qat(make_model(tok, trained_splice=True), "rq4")
     before = splice_product(splice_site(model)).clone()

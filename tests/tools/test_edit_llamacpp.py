@@ -1,6 +1,7 @@
 """Splice edits deployed: an edited model exported as base GGUF + splice LoRA adapter hot-swaps in llama.cpp (stock
 via llama-cpp-python, and the fork) and reproduces the edit: the runtime's logits equal PyTorch's on the same
 weights (f32 bound of tests/ship/test_export_llamacpp.py), the edited target is the argmax at scale 1 and not at scale 0."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_edit_adapter_hot_swaps_in_llamacpp(edited, runtime):
         got = llm.logits(ids)[pos]
         assert np.abs(got - after).max() / np.abs(after).max() <= F32_BOUND
         assert int(np.argmax(got)) == target
-        llm.set_adapter_scale(0.0)        # the edit switched off live: the unedited model
+        llm.set_adapter_scale(0.0)  # the edit switched off live: the unedited model
         got0 = llm.logits(ids)[pos]
         assert np.abs(got0 - before).max() / np.abs(before).max() <= F32_BOUND
         assert int(np.argmax(got0)) != target

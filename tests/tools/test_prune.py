@@ -13,6 +13,7 @@ Tolerance: float32 forwards of a 3-layer model with logits O(1-10); the two side
 (and the pruned side scales q by sqrt(1/2) and the norms by sqrt(2)), so they differ by a few float32 ulps
 per op: 1e-5 of max |logit| is ~100 ulps. Each comparison also checks the unzeroed source is far outside it.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,20 @@ TOL = 1e-5
 def _source(tie: bool = True, seed: int = SEED) -> FelixLM:
     """A random source whose every tensor is nonzero: splices (B != 0, gates != 1) on every projection kind of
     layers 0 and 2, norms != 1."""
-    cfg = FelixConfig(vocab_size=97, n_layer=3, d_model=256, n_head=4, n_kv_head=2, ffn_hidden=192, max_seq_len=32,
-                      tie_embeddings=tie, splice_layers=[0, 2], splice_rank=4, init_std=0.08,
-                      splice_projections=["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                          "ffn_down"])
+    cfg = FelixConfig(
+        vocab_size=97,
+        n_layer=3,
+        d_model=256,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=192,
+        max_seq_len=32,
+        tie_embeddings=tie,
+        splice_layers=[0, 2],
+        splice_rank=4,
+        init_std=0.08,
+        splice_projections=["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"],
+    )
     g = torch.Generator().manual_seed(seed)
     model = FelixLM(cfg)
     with torch.no_grad():
@@ -140,8 +151,13 @@ def test_pruned_model_equals_source_with_groups_zeroed(shape, tie):
     target = P.Target(*shape)
     plan = _random_plan(model.cfg, target)
     pruned = P.apply_plan(model, plan)
-    assert (pruned.cfg.n_layer, pruned.cfg.n_head, pruned.cfg.n_kv_head, pruned.cfg.ffn_hidden,
-            pruned.cfg.d_model) == shape
+    assert (
+        pruned.cfg.n_layer,
+        pruned.cfg.n_head,
+        pruned.cfg.n_kv_head,
+        pruned.cfg.ffn_hidden,
+        pruned.cfg.d_model,
+    ) == shape
     truth = zeroed_source(model, plan)
     x = _tokens(model)
     with torch.no_grad():
@@ -181,8 +197,10 @@ def test_binary_masks_compute_the_zeroed_source(shape):
 def test_scores_select_real_groups_and_prune_to_target(method):
     model = _source()
     g = torch.Generator().manual_seed(SEED + 3)
-    batches = [(x, y) for x, y in [(t[:, :-1], t[:, 1:]) for t in
-                                   [torch.randint(0, 97, (2, 17), generator=g) for _ in range(3)]]]
+    batches = [
+        (x, y)
+        for x, y in [(t[:, :-1], t[:, 1:]) for t in [torch.randint(0, 97, (2, 17), generator=g) for _ in range(3)]]
+    ]
     target = P.Target(2, 2, 1, 96, 128)
     result = P.prune(model, target, method, batches, hc_steps=10)
     assert result.pruned_params < result.source_params
@@ -255,8 +273,25 @@ def test_prune_checkpoint_writes_a_loadable_checkpoint(tmp_path):
     cfg = FelixConfig(**{**json.loads(model.cfg.to_json()), "vocab_size": tok.vocab_size})
     model = FelixLM(cfg)
     save_checkpoint(tmp_path / "src", model, tok)
-    code = main(["prune", str(tmp_path / "src"), str(tmp_path / "pruned"), "--layers", "2", "--d-model", "128",
-                 "--ffn-hidden", "96", "--calib-batches", "2", "--batch-size", "2", "--seq-len", "16"])
+    code = main(
+        [
+            "prune",
+            str(tmp_path / "src"),
+            str(tmp_path / "pruned"),
+            "--layers",
+            "2",
+            "--d-model",
+            "128",
+            "--ffn-hidden",
+            "96",
+            "--calib-batches",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+        ]
+    )
     assert code == 0
     pruned = load_checkpoint(tmp_path / "pruned")
     assert (pruned.cfg.n_layer, pruned.cfg.d_model, pruned.cfg.ffn_hidden, pruned.cfg.head_dim) == (2, 128, 96, 32)
@@ -267,8 +302,19 @@ def test_prune_checkpoint_writes_a_loadable_checkpoint(tmp_path):
     assert not (tmp_path / "bad").exists()
     from felix.train.loop import TrainConfig, train
 
-    res = train(TrainConfig(init_from=str(tmp_path / "pruned"), out_dir=str(tmp_path / "rec"), steps=2,
-                            warmup_steps=1, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, n_records=20),
-                log=lambda *_: None)
+    res = train(
+        TrainConfig(
+            init_from=str(tmp_path / "pruned"),
+            out_dir=str(tmp_path / "rec"),
+            steps=2,
+            warmup_steps=1,
+            batch_size=2,
+            seq_len=16,
+            eval_every=2,
+            eval_batches=1,
+            n_records=20,
+        ),
+        log=lambda *_: None,
+    )
     assert math.isfinite(res.metrics[-1]["val_ce"])
     assert load_checkpoint(tmp_path / "rec" / "checkpoint").cfg == pruned.cfg

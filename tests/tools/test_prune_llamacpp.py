@@ -2,6 +2,7 @@
 llama.cpp's logits on the f32 export match PyTorch's pruned model within the exporter tests' f32 bound, with top-1
 agreement wherever PyTorch's margin is clear. The target halves d_model and head_dim (4 heads of 64 -> 4 of 32), so
 the file carries the rescaled norm epsilon and the RoPE-strided q/k rows; the source's splices ride along."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,19 @@ from felix.tools.prune import prune_checkpoint
 def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     make_checkpoint(root / "source", seed=SEED, train_steps=30)
-    result = prune_checkpoint(root / "source", root / "pruned", method="taylor", calib_batches=2, batch_size=4,
-                              seq_len=64, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=256, d_model=128)
+    result = prune_checkpoint(
+        root / "source",
+        root / "pruned",
+        method="taylor",
+        calib_batches=2,
+        batch_size=4,
+        seq_len=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=256,
+        d_model=128,
+    )
     assert result.model.cfg.head_dim == 32 and result.model.cfg.resolved_splice_layers() == [1]
     return root / "pruned"
 

@@ -1,4 +1,5 @@
 """The CLI main job, the benchmark harness (its bookkeeping, and a smoke run of bench/), AOT parsing."""
+
 import json
 import os
 import subprocess
@@ -77,8 +78,14 @@ def test_bench_recorder_ratios_and_atomic_report(tmp_path):
 def test_benchmarks_still_run():
     """Every bench/ case runs once at smoke size (no timing, nothing written)."""
     env = dict(os.environ, FELIX_BENCH_QUICK="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
-                           "--benchmark-disable"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
 
@@ -106,8 +113,12 @@ def test_jsonable_replaces_non_finite_and_numpy_scalars():
 
     from felix.core.files import jsonable
 
-    x = {"a": float("nan"), "b": [1.5, float("inf"), (np.float32(2.5), np.int64(3))], "c": np.float64(-np.inf),
-         "d": "text"}
+    x = {
+        "a": float("nan"),
+        "b": [1.5, float("inf"), (np.float32(2.5), np.int64(3))],
+        "c": np.float64(-np.inf),
+        "d": "text",
+    }
     out = jsonable(x)
     assert out == {"a": None, "b": [1.5, None, [2.5, 3]], "c": None, "d": "text"}
     json.dumps(out, allow_nan=False)  # strict JSON

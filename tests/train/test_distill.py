@@ -3,6 +3,7 @@ path:line), per-prompt selection (schema-valid first, swappable scorer), the agr
 the DPO loss against a float64 textbook formula, sequence log-probabilities and the QUAIL term against full logits,
 and tiny SODA runs of the one training loop: the reward margin rises, the run directory is locked, a resumed run
 equals the uninterrupted one, and the metrics land in the loop's metrics.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -29,20 +30,34 @@ COLOURS = ("red", "green", "blue", "amber", "violet", "grey")
 
 
 def _principle(has: bool, title: str = "Pin versions", conf: float = 0.8) -> str:
-    return json.dumps({"has_principle": has, "title": title if has else "", "principle": f"Always {title.lower()}."
-                       if has else "", "concepts": ["deps"] if has else [], "confidence": conf})
+    return json.dumps(
+        {
+            "has_principle": has,
+            "title": title if has else "",
+            "principle": f"Always {title.lower()}." if has else "",
+            "concepts": ["deps"] if has else [],
+            "confidence": conf,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------ teacher data
 def test_both_line_formats_group_by_prompt(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"prompt": "p1", "task": "principle", "responses": {"a": _principle(True), "b": _principle(False)}}),
-        json.dumps({"prompt": "p1", "response": _principle(True, "Test early"), "teacher": "c"}),
-        "",
-        json.dumps({"prompt": "p2", "response": "two sentences. here.", "teacher": "a", "task": "synthesis"}),
-        json.dumps({"prompt": "p1", "response": _principle(True), "teacher": "a"}),  # a repeat, identical: fine
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {"prompt": "p1", "task": "principle", "responses": {"a": _principle(True), "b": _principle(False)}}
+                ),
+                json.dumps({"prompt": "p1", "response": _principle(True, "Test early"), "teacher": "c"}),
+                "",
+                json.dumps({"prompt": "p2", "response": "two sentences. here.", "teacher": "a", "task": "synthesis"}),
+                json.dumps({"prompt": "p1", "response": _principle(True), "teacher": "a"}),  # a repeat, identical: fine
+            ]
+        )
+        + "\n"
+    )
     groups = teachers.load_teacher_groups([path])
     assert [g.prompt for g in groups] == ["p1", "p2"]
     assert list(groups[0].responses) == ["a", "b", "c"] and groups[0].task == "principle"
@@ -52,15 +67,18 @@ def test_both_line_formats_group_by_prompt(tmp_path):
     assert [(g.prompt, g.task, g.responses) for g in again] == [(g.prompt, g.task, g.responses) for g in groups]
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"prompt": "p", "response": "r"}), "'responses'"),
-    (json.dumps({"prompt": "", "response": "r", "teacher": "t"}), "non-empty string 'prompt'"),
-    (json.dumps({"prompt": "p", "responses": {"t": ""}}), "map teacher names"),
-    (json.dumps({"prompt": "p", "task": 3, "response": "r", "teacher": "t"}), "'task'"),
-    (json.dumps({"prompt": "p1", "response": "other", "teacher": "a"}), "already gave a different response"),
-    (json.dumps({"prompt": "p1", "task": "episode", "response": "x", "teacher": "z"}), "task 'episode'"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"prompt": "p", "response": "r"}), "'responses'"),
+        (json.dumps({"prompt": "", "response": "r", "teacher": "t"}), "non-empty string 'prompt'"),
+        (json.dumps({"prompt": "p", "responses": {"t": ""}}), "map teacher names"),
+        (json.dumps({"prompt": "p", "task": 3, "response": "r", "teacher": "t"}), "'task'"),
+        (json.dumps({"prompt": "p1", "response": "other", "teacher": "a"}), "already gave a different response"),
+        (json.dumps({"prompt": "p1", "task": "episode", "response": "x", "teacher": "z"}), "task 'episode'"),
+    ],
+)
 def test_malformed_teacher_lines_are_named_by_path_and_line(tmp_path, line, reason):
     good = json.dumps({"prompt": "p1", "task": "principle", "response": "r", "teacher": "a"})
     path = tmp_path / "bad.jsonl"
@@ -90,11 +108,16 @@ def test_builtin_teachers_are_deterministic_and_graded_by_design():
 
 # --------------------------------------------------------------------------------------- selection
 def _group():
-    return teachers.TeacherGroup("p", "principle", {
-        "broken": '{"has_principle": true, "title": "Pin',               # invalid JSON
-        "long": _principle(True, "Pin dependencies and upgrade them deliberately"),
-        "short": _principle(True, "Pin versions"),
-        "other": _principle(True, "Pin versions", conf=0.7)})
+    return teachers.TeacherGroup(
+        "p",
+        "principle",
+        {
+            "broken": '{"has_principle": true, "title": "Pin',  # invalid JSON
+            "long": _principle(True, "Pin dependencies and upgrade them deliberately"),
+            "short": _principle(True, "Pin versions"),
+            "other": _principle(True, "Pin versions", conf=0.7),
+        },
+    )
 
 
 def test_selection_prefers_schema_valid_then_the_scorer():
@@ -102,7 +125,9 @@ def test_selection_prefers_schema_valid_then_the_scorer():
     (s,) = teachers.select_responses([g], "consensus")
     assert s.valid and s.teacher in ("short", "other") and s.n_valid == 3 and s.validity["broken"] is False
     # consensus: the response closest to the others; "short" and "other" agree with each other most, tie -> first
-    expected = max(["long", "short", "other"], key=lambda t: (teachers.consensus_score(g, t), -list(g.responses).index(t)))
+    expected = max(
+        ["long", "short", "other"], key=lambda t: (teachers.consensus_score(g, t), -list(g.responses).index(t))
+    )
     assert s.teacher == expected == "short"
     (s2,) = teachers.select_responses([g], "shortest")
     assert s2.teacher == min(["long", "short", "other"], key=lambda t: len(g.responses[t]))
@@ -125,10 +150,10 @@ def test_ties_go_to_the_teacher_listed_first():
 # ------------------------------------------------------------------------------------- agreement
 def test_agreement_report_numbers(tmp_path):
     groups = [
-        teachers.TeacherGroup("p1", "principle", {"a": _principle(True), "b": _principle(True)}),          # identical
-        teachers.TeacherGroup("p2", "principle", {"a": _principle(True), "b": _principle(False)}),          # decisions differ
-        teachers.TeacherGroup("p3", "synthesis", {"a": "One two. Three four.", "b": "one two"}),             # b: 1 sentence
-        teachers.TeacherGroup("p4", "synthesis", {"a": "Only a."}),                                          # b absent
+        teachers.TeacherGroup("p1", "principle", {"a": _principle(True), "b": _principle(True)}),  # identical
+        teachers.TeacherGroup("p2", "principle", {"a": _principle(True), "b": _principle(False)}),  # decisions differ
+        teachers.TeacherGroup("p3", "synthesis", {"a": "One two. Three four.", "b": "one two"}),  # b: 1 sentence
+        teachers.TeacherGroup("p4", "synthesis", {"a": "Only a."}),  # b absent
     ]
     sel = teachers.select_responses(groups)
     rep = teachers.teacher_agreement(groups, sel)
@@ -168,7 +193,9 @@ def test_dpo_loss_matches_the_textbook_formula_in_float64(seed, beta):
     # fp32 inputs: the same value within fp32 rounding of the log-ratios (|x| <= beta * 100, eps 2^-24 each)
     out32 = distill.dpo_loss(*(t.detach().float() for t in (pc, pr, rc, rr)), beta=beta)
     assert float(out32.loss) == pytest.approx(want, abs=4 * beta * 100 * 2**-24 + 1e-6)
-    assert torch.autograd.gradcheck(lambda a: distill.dpo_loss(a, pr, rc, rr, beta).loss, (pc.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda a: distill.dpo_loss(a, pr, rc, rr, beta).loss, (pc.detach().requires_grad_(),)
+    )
 
 
 def test_dpo_loss_bad_input():
@@ -186,8 +213,9 @@ def _short_groups(n=24):
     groups = []
     for i in range(n):
         c = COLOURS[i % len(COLOURS)]
-        groups.append(teachers.TeacherGroup(f"colour of item {i}?", None, {"good": f"item {i} is {c}.",
-                                                                         "vague": "no idea."}))
+        groups.append(
+            teachers.TeacherGroup(f"colour of item {i}?", None, {"good": f"item {i} is {c}.", "vague": "no idea."})
+        )
     return groups
 
 
@@ -197,8 +225,18 @@ def student(tmp_path_factory):
     texts = [chat.chat_text(g.prompt, r) for g in _short_groups(60) for r in g.responses.values()]
     tok = train_tokenizer(texts + ['{"has_principle": true, "title": ""}'], vocab_size=320)
     torch.manual_seed(7)
-    model = FelixLM(FelixConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
-                                ffn_hidden=128, max_seq_len=48, init_std=0.08))
+    model = FelixLM(
+        FelixConfig(
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            d_model=64,
+            n_head=2,
+            n_kv_head=1,
+            ffn_hidden=128,
+            max_seq_len=48,
+            init_std=0.08,
+        )
+    )
     directory = save_checkpoint(tmp_path_factory.mktemp("student") / "checkpoint", model, tok)
     return directory, model, tok
 
@@ -251,7 +289,7 @@ def test_sequence_logps_and_quail_term_against_full_logits(student, seed):
     assert ((-ce.double().sum(-1) - want).abs() <= bound).all()
     assert torch.equal(ce[~mask], torch.zeros_like(ce[~mask]))
     # the QUAIL term: lambda * mean over whitelisted chosen targets of relu(margin - (z_t - max other z))
-    yc, zc = y[:len(pairs)], z[:len(pairs)]
+    yc, zc = y[: len(pairs)], z[: len(pairs)]
     sel = (yc >= 0) & wl[yc.clamp_min(0)]
     zt = zc.gather(-1, yc.clamp_min(0)[..., None])[..., 0]
     other = zc.scatter(-1, yc.clamp_min(0)[..., None], float("-inf")).max(-1).values
@@ -260,11 +298,11 @@ def test_sequence_logps_and_quail_term_against_full_logits(student, seed):
     # the term is a sum over the chosen tokens of differences of two fp32 per-token losses (the CE parts cancel), each
     # off by <= 2 b (b: the per-token bound above), over the whitelisted count; the margins here are fp32 logits too
     b = 4 * model.cfg.d_model * 2**-24 * float(z.abs().max())
-    n_chosen = int(mask[:len(pairs)].sum())
+    n_chosen = int(mask[: len(pairs)].sum())
     assert abs(float(hinge.detach()) - float(want_h)) <= lam * 2 * b * (n_chosen / int(sel.sum()) + 1)
     # the no-gradient helper agrees with the differentiable path
     chosen = distill.sequence_logps(model, enc.chosen, enc.chosen_learn, batch_size=4)
-    assert torch.allclose(chosen, -ce[:len(pairs)].sum(-1).detach(), atol=1e-4)
+    assert torch.allclose(chosen, -ce[: len(pairs)].sum(-1).detach(), atol=1e-4)
 
 
 def test_pairs_skip_what_carries_no_preference(student):
@@ -280,8 +318,19 @@ def test_pairs_skip_what_carries_no_preference(student):
 
 
 def _soda_cfg(tmp_path, directory, **kw):
-    base = dict(init_from=str(directory), out_dir=str(tmp_path / "soda"), batch_size=4, steps=24, lr=3e-3,
-                warmup_steps=2, eval_every=8, max_new_tokens=8, val_fraction=0.25, beta=0.1, device="cpu")
+    base = dict(
+        init_from=str(directory),
+        out_dir=str(tmp_path / "soda"),
+        batch_size=4,
+        steps=24,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=8,
+        max_new_tokens=8,
+        val_fraction=0.25,
+        beta=0.1,
+        device="cpu",
+    )
     return distill.SodaConfig(**{**base, **kw})
 
 
@@ -289,8 +338,9 @@ def test_tiny_soda_run_raises_the_reward_margin(student, tmp_path):
     directory, _, tok = student
     teacher = tmp_path / "teachers.jsonl"
     teachers.write_teacher_groups(_short_groups(24), teacher)
-    res = distill.train_soda(_soda_cfg(tmp_path, directory, teacher_data=[str(teacher)]), log=lambda *_: None,
-                             progress=False)
+    res = distill.train_soda(
+        _soda_cfg(tmp_path, directory, teacher_data=[str(teacher)]), log=lambda *_: None, progress=False
+    )
     first, last = res.metrics[0], res.metrics[-1]
     assert first["step"] == 0 and first["val_reward_margin"] == 0.0  # policy == reference before the first step
     assert last["val_reward_margin"] > 1.0 and last["val_accuracy"] == 1.0
@@ -310,8 +360,11 @@ def test_tiny_soda_run_raises_the_reward_margin(student, tmp_path):
     a, b = load_checkpoint(directory).state_dict(), load_checkpoint(out / "checkpoint").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # the NLL anchor keeps the teacher responses likelier than DPO alone leaves them
-    anchored = distill.train_soda(_soda_cfg(tmp_path, directory, teacher_data=[str(teacher)], nll_weight=1.0,
-                                            out_dir=str(tmp_path / "soda-nll")), log=lambda *_: None, progress=False)
+    anchored = distill.train_soda(
+        _soda_cfg(tmp_path, directory, teacher_data=[str(teacher)], nll_weight=1.0, out_dir=str(tmp_path / "soda-nll")),
+        log=lambda *_: None,
+        progress=False,
+    )
     assert anchored.metrics[-1]["val_chosen_logp"] > last["val_chosen_logp"]
     assert anchored.metrics[-1]["val_reward_margin"] > 0 and anchored.step_metrics[-1]["nll"] > 0
 
@@ -336,24 +389,77 @@ def test_felix_train_soda_cli(student, tmp_path, capsys):
     assert "not used by --soda: --preset" in capsys.readouterr().err
     teacher = tmp_path / "t.jsonl"
     teachers.write_teacher_groups(_short_groups(12), teacher)
-    args = ["train", "--soda", "--init-from", str(directory), "--teacher-data", str(teacher), "--out-dir",
-            str(tmp_path / "cli"), "--steps", "4", "--warmup-steps", "1", "--batch-size", "4", "--eval-every", "2",
-            "--max-new-tokens", "4", "--beta", "0.2", "--teacher-scorer", "shortest", "--device", "cpu"]
+    args = [
+        "train",
+        "--soda",
+        "--init-from",
+        str(directory),
+        "--teacher-data",
+        str(teacher),
+        "--out-dir",
+        str(tmp_path / "cli"),
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--beta",
+        "0.2",
+        "--teacher-scorer",
+        "shortest",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "cli" / distill.SODA_FILE).read_text())
     assert summary["config"]["beta"] == 0.2 and summary["config"]["teacher_scorer"] == "shortest"
     assert summary["selected"]["vague"] == 12  # the shortest answer, as asked
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
-    assert main(["train", "--soda", "--init-from", str(directory), "--teacher-data", str(tmp_path / "bad.jsonl"),
-                 "--out-dir", str(tmp_path / "cli2")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--soda",
+                "--init-from",
+                str(directory),
+                "--teacher-data",
+                str(tmp_path / "bad.jsonl"),
+                "--out-dir",
+                str(tmp_path / "cli2"),
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl:1:" in capsys.readouterr().err
 
 
 def test_teacher_data_cli_writes_groups_and_agreement(tmp_path, student):
     directory, _, _ = student
     out = tmp_path / "harvest.jsonl"
-    assert main(["teacher-data", str(out), "--n-records", "12", "--task", "principle", "--task", "synthesis",
-                 "--teacher-checkpoint", f"felix-small={directory}", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "teacher-data",
+                str(out),
+                "--n-records",
+                "12",
+                "--task",
+                "principle",
+                "--task",
+                "synthesis",
+                "--teacher-checkpoint",
+                f"felix-small={directory}",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     groups = teachers.load_teacher_groups([out])
     assert len(groups) == 12 and {g.task for g in groups} == {"principle", "synthesis"}
     assert all(set(g.responses) <= {"exact", "noisy", "sloppy", "felix-small"} for g in groups)
@@ -368,13 +474,22 @@ def test_soda_run_takes_the_run_lock(student, tmp_path):
     directory, _, _ = student
     out = tmp_path / "locked"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, time\n"
-        f"fd = os.open({str(out / runs.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'lockhost', 'started': 'then'}).encode())\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, json, os, time\n"
+                f"fd = os.open({str(out / runs.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'lockhost', 'started': 'then'}).encode())\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(120)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(runs.RunDirectoryError, match=f"in use by pid {holder.pid} on host lockhost"):
@@ -387,8 +502,10 @@ def test_soda_run_takes_the_run_lock(student, tmp_path):
 
 def _same_records(a: list[dict], b: list[dict]) -> bool:
     """Metrics records equal but for the process's peak memory (a resumed process has its own)."""
+
     def strip(records):
         return [{k: v for k, v in r.items() if not k.startswith("peak_memory")} for r in records]
+
     return strip(a) == strip(b)
 
 
@@ -408,17 +525,29 @@ def test_soda_resume_reproduces_the_uninterrupted_run_and_metrics_are_the_loops(
     resumed = distill.train_soda(cfg, resume=True, **quiet)
     assert resumed.step_metrics == full.step_metrics  # bit-exact on CPU
     assert _same_records(resumed.metrics, full.metrics) and resumed.pairs == full.pairs
-    a, b = load_checkpoint(tmp_path / "full" / "checkpoint").state_dict(), \
-        load_checkpoint(tmp_path / "split" / "checkpoint").state_dict()
+    a, b = (
+        load_checkpoint(tmp_path / "full" / "checkpoint").state_dict(),
+        load_checkpoint(tmp_path / "split" / "checkpoint").state_dict(),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the metrics are the loop's metrics.jsonl: SODA's numbers beside the shared ones, each record once after resume
     for res, name in ((full, "full"), (resumed, "split")):
         lines = [json.loads(s) for s in (tmp_path / name / METRICS_FILE).read_text().splitlines()]
         assert [r["step"] for r in lines] == [0, 4, 8] and _same_records(lines, res.metrics)
     last = lines[-1]
-    assert {"train_loss", "train_dpo_loss", "train_nll", "train_reward_margin", "val_reward_margin", "val_accuracy",
-            "skipped_steps", "loss_spikes", "peak_memory_mb"} <= set(last)
+    assert {
+        "train_loss",
+        "train_dpo_loss",
+        "train_nll",
+        "train_reward_margin",
+        "val_reward_margin",
+        "val_accuracy",
+        "skipped_steps",
+        "loss_spikes",
+        "peak_memory_mb",
+    } <= set(last)
     assert last["skipped_steps"] == 0 and last["train_loss"] == pytest.approx(
-        sum(m["loss"] for m in full.step_metrics[4:]) / 4)
+        sum(m["loss"] for m in full.step_metrics[4:]) / 4
+    )
     summary = json.loads((tmp_path / "split" / "checkpoint" / distill.SODA_FILE).read_text())
     assert summary["last"]["step"] == 8 and summary["pairs"]["train"] + summary["pairs"]["val"] == full.pairs

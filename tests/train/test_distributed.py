@@ -17,6 +17,7 @@ differ is only floating-point association:
   is associated differently from one process's running sum: delta <= 3 * 2^-24 relative per gradient
   element, the same bound with 3 instead of 2: ~6e-5. BOUND = 1e-4 covers both.
 """
+
 import json
 import os
 import subprocess
@@ -45,8 +46,18 @@ def _data(tmp_path) -> Path:
 
 
 def _common(data, **over):
-    args = dict(preset="tiny", data=[str(data)], steps=STEPS, batch_size=2, seq_len=32, eval_every=3, eval_batches=1,
-                warmup_steps=1, device="cpu", vocab_size=300)
+    args = dict(
+        preset="tiny",
+        data=[str(data)],
+        steps=STEPS,
+        batch_size=2,
+        seq_len=32,
+        eval_every=3,
+        eval_batches=1,
+        warmup_steps=1,
+        device="cpu",
+        vocab_size=300,
+    )
     args.update(over)
     return args
 
@@ -54,8 +65,19 @@ def _common(data, **over):
 def _torchrun(tmp_path, out, args: dict, extra=()):
     cli = ["--" + k.replace("_", "-") + "=" + (v[0] if isinstance(v, list) else str(v)) for k, v in args.items()]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "felix",
-           "train", *cli, f"--out-dir={out}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "felix",
+        "train",
+        *cli,
+        f"--out-dir={out}",
+        *extra,
+    ]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -77,8 +99,14 @@ def single_runs(tmp_path_factory):
     data = _data(tmp)
     torch.set_num_threads(1)  # as the torchrun ranks (OMP_NUM_THREADS=1): same GEMM blocking
     a2 = train(TrainConfig(**_common(data, grad_accum=2, out_dir=str(tmp / "single-a2"))), log=lambda *a: None)
-    a4 = train(TrainConfig(**_common(data, grad_accum=4, out_dir=str(tmp / "single-a4"),
-                                     tokenizer=str(tmp / "single-a2" / "checkpoint"))), log=lambda *a: None)
+    a4 = train(
+        TrainConfig(
+            **_common(
+                data, grad_accum=4, out_dir=str(tmp / "single-a4"), tokenizer=str(tmp / "single-a2" / "checkpoint")
+            )
+        ),
+        log=lambda *a: None,
+    )
     return tmp, data, a2.step_losses, a4.step_losses
 
 

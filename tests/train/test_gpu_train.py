@@ -1,5 +1,6 @@
 """GPU tier: a training step (Felix-LM tiny, bf16 autocast, the fused loss on Triton) makes no host sync:
 torch.cuda.set_sync_debug_mode("error") turns any into an error. Skips cleanly without a GPU."""
+
 import pytest
 import torch
 

@@ -6,6 +6,7 @@ felix.testing.host_sync.HostSyncRecorder records, on a CPU, every aten op that w
 range check's CPU branch (device tensors take torch._assert_async instead, tests/train/test_gpu_train.py) and
 torch.optim reading its step counters, which live on the host on a GPU as well.
 """
+
 import torch
 
 import felix
@@ -62,8 +63,9 @@ def test_backend_implementations_do_not_sync(seed):
         chunked_loss_and_grads(h, w, t, wl, None, 2.0, 0.1, 1e-3, -100, 16)
         out, lse = ref_attention.attention_forward(q, k, v, True, 0.2)
         ref_attention.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.2)
-        felix.lowrank_linear(h, w, torch.randn(4, 16, generator=g), torch.randn(70, 4, generator=g), 0.5,
-                             backend="reference")
+        felix.lowrank_linear(
+            h, w, torch.randn(4, 16, generator=g), torch.randn(70, 4, generator=g), 0.5, backend="reference"
+        )
     assert rec.syncs == []
 
 

@@ -1,5 +1,6 @@
 """felix.train.runs.read_metrics, the one reader of a run's metrics.jsonl: it gives back exactly the records the
 trainer wrote, and a bad file is refused with every bad line named as path:line."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,25 @@ WORDS = "alpha beta gamma delta river stone cloud metal paper garden window silv
 def test_reads_what_the_trainer_writes(tmp_path):
     rng = random.Random(0)
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(30))}) + "\n"
-                            for _ in range(20)))
+    docs.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(30))}) + "\n" for _ in range(20))
+    )
     out = tmp_path / "run"
-    cfg = TrainConfig(preset="tiny", out_dir=str(out), data=[str(docs)], vocab_size=300, seq_len=32, batch_size=2,
-                      steps=4, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=1, seed=0, device="cpu")
+    cfg = TrainConfig(
+        preset="tiny",
+        out_dir=str(out),
+        data=[str(docs)],
+        vocab_size=300,
+        seq_len=32,
+        batch_size=2,
+        steps=4,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_batches=1,
+        seed=0,
+        device="cpu",
+    )
     result = train(cfg, log=lambda *_: None)
     records = read_metrics(out)  # the run directory ...
     assert records == read_metrics(out / METRICS_FILE)  # ... or the file itself

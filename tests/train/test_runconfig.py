@@ -1,5 +1,6 @@
 """Run configs (felix/train/config.py): the section table covers TrainConfig, YAML round trips, dotted overrides,
 precedence, errors naming the bad key, and the shipped configs in configs/ load and validate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,36 @@ def test_the_table_maps_every_trainconfig_field_exactly_once():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = TrainConfig(preset="tiny", out_dir=str(tmp_path / "run"), data=[str(tmp_path / "a"), str(tmp_path / "b.jsonl")],
-                      data_weights=[0.25, 0.75], data_names=["alpha", "beta"], lr=1.5e-3, steps=40, warmup_steps=3,
-                      seq_len=64, batch_size=3, grad_accum=2, lambda_q=0.0, qat="q4_0", tasks=["encoding"],
-                      prose=False, checkpoint_every=10, parallel="ddp", peak_tflops=12.5, seed=7)
+    cfg = TrainConfig(
+        preset="tiny",
+        out_dir=str(tmp_path / "run"),
+        data=[str(tmp_path / "a"), str(tmp_path / "b.jsonl")],
+        data_weights=[0.25, 0.75],
+        data_names=["alpha", "beta"],
+        lr=1.5e-3,
+        steps=40,
+        warmup_steps=3,
+        seq_len=64,
+        batch_size=3,
+        grad_accum=2,
+        lambda_q=0.0,
+        qat="q4_0",
+        tasks=["encoding"],
+        prose=False,
+        checkpoint_every=10,
+        parallel="ddp",
+        peak_tflops=12.5,
+        seed=7,
+    )
     out = tmp_path / "run"
     out.mkdir()
     path = rc.write_resolved(cfg, out)
     assert path.name == "run.yaml" and not list(out.glob(".run.yaml.tmp*"))
     tree = yaml.safe_load(path.read_text())
-    assert tree["data"]["sources"] == {"alpha": {"path": str(tmp_path / "a"), "weight": 0.25},
-                                       "beta": {"path": str(tmp_path / "b.jsonl"), "weight": 0.75}}
+    assert tree["data"]["sources"] == {
+        "alpha": {"path": str(tmp_path / "a"), "weight": 0.25},
+        "beta": {"path": str(tmp_path / "b.jsonl"), "weight": 0.75},
+    }
     assert tree["optimizer"]["lr"] == 1.5e-3 and tree["parallel"]["mode"] == "ddp"
     assert rc.resolve(path) == cfg
     assert rc.resolve(flags={"out_dir": str(out)}, resume=True) == cfg  # what --resume --out-dir reads
@@ -46,13 +66,16 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_overrides_and_precedence(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("model: {preset: tiny}\n"
-                      "data:\n  sources:\n    web: {path: w, weight: 0.7}\n    code: c\n"
-                      "optimizer: {lr: 1e-3, batch_size: 8}\nschedule: {steps: 100, warmup_steps: 5}\n")
+    config.write_text(
+        "model: {preset: tiny}\n"
+        "data:\n  sources:\n    web: {path: w, weight: 0.7}\n    code: c\n"
+        "optimizer: {lr: 1e-3, batch_size: 8}\nschedule: {steps: 100, warmup_steps: 5}\n"
+    )
     with pytest.raises(rc.RunConfigError, match="weight for every source or for none"):
         rc.resolve(config)
-    cfg = rc.resolve(config, ["data.sources.code.weight=0.3", "optimizer.lr=2e-3", "schedule.steps=50"],
-                     {"batch_size": 2})
+    cfg = rc.resolve(
+        config, ["data.sources.code.weight=0.3", "optimizer.lr=2e-3", "schedule.steps=50"], {"batch_size": 2}
+    )
     assert (cfg.data, cfg.data_weights, cfg.data_names) == (["w", "c"], [0.7, 0.3], ["web", "code"])
     assert cfg.lr == 2e-3 and cfg.steps == 50 and cfg.batch_size == 2 and cfg.preset == "tiny"
     assert isinstance(cfg.lr, float)  # YAML 1.1 reads 1e-3 as a string: coerced by the field's type
@@ -62,23 +85,26 @@ def test_overrides_and_precedence(tmp_path):
     assert (flagged.data, flagged.data_weights, flagged.data_names) == (["x"], [], [])
 
 
-@pytest.mark.parametrize("text, overrides, match", [
-    ("optimizer: {lrr: 1}\n", [], r"unknown key\(s\) optimizer.lrr \(known in optimizer: lr,"),
-    ("optim: {lr: 1}\n", [], r"unknown section\(s\) optim; known: run, model"),
-    ("- 1\n- 2\n", [], "a run config is a mapping of sections"),
-    ("optimizer: {lr: fast}\n", [], r"optimizer.lr: expected float, got 'fast'"),
-    ("schedule: {steps: 1.5}\n", [], r"schedule.steps: expected int"),
-    ("model: {checkpoint_activations: 1}\n", [], "expected bool"),
-    ("data: {sources: {web: {path: w, wieght: 1}}}\n", [], r"data.sources.web: unknown key\(s\) wieght"),
-    ("data: {sources: [a, b]}\n", [], "expected a mapping of source name"),
-    ("optimizer: {lr: [1\n", [], "not valid YAML"),
-    ("", ["optimizer.lr"], "expected section.key=value"),
-    ("", ["optimizer.lr=abc"], r"override 'optimizer.lr=abc': expected float"),
-    ("", ["nope.lr=1"], "unknown section 'nope'"),
-    ("", ["optimizer.lr.x=1"], "has no sub-keys"),
-    ("", ["data.sources.web.weight=-1", "data.sources.web.path=w"], "finite and >= 0; got web: -1.0"),
-    ("", ["data.sources.a={path: a, weight: 0}", "data.sources.b={path: b, weight: 0}"], "sum to zero"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("optimizer: {lrr: 1}\n", [], r"unknown key\(s\) optimizer.lrr \(known in optimizer: lr,"),
+        ("optim: {lr: 1}\n", [], r"unknown section\(s\) optim; known: run, model"),
+        ("- 1\n- 2\n", [], "a run config is a mapping of sections"),
+        ("optimizer: {lr: fast}\n", [], r"optimizer.lr: expected float, got 'fast'"),
+        ("schedule: {steps: 1.5}\n", [], r"schedule.steps: expected int"),
+        ("model: {checkpoint_activations: 1}\n", [], "expected bool"),
+        ("data: {sources: {web: {path: w, wieght: 1}}}\n", [], r"data.sources.web: unknown key\(s\) wieght"),
+        ("data: {sources: [a, b]}\n", [], "expected a mapping of source name"),
+        ("optimizer: {lr: [1\n", [], "not valid YAML"),
+        ("", ["optimizer.lr"], "expected section.key=value"),
+        ("", ["optimizer.lr=abc"], r"override 'optimizer.lr=abc': expected float"),
+        ("", ["nope.lr=1"], "unknown section 'nope'"),
+        ("", ["optimizer.lr.x=1"], "has no sub-keys"),
+        ("", ["data.sources.web.weight=-1", "data.sources.web.path=w"], "finite and >= 0; got web: -1.0"),
+        ("", ["data.sources.a={path: a, weight: 0}", "data.sources.b={path: b, weight: 0}"], "sum to zero"),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path, text, overrides, match):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
@@ -120,9 +146,30 @@ def test_resume_reads_the_checkpoints_run_yaml_and_a_planted_payload_there_never
     import shutil
 
     out = tmp_path / "run"
-    args = ["train", "--out-dir", str(out), "--n-records", "20", "--no-prose", "--steps", "2", "--warmup-steps", "1",
-            "--eval-every", "1", "--eval-batches", "1", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
-            "--vocab-size", "300"]
+    args = [
+        "train",
+        "--out-dir",
+        str(out),
+        "--n-records",
+        "20",
+        "--no-prose",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--eval-batches",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--vocab-size",
+        "300",
+    ]
     assert main(args + ["--stop-at", "1"]) == 0
     step_dir = (out / "checkpoint").resolve()
     assert rc.load_file(step_dir / rc.RUN_CONFIG_FILE)["schedule"]["steps"] == 2

@@ -1,6 +1,7 @@
 """Run safety (felix.train.runs + the trainer): no pickle on resume, run-directory ownership and its lock, crash-safe
 checkpoints at every filesystem operation, retention, the on-device step guard (non-finite losses, loss spikes,
 too many skipped steps in a row), SIGTERM and --auto-resume."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,21 @@ QUIET = {"log": lambda *a: None}
 
 
 def cfg_for(out, **kw):
-    base = dict(preset="tiny", out_dir=str(out), vocab_size=300, seq_len=32, batch_size=4, steps=8, warmup_steps=1,
-                eval_every=4, eval_batches=1, n_records=40, prose=False, seed=0, device="cpu")
+    base = dict(
+        preset="tiny",
+        out_dir=str(out),
+        vocab_size=300,
+        seq_len=32,
+        batch_size=4,
+        steps=8,
+        warmup_steps=1,
+        eval_every=4,
+        eval_batches=1,
+        n_records=40,
+        prose=False,
+        seed=0,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -75,10 +89,17 @@ def test_trainer_state_round_trips_without_pickle():
     import random
 
     rng = random.Random(3)
-    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
-                           "param_groups": [{"params": [0], "betas": (0.9, 0.95), "fused": True}]},
-             "python_rng": rng.getstate(), "losses": [1.5, math.nan, math.inf], "none": None, "__odd": {"x": 1},
-             "torch_rng": torch.get_rng_state()}
+    state = {
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+            "param_groups": [{"params": [0], "betas": (0.9, 0.95), "fused": True}],
+        },
+        "python_rng": rng.getstate(),
+        "losses": [1.5, math.nan, math.inf],
+        "none": None,
+        "__odd": {"x": 1},
+        "torch_rng": torch.get_rng_state(),
+    }
     tensors, skeleton = runs.flatten_state(state)
     text = json.dumps(skeleton, allow_nan=False)  # strict JSON: NaN / Inf are tagged
     back = runs.unflatten_state(tensors, json.loads(text))
@@ -99,8 +120,14 @@ def test_a_planted_pickle_payload_never_runs_on_resume(tmp_path, finished):
     assert marker.exists()
     marker.unlink()
     in_checkpoint = sorted(p.name for p in (base / "checkpoint").iterdir())
-    assert in_checkpoint == ["config.json", "model.safetensors", "run.yaml", "tokenizer.json", "trainer_state.json",
-                             "trainer_state.safetensors"]
+    assert in_checkpoint == [
+        "config.json",
+        "model.safetensors",
+        "run.yaml",
+        "tokenizer.json",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
     # train() reads all but run.yaml, which `felix train --resume` resolves its settings from (a payload there:
     # tests/train/test_runconfig.py)
     read_on_resume = [name for name in in_checkpoint if name != "run.yaml"]
@@ -135,31 +162,67 @@ def test_a_directory_holding_a_run_is_refused_and_left_intact(tmp_path, capsys, 
     out = tmp_path / "run"
     shutil.copytree(finished, out, symlinks=True)
     before = files_of(out)
-    args = ["train", "--out-dir", str(out), "--n-records", "40", "--no-prose", "--vocab-size", "300", "--seq-len",
-            "32", "--batch-size", "4", "--steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches",
-            "1", "--device", "cpu"]
+    args = [
+        "train",
+        "--out-dir",
+        str(out),
+        "--n-records",
+        "40",
+        "--no-prose",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
     assert files_of(out) == before  # byte for byte: checkpoint, metrics, plot
     logs = []
     train(cfg_for(out, steps=2, eval_every=2, seed=1), overwrite=True, log=logs.append)
-    assert any(line.startswith(f"--overwrite: replacing the run in {out}") and "metrics.jsonl (1 record(s))" in line
-               and "checkpoint -> checkpoints/step-00000002" in line for line in logs), logs
-    assert files_of(out)["checkpoints/step-00000002/model.safetensors"] != before[
-        "checkpoints/step-00000002/model.safetensors"]  # another seed: really replaced
+    assert any(
+        line.startswith(f"--overwrite: replacing the run in {out}")
+        and "metrics.jsonl (1 record(s))" in line
+        and "checkpoint -> checkpoints/step-00000002" in line
+        for line in logs
+    ), logs
+    assert (
+        files_of(out)["checkpoints/step-00000002/model.safetensors"]
+        != before["checkpoints/step-00000002/model.safetensors"]
+    )  # another seed: really replaced
 
 
 def test_a_live_run_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, sys, time\n"
-        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'lockhost', 'started': 'then'}).encode())\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, json, os, sys, time\n"
+                f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'lockhost', 'started': 'then'}).encode())\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(120)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(runs.RunDirectoryError, match=f"in use by pid {holder.pid} on host lockhost"):
@@ -180,16 +243,30 @@ def test_retention_keeps_the_last_k_and_the_milestones(tmp_path):
     train(cfg_for(out, steps=6, eval_every=6, checkpoint_every=1, keep_last=2, milestone_every=4), **QUIET)
     assert [s for s, _, _ in runs.step_directories(out)] == [4, 5, 6]
     assert os.readlink(out / "checkpoint") == os.path.join("checkpoints", "step-00000006")
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "checkpoints", "data", "loss_curve.png",
-                                                     "metrics.jsonl", "run.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "checkpoint",
+        "checkpoints",
+        "data",
+        "loss_curve.png",
+        "metrics.jsonl",
+        "run.yaml",
+    ]
 
 
 class Killed(BaseException):
     """The injected crash (a BaseException, as a kill: no handler of the writer may swallow it)."""
 
 
-FS_OPS = [(os, "rename"), (os, "replace"), (os, "symlink"), (os, "unlink"), (os, "mkdir"), (os, "fsync"),
-          (shutil, "rmtree")]
+FS_OPS = [
+    (os, "rename"),
+    (os, "replace"),
+    (os, "symlink"),
+    (os, "unlink"),
+    (os, "mkdir"),
+    (os, "fsync"),
+    (shutil, "rmtree"),
+]
 
 
 def inject_crash(monkeypatch, at: int):
@@ -205,6 +282,7 @@ def inject_crash(monkeypatch, at: int):
                 if calls["n"] >= at:
                     raise Killed(f"crash at filesystem operation {calls['n']}")
             return _real(*args, **kwargs)
+
         monkeypatch.setattr(mod, name, op)
     return calls
 
@@ -261,8 +339,9 @@ def test_a_crash_at_any_filesystem_operation_of_a_save_leaves_a_resumable_run(tm
 
 
 def test_save_checkpoint_never_removes_the_old_copy_first(tmp_path, monkeypatch, gen):
-    cfg = felix_model.FelixConfig(vocab_size=64, n_layer=2, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=64,
-                                  max_seq_len=16)
+    cfg = felix_model.FelixConfig(
+        vocab_size=64, n_layer=2, d_model=64, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=16
+    )
     old, new = FelixLM(cfg), FelixLM(cfg)
     with torch.no_grad():
         for p in new.parameters():
@@ -301,6 +380,7 @@ def nan_or_spike_from(monkeypatch, first_step: int, factor: float, last_step: in
             if first_step <= calls["n"] <= (last_step or 10**9):
                 parts = parts._replace(loss=parts.loss * factor, ce=parts.ce * factor)
         return parts
+
     monkeypatch.setattr(FelixLM, "loss", loss)
 
 
@@ -329,8 +409,11 @@ def test_loss_spikes_are_logged_and_optionally_skipped(tmp_path, monkeypatch, re
     out, logs = tmp_path / "spike", []
     with monkeypatch.context() as m:
         nan_or_spike_from(m, 7, 50.0, last_step=7)
-        result = train(cfg_for(out, eval_every=1, loss_spike_window=4, loss_spike_threshold=3.0,
-                               skip_loss_spikes=True), stop_at=7, log=logs.append)
+        result = train(
+            cfg_for(out, eval_every=1, loss_spike_window=4, loss_spike_threshold=3.0, skip_loss_spikes=True),
+            stop_at=7,
+            log=logs.append,
+        )
     spikes = [s for r in result.metrics for s in r["loss_spikes"]]
     assert [s["step"] for s in spikes] == [7] and spikes[0]["z"] > 3.0 and spikes[0]["skipped"] is True
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss_spikes"] == spikes
@@ -340,12 +423,37 @@ def test_loss_spikes_are_logged_and_optionally_skipped(tmp_path, monkeypatch, re
 
 def test_sigterm_saves_and_auto_resume_continues_exactly(tmp_path):
     out = tmp_path / "run"
-    args = ["--out-dir", str(out), "--n-records", "40", "--no-prose", "--vocab-size", "300", "--seq-len", "32",
-            "--batch-size", "4", "--steps", "300", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
-            "--device", "cpu"]
+    args = [
+        "--out-dir",
+        str(out),
+        "--n-records",
+        "40",
+        "--no-prose",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "300",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "felix", "train", "--auto-resume", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "felix", "train", "--auto-resume", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -361,8 +469,9 @@ def test_sigterm_saves_and_auto_resume_continues_exactly(tmp_path):
     logs = []
     resumed = train(cfg, auto_resume=True, stop_at=stopped + 2, log=logs.append)
     assert any(line.startswith("--auto-resume: continuing") for line in logs)
-    straight = train(cfg_for(tmp_path / "straight", steps=300, eval_every=2), auto_resume=True, stop_at=stopped + 2,
-                     **QUIET)  # --auto-resume on an empty directory starts fresh
+    straight = train(
+        cfg_for(tmp_path / "straight", steps=300, eval_every=2), auto_resume=True, stop_at=stopped + 2, **QUIET
+    )  # --auto-resume on an empty directory starts fresh
     assert resumed.step_losses == straight.step_losses and len(straight.step_losses) == stopped + 2
 
 

@@ -1,5 +1,6 @@
 """`felix train` on prepared token shards (felix/train/run_data.py): a two-source mix from a run config, exact resume with
 `--resume --out-dir` alone, per-source metrics, and the data errors a resume or a mismatched source must give."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ WORDS_B = '{ } : " , true false null key value list item'.split()
 
 def write_jsonl(path, words, n_docs, seed, length=40):
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(length))}) + "\n"
-                            for _ in range(n_docs)))
+    path.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(length))}) + "\n" for _ in range(n_docs))
+    )
     return path
 
 
@@ -39,12 +41,21 @@ def corpora(tmp_path_factory):
 
 
 def write_config(path, corpora, **over):
-    config = {"model": {"preset": "tiny"},
-              "data": {"sources": {"web": {"path": str(corpora / "web"), "weight": 0.7},
-                                   "json": {"path": str(corpora / "json"), "weight": 0.3}},
-                       "tokenizer": str(corpora / "tokenizer.json"), "seq_len": 32},
-              "optimizer": {"lr": 3e-3, "batch_size": 4}, "schedule": {"steps": 12, "warmup_steps": 2},
-              "eval": {"eval_every": 6, "eval_batches": 1}, "parallel": {"device": "cpu"}}
+    config = {
+        "model": {"preset": "tiny"},
+        "data": {
+            "sources": {
+                "web": {"path": str(corpora / "web"), "weight": 0.7},
+                "json": {"path": str(corpora / "json"), "weight": 0.3},
+            },
+            "tokenizer": str(corpora / "tokenizer.json"),
+            "seq_len": 32,
+        },
+        "optimizer": {"lr": 3e-3, "batch_size": 4},
+        "schedule": {"steps": 12, "warmup_steps": 2},
+        "eval": {"eval_every": 6, "eval_batches": 1},
+        "parallel": {"device": "cpu"},
+    }
     for key, value in over.items():
         section, field = key.split("__")
         config[section][field] = value
@@ -64,12 +75,15 @@ def test_config_mix_resumes_exactly_from_the_run_directory_alone(tmp_path, corpo
     assert main(["train", "--config", str(config), "--out-dir", str(full)]) == 0
     assert main(["train", "--config", str(config), "--out-dir", str(split), "--stop-at", "10"]) == 0
     assert main(["train", "--resume", "--out-dir", str(split)]) == 0  # nothing else: OUT/run.yaml has the rest
-    a, b = load_file(str(full / "checkpoint" / "model.safetensors")), load_file(str(split / "checkpoint" /
-                                                                                      "model.safetensors"))
+    a, b = (
+        load_file(str(full / "checkpoint" / "model.safetensors")),
+        load_file(str(split / "checkpoint" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-exact on CPU
     drop = ("tokens_per_s", "mfu", "peak_memory_mb")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(full)] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in metrics(split)]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(full)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in metrics(split)
+    ]
     last = metrics(full)[-1]
     # the realized mix: 12 steps x 4 rows, each source within the schedule's bound (S - 1/2 = 1.5 samples)
     n = 12 * 4
@@ -85,8 +99,27 @@ def test_config_mix_resumes_exactly_from_the_run_directory_alone(tmp_path, corpo
 
 def test_one_prepared_directory_needs_no_config(tmp_path, corpora):
     out = tmp_path / "one"
-    args = ["train", "--data", str(corpora / "web"), "--out-dir", str(out), "--steps", "2", "--warmup-steps", "1",
-            "--eval-every", "2", "--eval-batches", "1", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
+    args = [
+        "train",
+        "--data",
+        str(corpora / "web"),
+        "--out-dir",
+        str(out),
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0  # the tokenizer is the one the manifest names
     record = metrics(out)[-1]
     assert record["source_samples"] == {"web": 4} and set(record["val_ce_by_source"]) == {"web"}
@@ -102,8 +135,16 @@ def test_resume_refuses_changed_or_missing_data(tmp_path, corpora, capsys):
     capsys.readouterr()
     # the json source prepared again from other documents: same path, different tokens
     write_jsonl(tmp_path / "b2.jsonl", WORDS_B, 40, seed=99)
-    prepare_corpus([tmp_path / "b2.jsonl"], local / "tokenizer.json", local / "json", workers=1, val_fraction=0.2,
-                   force=True, progress=False, log=lambda m: None)
+    prepare_corpus(
+        [tmp_path / "b2.jsonl"],
+        local / "tokenizer.json",
+        local / "json",
+        workers=1,
+        val_fraction=0.2,
+        force=True,
+        progress=False,
+        log=lambda m: None,
+    )
     assert main(["train", "--resume", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "source 'json': fingerprint" in err
@@ -129,14 +170,31 @@ def test_bad_data_settings_exit_2(tmp_path, corpora, capsys):
     assert "data source 'web'" in err and "does not exist" in err
 
 
-def test_a_data_file_prepared_on_the_fly_resumes_from_a_moved_run_and_refuses_an_edited_file(tmp_path, corpora,
-                                                                                              capsys):
+def test_a_data_file_prepared_on_the_fly_resumes_from_a_moved_run_and_refuses_an_edited_file(tmp_path, corpora, capsys):
     """A --data file is prepared into OUT/data/NAME; resume compares the file's bytes (size, sha256) with what was
     prepared, not its path or time: a moved run directory resumes, an edited file is refused by name."""
     src = write_jsonl(tmp_path / "notes.jsonl", WORDS_A, 30, seed=5)
     out = tmp_path / "run"
-    args = ["--out-dir", str(out), "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1",
-            "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--tokenizer", str(corpora / "tokenizer.json")]
+    args = [
+        "--out-dir",
+        str(out),
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--tokenizer",
+        str(corpora / "tokenizer.json"),
+    ]
     assert main(["train", "--data", str(src), "--stop-at", "2", *args]) == 0
     assert (out / "data" / "notes" / "manifest.json").is_file()
     moved = tmp_path / "moved"

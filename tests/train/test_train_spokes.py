@@ -1,6 +1,7 @@
 """`felix train` with spokes: from scratch (--spokes N --spoke-rank R), and the seed's workflow (a trained hub
 frozen, only the spokes trained: --train-only spokes --init-from CKPT) with optimizer state for the spokes alone,
 checkpoints that carry the spokes (and spokes.safetensors tied to the hub), exact resume, and refusals."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,18 @@ def hub_dir(tmp_path_factory):
 
 
 def spoke_run(tmp_path, name, hub_dir, **kw):
-    base = dict(init_from=str(hub_dir), train_only="spokes", spokes=4, spoke_rank=8, steps=10, warmup_steps=2,
-                eval_every=5, n_records=60, prose=False, lr=1e-2)
+    base = dict(
+        init_from=str(hub_dir),
+        train_only="spokes",
+        spokes=4,
+        spoke_rank=8,
+        steps=10,
+        warmup_steps=2,
+        eval_every=5,
+        n_records=60,
+        prose=False,
+        lr=1e-2,
+    )
     return tiny_run(tmp_path, name, **{**base, **kw})
 
 
@@ -40,7 +51,7 @@ def test_spokes_train_on_a_frozen_hub_and_resume_exactly(tmp_path, hub_dir):
     assert all(b.spoke.w_up_fused.weight.abs().max() > 0 for b in trained.blk)
     x = torch.randint(0, hub.cfg.vocab_size, (2, 24))
     with torch.no_grad():
-        assert (trained(x) - hub(x)).abs().max() > 1e-3          # the spokes change the logits
+        assert (trained(x) - hub(x)).abs().max() > 1e-3  # the spokes change the logits
     # optimizer state only for what trains
     state = load_trainer_state(ckpt)
     n_state = sum(s["exp_avg"].numel() for s in state["optimizer"]["state"].values())
@@ -59,8 +70,10 @@ def test_spokes_train_on_a_frozen_hub_and_resume_exactly(tmp_path, hub_dir):
 
 
 def test_spokes_from_scratch_and_refusals(tmp_path, hub_dir):
-    run = train(tiny_run(tmp_path, "scratch", steps=4, warmup_steps=1, eval_every=4, n_records=40, spokes=2,
-                         spoke_rank=4), **QUIET)
+    run = train(
+        tiny_run(tmp_path, "scratch", steps=4, warmup_steps=1, eval_every=4, n_records=40, spokes=2, spoke_rank=4),
+        **QUIET,
+    )
     m = load_checkpoint(run.out_dir / "checkpoint")
     assert (m.cfg.n_spokes, m.cfg.spoke_rank) == (2, 4) and all(p.requires_grad for p in m.parameters())
     with pytest.raises(ValueError, match="--init-from"):
@@ -73,13 +86,22 @@ def test_spokes_from_scratch_and_refusals(tmp_path, hub_dir):
     cfg = spoke_run(tmp_path, "tamper", hub_dir, steps=4, eval_every=2)
     train(cfg, stop_at=2, **QUIET)
     from felix.model.felix_lm import save_checkpoint
+
     ck = tmp_path / "tamper" / "checkpoint"
     model = load_checkpoint(ck)
     with torch.no_grad():
         model.blk[0].attn_q.weight[0, 0] += 1.0
     import shutil
+
     keep = {name: (ck / name).read_bytes() for name in (STATE_FILE, STATE_TENSORS_FILE)}
-    save_checkpoint(ck.resolve(), model, None, {**{name: (lambda p, b=b: p.write_bytes(b)) for name, b in keep.items()},
-                                                "tokenizer.json": lambda p: shutil.copy(hub_dir / "tokenizer.json", p)})
+    save_checkpoint(
+        ck.resolve(),
+        model,
+        None,
+        {
+            **{name: (lambda p, b=b: p.write_bytes(b)) for name, b in keep.items()},
+            "tokenizer.json": lambda p: shutil.copy(hub_dir / "tokenizer.json", p),
+        },
+    )
     with pytest.raises(ValueError, match="hub fingerprint"):
         train(cfg, resume=True, **QUIET)

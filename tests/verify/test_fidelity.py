@@ -1,5 +1,6 @@
 """Fidelity harness: every metric on hand-built logits, probes, whitelist, compliance, gate, the simulated path
 and the CLI on a tiny random-init checkpoint, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,14 @@ from felix.model.tokenizer import train_tokenizer
 
 # ------------------------------------------------------------------------------------------ metrics
 def test_margins_known_values_and_ties():
-    logits = torch.tensor([[3.0, 1.0, 2.0],    # target 0: 3 - 2 = 1
-                           [3.0, 1.0, 2.0],    # target 2: 2 - 3 = -1
-                           [1.0, 5.0, 5.0],    # target 1 ties with 2: margin 0 (undecided)
-                           [0.0, -4.0, 0.5]])  # target 1: -4 - 0.5 = -4.5
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 2.0],  # target 0: 3 - 2 = 1
+            [3.0, 1.0, 2.0],  # target 2: 2 - 3 = -1
+            [1.0, 5.0, 5.0],  # target 1 ties with 2: margin 0 (undecided)
+            [0.0, -4.0, 0.5],
+        ]
+    )  # target 1: -4 - 0.5 = -4.5
     got = F.margins(logits, torch.tensor([0, 2, 1, 1]))
     assert got.tolist() == [1.0, -1.0, 0.0, -4.5]
     assert got.dtype == torch.float64
@@ -115,16 +120,17 @@ def test_kl_identical_is_zero_and_known_value(gen):
     assert s["kl"] == {"mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0.0}
     assert s["top1_agreement"] == 1.0 and s["margin"]["flips"] == 0 and s["delta_p"]["rms"] == 0.0
     # two tokens: P = (0.5, 0.5), Q = softmax(log 3, 0) = (0.75, 0.25): KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25)
-    kl = F.kl_divergence(torch.tensor([[0.0, 0.0]], dtype=torch.float64),
-                         torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64))
+    kl = F.kl_divergence(
+        torch.tensor([[0.0, 0.0]], dtype=torch.float64), torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    )
     assert float(kl) == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2.0), rel=1e-12)
     q = z + torch.randn(20, 64, generator=gen)
     assert (F.kl_divergence(z, q) > 0).all()
 
 
 def test_delta_p_of_expected_token():
-    ref = torch.tensor([[0.0, 0.0]])                # p(target 0) = 0.5
-    quant = torch.tensor([[math.log(3.0), 0.0]])    # p(target 0) = 0.75
+    ref = torch.tensor([[0.0, 0.0]])  # p(target 0) = 0.5
+    quant = torch.tensor([[math.log(3.0), 0.0]])  # p(target 0) = 0.75
     stats = F.compare_logits(ref, quant, torch.tensor([0]), torch.tensor([True, True]))
     assert float(stats.delta_p) == pytest.approx(0.25)
 
@@ -134,10 +140,15 @@ def test_metric_bad_inputs(case):
     z = torch.randn(4, 10)
     t = torch.tensor([1, 2, 3, 4])
     wl = torch.ones(10, dtype=torch.bool)
-    args = {"shape": (z, torch.randn(4, 11), t, wl), "nan": (z, z.clone().fill_(float("nan")), t, wl),
-            "target_range": (z, z, torch.tensor([1, 2, 3, 10]), wl), "one_d": (z[0], z[0], t, wl),
-            "int_logits": (z.long(), z.long(), t, wl), "vocab1": (z[:, :1], z[:, :1], t * 0, wl),
-            "mask": (z, z, t, torch.ones(10))}[case]
+    args = {
+        "shape": (z, torch.randn(4, 11), t, wl),
+        "nan": (z, z.clone().fill_(float("nan")), t, wl),
+        "target_range": (z, z, torch.tensor([1, 2, 3, 10]), wl),
+        "one_d": (z[0], z[0], t, wl),
+        "int_logits": (z.long(), z.long(), t, wl),
+        "vocab1": (z[:, :1], z[:, :1], t * 0, wl),
+        "mask": (z, z, t, torch.ones(10)),
+    }[case]
     with pytest.raises(F.FidelityError):
         F.compare_logits(*args)
 
@@ -206,9 +217,15 @@ def test_builtin_probes_cover_every_task_and_the_refusal_path():
 
 def test_probe_file_malformed_lines_reported_with_line_numbers(tmp_path):
     path = tmp_path / "probes.jsonl"
-    lines = [json.dumps({"prompt": "a", "expected": '{"x": 1}'}), "{not json", "",
-             json.dumps({"prompt": "b"}), json.dumps({"prompt": "c", "expected": "d", "schema": {"required": {"x": "int"}}}),
-             json.dumps(["prompt", "expected"]), json.dumps({"prompt": "e", "expected": "f", "name": "ok"})]
+    lines = [
+        json.dumps({"prompt": "a", "expected": '{"x": 1}'}),
+        "{not json",
+        "",
+        json.dumps({"prompt": "b"}),
+        json.dumps({"prompt": "c", "expected": "d", "schema": {"required": {"x": "int"}}}),
+        json.dumps(["prompt", "expected"]),
+        json.dumps({"prompt": "e", "expected": "f", "name": "ok"}),
+    ]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(F.FidelityError) as e:
         F.load_probes(path)
@@ -232,8 +249,9 @@ def test_probe_file_malformed_lines_reported_with_line_numbers(tmp_path):
 
 # ---------------------------------------------------------------------------------------- whitelist
 def test_whitelist_reports_what_the_tokenizer_cannot_produce(tok):
-    wl = F.build_probe_whitelist(tok, tok.vocab_size, strings=["confidence", ""],
-                                 tokens=["{", "has_principle_that_is_not_one_token"])
+    wl = F.build_probe_whitelist(
+        tok, tok.vocab_size, strings=["confidence", ""], tokens=["{", "has_principle_that_is_not_one_token"]
+    )
     assert wl.mask[tok.encode("{")[0]] and wl.mask.dtype == torch.bool
     for i in tok.encode(" confidence"):
         assert wl.mask[i]
@@ -248,8 +266,15 @@ def test_whitelist_reports_what_the_tokenizer_cannot_produce(tok):
 # --------------------------------------------------------------------------------------- compliance
 def test_check_compliance_each_failure_kind():
     schema = F.builtin_schemas()["encoding"]
-    good = {"gist": "g", "summary": "s", "concepts": ["a"], "structured_concepts": {"people": [], "systems": [],
-            "actions": [], "kind": "lesson"}, "significance": "x", "salience": 0.5, "emotional_tone": "tense"}
+    good = {
+        "gist": "g",
+        "summary": "s",
+        "concepts": ["a"],
+        "structured_concepts": {"people": [], "systems": [], "actions": [], "kind": "lesson"},
+        "significance": "x",
+        "salience": 0.5,
+        "emotional_tone": "tense",
+    }
     assert F.check_compliance(json.dumps(good), schema)["compliant"]
     r = F.check_compliance('{"gist": "g", "summary": ', schema)
     assert not r["valid_json"] and not r["compliant"] and "not valid JSON" in r["problems"][0]
@@ -261,19 +286,34 @@ def test_check_compliance_each_failure_kind():
     assert r["required_fields"] and not r["field_types"] and r["enum_values"]
     r = F.check_compliance(json.dumps({**good, "salience": True}), schema)  # a bool is not a number
     assert not r["field_types"]
-    r = F.check_compliance(json.dumps({**good, "structured_concepts": {**good["structured_concepts"], "kind": "rant"}}),
-                           schema)
+    r = F.check_compliance(
+        json.dumps({**good, "structured_concepts": {**good["structured_concepts"], "kind": "rant"}}), schema
+    )
     assert r["field_types"] and not r["enum_values"] and "rant" in r["problems"][0]
 
 
 def test_gate_thresholds():
-    report = {"results": {"simulated": {"summary": {"margin": {"survival": 0.9, "flips": 3}, "kl": {"mean": 0.01,
-                                                    "p99": 0.2}, "top1_agreement": 0.95}}}}
+    report = {
+        "results": {
+            "simulated": {
+                "summary": {
+                    "margin": {"survival": 0.9, "flips": 3},
+                    "kl": {"mean": 0.01, "p99": 0.2},
+                    "top1_agreement": 0.95,
+                }
+            }
+        }
+    }
     assert F.Gate().check(report) == []
-    assert F.Gate(min_margin_survival=0.9, max_flips=3, max_kl_mean=0.01, max_kl_p99=0.2,
-                  min_top1_agreement=0.95).check(report) == []
-    fails = F.Gate(min_margin_survival=0.95, max_flips=2, max_kl_mean=0.001, max_kl_p99=0.1,
-                   min_top1_agreement=0.99).check(report)
+    assert (
+        F.Gate(min_margin_survival=0.9, max_flips=3, max_kl_mean=0.01, max_kl_p99=0.2, min_top1_agreement=0.95).check(
+            report
+        )
+        == []
+    )
+    fails = F.Gate(
+        min_margin_survival=0.95, max_flips=2, max_kl_mean=0.001, max_kl_p99=0.1, min_top1_agreement=0.99
+    ).check(report)
     assert len(fails) == 5 and all(f.startswith("simulated:") for f in fails)
     report["results"]["simulated"]["summary"]["margin"]["survival"] = float("nan")
     assert "undefined" in F.Gate(min_margin_survival=0.5).check(report)[0]
@@ -340,16 +380,47 @@ def test_cli_writes_reports_and_gates(checkpoint, tmp_path, capsys):
     from felix.cli.main import main
 
     out = tmp_path / "out"
-    rc = main(["fidelity", str(checkpoint), "--quant", "rq4", "--n-probes", "2", "--max-new-tokens", "3",
-               "--no-sensitivity", "--out-dir", str(out), "--max-kl-mean", "1e-9"])
+    rc = main(
+        [
+            "fidelity",
+            str(checkpoint),
+            "--quant",
+            "rq4",
+            "--n-probes",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--no-sensitivity",
+            "--out-dir",
+            str(out),
+            "--max-kl-mean",
+            "1e-9",
+        ]
+    )
     assert rc == 1  # rq4 moves the logits: KL above 1e-9
     assert "GATE FAILED" in capsys.readouterr().err
     report = json.loads((out / "fidelity-rq4.json").read_text())
     assert report["gate"]["passed"] is False and report["quant"] == "rq4"
     assert (out / "fidelity-rq4.md").read_text().startswith("# Fidelity report")
     assert (out / "fidelity-rq4-simulated-margins.png").stat().st_size > 1000
-    rc = main(["fidelity", str(checkpoint), "--quant", "f32", "--n-probes", "1", "--no-compliance",
-               "--no-sensitivity", "--out-dir", str(out), "--max-kl-mean", "1e-9", "--min-top1-agreement", "1"])
+    rc = main(
+        [
+            "fidelity",
+            str(checkpoint),
+            "--quant",
+            "f32",
+            "--n-probes",
+            "1",
+            "--no-compliance",
+            "--no-sensitivity",
+            "--out-dir",
+            str(out),
+            "--max-kl-mean",
+            "1e-9",
+            "--min-top1-agreement",
+            "1",
+        ]
+    )
     assert rc == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
@@ -365,8 +436,16 @@ def test_simulation_quantizes_merged_splices_as_the_exported_file_holds_them(tok
     from felix.verify.fidelity.harness import deployed_state, quantized_state
 
     torch.manual_seed(0)
-    model = M.FelixLM(M.preset("tiny", vocab_size=tok.vocab_size, n_layer=2, max_seq_len=32, splice_layers=[1],
-                               splice_projections=["attn_q", "ffn_down"]))
+    model = M.FelixLM(
+        M.preset(
+            "tiny",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            max_seq_len=32,
+            splice_layers=[1],
+            splice_projections=["attn_q", "ffn_down"],
+        )
+    )
     spliced = [(i, p) for i, blk in enumerate(model.blk) for p in blk.splice]
     assert spliced
     with torch.no_grad():

@@ -14,6 +14,7 @@ What modelling the activations buys, measured on this tiny-256 random-init model
   an element across a rounding boundary and the noise realizations part; the mean relative error then improves
   only 15-20% (asserted: lower), but the predicted quantization effect stays calibrated: KL(ref -> quant) predicted
   / runtime 1.000 with runtime activations vs 0.996 exact (asserted: closer to 1)."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,9 +34,18 @@ RQ4_BOUNDS = BOUNDS["iq4_nl"]
 @pytest.fixture(scope="module")
 def rq4_report(checkpoint, tmp_path_factory):  # noqa: F811
     gguf_dir = tmp_path_factory.mktemp("fid-fork")
-    report = F.run_fidelity(checkpoint, F.FidelityOptions(quant="rq4", paths=("simulated", "runtime"), n_probes=2,
-                                                          sensitivity=False, compliance=True, max_new_tokens=24,
-                                                          gguf_dir=str(gguf_dir)))
+    report = F.run_fidelity(
+        checkpoint,
+        F.FidelityOptions(
+            quant="rq4",
+            paths=("simulated", "runtime"),
+            n_probes=2,
+            sensitivity=False,
+            compliance=True,
+            max_new_tokens=24,
+            gguf_dir=str(gguf_dir),
+        ),
+    )
     return report, gguf_dir
 
 

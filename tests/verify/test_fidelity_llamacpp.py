@@ -7,6 +7,7 @@ random-init model (2 x 256, vocab 400, 2 built-in probes; max relative logit err
 |logit| per position): f32 ~1e-4, q8_0 / q4_0 / iq4_nl ~7e-3, tq2_0 ~1.2e-2; KL(runtime -> simulated) <= 2e-5,
 no whitelisted decision differs. The bounds below leave ~3x headroom, and require the paths' disagreement to be
 far below the quantization's own effect (else the simulated path could not tell formats apart)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,13 @@ from felix.model.tokenizer import train_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # format: (max relative logit error, max |margin difference| at whitelisted positions)
-BOUNDS = {"f32": (1e-3, 5e-3), "q8_0": (0.025, 0.05), "q4_0": (0.025, 0.05), "iq4_nl": (0.025, 0.05),
-          "tq2_0": (0.04, 0.06)}
+BOUNDS = {
+    "f32": (1e-3, 5e-3),
+    "q8_0": (0.025, 0.05),
+    "q4_0": (0.025, 0.05),
+    "iq4_nl": (0.025, 0.05),
+    "tq2_0": (0.04, 0.06),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +44,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("quant", list(BOUNDS))
 def test_simulated_agrees_with_llamacpp(checkpoint, quant, tmp_path):
-    report = F.run_fidelity(checkpoint, F.FidelityOptions(quant=quant, paths=("simulated", "runtime"), n_probes=2,
-                                                           sensitivity=False, compliance=False,
-                                                           gguf_dir=str(tmp_path)))
+    report = F.run_fidelity(
+        checkpoint,
+        F.FidelityOptions(
+            quant=quant,
+            paths=("simulated", "runtime"),
+            n_probes=2,
+            sensitivity=False,
+            compliance=False,
+            gguf_dir=str(tmp_path),
+        ),
+    )
     a = report["agreement"]
     rel_bound, margin_bound = BOUNDS[quant]
     print(f"{quant}: simulated vs runtime {a}")

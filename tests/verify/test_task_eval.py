@@ -1,5 +1,6 @@
 """felix.verify.task_eval: the built-in suite, schema checks, the rule grader's rubric, the LLM-grader interface, joint-min
 aggregation, the ensemble (best-of teachers), report files, bad input, and `felix eval-tasks`."""
+
 from __future__ import annotations
 
 import json
@@ -151,8 +152,9 @@ def test_harness_bad_input(suite):
     with pytest.raises(TaskEvalError, match="distinct"):
         task_eval.evaluate_systems(suite, outs, [], [RuleGrader(), RuleGrader()])
     with pytest.raises(TaskEvalError, match="outside Likert"):
-        task_eval.evaluate_systems(suite, outs, [], [LLMGrader(lambda p: "Score: 5", name="a"),
-                                                     LLMGrader(lambda p: "score = 5.5", name="b")])
+        task_eval.evaluate_systems(
+            suite, outs, [], [LLMGrader(lambda p: "Score: 5", name="a"), LLMGrader(lambda p: "score = 5.5", name="b")]
+        )
     with pytest.raises(TaskEvalError, match="empty"):
         task_eval.evaluate_systems([], outs, [])
 
@@ -168,8 +170,22 @@ def test_felix_eval_tasks_cli(tmp_path, capsys):
     from felix.cli.main import main
 
     harvest = tmp_path / "suite.jsonl"
-    assert main(["teacher-data", str(harvest), "--suite", "--per-task", "2", "--builtin-teacher", "exact",
-                 "--builtin-teacher", "noisy"]) == 0
+    assert (
+        main(
+            [
+                "teacher-data",
+                str(harvest),
+                "--suite",
+                "--per-task",
+                "2",
+                "--builtin-teacher",
+                "exact",
+                "--builtin-teacher",
+                "noisy",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
     assert main(["eval-tasks", "--teacher-data", str(harvest), "--per-task", "2", "--out-dir", str(out)]) == 0
     rep = json.loads((out / "task-eval.json").read_text())

@@ -4,6 +4,7 @@ Math in float32 (float64 for float64 input) whatever the input dtype, results ca
 Grouped-query attention expands K/V per q head here (the kernels never do). Causal: query i sees
 keys j <= i (T_q == T_k, checked by the op layer).
 """
+
 from __future__ import annotations
 
 import torch

@@ -24,6 +24,7 @@ Functions take a float32 tensor whose last dimension is a multiple of the block 
 validate) and work on any device. Block geometry (block size, where the scale and the indices sit, how
 the indices are packed) is read from the format table, felix/core/formats.py; nothing here restates it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,7 +101,7 @@ def _unpack_pairs(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _crumb_shape(f, nb: int) -> tuple[int, int, int, int]:
-    """"crumbs" packing as [block, group c, lane l, byte m]: element (lanes * stride) c + stride l + m sits in byte
+    """ "crumbs" packing as [block, group c, lane l, byte m]: element (lanes * stride) c + stride l + m sits in byte
     stride c + m, bits index_bits * l (TQ2_0)."""
     lanes = 8 // f.index_bits
     return nb, f.block_size // (lanes * f.crumb_stride), lanes, f.crumb_stride
@@ -212,7 +213,7 @@ def _best_index_int8(al: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     """ggml's best_index_int8 for a sorted grid `vals` (float32 [16]), elementwise over `al`."""
     n = vals.numel()
     # The binary search ends on the unique ml with vals[ml] <= al < vals[ml+1].
-    ml = (al[..., None] >= vals[1:n - 1]).sum(dim=-1)
+    ml = (al[..., None] >= vals[1 : n - 1]).sum(dim=-1)
     lo, hi = vals[ml], vals[ml + 1]
     idx = torch.where((al - lo) < (hi - al), ml, ml + 1)
     idx = torch.where(al <= vals[0], torch.zeros_like(idx), idx)
@@ -321,8 +322,10 @@ def _tq2_0_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [nb, block] float32 in {-1, 0, 1}, d16 [nb] fp16) of BitNet b1.58 on TQ2_0's blocks."""
     f = TQ2_0
     if w.shape[-1] % f.block_size:
-        raise ValueError(f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
-                         f"{f.block_size} (shape {tuple(w.shape)})")
+        raise ValueError(
+            f"bitnet: the last dimension ({w.shape[-1]}) must be a multiple of TQ2_0's block "
+            f"{f.block_size} (shape {tuple(w.shape)})"
+        )
     xb = w.detach().reshape(-1, f.block_size).float()
     if not bool(torch.isfinite(xb).all()):
         raise ValueError("bitnet: the weights hold non-finite values (NaN/Inf)")
@@ -354,10 +357,20 @@ def tq2_0_absmean_values(w: torch.Tensor) -> torch.Tensor:
     return (q * d16.float()[:, None]).reshape(w.shape)
 
 
-QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "iq4_nl": quantize_iq4_nl,
-            "rq4": quantize_rq4, "tq2_0": quantize_tq2_0}
-DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "iq4_nl": dequantize_iq4_nl,
-              "rq4": dequantize_rq4, "tq2_0": dequantize_tq2_0}
+QUANTIZE = {
+    "q8_0": quantize_q8_0,
+    "q4_0": quantize_q4_0,
+    "iq4_nl": quantize_iq4_nl,
+    "rq4": quantize_rq4,
+    "tq2_0": quantize_tq2_0,
+}
+DEQUANTIZE = {
+    "q8_0": dequantize_q8_0,
+    "q4_0": dequantize_q4_0,
+    "iq4_nl": dequantize_iq4_nl,
+    "rq4": dequantize_rq4,
+    "tq2_0": dequantize_tq2_0,
+}
 
 
 def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:

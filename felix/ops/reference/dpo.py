@@ -5,6 +5,7 @@ For log-probabilities of the chosen and rejected responses under the policy (pc,
 Python floats (no torch, no shared helper with the implementation), with its gradient with respect to pc in closed
 form, so tests compare felix.train.distill.dpo_loss and its autograd against it.
 """
+
 from __future__ import annotations
 
 import math

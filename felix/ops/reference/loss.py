@@ -21,6 +21,7 @@ tests, the GPU tier and the spec itself are checked against.
 tokens, each chunk's logits computed, consumed and turned into gradients for h, W and b at once, so at
 most ``chunk_size x V`` logits exist at any time (the way the Triton backend works, in plain torch).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -33,6 +34,7 @@ from felix.core.quail import DEFAULT_LAMBDA_Q, DEFAULT_MARGIN
 
 class LossParts(NamedTuple):
     """The total and its parts. Only ``loss`` carries gradient; the rest are detached, for logging."""
+
     loss: torch.Tensor
     ce: torch.Tensor
     hinge: torch.Tensor
@@ -57,8 +59,20 @@ def soft_capped(z: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
-def full_logits_loss(h, weight, targets, whitelist=None, margin=DEFAULT_MARGIN, lambda_q=DEFAULT_LAMBDA_Q, z_loss=0.0,
-                     bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=0.0) -> LossParts:
+def full_logits_loss(
+    h,
+    weight,
+    targets,
+    whitelist=None,
+    margin=DEFAULT_MARGIN,
+    lambda_q=DEFAULT_LAMBDA_Q,
+    z_loss=0.0,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=0.0,
+) -> LossParts:
     """The spec, differentiable by autograd. Math in float32, or float64 for float64 inputs.
     `whitelist` is a bool mask over the vocabulary (or None: no hinge).
 
@@ -95,8 +109,9 @@ def full_logits_loss(h, weight, targets, whitelist=None, margin=DEFAULT_MARGIN, 
     active = (watched & (marg < margin)).sum()
     mean_margin = torch.where(watched, marg, 0).sum() / n_h.clamp_min(1)
     if reduction == "none":
-        return LossParts(ce_i + lambda_q * hinge_i + z_i, ce_i.detach(), hinge_i.detach(), z_i.detach(), active,
-                         mean_margin.detach())
+        return LossParts(
+            ce_i + lambda_q * hinge_i + z_i, ce_i.detach(), hinge_i.detach(), z_i.detach(), active, mean_margin.detach()
+        )
     if reduction == "sum":
         ce, hinge, zl = ce_i.sum(), hinge_i.sum(), z_i.sum()
     else:
@@ -142,11 +157,11 @@ def chunk_logits_grad(z, safe_t, ce_w, h_w, margin, z_loss, label_smoothing=0.0,
     zmean = z.mean(1) if label_smoothing else None
     col = safe_t[:, None]
     zt = z.gather(1, col)[:, 0]
-    z.scatter_(1, col, float("-inf"))          # hide the target: the best *other* logit
-    best, best_idx = z.max(dim=1)              # first maximal index, as torch.argmax
-    z.scatter_(1, col, zt[:, None])            # restore
+    z.scatter_(1, col, float("-inf"))  # hide the target: the best *other* logit
+    best, best_idx = z.max(dim=1)  # first maximal index, as torch.argmax
+    z.scatter_(1, col, zt[:, None])  # restore
     marg = zt - best
-    dz = z.sub_(lse[:, None]).exp_()           # softmax, in place
+    dz = z.sub_(lse[:, None]).exp_()  # softmax, in place
     dz.mul_((ce_w * (1.0 + 2.0 * z_loss * lse))[:, None])
     if label_smoothing:
         dz.sub_((ce_w * (label_smoothing / v))[:, None])
@@ -158,8 +173,9 @@ def chunk_logits_grad(z, safe_t, ce_w, h_w, margin, z_loss, label_smoothing=0.0,
     return lse, zt, marg, zmean, dz
 
 
-def finish_parts(lse, zt, marg, zmean, valid, watched, inv_n_ce, inv_n_h, margin, lambda_q, z_loss, reduction,
-                 label_smoothing):
+def finish_parts(
+    lse, zt, marg, zmean, valid, watched, inv_n_ce, inv_n_h, margin, lambda_q, z_loss, reduction, label_smoothing
+):
     """From per-row statistics: (parts [6]: loss, ce, hinge, z_loss, active count, mean margin; rows [4, N]:
     per-token loss, ce, hinge, z-loss terms). Shared by every chunked backend."""
     smooth_target = (1 - label_smoothing) * zt + label_smoothing * zmean if label_smoothing else zt
@@ -195,17 +211,33 @@ def chunk_logits(hc, weight, weight_dt, bias, dt):
     return z
 
 
-def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q, z_loss, ignore_index,
-                           chunk_size, accum_dtype=torch.float32, need_grads=True, reduction="mean",
-                           label_smoothing=0.0, softcap=0.0, row_weight=None):
+def chunked_loss_and_grads(
+    h,
+    weight,
+    targets,
+    whitelist,
+    bias,
+    margin,
+    lambda_q,
+    z_loss,
+    ignore_index,
+    chunk_size,
+    accum_dtype=torch.float32,
+    need_grads=True,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=0.0,
+    row_weight=None,
+):
     """Chunked forward that also produces dL/dh, dL/dW, dL/db (for grad_output 1; for a "none" reduction,
     for grad_output `row_weight` [N], or ones).
 
     Returns (parts [6]: loss, ce, hinge, z_loss, active count, mean margin; dh; dW; db; rows [4, N])."""
     n, v = h.shape[0], weight.shape[0]
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    valid, safe_t, watched, ce_w, h_w, inv_n_ce, inv_n_h = row_weights(targets, whitelist, ignore_index, reduction,
-                                                                       lambda_q, dt, row_weight)
+    valid, safe_t, watched, ce_w, h_w, inv_n_ce, inv_n_h = row_weights(
+        targets, whitelist, ignore_index, reduction, lambda_q, dt, row_weight
+    )
     acc = dt if dt == torch.float64 else accum_dtype
     dh = torch.empty_like(h) if need_grads else h.new_empty(0)
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grads else h.new_empty(0)
@@ -216,8 +248,9 @@ def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q
         e = min(n, s + chunk_size)
         hc = h[s:e]
         z = chunk_logits(hc, weight, w_dt, bias, dt)
-        lse[s:e], zt[s:e], marg[s:e], zm, dz = chunk_logits_grad(z, safe_t[s:e], ce_w[s:e], h_w[s:e], margin,
-                                                                 z_loss, label_smoothing, softcap)
+        lse[s:e], zt[s:e], marg[s:e], zm, dz = chunk_logits_grad(
+            z, safe_t[s:e], ce_w[s:e], h_w[s:e], margin, z_loss, label_smoothing, softcap
+        )
         if zm is not None:
             zmean[s:e] = zm
         if need_grads:
@@ -226,8 +259,9 @@ def chunked_loss_and_grads(h, weight, targets, whitelist, bias, margin, lambda_q
             dw += (g.t() @ hc).to(acc)
             if bias is not None:
                 db += dz.sum(0).to(acc)
-    parts, rows = finish_parts(lse, zt, marg, zmean, valid, watched, inv_n_ce, inv_n_h, margin, lambda_q, z_loss,
-                               reduction, label_smoothing)
+    parts, rows = finish_parts(
+        lse, zt, marg, zmean, valid, watched, inv_n_ce, inv_n_h, margin, lambda_q, z_loss, reduction, label_smoothing
+    )
     return (parts, dh, dw.to(weight.dtype) if need_grads else dw, db.to(bias.dtype) if db.numel() else db, rows)
 
 
@@ -248,8 +282,20 @@ def clear_margin(h, weight, bias, targets, target: float = 2.0, gap: float = 0.0
     raise ValueError(f"no margin within +-1.3 of {target} keeps {gap} away from all {margins.numel()} margins")
 
 
-def textbook_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=None, ignore_index=-100,
-                  reduction="mean", label_smoothing=0.0, softcap=0.0):
+def textbook_loss(
+    h,
+    weight,
+    targets,
+    whitelist,
+    margin,
+    lambda_q,
+    z_loss,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=0.0,
+):
     """The independent float64 truth of the fused CE + QUAIL loss: textbook math, one row at a time for the hinge
     (no scatter/argmax tricks shared with `full_logits_loss`), autograd for the gradients.
     Returns (loss, ce, hinge, z_loss, active count, mean margin) as float64 tensors (loss differentiable).
@@ -262,17 +308,18 @@ def textbook_loss(h, weight, targets, whitelist, margin, lambda_q, z_loss, bias=
         z = softcap * torch.tanh(z / softcap)
     valid = targets != ignore_index
     n_valid = max(int(valid.sum()), 1)
-    ce_i = F.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none",
-                           label_smoothing=label_smoothing)
+    ce_i = F.cross_entropy(
+        z, targets.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
     lse = torch.logsumexp(z, dim=1)
-    z_i = z_loss * torch.where(valid, lse ** 2, 0)
+    z_i = z_loss * torch.where(valid, lse**2, 0)
     hinge_i = [z.new_zeros(()) for _ in range(z.shape[0])]
     margins = []
     for i in range(z.shape[0]):
         t = int(targets[i])
         if t == ignore_index or whitelist is None or not bool(whitelist[t]):
             continue
-        others = torch.cat([z[i, :t], z[i, t + 1:]])
+        others = torch.cat([z[i, :t], z[i, t + 1 :]])
         # max over dim returns (and routes the gradient to) the first maximal index: the tie convention
         m_i = z[i, t] - (others.max(dim=0).values if others.numel() else torch.tensor(float("-inf"), dtype=z.dtype))
         margins.append(m_i)

@@ -9,6 +9,7 @@ float32 (float64 for float64 input), U rounded to x's dtype where a kernel feeds
 differentiated by autograd in float64 (:func:`truth_grads`); tests, ``felix selftest`` and the GPU tier use it,
 and :func:`grad_errors` measures a backend's gradients against it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,17 +49,23 @@ def leaves_of(case, dtype=None):
     names, leaves = ["x"], [conv(case["x"]).requires_grad_()]
     w = conv(case["weight"]).requires_grad_(not case["frozen"])
     if not case["frozen"]:
-        names.append("weight"); leaves.append(w)
+        names.append("weight")
+        leaves.append(w)
     a = [conv(t).requires_grad_() for t in case["a"]]
     b = [conv(t).requires_grad_() for t in case["b"]]
-    gates = [t.detach().clone().double().requires_grad_() if dtype == torch.float64 else
-             t.detach().clone().requires_grad_() for t in case["gate"]]
-    names += [f"a{i}" for i in range(len(a))] + [f"b{i}" for i in range(len(b))] + [f"gate{i}" for i in range(len(gates))]
+    gates = [
+        t.detach().clone().double().requires_grad_() if dtype == torch.float64 else t.detach().clone().requires_grad_()
+        for t in case["gate"]
+    ]
+    names += (
+        [f"a{i}" for i in range(len(a))] + [f"b{i}" for i in range(len(b))] + [f"gate{i}" for i in range(len(gates))]
+    )
     leaves += a + b + gates
     bias = None
     if case["bias"] is not None:
         bias = conv(case["bias"]).requires_grad_()
-        names.append("bias"); leaves.append(bias)
+        names.append("bias")
+        leaves.append(bias)
     return dict(x=leaves[0], weight=w, a=a, b=b, gate=gates, bias=bias), names, leaves
 
 

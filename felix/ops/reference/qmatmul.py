@@ -10,6 +10,7 @@ fp16 scale d, then block/2 bytes of 4-bit indices, each decoding to ``d * table[
 nibble order) by decoding probe blocks with the reference codec (felix/ops/reference/codecs.py, itself the spec checked
 byte for byte against ggml), so no kernel, Triton or HIP, carries its own copy of a codebook or nibble order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,11 +26,11 @@ QUANT_MATMUL_FORMATS = formats_with_packing("halves", "pairs")
 
 class FourBitLayout(NamedTuple):
     fmt: str
-    table: tuple        # 16 float32 values: index -> weight in units of the block scale
-    pairs: bool         # True: byte j holds elements 2j, 2j+1; False: elements j, j + block/2
-    qs_offset: int      # byte offset of the block/2 index bytes inside a block
-    scale_offset: int   # byte offset of the fp16 scale
-    block_size: int     # weights per block
+    table: tuple  # 16 float32 values: index -> weight in units of the block scale
+    pairs: bool  # True: byte j holds elements 2j, 2j+1; False: elements j, j + block/2
+    qs_offset: int  # byte offset of the block/2 index bytes inside a block
+    scale_offset: int  # byte offset of the fp16 scale
+    block_size: int  # weights per block
     bytes_per_block: int
 
 
@@ -39,8 +40,7 @@ def four_bit_layout(fmt: str) -> FourBitLayout:
     4-bit format."""
     f = get_format(fmt)
     if f.name not in QUANT_MATMUL_FORMATS:
-        raise ValueError(f"quant_matmul supports the 4-bit formats {', '.join(QUANT_MATMUL_FORMATS)}, "
-                         f"not {f.name!r}")
+        raise ValueError(f"quant_matmul supports the 4-bit formats {', '.join(QUANT_MATMUL_FORMATS)}, not {f.name!r}")
     half = f.block_size // 2
     one = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
 
@@ -54,8 +54,11 @@ def four_bit_layout(fmt: str) -> FourBitLayout:
     table = tuple(float(probe(torch.full((half,), i | (i << 4), dtype=torch.uint8))[0]) for i in range(levels))
     ramp = probe(torch.arange(half, dtype=torch.uint8) % levels)  # low nibble j (mod 16), high nibble 0
     pairs = f.packing == "pairs"
-    expect = [table[(j // 2) % levels] if j % 2 == 0 else table[0] for j in range(f.block_size)] if pairs else \
-        [table[j % levels] if j < half else table[0] for j in range(f.block_size)]
+    expect = (
+        [table[(j // 2) % levels] if j % 2 == 0 else table[0] for j in range(f.block_size)]
+        if pairs
+        else [table[j % levels] if j < half else table[0] for j in range(f.block_size)]
+    )
     if ramp.tolist() != expect:
         raise AssertionError(f"{f.name}: the reference decoder disagrees with the table's {f.packing!r} packing")
     return FourBitLayout(f.name, table, pairs, f.qs_offset, f.scale_offset, f.block_size, f.bytes_per_block)
@@ -73,6 +76,7 @@ def _table_tensor(fmt: str, device: str) -> torch.Tensor:
 
 def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str, out_features: int) -> torch.Tensor:
     """x [M, K] (fp32/fp16/bf16) @ dequantize(blocks)^T -> [M, N] in x's dtype; float32 math."""
-    w = codecs.dequantize(blocks.reshape(-1, get_format(fmt).bytes_per_block), fmt, [out_features, x.shape[-1]],
-                          torch.float32)
+    w = codecs.dequantize(
+        blocks.reshape(-1, get_format(fmt).bytes_per_block), fmt, [out_features, x.shape[-1]], torch.float32
+    )
     return (x.to(torch.float32) @ w.t()).to(x.dtype)

@@ -19,6 +19,7 @@ Backward for an output gradient dy (c = sigmoid(gate_bias) / S, a = silu(z), P =
     q = (dz W_down) ⊙ g        dnorm_weight = Σ_rows (dz W_down) ⊙ h ⊙ rs
     dh = dy + rs q - h rs³ (q · h) / d
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,18 +59,23 @@ def spoke_backward(dy, h, norm_weight, w_down, w_up, gate_bias, z, rs, n_spokes:
     sig = torch.sigmoid(gate_bias.to(acc).reshape(()))
     c = sig / n_spokes
     a = torch.nn.functional.silu(z).to(h.dtype).to(acc)
-    p = dyf @ wu                                          # [M, R]
+    p = dyf @ wu  # [M, R]
     dgate = (a * p).sum() * c * (1 - sig)
     dz = c * p * silu_grad(z)
-    dn = dz @ wd                                          # [M, d]
+    dn = dz @ wd  # [M, d]
     q = dn * g
     d = h.shape[-1]
     dh = dyf + rs[:, None] * q - hf * rs[:, None] ** 3 * (q * hf).sum(-1, keepdim=True) / d
     dg = (dn * hf * rs[:, None]).sum(0)
     dwd = ((dz * rs[:, None]).t() @ hf) * g[None, :]
     dwu = c * (dyf.t() @ a)
-    return (dh.to(h.dtype), dg.to(norm_weight.dtype), dwd.to(w_down.dtype), dwu.to(w_up.dtype),
-            dgate.reshape(gate_bias.shape).to(gate_bias.dtype))
+    return (
+        dh.to(h.dtype),
+        dg.to(norm_weight.dtype),
+        dwd.to(w_down.dtype),
+        dwu.to(w_up.dtype),
+        dgate.reshape(gate_bias.shape).to(gate_bias.dtype),
+    )
 
 
 # ------------------------------------------------------------------------------- the truth

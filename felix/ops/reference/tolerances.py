@@ -26,6 +26,7 @@ Derivations (u = unit roundoff: 2^-24 fp32, 2^-11 fp16, 2^-8 bf16):
   softmax turns into relative gradient errors of up to ~5e-4; measured over 1,500 seeds: max 2.3e-4 (dh).
 * linear_ce_quail/reference: the chunked torch path is the spec's math reordered: float64 1e-10, float32 2e-5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,7 +56,8 @@ _BY_OP: dict[str, dict[torch.dtype, float]] = {
 }
 
 TOLERANCES: dict[tuple[str, torch.dtype], float] = {
-    (op, dtype): tol for op, row in _BY_OP.items() for dtype, tol in row.items()}
+    (op, dtype): tol for op, row in _BY_OP.items() for dtype, tol in row.items()
+}
 
 
 def tolerance(op: str, dtype: torch.dtype) -> float:

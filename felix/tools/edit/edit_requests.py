@@ -1,5 +1,6 @@
 """Edit requests: ``(prompt, target)`` pairs, read from JSONL or built in code, checked and tokenized, and laid out
 as the teacher-forced sequences the editor, the key capture and the metrics run the model on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from felix.tools.edit.errors import EditError, UntokenisableError
 class EditRequest:
     """After `prompt` the model should continue with `target`; paraphrases (other prompts for the same fact) are
     what the harness measures generalisation on, name labels the edit in listings."""
+
     prompt: str
     target: str
     paraphrases: tuple[str, ...] = ()
@@ -59,8 +61,10 @@ def tokenize_request(tokenizer, model, req: EditRequest) -> tuple[list[int], lis
             raise UntokenisableError(f"the {role} is empty: there is no token to {verb}")
         specials = [s for s in SPECIAL_TOKENS if s in text] if role == "target" else []
         if specials:
-            raise UntokenisableError(f"target {text!r} holds special-token text {specials}: a target must be plain "
-                                     "text (special tokens are control ids, not something an edit writes)")
+            raise UntokenisableError(
+                f"target {text!r} holds special-token text {specials}: a target must be plain "
+                "text (special tokens are control ids, not something an edit writes)"
+            )
         ids = tokenizer.encode(text)
         if not ids:
             raise UntokenisableError(f"the tokenizer gives no tokens for the {role} {text!r}")
@@ -69,12 +73,14 @@ def tokenize_request(tokenizer, model, req: EditRequest) -> tuple[list[int], lis
             raise UntokenisableError(f"the {role} {text!r} is not tokenisable: it decodes back as {back!r}")
         bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
         if bad:
-            raise UntokenisableError(f"the {role} {text!r} has token ids {bad} outside the model's vocabulary of "
-                                     f"{model.cfg.vocab_size}")
+            raise UntokenisableError(
+                f"the {role} {text!r} has token ids {bad} outside the model's vocabulary of {model.cfg.vocab_size}"
+            )
         out.append(ids)
     if len(out[0]) + len(out[1]) > model.cfg.max_seq_len:
-        raise UntokenisableError(f"prompt + target are {len(out[0]) + len(out[1])} tokens, over max_seq_len "
-                                 f"{model.cfg.max_seq_len}")
+        raise UntokenisableError(
+            f"prompt + target are {len(out[0]) + len(out[1])} tokens, over max_seq_len {model.cfg.max_seq_len}"
+        )
     return out[0], out[1]
 
 

@@ -1,4 +1,5 @@
 """The errors of splice edits: every refusal is an EditError (a ValueError), with the reason in its class."""
+
 from __future__ import annotations
 
 

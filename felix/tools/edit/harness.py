@@ -1,6 +1,7 @@
 """The built-in edit set (counterfactual rewrites of facts the built-in corpus teaches), windows of corpus text
 (preserved-knowledge keys, locality and validation text), and the sequential harness that applies edits one after
 another and measures after each."""
+
 from __future__ import annotations
 
 import random
@@ -41,8 +42,10 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
     first_words = sorted({" " + e[1].split()[0] for e in events})
     single = [w for w in first_words if len(tokenizer.encode(w)) == 1]
     if len(single) < 2:
-        raise EditError("the tokenizer splits the fixes' first words into several tokens; the built-in edit set "
-                        "needs single-token targets")
+        raise EditError(
+            "the tokenizer splits the fixes' first words into several tokens; the built-in edit set "
+            "needs single-token targets"
+        )
     pairs = [(s, e) for s in SUBJECTS for e in events if " " + e[1].split()[0] in single]
     rng.shuffle(pairs)
     if n > len(pairs):
@@ -54,8 +57,15 @@ def builtin_edit_set(model, tokenizer, n: int = 100, seed: int = 0) -> list[dict
         t = i % len(FACT_TEMPLATES)
         actors = rng.sample(ACTORS, len(FACT_TEMPLATES))
         fill = lambda k: FACT_TEMPLATES[k].format(actor=actors[k], subject=subject, failure=event[0])  # noqa: E731
-        cases.append({"name": f"{subject.removeprefix('the ')} / {event[0]}", "prompt": fill(t), "target": target,
-                      "true": true, "paraphrases": [fill(k) for k in range(len(FACT_TEMPLATES)) if k != t]})
+        cases.append(
+            {
+                "name": f"{subject.removeprefix('the ')} / {event[0]}",
+                "prompt": fill(t),
+                "target": target,
+                "true": true,
+                "paraphrases": [fill(k) for k in range(len(FACT_TEMPLATES)) if k != t],
+            }
+        )
     stats = target_stats(model, [(tokenizer.encode(c["prompt"]), tokenizer.encode(c["true"])) for c in cases])
     for c, s in zip(cases, stats):
         c["learned"] = s["top1"]
@@ -69,7 +79,7 @@ def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0, 
     docs = [d for d in (train if split == "train" else val) if not any(x in d for x in exclude)]
     ids = [i for d in docs for i in tokenizer.encode(d)]
     step = max(length, (len(ids) - length) // max(n, 1))
-    out = [ids[s:s + length] for s in range(0, len(ids) - length, step)][:n]
+    out = [ids[s : s + length] for s in range(0, len(ids) - length, step)][:n]
     if len(out) < n:
         raise EditError(f"the {split} split holds only {len(out)} windows of {length} tokens")
     return out
@@ -80,13 +90,15 @@ def corpus_sequences(tokenizer, split: str, n: int, length: int, seed: int = 0, 
 class HarnessData:
     """What the sequential harness measures on: edit cases (builtin_edit_set), neutral sequences for locality KL,
     validation windows for CE."""
+
     cases: list[dict]
     neutral: list[list[int]]
     validation: list[list[int]]
 
 
-def run_sequential(editor: SpliceEditor, data: HarnessData, full_every: int = 10, progress: bool = True,
-                   desc: str = "edits") -> list[dict]:
+def run_sequential(
+    editor: SpliceEditor, data: HarnessData, full_every: int = 10, progress: bool = True, desc: str = "edits"
+) -> list[dict]:
     """Apply data.cases one after another; after each edit measure: efficacy (the edit's target is the argmax),
     paraphrase generalisation (the edit's paraphrases), retention (earlier edits still hold), locality (mean
     token KL from the unedited model on the neutral sequences), ||dW||_F and rank used, validation CE. Every
@@ -103,13 +115,20 @@ def run_sequential(editor: SpliceEditor, data: HarnessData, full_every: int = 10
         seconds = time.perf_counter() - t0
         held = target_stats(model, tokd[: i + 1])
         now_para = target_stats(model, para[i])
-        row = {"edit": i + 1, "efficacy": float(held[-1]["top1"]), "target_logprob": held[-1]["logprob"],
-               "paraphrase": sum(s["top1"] for s in now_para) / len(now_para),
-               "retention": (sum(s["top1"] for s in held[:-1]) / i) if i else None,
-               "cumulative_efficacy": sum(s["top1"] for s in held) / (i + 1),
-               "locality_kl": mean_kl(model, data.neutral, ref), "val_ce": validation_ce(model, data.validation),
-               "val_ce_change": None, "dW_fro": float(editor.delta().norm()), "rank_used": editor.rank_used(),
-               "seconds": seconds}
+        row = {
+            "edit": i + 1,
+            "efficacy": float(held[-1]["top1"]),
+            "target_logprob": held[-1]["logprob"],
+            "paraphrase": sum(s["top1"] for s in now_para) / len(now_para),
+            "retention": (sum(s["top1"] for s in held[:-1]) / i) if i else None,
+            "cumulative_efficacy": sum(s["top1"] for s in held) / (i + 1),
+            "locality_kl": mean_kl(model, data.neutral, ref),
+            "val_ce": validation_ce(model, data.validation),
+            "val_ce_change": None,
+            "dW_fro": float(editor.delta().norm()),
+            "rank_used": editor.rank_used(),
+            "seconds": seconds,
+        }
         row["val_ce_change"] = row["val_ce"] - ce0
         if (i + 1) % full_every == 0 or i + 1 == len(data.cases):
             allp = target_stats(model, [x for p in para[: i + 1] for x in p])

@@ -1,6 +1,7 @@
 """Key capture: the inputs (and outputs) of a site's spliced projection, recorded while the model runs, optionally
 with a delta added to its output (the value optimisation); the keys of text at chosen positions; and the null space
 of the preserved-knowledge keys (AlphaEdit's projector)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ import torch
 from felix.tools.edit.edit_requests import pad_batch
 from felix.tools.edit.sites import SpliceSite
 
-DEFAULT_NULL_TOL = 1e-2      # AlphaEdit-style: eigen-directions below 1% of the largest count as "null"
+DEFAULT_NULL_TOL = 1e-2  # AlphaEdit-style: eigen-directions below 1% of the largest count as "null"
 
 
 @contextmanager
@@ -42,13 +43,14 @@ def tap_projection(site: SpliceSite, captured: list, delta: dict | None = None):
 
 
 @torch.no_grad()
-def site_keys(model, site: SpliceSite, seqs: list[list[int]], positions: list[list[int]] | None = None,
-              batch_size: int = 32) -> torch.Tensor:
+def site_keys(
+    model, site: SpliceSite, seqs: list[list[int]], positions: list[list[int]] | None = None, batch_size: int = 32
+) -> torch.Tensor:
     """Inputs of the spliced projection (float64 [N, in]) at `positions` of each sequence (all positions when None).
     Right-padding is harmless: attention is causal, so padding never reaches a real position."""
     out = []
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+        chunk = seqs[i : i + batch_size]
         cap: list = []
         with tap_projection(site, cap):
             model(pad_batch(chunk))

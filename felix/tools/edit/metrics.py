@@ -1,5 +1,6 @@
 """Edit metrics on a model: whether targets are its greedy continuation and their log-probability, the mean token
 KL from a reference on neutral text (locality), and cross-entropy on validation windows."""
+
 from __future__ import annotations
 
 import torch
@@ -14,14 +15,18 @@ def target_stats(model, items: list[tuple[list[int], list[int]]], batch_size: in
     log-probability."""
     out = []
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+        chunk = items[i : i + batch_size]
         seqs = [target_sequence(p, t) for p, t in chunk]
         logits = model(pad_batch([s for s, _ in seqs])).float()
         for j, ((_, t), (_, pos)) in enumerate(zip(chunk, seqs)):
             lg = logits[j, pos]
             tgt = torch.tensor(t)
-            out.append({"top1": bool((lg.argmax(-1) == tgt).all()),
-                        "logprob": float(F.log_softmax(lg, -1)[torch.arange(len(t)), tgt].sum())})
+            out.append(
+                {
+                    "top1": bool((lg.argmax(-1) == tgt).all()),
+                    "logprob": float(F.log_softmax(lg, -1)[torch.arange(len(t)), tgt].sum()),
+                }
+            )
     return out
 
 
@@ -31,7 +36,7 @@ def mean_kl(model, seqs: list[list[int]], reference_logprobs: list[torch.Tensor]
     total, n = 0.0, 0
     logits = model(pad_batch(seqs)).float()
     for j, s in enumerate(seqs):
-        lp = F.log_softmax(logits[j, :len(s)], -1)
+        lp = F.log_softmax(logits[j, : len(s)], -1)
         ref = reference_logprobs[j]
         total += float((ref.exp() * (ref - lp)).sum())
         n += len(s)
@@ -41,7 +46,7 @@ def mean_kl(model, seqs: list[list[int]], reference_logprobs: list[torch.Tensor]
 @torch.no_grad()
 def logprobs(model, seqs: list[list[int]]) -> list[torch.Tensor]:
     logits = model(pad_batch(seqs)).float()
-    return [F.log_softmax(logits[j, :len(s)], -1) for j, s in enumerate(seqs)]
+    return [F.log_softmax(logits[j, : len(s)], -1) for j, s in enumerate(seqs)]
 
 
 @torch.no_grad()

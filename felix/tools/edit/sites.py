@@ -1,6 +1,7 @@
 """Site geometry: which spliced projection an edit writes to (SpliceSite), its effective update gate * B A, the
 numerical rank of an update, and the two function-preserving reshapes of a splice that make room for edits
 (fold_splice, widen_splice)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from felix.model.splice import SPLICE_TENSOR_NAMES
 from felix.ops.lowrank import MAX_RANK
 from felix.tools.edit.errors import EditError
 
-RANK_TOL = 1e-9              # relative singular value below which float64 calls a direction zero
+RANK_TOL = 1e-9  # relative singular value below which float64 calls a direction zero
 
 
 @dataclass
@@ -69,8 +70,10 @@ def fold_splice(model, layer: int | None = None, projection: str | None = None) 
     """Move the site's trained splice into the projection's weight (W <- W + gate B A in float64, B <- 0), so the
     whole rank of the surface is free for edits. Returns max |change of the effective weight| (float32 rounding)."""
     if qat_config_of(model) is not None:  # its .weight is computed from the latent weight: a write would be lost
-        raise EditError(f"the model is patched for quantization-aware training ({qat_config_of(model).mode}): folding "
-                        "the splice would re-quantize W + gate B A (as felix export refuses --splice merge)")
+        raise EditError(
+            f"the model is patched for quantization-aware training ({qat_config_of(model).mode}): folding "
+            "the splice would re-quantize W + gate B A (as felix export refuses --splice merge)"
+        )
     site = splice_site(model, layer, projection)
     lin = getattr(site.block, site.projection)
     before = lin.weight.double() + splice_product(site)

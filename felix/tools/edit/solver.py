@@ -43,6 +43,7 @@ to another target, two requests of one batch that disagree, or an edit whose key
 keys so that no update can satisfy it without changing what is protected (ConflictError); more keys than the rank
 budget with ``when_full="refuse"`` (RankBudgetError).
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,13 +61,14 @@ from felix.tools.edit.sites import RANK_TOL, numerical_rank, splice_product, spl
 METHODS = ("closed-form", "finetune")
 WHEN_FULL = ("refuse", "refit")
 DEFAULT_CONFLICT_TOL = 1e-3  # a key whose part outside the protected span is < 0.1% of its norm conflicts
-FLOAT32_RANK_TOL = 1e-5      # relative singular value below which a product of float32 factors calls a direction
-                             # zero (felix.tools.edit.sites.RANK_TOL: the same for float64)
+FLOAT32_RANK_TOL = 1e-5  # relative singular value below which a product of float32 factors calls a direction
+# zero (felix.tools.edit.sites.RANK_TOL: the same for float64)
 
 
 @dataclass
 class Edit:
     """An applied edit: its request, token ids, and (closed-form) keys [m, in] and values [m, out] in float64."""
+
     id: int
     request: EditRequest
     prompt_ids: list[int]
@@ -79,29 +81,52 @@ class Edit:
     info: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"id": self.id, "name": self.request.name, "prompt": self.request.prompt,
-                "target": self.request.target, "method": self.method, "n_keys": len(self.target_ids),
-                "target_prob_before": self.target_prob_before, "value_delta_norm": self.value_delta_norm,
-                **self.info}
+        return {
+            "id": self.id,
+            "name": self.request.name,
+            "prompt": self.request.prompt,
+            "target": self.request.target,
+            "method": self.method,
+            "n_keys": len(self.target_ids),
+            "target_prob_before": self.target_prob_before,
+            "value_delta_norm": self.value_delta_norm,
+            **self.info,
+        }
 
 
 class SpliceEditor:
     """Edits of one splice site of a FelixLM, with list / undo / snapshot. See the module docstring."""
 
-    def __init__(self, model, tokenizer, layer: int | None = None, projection: str | None = None,
-                 method: str = "closed-form", preserved_keys: torch.Tensor | None = None,
-                 null_space: bool = True, null_tol: float = DEFAULT_NULL_TOL, when_full: str = "refuse",
-                 conflict_tol: float = DEFAULT_CONFLICT_TOL, ridge: float = 0.0, value_prob: float = 0.9,
-                 value_steps: int = 60,
-                 value_lr: float = 0.25, ft_steps: int = 60, ft_lr: float = 2e-2, ft_eps: float = 0.1):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        layer: int | None = None,
+        projection: str | None = None,
+        method: str = "closed-form",
+        preserved_keys: torch.Tensor | None = None,
+        null_space: bool = True,
+        null_tol: float = DEFAULT_NULL_TOL,
+        when_full: str = "refuse",
+        conflict_tol: float = DEFAULT_CONFLICT_TOL,
+        ridge: float = 0.0,
+        value_prob: float = 0.9,
+        value_steps: int = 60,
+        value_lr: float = 0.25,
+        ft_steps: int = 60,
+        ft_lr: float = 2e-2,
+        ft_eps: float = 0.1,
+    ):
         if method not in METHODS:
             raise EditError(f"unknown edit method {method!r}; choose from {', '.join(METHODS)}")
         if when_full not in WHEN_FULL:
             raise EditError(f"unknown when_full {when_full!r}; choose from {', '.join(WHEN_FULL)}")
         if getattr(model, "activation_rounding", None) is not None:
-            raise EditError("the model rounds or masks its matmul inputs (an activation seam is installed: fidelity "
-                            "simulation, QAT bitnet, pruning masks): the closed form needs the projection's input as "
-                            "its key; edit the plain model")
+            raise EditError(
+                "the model rounds or masks its matmul inputs (an activation seam is installed: fidelity "
+                "simulation, QAT bitnet, pruning masks): the closed form needs the projection's input as "
+                "its key; edit the plain model"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.site = splice_site(model, layer, projection)
         self.method, self.when_full = method, when_full
@@ -113,10 +138,15 @@ class SpliceEditor:
         self.ft_steps, self.ft_lr, self.ft_eps = ft_steps, ft_lr, ft_eps
         gate = self.site.core.gate.detach()
         if bool((gate == 0).any()):
-            raise EditError(f"{self.site.name('gate')} is 0: the splice is switched off, an edit cannot be written "
-                            "into B (set the gate first)")
-        self.base = {k: v for k, v in snapshot_splices(model).items() if k.startswith(f"blk.{self.site.layer}.splice."
-                                                                                      f"{self.site.projection}.")}
+            raise EditError(
+                f"{self.site.name('gate')} is 0: the splice is switched off, an edit cannot be written "
+                "into B (set the gate first)"
+            )
+        self.base = {
+            k: v
+            for k, v in snapshot_splices(model).items()
+            if k.startswith(f"blk.{self.site.layer}.splice.{self.site.projection}.")
+        }
         self.weight = getattr(self.site.block, self.site.projection).weight.detach().double().clone()
         self.s0 = splice_product(self.site)
         self.base_rank = numerical_rank(self.s0)
@@ -126,12 +156,15 @@ class SpliceEditor:
             if preserved_keys is None:
                 raise EditError("null_space=True needs preserved_keys (site_keys of the preserved-knowledge text)")
             if preserved_keys.shape[-1] != self.in_features:
-                raise EditError(f"preserved keys have width {preserved_keys.shape[-1]}, the site's input is "
-                                f"{self.in_features}")
+                raise EditError(
+                    f"preserved keys have width {preserved_keys.shape[-1]}, the site's input is {self.in_features}"
+                )
             self.projector, self.null_dim = null_space_projector(preserved_keys, null_tol)
             if self.null_dim == 0:
-                raise EditError(f"the preserved keys span the whole {self.in_features}-dim input of "
-                                f"{self.site.projection} at null_tol {null_tol}: no direction is free to edit")
+                raise EditError(
+                    f"the preserved keys span the whole {self.in_features}-dim input of "
+                    f"{self.site.projection} at null_tol {null_tol}: no direction is free to edit"
+                )
         self.edits: list[Edit] = []
         self._next_id = 0
         self._ft_stack: list[dict] = []  # finetune: splice tensors before each edit
@@ -165,12 +198,16 @@ class SpliceEditor:
                 if e.prompt_ids == p:
                     if e.target_ids == t:
                         raise ConflictError(f"edit {e.id} already makes {req.prompt!r} continue with {req.target!r}")
-                    raise ConflictError(f"edit {e.id} already makes {req.prompt!r} continue with "
-                                        f"{e.request.target!r}, not {req.target!r}: undo edit {e.id} first")
+                    raise ConflictError(
+                        f"edit {e.id} already makes {req.prompt!r} continue with "
+                        f"{e.request.target!r}, not {req.target!r}: undo edit {e.id} first"
+                    )
             if tuple(p) in seen:
                 other = seen[tuple(p)]
-                raise ConflictError(f"two requests of this batch edit the prompt {req.prompt!r}: targets "
-                                    f"{other.target!r} and {req.target!r}")
+                raise ConflictError(
+                    f"two requests of this batch edit the prompt {req.prompt!r}: targets "
+                    f"{other.target!r} and {req.target!r}"
+                )
             seen[tuple(p)] = req
             prepared.append((req, p, t))
         return prepared
@@ -208,8 +245,8 @@ class SpliceEditor:
         """dW (float64 [out, in]) for keys [M, in] and values [M, out]: see the module docstring."""
         if keys.shape[0] == 0:
             return torch.zeros_like(self.weight)
-        k = keys.double().T                                  # [in, M]
-        r = (values.double() - keys.double() @ (self.weight + self.s0).T).T   # [out, M] residuals
+        k = keys.double().T  # [in, M]
+        r = (values.double() - keys.double() @ (self.weight + self.s0).T).T  # [out, M] residuals
         p = self.projector if self.projector is not None else torch.eye(self.in_features, dtype=torch.float64)
         pk = p @ k
         if self.ridge > 0:  # dW = R (K^T P K + lambda I)^-1 K^T P: ridge in key space, lambda relative to mean |P k|^2
@@ -217,7 +254,7 @@ class SpliceEditor:
             lam = self.ridge * float(torch.diagonal(gram).mean())
             dw = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), r.T).T @ pk.T
         else:
-            dw = r @ torch.linalg.pinv(pk, rtol=RANK_TOL) @ p    # min-norm: dW P K = R, dW = dW P
+            dw = r @ torch.linalg.pinv(pk, rtol=RANK_TOL) @ p  # min-norm: dW P K = R, dW = dW P
         q = self.rank_budget
         self.last_fit = {"n_keys": keys.shape[0], "refit": False}
         if keys.shape[0] > q:
@@ -236,18 +273,22 @@ class SpliceEditor:
             pk = p @ key
             norm = float(key.norm())
             if float(pk.norm()) < self.conflict_tol * norm:
-                raise ConflictError(f"{names[i]}: its key lies in the span of the preserved-knowledge keys (only "
-                                    f"{float(pk.norm()) / norm:.2e} of it is outside): no null-space update can "
-                                    "write it without changing preserved behaviour")
+                raise ConflictError(
+                    f"{names[i]}: its key lies in the span of the preserved-knowledge keys (only "
+                    f"{float(pk.norm()) / norm:.2e} of it is outside): no null-space update can "
+                    "write it without changing preserved behaviour"
+                )
             if old_k.shape[1]:
                 coef = torch.linalg.lstsq(old_k, pk[:, None]).solution
                 rest = pk - (old_k @ coef)[:, 0]
                 if float(rest.norm()) < self.conflict_tol * norm:
                     j = int(coef.abs().argmax())
-                    raise ConflictError(f"{names[i]}: its key is (to {float(rest.norm()) / norm:.1e}) a combination "
-                                        f"of the keys of applied edits, mostly edit {owners[j].id} "
-                                        f"({owners[j].request.prompt!r} -> {owners[j].request.target!r}); both cannot "
-                                        "hold: undo that edit first")
+                    raise ConflictError(
+                        f"{names[i]}: its key is (to {float(rest.norm()) / norm:.1e}) a combination "
+                        f"of the keys of applied edits, mostly edit {owners[j].id} "
+                        f"({owners[j].request.prompt!r} -> {owners[j].request.target!r}); both cannot "
+                        "hold: undo that edit first"
+                    )
             old_k = torch.cat([old_k, pk[:, None]], 1)
             owners.append(None)
 
@@ -272,8 +313,9 @@ class SpliceEditor:
     def _all_keys_values(self, extra=()):
         items = [(e.keys, e.values) for e in self.edits] + list(extra)
         if not items:
-            return torch.zeros(0, self.in_features, dtype=torch.float64), torch.zeros(0, self.weight.shape[0],
-                                                                                    dtype=torch.float64)
+            return torch.zeros(0, self.in_features, dtype=torch.float64), torch.zeros(
+                0, self.weight.shape[0], dtype=torch.float64
+            )
         return torch.cat([k for k, _ in items]), torch.cat([v for _, v in items])
 
     # -- apply / undo
@@ -289,8 +331,9 @@ class SpliceEditor:
             keys, values, p0, dn = self._value(p, t)
             new.append(Edit(self._next_id + len(new), req, p, t, self.method, keys, values, p0, dn))
         new_keys = torch.cat([e.keys for e in new])
-        self._check_conflict(new_keys, [f"edit {req.prompt!r} -> {req.target!r}" for e in new for req in
-                                        [e.request] * e.keys.shape[0]])
+        self._check_conflict(
+            new_keys, [f"edit {req.prompt!r} -> {req.target!r}" for e in new for req in [e.request] * e.keys.shape[0]]
+        )
         n_keys = sum(e.keys.shape[0] for e in self.edits) + new_keys.shape[0]
         if n_keys > self.rank_budget and self.when_full == "refuse":
             raise RankBudgetError(
@@ -300,7 +343,8 @@ class SpliceEditor:
                 "token). Undo an edit, use when_full='refit' (--when-full refit: a best rank-limited fit of all "
                 "edits), "
                 + ("fold the trained splice into the weight (fold_splice / --fold-splice), " if self.base_rank else "")
-                + "or widen the splice (widen_splice / --splice-rank)")
+                + "or widen the splice (widen_splice / --splice-rank)"
+            )
         keys, values = self._all_keys_values([(e.keys, e.values) for e in new])
         dw = self.solve(keys, values)
         self._write(dw)
@@ -366,8 +410,12 @@ class SpliceEditor:
     # -- snapshots
     def snapshot(self) -> dict:
         """The site's splice tensors (felix.model.splice.snapshot_splices) plus the applied edits."""
-        return {"splices": snapshot_splices(self.model), "edits": copy.deepcopy(self.edits),
-                "next_id": self._next_id, "ft_stack": copy.deepcopy(self._ft_stack)}
+        return {
+            "splices": snapshot_splices(self.model),
+            "edits": copy.deepcopy(self.edits),
+            "next_id": self._next_id,
+            "ft_stack": copy.deepcopy(self._ft_stack),
+        }
 
     def restore(self, snap: dict) -> None:
         restore_splices(self.model, snap["splices"])
@@ -379,15 +427,32 @@ class SpliceEditor:
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(manifest JSON, tensors) that let a later session list, undo and extend these edits."""
         if self.method == "finetune":
-            raise EditError("finetune edits are not saved with their history (they hold no keys); save the "
-                            "checkpoint itself")
-        manifest = {"format": "felix-splice-edits", "version": 1, "layer": self.site.layer,
-                    "projection": self.site.projection, "method": self.method, "null_space": self.null_space,
-                    "null_tol": self.null_tol, "when_full": self.when_full, "ridge": self.ridge,
-                    "next_id": self._next_id,
-                    "edits": [{**asdict(e.request), "id": e.id, "prompt_ids": e.prompt_ids,
-                               "target_ids": e.target_ids, "target_prob_before": e.target_prob_before,
-                               "value_delta_norm": e.value_delta_norm} for e in self.edits]}
+            raise EditError(
+                "finetune edits are not saved with their history (they hold no keys); save the checkpoint itself"
+            )
+        manifest = {
+            "format": "felix-splice-edits",
+            "version": 1,
+            "layer": self.site.layer,
+            "projection": self.site.projection,
+            "method": self.method,
+            "null_space": self.null_space,
+            "null_tol": self.null_tol,
+            "when_full": self.when_full,
+            "ridge": self.ridge,
+            "next_id": self._next_id,
+            "edits": [
+                {
+                    **asdict(e.request),
+                    "id": e.id,
+                    "prompt_ids": e.prompt_ids,
+                    "target_ids": e.target_ids,
+                    "target_prob_before": e.target_prob_before,
+                    "value_delta_norm": e.value_delta_norm,
+                }
+                for e in self.edits
+            ],
+        }
         tensors = {f"base.{k}": v.contiguous() for k, v in self.base.items()}
         if self.projector is not None:
             tensors["projector"] = self.projector.contiguous()
@@ -403,13 +468,23 @@ class SpliceEditor:
         if manifest.get("format") != "felix-splice-edits":
             raise EditError("not a felix splice-edits manifest")
         ed = cls.__new__(cls)
-        SpliceEditor.__init__(ed, model, tokenizer, manifest["layer"], manifest["projection"], "closed-form",
-                              preserved_keys=None, null_space=False, when_full=manifest["when_full"], **kwargs)
+        SpliceEditor.__init__(
+            ed,
+            model,
+            tokenizer,
+            manifest["layer"],
+            manifest["projection"],
+            "closed-form",
+            preserved_keys=None,
+            null_space=False,
+            when_full=manifest["when_full"],
+            **kwargs,
+        )
         ed.null_space, ed.null_tol, ed.ridge = manifest["null_space"], manifest["null_tol"], manifest.get("ridge", 0.0)
         if "projector" in tensors:
             ed.projector = tensors["projector"].double()
             ed.null_dim = int(round(float(torch.trace(ed.projector))))
-        ed.base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+        ed.base = {k[len("base.") :]: v for k, v in tensors.items() if k.startswith("base.")}
         current = snapshot_splices(model)
         restore_splices(model, ed.base)
         ed.s0 = splice_product(ed.site)
@@ -417,9 +492,19 @@ class SpliceEditor:
         restore_splices(model, current)
         for d in manifest["edits"]:
             req = EditRequest(d["prompt"], d["target"], tuple(d.get("paraphrases", ())), d.get("name", ""))
-            ed.edits.append(Edit(d["id"], req, d["prompt_ids"], d["target_ids"], "closed-form",
-                                 tensors[f"edit.{d['id']}.keys"].double(), tensors[f"edit.{d['id']}.values"].double(),
-                                 d["target_prob_before"], d["value_delta_norm"]))
+            ed.edits.append(
+                Edit(
+                    d["id"],
+                    req,
+                    d["prompt_ids"],
+                    d["target_ids"],
+                    "closed-form",
+                    tensors[f"edit.{d['id']}.keys"].double(),
+                    tensors[f"edit.{d['id']}.values"].double(),
+                    d["target_prob_before"],
+                    d["value_delta_norm"],
+                )
+            )
         ed._next_id = manifest["next_id"]
         keys, values = ed._all_keys_values()
         ed.dw = ed.solve(keys, values)
@@ -427,6 +512,8 @@ class SpliceEditor:
         have = splice_product(ed.site)
         err = float((want - have).abs().max()) / max(float(want.abs().max()), 1e-30)
         if err > 1e-5:
-            raise EditError(f"the model's splice does not hold the saved edits (relative difference {err:.2e}); "
-                            "the checkpoint was changed after editing")
+            raise EditError(
+                f"the model's splice does not hold the saved edits (relative difference {err:.2e}); "
+                "the checkpoint was changed after editing"
+            )
         return ed

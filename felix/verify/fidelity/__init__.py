@@ -46,34 +46,119 @@ The package, one job per module (everything below is re-exported here, so ``from
 * ``constrained`` json_schema (a probe schema as JSON Schema), response_format, constrained_run (``--constrained``:
   the quantized export served by felix.ship.serve, each schema probe answered free and under its schema's grammar)
 """
+
 from __future__ import annotations
 
 from felix.verify.fidelity.common import (
-    SCHEMA_NAME, SCHEMA_VERSION, PATHS, SIM_ACTIVATIONS, runtime_of, arch_of, FidelityError)
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    PATHS,
+    SIM_ACTIVATIONS,
+    runtime_of,
+    arch_of,
+    FidelityError,
+)
 from felix.verify.fidelity.metrics import (
-    margins, kl_divergence, PositionStats, compare_logits, MINORITY_BUCKETS, minority_summary, summarize,
-    agreement, predicted_effect)
+    margins,
+    kl_divergence,
+    PositionStats,
+    compare_logits,
+    MINORITY_BUCKETS,
+    minority_summary,
+    summarize,
+    agreement,
+    predicted_effect,
+)
 from felix.verify.fidelity.probes import (
-    Probe, builtin_schemas, builtin_probes, PROBE_SETS, hedged_probes, weighed_probes, probe_set,
-    schema_from_example, load_probes, Whitelist, build_probe_whitelist, EncodedProbe, encode_probes, all_targets)
-from felix.verify.fidelity.sources import (
-    TorchSource, LlamaCppSource, windows, score_probes)
-from felix.verify.fidelity.generation import (
-    greedy_generate, check_compliance, compliance_run, compliance_summary)
+    Probe,
+    builtin_schemas,
+    builtin_probes,
+    PROBE_SETS,
+    hedged_probes,
+    weighed_probes,
+    probe_set,
+    schema_from_example,
+    load_probes,
+    Whitelist,
+    build_probe_whitelist,
+    EncodedProbe,
+    encode_probes,
+    all_targets,
+)
+from felix.verify.fidelity.sources import TorchSource, LlamaCppSource, windows, score_probes
+from felix.verify.fidelity.generation import greedy_generate, check_compliance, compliance_run, compliance_summary
 from felix.verify.fidelity.harness import (
-    load_for_fidelity, quantized_state, sensitivity, FidelityOptions, simulated_model, run_fidelity, PathRun)
+    load_for_fidelity,
+    quantized_state,
+    sensitivity,
+    FidelityOptions,
+    simulated_model,
+    run_fidelity,
+    PathRun,
+)
 from felix.verify.fidelity.report import (
-    Gate, plot_margins, plot_margin_change, plot_sensitivity, markdown_report, write_report)
+    Gate,
+    plot_margins,
+    plot_margin_change,
+    plot_sensitivity,
+    markdown_report,
+    write_report,
+)
 from felix.verify.fidelity.constrained import json_schema, response_format, constrained_run
 
 __all__ = [
-    "SCHEMA_NAME", "SCHEMA_VERSION", "PATHS", "SIM_ACTIVATIONS", "runtime_of", "arch_of", "FidelityError",
-    "margins", "kl_divergence", "PositionStats", "compare_logits", "MINORITY_BUCKETS", "minority_summary",
-    "summarize", "agreement", "predicted_effect", "Probe", "builtin_schemas", "builtin_probes", "PROBE_SETS",
-    "hedged_probes", "weighed_probes", "probe_set", "schema_from_example", "load_probes", "Whitelist",
-    "build_probe_whitelist", "EncodedProbe", "encode_probes", "all_targets", "TorchSource", "LlamaCppSource",
-    "windows", "score_probes", "greedy_generate", "check_compliance", "compliance_run", "compliance_summary",
-    "load_for_fidelity", "quantized_state", "sensitivity", "FidelityOptions", "simulated_model", "run_fidelity",
-    "PathRun", "Gate", "plot_margins", "plot_margin_change", "plot_sensitivity", "markdown_report", "write_report",
-    "json_schema", "response_format", "constrained_run",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "PATHS",
+    "SIM_ACTIVATIONS",
+    "runtime_of",
+    "arch_of",
+    "FidelityError",
+    "margins",
+    "kl_divergence",
+    "PositionStats",
+    "compare_logits",
+    "MINORITY_BUCKETS",
+    "minority_summary",
+    "summarize",
+    "agreement",
+    "predicted_effect",
+    "Probe",
+    "builtin_schemas",
+    "builtin_probes",
+    "PROBE_SETS",
+    "hedged_probes",
+    "weighed_probes",
+    "probe_set",
+    "schema_from_example",
+    "load_probes",
+    "Whitelist",
+    "build_probe_whitelist",
+    "EncodedProbe",
+    "encode_probes",
+    "all_targets",
+    "TorchSource",
+    "LlamaCppSource",
+    "windows",
+    "score_probes",
+    "greedy_generate",
+    "check_compliance",
+    "compliance_run",
+    "compliance_summary",
+    "load_for_fidelity",
+    "quantized_state",
+    "sensitivity",
+    "FidelityOptions",
+    "simulated_model",
+    "run_fidelity",
+    "PathRun",
+    "Gate",
+    "plot_margins",
+    "plot_margin_change",
+    "plot_sensitivity",
+    "markdown_report",
+    "write_report",
+    "json_schema",
+    "response_format",
+    "constrained_run",
 ]

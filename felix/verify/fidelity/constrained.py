@@ -9,6 +9,7 @@ a GBNF grammar that masks every token the schema does not allow. Both answers ar
 complies gains nothing from the grammar (the answers are the same), and a grammar that fights the model's
 distribution shows as compliant answers whose task score falls.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from felix.tasks.suite import TaskItem
 from felix.verify.fidelity.common import FidelityError
 from felix.verify.fidelity.generation import check_compliance
 
-_JSON_TYPES = {"string": "string", "number": "number", "boolean": "boolean", "array": "array", "object": "object",
-               "null": "null"}
+_JSON_TYPES = {
+    "string": "string",
+    "number": "number",
+    "boolean": "boolean",
+    "array": "array",
+    "object": "object",
+    "null": "null",
+}
 
 
 def json_schema(spec: dict, closed: bool = True) -> dict:
@@ -104,8 +111,14 @@ def constrained_run(server, encoded, tokenizer, max_new_tokens: int, progress: b
         messages = messages_from_prompt(e.probe.prompt)
         budget = min(max_new_tokens, len(e.targets) + 16, server.n_ctx - e.n_prompt)
         if messages is None or budget < 1:
-            skipped.append({"probe": e.probe.name, "reason": "not a chat-format prompt" if messages is None else
-                            f"the prompt ({e.n_prompt} tokens) fills the context ({server.n_ctx})"})
+            skipped.append(
+                {
+                    "probe": e.probe.name,
+                    "reason": "not a chat-format prompt"
+                    if messages is None
+                    else f"the prompt ({e.n_prompt} tokens) fills the context ({server.n_ctx})",
+                }
+            )
             continue
         reference = e.probe.expected.removesuffix(END)
         item = TaskItem(e.probe.name, e.probe.task or "", e.probe.prompt, reference)
@@ -120,5 +133,10 @@ def constrained_run(server, encoded, tokenizer, max_new_tokens: int, progress: b
             row[key] = {"text": text, **check, "task_score": score}
         row["changed"] = row["free"]["text"] != row["constrained"]["text"]
         rows.append(row)
-    return {"free": _summary(rows, "free"), "constrained": _summary(rows, "constrained"),
-            "changed_by_grammar": sum(r["changed"] for r in rows), "skipped": skipped, "generations": rows}
+    return {
+        "free": _summary(rows, "free"),
+        "constrained": _summary(rows, "constrained"),
+        "changed_by_grammar": sum(r["changed"] for r in rows),
+        "skipped": skipped,
+        "generations": rows,
+    }

@@ -1,5 +1,6 @@
 """The harness: one checkpoint, one quantization, the simulated and/or runtime path; each path runs on its own
 and the agreement between them is computed afterwards, from their logits."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,15 @@ from felix.ops.quant_policy import check_type, plan_tensor_types, roundtrip
 from felix.ship import llamacpp
 from felix.ship.export import base_tensors, export_gguf, splice_factors
 from felix.ship.serve import Server, ServeError
-from felix.verify.fidelity.common import (PATHS, SCHEMA_NAME, SCHEMA_VERSION, SIM_ACTIVATIONS, FidelityError, arch_of,
-                                   runtime_of)
+from felix.verify.fidelity.common import (
+    PATHS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    SIM_ACTIVATIONS,
+    FidelityError,
+    arch_of,
+    runtime_of,
+)
 from felix.verify.fidelity.constrained import constrained_run
 from felix.verify.fidelity.generation import compliance_run, compliance_summary
 from felix.verify.fidelity.metrics import PositionStats, agreement, compare_logits, predicted_effect, summarize
@@ -34,9 +42,11 @@ def load_for_fidelity(checkpoint, tokenizer_path=None):
     model = load_checkpoint(checkpoint)
     tok = Tokenizer.load(tokenizer_path or checkpoint)
     if tok.vocab_size != model.cfg.vocab_size:
-        raise FidelityError(f"checkpoint/tokenizer mismatch: the tokenizer "
-                            f"({tokenizer_path or Path(checkpoint) / 'tokenizer.json'}) has {tok.vocab_size} tokens, "
-                            f"the model's vocabulary is {model.cfg.vocab_size}")
+        raise FidelityError(
+            f"checkpoint/tokenizer mismatch: the tokenizer "
+            f"({tokenizer_path or Path(checkpoint) / 'tokenizer.json'}) has {tok.vocab_size} tokens, "
+            f"the model's vocabulary is {model.cfg.vocab_size}"
+        )
     return model, tok
 
 
@@ -85,15 +95,27 @@ def sensitivity(model, encoded, quant, embedding_type, whitelist, ref_logits, pr
     targets = all_targets(encoded)
     rows = []
     work = model.__class__(model.cfg).eval()
-    for c in tqdm([c for c in plan if c.type != "f32"], desc="per-tensor sensitivity", unit="tensor",
-                  disable=not progress, leave=False):
+    for c in tqdm(
+        [c for c in plan if c.type != "f32"],
+        desc="per-tensor sensitivity",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    ):
         qstate, _ = quantized_state(state, quant, embedding_type, only=c.name, qat=qat)
         work.load_state_dict(qstate, strict=True)
         stats = compare_logits(ref_logits, score_probes(TorchSource(work), encoded), targets, whitelist)
         w = stats.whitelisted
-        rows.append({"tensor": c.name, "type": c.type, "shape": list(c.shape),
-                     "margin_cost": float((stats.ref_margin[w] - stats.quant_margin[w]).mean()) if w.any() else 0.0,
-                     "flips": int(stats.flipped[w].sum()), "kl_mean": float(stats.kl.mean())})
+        rows.append(
+            {
+                "tensor": c.name,
+                "type": c.type,
+                "shape": list(c.shape),
+                "margin_cost": float((stats.ref_margin[w] - stats.quant_margin[w]).mean()) if w.any() else 0.0,
+                "flips": int(stats.flipped[w].sum()),
+                "kl_mean": float(stats.kl.mean()),
+            }
+        )
     return sorted(rows, key=lambda r: -r["margin_cost"])
 
 
@@ -104,18 +126,20 @@ class FidelityOptions:
     embedding_type: str | None = None
     probes_file: str | None = None
     n_probes: int = 24
-    probe_set: str = "builtin"    # built-in probes when there is no probes_file: see PROBE_SETS
+    probe_set: str = "builtin"  # built-in probes when there is no probes_file: see PROBE_SETS
     whitelist_strings: tuple[str, ...] = ()
     whitelist_tokens: tuple[str, ...] = ()
     sensitivity: bool = True
     compliance: bool = True
     max_new_tokens: int = 160
     tokenizer: str | None = None
-    gguf_dir: str | None = None   # runtime path: where the exported GGUF files go (default: a temp dir)
+    gguf_dir: str | None = None  # runtime path: where the exported GGUF files go (default: a temp dir)
     progress: bool = False
     compliance_paths: tuple[str, ...] | None = None  # paths that generate (None: all of `paths`)
     sim_activations: str = "exact"  # simulated path: "exact" activations, or "runtime" (rounded as llama.cpp does)
-    constrained: bool = False  # serve the quantized export (felix.ship.serve) and compare free vs grammar-constrained answers
+    constrained: bool = (
+        False  # serve the quantized export (felix.ship.serve) and compare free vs grammar-constrained answers
+    )
 
 
 def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
@@ -123,14 +147,22 @@ def _positions_table(encoded, stats: PositionStats, tokenizer) -> list[dict]:
     for e in encoded:
         for j, t in enumerate(e.targets):
             if e.whitelisted[j]:
-                rows.append({"probe": e.probe.name, "index": j, "token": t, "text": tokenizer.decode([t]),
-                             "ref_margin": round(float(stats.ref_margin[i]), 4),
-                             "quant_margin": round(float(stats.quant_margin[i]), 4),
-                             "flipped": bool(stats.flipped[i]),
-                             "runner_up": tokenizer.decode([int(stats.runner_up[i])]),
-                             "runner_up_p_ref": round(float(stats.runner_up_logp_ref[i].exp()), 6),
-                             "runner_up_log_ratio": round(float(stats.runner_up_logp_quant[i]
-                                                                - stats.runner_up_logp_ref[i]), 5)})
+                rows.append(
+                    {
+                        "probe": e.probe.name,
+                        "index": j,
+                        "token": t,
+                        "text": tokenizer.decode([t]),
+                        "ref_margin": round(float(stats.ref_margin[i]), 4),
+                        "quant_margin": round(float(stats.quant_margin[i]), 4),
+                        "flipped": bool(stats.flipped[i]),
+                        "runner_up": tokenizer.decode([int(stats.runner_up[i])]),
+                        "runner_up_p_ref": round(float(stats.runner_up_logp_ref[i].exp()), 6),
+                        "runner_up_log_ratio": round(
+                            float(stats.runner_up_logp_quant[i] - stats.runner_up_logp_ref[i]), 5
+                        ),
+                    }
+                )
             i += 1
     return rows
 
@@ -151,8 +183,16 @@ def _export_pair(checkpoint, quant, embedding_type, directory: Path, model) -> t
     adapter = None
     if read_qat_config(checkpoint) is not None and splice_factors(model):
         adapter = directory / f"quantized-{quant}.splice-lora.gguf"
-        export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type,
-                    splice="adapter", adapter_out=adapter)
+        export_gguf(
+            checkpoint,
+            q,
+            arch=arch,
+            quant=quant,
+            force=True,
+            embedding_type=embedding_type,
+            splice="adapter",
+            adapter_out=adapter,
+        )
     else:
         export_gguf(checkpoint, q, arch=arch, quant=quant, force=True, embedding_type=embedding_type)
     return ref, q, adapter
@@ -178,8 +218,9 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     if bad_paths or not opts.paths:
         raise FidelityError(f"unknown path(s) {bad_paths or list(opts.paths)}; choose from {', '.join(PATHS)}")
     if opts.sim_activations not in SIM_ACTIVATIONS:
-        raise FidelityError(f"unknown sim_activations {opts.sim_activations!r}; choose from "
-                            f"{', '.join(SIM_ACTIVATIONS)}")
+        raise FidelityError(
+            f"unknown sim_activations {opts.sim_activations!r}; choose from {', '.join(SIM_ACTIVATIONS)}"
+        )
     runtime = runtime_of(quant)
     if "runtime" in opts.paths or opts.constrained:
         ok, why = llamacpp.available(runtime)
@@ -197,30 +238,53 @@ def run_fidelity(checkpoint, opts: FidelityOptions, cache: dict | None = None) -
     qat = read_qat_config(checkpoint)  # a quantization-aware checkpoint ships the bytes its forward used
     qstate, plan = quantized_state(deployed_state(model, qat), quant, opts.embedding_type, qat=qat)
     report = {
-        "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "checkpoint": str(checkpoint), "quant": quant,
-        "embedding_type": opts.embedding_type, "paths": list(opts.paths),
-        "probes": {"source": opts.probes_file or f"built-in {opts.probe_set} ({opts.n_probes})", "count": len(probes),
-                   "names": [p.name for p in probes], "context_window": model.cfg.max_seq_len},
-        "whitelist": {"size": int(wl.mask.sum()), "strings": wl.strings, "tokens": wl.tokens,
-                      "problems": wl.problems, "unreachable": wl.unreachable,
-                      "covered": len({t for e in encoded for j, t in enumerate(e.targets) if e.whitelisted[j]})},
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "checkpoint": str(checkpoint),
+        "quant": quant,
+        "embedding_type": opts.embedding_type,
+        "paths": list(opts.paths),
+        "probes": {
+            "source": opts.probes_file or f"built-in {opts.probe_set} ({opts.n_probes})",
+            "count": len(probes),
+            "names": [p.name for p in probes],
+            "context_window": model.cfg.max_seq_len,
+        },
+        "whitelist": {
+            "size": int(wl.mask.sum()),
+            "strings": wl.strings,
+            "tokens": wl.tokens,
+            "problems": wl.problems,
+            "unreachable": wl.unreachable,
+            "covered": len({t for e in encoded for j, t in enumerate(e.targets) if e.whitelisted[j]}),
+        },
         "qat": None if qat is None else qat.mode,
-        "tensor_types": [{"name": c.name, "shape": list(c.shape), "type": c.type, "reason": c.reason,
-                          "fallback": c.fallback} for c in plan],
-        "results": {}, "sensitivity": None, "agreement": None,
+        "tensor_types": [
+            {"name": c.name, "shape": list(c.shape), "type": c.type, "reason": c.reason, "fallback": c.fallback}
+            for c in plan
+        ],
+        "results": {},
+        "sensitivity": None,
+        "agreement": None,
     }
     cache = {} if cache is None else cache
-    key = (str(checkpoint), opts.tokenizer, tuple(p.name for p in probes), tuple(wl.mask.nonzero()[:, 0].tolist()),
-           opts.max_new_tokens)
+    key = (
+        str(checkpoint),
+        opts.tokenizer,
+        tuple(p.name for p in probes),
+        tuple(wl.mask.nonzero()[:, 0].tolist()),
+        opts.max_new_tokens,
+    )
     report["sim_activations"] = opts.sim_activations
     report["runtime"] = runtime if "runtime" in opts.paths else None
     setup = _Setup(checkpoint, opts, quant, runtime, model, tok, encoded, targets, wl.mask, qstate, plan, cache, key)
-    runs = {path: _run_path(setup, path) for path in opts.paths}   # each path on its own
+    runs = {path: _run_path(setup, path) for path in opts.paths}  # each path on its own
     for path, run in runs.items():
         report["results"][path] = run.result
     if "simulated" in runs and opts.sensitivity:
-        report["sensitivity"] = sensitivity(model, encoded, quant, opts.embedding_type, wl.mask,
-                                            runs["simulated"].ref_logits, opts.progress, qat)
+        report["sensitivity"] = sensitivity(
+            model, encoded, quant, opts.embedding_type, wl.mask, runs["simulated"].ref_logits, opts.progress, qat
+        )
     if "simulated" in runs and "runtime" in runs:  # computed after both paths, from their logits
         by_sim = _agreement_by_sim_activations(setup, runs["simulated"], runs["runtime"])
         report["agreement"] = by_sim[opts.sim_activations]
@@ -235,8 +299,9 @@ def _constrained(s: _Setup) -> dict:
     its schema's grammar (felix.verify.fidelity.constrained)."""
     tmp = None if s.opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-served-")
     try:
-        _, q_path, adapter = _export_pair(s.checkpoint, s.quant, s.opts.embedding_type,
-                                          Path(s.opts.gguf_dir or tmp.name), s.model)
+        _, q_path, adapter = _export_pair(
+            s.checkpoint, s.quant, s.opts.embedding_type, Path(s.opts.gguf_dir or tmp.name), s.model
+        )
         try:
             with Server(q_path, lora=adapter, n_ctx=s.model.cfg.max_seq_len) as server:
                 out = constrained_run(server, s.encoded, s.tokenizer, s.opts.max_new_tokens, s.opts.progress)
@@ -289,20 +354,21 @@ def _run_path(s: _Setup, path: str) -> PathRun:
         cleanup = []
     else:
         tmp = None if opts.gguf_dir else tempfile.TemporaryDirectory(prefix="felix-fidelity-")
-        ref_path, q_path, q_adapter = _export_pair(s.checkpoint, quant, opts.embedding_type,
-                                                   Path(opts.gguf_dir or tmp.name), s.model)
+        ref_path, q_path, q_adapter = _export_pair(
+            s.checkpoint, quant, opts.embedding_type, Path(opts.gguf_dir or tmp.name), s.model
+        )
         ref_src = LlamaCppSource(ref_path, s.model.cfg.max_seq_len)
         q_src = LlamaCppSource(q_path, s.model.cfg.max_seq_len, adapter=q_adapter)
         cleanup = [ref_src.close, q_src.close] + ([tmp.cleanup] if tmp else [])
         if ref_src.n_vocab != s.model.cfg.vocab_size:
             for fn in cleanup:
                 fn()
-            raise FidelityError(f"{ref_path} has a vocabulary of {ref_src.n_vocab}, the checkpoint "
-                                f"{s.model.cfg.vocab_size}")
+            raise FidelityError(
+                f"{ref_path} has a vocabulary of {ref_src.n_vocab}, the checkpoint {s.model.cfg.vocab_size}"
+            )
     try:
         if (s.key, cache_path, "logits") not in s.cache:
-            s.cache[s.key, cache_path, "logits"] = score_probes(ref_src, s.encoded, opts.progress,
-                                                                f"{path}: reference")
+            s.cache[s.key, cache_path, "logits"] = score_probes(ref_src, s.encoded, opts.progress, f"{path}: reference")
         ref_logits = s.cache[s.key, cache_path, "logits"]
         q_logits = score_probes(q_src, s.encoded, opts.progress, f"{path}: {quant}")
         stats = compare_logits(ref_logits, q_logits, s.targets, s.whitelist)
@@ -310,13 +376,22 @@ def _run_path(s: _Setup, path: str) -> PathRun:
         if opts.compliance and path in (opts.compliance_paths or opts.paths):
             if (s.key, cache_path, "generations") not in s.cache:
                 s.cache[s.key, cache_path, "generations"] = compliance_run(
-                    ref_src, s.encoded, s.tokenizer, opts.max_new_tokens, opts.progress,
-                    f"{path}: generating (reference)")
+                    ref_src,
+                    s.encoded,
+                    s.tokenizer,
+                    opts.max_new_tokens,
+                    opts.progress,
+                    f"{path}: generating (reference)",
+                )
             ref_rows = s.cache[s.key, cache_path, "generations"]
-            q_rows = compliance_run(q_src, s.encoded, s.tokenizer, opts.max_new_tokens, opts.progress,
-                                    f"{path}: generating ({quant})")
-            result["compliance"] = {"reference": compliance_summary(ref_rows), "quantized": compliance_summary(q_rows),
-                                    "generations": {"reference": ref_rows, "quantized": q_rows}}
+            q_rows = compliance_run(
+                q_src, s.encoded, s.tokenizer, opts.max_new_tokens, opts.progress, f"{path}: generating ({quant})"
+            )
+            result["compliance"] = {
+                "reference": compliance_summary(ref_rows),
+                "quantized": compliance_summary(q_rows),
+                "generations": {"reference": ref_rows, "quantized": q_rows},
+            }
     finally:
         for fn in cleanup:
             fn()
@@ -330,10 +405,18 @@ def _agreement_by_sim_activations(s: _Setup, sim: PathRun, runtime: PathRun) -> 
     rt_stats = compare_logits(runtime.ref_logits, runtime.quant_logits, s.targets, s.whitelist)
     by_sim = {}
     for variant in SIM_ACTIVATIONS:
-        v_logits = sim.quant_logits if variant == s.opts.sim_activations else score_probes(
-            TorchSource(simulated_model(s.model, s.qstate, s.plan, variant)), s.encoded, s.opts.progress,
-            f"simulated ({variant} activations): {s.quant}")
-        by_sim[variant] = {**agreement(v_logits, runtime.quant_logits, s.targets, s.whitelist),
-                           **predicted_effect(compare_logits(sim.ref_logits, v_logits, s.targets, s.whitelist),
-                                              rt_stats)}
+        v_logits = (
+            sim.quant_logits
+            if variant == s.opts.sim_activations
+            else score_probes(
+                TorchSource(simulated_model(s.model, s.qstate, s.plan, variant)),
+                s.encoded,
+                s.opts.progress,
+                f"simulated ({variant} activations): {s.quant}",
+            )
+        )
+        by_sim[variant] = {
+            **agreement(v_logits, runtime.quant_logits, s.targets, s.whitelist),
+            **predicted_effect(compare_logits(sim.ref_logits, v_logits, s.targets, s.whitelist), rt_stats),
+        }
     return by_sim

@@ -1,6 +1,7 @@
 """Probes (prompt + expected continuation, optional output schema): the built-in sets, JSONL files, the
 whitelist of protected tokens, and the probes encoded for scoring. The task schemas are felix.tasks.schemas'
 (re-exported here)."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,15 @@ def builtin_probes(n: int = 24, seed: int = 1_000_003) -> list[Probe]:
         if kind == "principle":
             kind = "principle-true" if json.loads(r["response"])["has_principle"] else "principle-refusal"
         if len(got[kind]) < want[kind]:
-            got[kind].append(Probe(f"{kind}-{len(got[kind])}", chat.chat_prompt(r["prompt"]),
-                                   r["response"] + chat.END, r["task"], schemas[r["task"]]))
+            got[kind].append(
+                Probe(
+                    f"{kind}-{len(got[kind])}",
+                    chat.chat_prompt(r["prompt"]),
+                    r["response"] + chat.END,
+                    r["task"],
+                    schemas[r["task"]],
+                )
+            )
         if all(len(got[k]) == want[k] for k in kinds):
             break
     return [p for i in range(max(want.values())) for k in kinds if i < len(got[k]) for p in [got[k][i]]]
@@ -66,8 +74,11 @@ def hedged_probes(n: int = 48, seed: int = 2_000_003) -> list[Probe]:
     out = []
     for r in task_records.hedged_probe_records(per, seed):
         i = counts[r["hedge"]] = counts.get(r["hedge"], -1) + 1
-        out.append(Probe(f"hedged-{r['hedge']}-{i}", chat.chat_prompt(r["prompt"]), r["response"] + chat.END,
-                         r["task"], schema))
+        out.append(
+            Probe(
+                f"hedged-{r['hedge']}-{i}", chat.chat_prompt(r["prompt"]), r["response"] + chat.END, r["task"], schema
+            )
+        )
     return out
 
 
@@ -80,8 +91,16 @@ def weighed_probes(n: int = 128, seed: int = 2_000_029) -> list[Probe]:
     except ValueError as e:
         raise FidelityError(str(e)) from None
     schema = builtin_schemas()["principle"]
-    return [Probe(f"weighed-{'.'.join(r['qualifiers'])}-{i}", chat.chat_prompt(r["prompt"]), r["response"] + chat.END,
-                  r["task"], schema) for i, r in enumerate(records)]
+    return [
+        Probe(
+            f"weighed-{'.'.join(r['qualifiers'])}-{i}",
+            chat.chat_prompt(r["prompt"]),
+            r["response"] + chat.END,
+            r["task"],
+            schema,
+        )
+        for i, r in enumerate(records)
+    ]
 
 
 def probe_set(name: str, n: int) -> list[Probe]:
@@ -97,10 +116,14 @@ def probe_set(name: str, n: int) -> list[Probe]:
 
 
 def _check_schema_spec(schema, where: str) -> None:
-    if not isinstance(schema, dict) or not isinstance(schema.get("required", {}), dict) \
-            or not isinstance(schema.get("enums", {}), dict):
-        raise FidelityError(f"{where}: 'schema' must be an object {{\"required\": {{field: type}}, \"enums\": "
-                            f"{{field: [values]}}}}")
+    if (
+        not isinstance(schema, dict)
+        or not isinstance(schema.get("required", {}), dict)
+        or not isinstance(schema.get("enums", {}), dict)
+    ):
+        raise FidelityError(
+            f'{where}: \'schema\' must be an object {{"required": {{field: type}}, "enums": {{field: [values]}}}}'
+        )
     bad = {k: v for k, v in schema.get("required", {}).items() if v not in JSON_TYPES}
     if bad:
         raise FidelityError(f"{where}: unknown schema type(s) {bad}; choose from {', '.join(JSON_TYPES)}")
@@ -116,8 +139,13 @@ def load_probes(path) -> list[Probe]:
         if problem:
             bad.append(f"{where}: {problem}")
             continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"] \
-                or not isinstance(obj.get("expected"), str) or not obj["expected"]:
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("prompt"), str)
+            or not obj["prompt"]
+            or not isinstance(obj.get("expected"), str)
+            or not obj["expected"]
+        ):
             bad.append(f"{where}: expected an object with non-empty strings 'prompt' and 'expected'")
             continue
         schema = obj.get("schema")
@@ -133,8 +161,15 @@ def load_probes(path) -> list[Probe]:
                 schema = schema_from_example(example) if isinstance(example, dict) else None
             except json.JSONDecodeError:
                 schema = None
-        probes.append(Probe(str(obj.get("name", f"line-{where.rsplit(':', 1)[1]}")), obj["prompt"], obj["expected"],
-                            obj.get("task"), schema))
+        probes.append(
+            Probe(
+                str(obj.get("name", f"line-{where.rsplit(':', 1)[1]}")),
+                obj["prompt"],
+                obj["expected"],
+                obj.get("task"),
+                schema,
+            )
+        )
     if bad:
         raise FidelityError(f"{path}: {len(bad)} malformed probe line(s):\n  " + "\n  ".join(bad))
     if not probes:
@@ -149,8 +184,8 @@ class Whitelist:
     mask: torch.Tensor
     strings: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)      # user entries the tokenizer cannot produce
-    unreachable: list[str] = field(default_factory=list)   # whitelisted vocab tokens the tokenizer never emits
+    problems: list[str] = field(default_factory=list)  # user entries the tokenizer cannot produce
+    unreachable: list[str] = field(default_factory=list)  # whitelisted vocab tokens the tokenizer never emits
 
 
 def build_probe_whitelist(tokenizer, vocab_size: int, strings=(), tokens=()) -> Whitelist:
@@ -169,8 +204,10 @@ def build_probe_whitelist(tokenizer, vocab_size: int, strings=(), tokens=()) -> 
         if len(ids) == 1:
             mask[ids[0]] = True
         else:
-            problems.append(f"whitelist token {text!r} is not one token of this tokenizer: it encodes to "
-                            f"{len(ids)} tokens {[tokenizer.decode([i]) for i in ids]}")
+            problems.append(
+                f"whitelist token {text!r} is not one token of this tokenizer: it encodes to "
+                f"{len(ids)} tokens {[tokenizer.decode([i]) for i in ids]}"
+            )
     unreachable = []
     for i in mask.nonzero()[:, 0].tolist():
         text = tokenizer.decode([i])
@@ -182,13 +219,13 @@ def build_probe_whitelist(tokenizer, vocab_size: int, strings=(), tokens=()) -> 
 @dataclass
 class EncodedProbe:
     probe: Probe
-    ids: list[int]          # bos + prompt + expected
-    n_prompt: int           # bos + prompt tokens
+    ids: list[int]  # bos + prompt + expected
+    n_prompt: int  # bos + prompt tokens
     whitelisted: list[bool] = field(default_factory=list)
 
     @property
     def targets(self) -> list[int]:
-        return self.ids[self.n_prompt:]
+        return self.ids[self.n_prompt :]
 
 
 def encode_probes(probes: list[Probe], tokenizer, whitelist: torch.Tensor) -> list[EncodedProbe]:

@@ -1,5 +1,6 @@
 """Logit sources: a FelixLM in PyTorch (felix.model.generate.TorchSource) or a GGUF in llama.cpp, behind one `logits(seqs)`
 interface, and probes scored through one in context-sized windows."""
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,8 @@ def score_probes(source, encoded: list[EncodedProbe], progress: bool = False, de
     chunks: dict[int, list] = {k: [] for k in range(len(encoded))}
     step = 16
     for s in tqdm(range(0, len(jobs), step), desc=desc, unit="batch", disable=not progress, leave=False):
-        part = jobs[s:s + step]
+        part = jobs[s : s + step]
         logits = source.logits([encoded[k].ids[start:end] for k, start, _, end in part])
         for (k, start, lo, end), z in zip(part, logits):
-            chunks[k].append(z[lo - 1 - start: end - 1 - start])  # logits at t-1 predict target t
+            chunks[k].append(z[lo - 1 - start : end - 1 - start])  # logits at t-1 predict target t
     return torch.cat([z for k in range(len(encoded)) for z in chunks[k]])
