@@ -419,6 +419,10 @@ def test_felix_train_soda_cli(student, tmp_path, capsys):
     summary = json.loads((tmp_path / "cli" / distill.SODA_FILE).read_text())
     assert summary["config"]["beta"] == 0.2 and summary["config"]["teacher_scorer"] == "shortest"
     assert summary["selected"]["vague"] == 12  # the shortest answer, as asked
+    capsys.readouterr()
+    assert main(args) == 2  # the directory holds a run: refused, as `felix train` refuses it
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0  # the run flags reach the one loop
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
     assert (
         main(
